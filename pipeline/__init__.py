@@ -1,0 +1,10 @@
+"""Strata: batch embeddings from decoder-only LLMs, every layer x pooling from one forward pass."""
+
+from .encoder import EncodeResult, EncodeStats, Encoder, EncoderConfig
+from .variants import POOLINGS, SpecError, Variant, make_variants, parse_layers, parse_poolings
+
+__all__ = [
+    "Encoder", "EncoderConfig", "EncodeResult", "EncodeStats",
+    "POOLINGS", "SpecError", "Variant", "make_variants", "parse_layers", "parse_poolings",
+]
+__version__ = "0.1.0"

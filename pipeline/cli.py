@@ -1,0 +1,79 @@
+"""``strata``: a thin command line over the library. Errors print one line, not a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, TypeError)
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """Model and variant options shared by every command that embeds."""
+    from .models import DEFAULT_MODEL
+
+    g = p.add_argument_group("model and variants")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="alias, HF directory, .gguf file or hub id (default: %(default)s)")
+    g.add_argument("--layers", default="-1", help="layer spec: ints, negatives, '50%%', 'a:b', 'all' (default: %(default)s)")
+    g.add_argument("--poolings", default="mean", help="comma-separated poolings (default: %(default)s)")
+    g.add_argument("--max-length", type=int, default=512)
+    g.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="output dtype")
+    g.add_argument("--normalize", action="store_true", help="L2-normalise every embedding")
+    g.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per forward pass")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run (off by default)")
+    g.add_argument("--allow-pickle", action="store_true", help="allow pickle weight files (.bin/.pt); off by default")
+
+
+def encoder_options(args) -> dict:
+    return dict(layers=args.layers, poolings=args.poolings, max_length=args.max_length, dtype=args.dtype,
+                normalize=args.normalize, batch_tokens=args.batch_tokens)
+
+
+def load_options(args) -> dict:
+    return dict(trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+
+
+def cmd_encode(args) -> int:
+    from .encoder import Encoder
+
+    texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    enc = Encoder.load(args.model, **load_options(args), **encoder_options(args))
+    res = enc.encode(texts)
+    for name, arr in res.embeddings.items():
+        print(f"{name:>20}  shape={arr.shape}  first row={arr[0, :4].round(4).tolist()}")
+    print(json.dumps(res.stats.as_dict()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="strata", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("encode", help="embed a few texts in-process and print shapes and stats")
+    p.add_argument("text", nargs="*", help="texts (default: one per line on stdin)")
+    add_model_options(p)
+    p.set_defaults(func=cmd_encode)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except EXPECTED_ERRORS as e:
+        print(f"strata {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"strata {args.command}: interrupted", file=sys.stderr)
+        return 130

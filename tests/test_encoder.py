@@ -1,0 +1,139 @@
+import numpy as np
+import pytest
+import torch
+
+from pipeline import Encoder, EncoderConfig, SpecError
+from pipeline.variants import POOLINGS
+from reference import fake_tokenizer, naive_embed, naive_hidden_states, naive_pool, rel_err, tiny_llama
+
+TOL = 1e-5
+
+
+def _rows(seed=0, n=9, vocab=97, max_len=20):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(2, vocab, size=int(rng.integers(1, max_len))).tolist() for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llama(n_layers=4)
+
+
+@pytest.mark.parametrize("layers", ["0", "1", "2", "-1", "0,2,4", "all", "50%:100%"])
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("budget", [16, 4096])
+def test_every_variant_matches_naive_reference(tiny, layers, side, budget):
+    enc = Encoder(tiny, fake_tokenizer(), EncoderConfig(layers=layers, poolings=list(POOLINGS),
+                                                        padding_side=side, batch_tokens=budget), device="cpu")
+    ids = _rows()
+    res = enc.encode_ids(ids)
+    for v in enc.variants:
+        for i, row in enumerate(ids):
+            assert rel_err(res.embeddings[v.name][i], naive_embed(tiny, row, v.layer, v.pooling)) <= TOL, (v.name, i)
+
+
+def test_truncated_pass_equals_untruncated_hidden_states(tiny):
+    ids = _rows(seed=4, n=5)
+    for layer in [0, 1, 3, 4]:
+        enc = Encoder(tiny, fake_tokenizer(), EncoderConfig(layers=str(layer)), device="cpu")
+        mask = torch.ones(1, len(ids[0]), dtype=torch.long)
+        got = enc.hidden_states(torch.tensor([ids[0]]), mask)
+        assert set(got) == {layer}
+        full = tiny(input_ids=torch.tensor([ids[0]]), output_hidden_states=True).hidden_states[layer]
+        torch.testing.assert_close(got[layer], full, rtol=0, atol=1e-6)
+
+
+def test_truncation_skips_deeper_blocks(tiny):
+    calls = []
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, b in enumerate(tiny.layers)]
+    try:
+        Encoder(tiny, fake_tokenizer(), EncoderConfig(layers="2"), device="cpu").encode_ids([[5, 6, 7]])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == [0, 1]
+
+
+def test_alone_equals_inside_mixed_batch(tiny):
+    enc = Encoder(tiny, fake_tokenizer(), EncoderConfig(layers="1,-1", poolings=list(POOLINGS)), device="cpu")
+    ids = _rows(seed=7, n=12, max_len=40)
+    together = enc.encode_ids(ids)
+    for i in (0, 5, 11):
+        alone = enc.encode_ids([ids[i]])
+        for name, arr in together.embeddings.items():
+            assert rel_err(arr[i], alone.embeddings[name][0].astype(np.float64)) <= TOL
+
+
+def test_output_order_and_stats(tiny):
+    enc = Encoder(tiny, fake_tokenizer(), EncoderConfig(batch_tokens=30, max_batch_rows=3), device="cpu")
+    ids = _rows(seed=2, n=20)
+    res = enc.encode_ids(ids)
+    assert res.stats.rows == 20 and res.stats.tokens == sum(map(len, ids))
+    assert res.stats.padded_tokens >= res.stats.tokens and res.stats.batches >= 7
+    assert 0 < res.stats.padding_efficiency <= 1
+    rev = enc.encode_ids(ids[::-1])
+    np.testing.assert_allclose(rev.embeddings["L4.mean"][::-1], res.embeddings["L4.mean"], atol=1e-6)
+
+
+def test_normalize_and_float16(tiny):
+    enc = Encoder(tiny, fake_tokenizer(), EncoderConfig(normalize=True, dtype="float16", poolings="mean,max"), device="cpu")
+    res = enc.encode_ids(_rows())
+    for arr in res.embeddings.values():
+        assert arr.dtype == np.float16 and arr.shape == (9, 32)
+        np.testing.assert_allclose(np.linalg.norm(arr.astype(np.float32), axis=1), 1.0, atol=2e-3)
+
+
+def test_pad_token_falls_back_to_eos(tiny):
+    enc = Encoder(tiny, fake_tokenizer(pad_token_id=None, eos_token_id=3), device="cpu")
+    assert enc.pad_id == 3
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(layers="9"), "out of range"), (dict(poolings="avg"), "unknown pooling"),
+    (dict(poolings=[]), "empty pooling"), (dict(layers=[]), "empty layer spec"),
+])
+def test_bad_specs_fail_at_once(tiny, kwargs, fragment):
+    with pytest.raises(SpecError, match=fragment):
+        Encoder(tiny, fake_tokenizer(), EncoderConfig(**kwargs), device="cpu")
+
+
+@pytest.mark.parametrize("kwargs, fragment", [(dict(dtype="int8"), "dtype"), (dict(max_length=0), "max_length")])
+def test_bad_config_values(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        EncoderConfig(**kwargs)
+
+
+# ------------------------------------------------------------------ the real SmolLM2
+@pytest.mark.slow
+def test_smollm2_matches_naive_reference(smollm2_encoder, stsb_sentences):
+    enc = smollm2_encoder
+    res = enc.encode(stsb_sentences)
+    assert res.stats.rows == len(stsb_sentences) == 50
+    ids, _ = enc.tokenize(stsb_sentences)
+    worst = 0.0
+    for i, row in enumerate(ids):
+        hidden = naive_hidden_states(enc.model, row)
+        for v in enc.variants:
+            ref = naive_pool(hidden[v.layer], v.pooling)
+            worst = max(worst, rel_err(res.embeddings[v.name][i], ref))
+    assert worst <= TOL, worst
+
+
+@pytest.mark.slow
+def test_smollm2_truncation_counted(smollm2_encoder):
+    long = "word " * 2000
+    ids, truncated = smollm2_encoder.tokenize([long, "short text"])
+    assert len(ids[0]) == smollm2_encoder.config.max_length and truncated.tolist() == [True, False]
+    with pytest.raises(ValueError, match="text 1 is empty"):
+        smollm2_encoder.encode(["fine", "   "])
+
+
+@pytest.mark.slow
+def test_encoder_model_minilm_matches_reference():
+    enc = Encoder.load("all-minilm-l6-v2", layers="0,3,-1", poolings="mean,first,last")
+    texts = ["A man is playing a guitar.", "The weather is lovely today, isn't it?", "x"]
+    res = enc.encode(texts)
+    ids, _ = enc.tokenize(texts)
+    for i, row in enumerate(ids):
+        for v in enc.variants:
+            assert rel_err(res.embeddings[v.name][i], naive_embed(enc.model, row, v.layer, v.pooling)) <= TOL
