@@ -6,13 +6,13 @@ import numpy as np
 import torch
 
 
-def tiny_llama(n_layers: int = 4, seed: int = 0):
+def tiny_llama(n_layers: int = 4, seed: int = 0, vocab_size: int = 97):
     """A tiny randomly initialised LLaMA (no files), for shape and equivalence tests."""
     import torch
     from transformers import LlamaConfig, LlamaModel
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     cfg._attn_implementation = "sdpa"
     model = LlamaModel(cfg).eval()
@@ -61,3 +61,17 @@ def naive_embed(model, ids: list[int], layer: int, pooling: str) -> np.ndarray:
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.linalg.norm(b), 1e-12))
+
+
+def save_tiny_model_dir(path, n_layers: int = 4, seed: int = 0):
+    """A tiny random LLaMA saved with SmolLM2's real tokenizer: a real model directory, fast."""
+    from transformers import AutoTokenizer
+
+    from pipeline import models
+
+    tok_dir = models.materialize(models.resolve("smollm2-135m"))
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    model = tiny_llama(n_layers=n_layers, seed=seed, vocab_size=len(tok))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

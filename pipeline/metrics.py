@@ -1,0 +1,137 @@
+"""Evaluation metrics, computed the way MTEB computes them so scores compare with published ones.
+
+STS: cosine similarity per pair, then Spearman (the main score) and Pearson against the gold
+scores, x100 (MTEB's ``STSEvaluator``).
+
+Retrieval: exact cosine search (top 100), then nDCG@10, Recall@100 and MRR@10 x100 from
+``pytrec_eval`` (trec_eval's definitions, which BEIR and MTEB use):
+
+- nDCG uses gain = graded relevance and discount log2(rank + 1); the ideal DCG ranks *all*
+  judged relevant documents, retrieved or not.
+- trec_eval re-sorts every run by score, descending, and breaks ties by document id in
+  *descending* string order ("d9" before "d10" before "d1"): the order in the run is ignored.
+- MRR@10 is ``recip_rank`` over the run cut to its first 10 documents in that same order.
+  MTEB computes MRR with its own Python loop whose ties fall in the order of its search
+  results instead; the two differ only when scores tie around a relevant document.
+- A document counts as relevant when its grade is >= 1; a query without any retrieved
+  relevant document scores 0, and the mean runs over every query in the qrels.
+- No query-id == doc-id hits are removed unless asked: MTEB's default
+  (``ignore_identical_ids=False``) that SciFact keeps; only tasks such as ArguAna or Quora,
+  whose queries are also corpus documents, switch it on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytrec_eval
+from scipy import stats
+
+STS_METRICS = ("cosine_spearman", "cosine_pearson")
+RETRIEVAL_METRICS = ("ndcg_at_10", "recall_at_100", "mrr_at_10")
+MAIN_METRIC = {"sts": "cosine_spearman", "retrieval": "ndcg_at_10"}
+# Bounds the (queries x docs) similarity block held at once during exact search.
+_SIM_BLOCK_ELEMENTS = 1 << 24
+
+
+def _as_2d(name: str, x) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D (rows, dim) array, got shape {x.shape}")
+    return x
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Unit rows; a zero row stays zero (cosine 0 with everything), as in scikit-learn."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def sts_scores(emb1, emb2, gold) -> dict[str, float]:
+    """Spearman and Pearson (x100) of per-pair cosine similarity against the gold scores."""
+    a, b = _as_2d("emb1", emb1), _as_2d("emb2", emb2)
+    gold = np.asarray(gold, dtype=np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"emb1 {a.shape} and emb2 {b.shape} must have the same shape")
+    if len(gold) != len(a):
+        raise ValueError(f"{len(gold)} gold scores for {len(a)} pairs")
+    if len(gold) < 2:
+        raise ValueError("a correlation needs at least 2 pairs")
+    cos = np.einsum("ij,ij->i", l2_normalize(a).astype(np.float64), l2_normalize(b).astype(np.float64))
+    return {
+        "cosine_spearman": 100.0 * float(stats.spearmanr(gold, cos).statistic),
+        "cosine_pearson": 100.0 * float(stats.pearsonr(gold, cos).statistic),
+    }
+
+
+def exact_search(query_emb, doc_emb, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine top-k: (scores, doc row indices), each (n_queries, k), best first.
+
+    Queries are processed in blocks so memory stays bounded by ``_SIM_BLOCK_ELEMENTS``
+    similarities, whatever the number of queries.
+    """
+    q, d = l2_normalize(_as_2d("query_emb", query_emb)), l2_normalize(_as_2d("doc_emb", doc_emb))
+    if q.shape[1] != d.shape[1]:
+        raise ValueError(f"query dim {q.shape[1]} != doc dim {d.shape[1]}")
+    if len(d) == 0 or k < 1:
+        raise ValueError(f"nothing to search: {len(d)} documents, k={k}")
+    k = min(k, len(d))
+    block = max(1, _SIM_BLOCK_ELEMENTS // max(1, len(d)))
+    top_s = np.empty((len(q), k), dtype=np.float32)
+    top_i = np.empty((len(q), k), dtype=np.int64)
+    for start in range(0, len(q), block):
+        sims = q[start:start + block] @ d.T
+        if k < len(d):
+            part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        else:
+            part = np.broadcast_to(np.arange(len(d)), sims.shape)
+        part_s = np.take_along_axis(sims, part, axis=1)
+        order = np.argsort(-part_s, axis=1, kind="stable")
+        top_i[start:start + block] = np.take_along_axis(part, order, axis=1)
+        top_s[start:start + block] = np.take_along_axis(part_s, order, axis=1)
+    return top_s, top_i
+
+
+def trec_order(doc_scores: dict[str, float]) -> list[tuple[str, float]]:
+    """A run's documents in trec_eval's order: score descending, ties by doc id descending."""
+    return sorted(doc_scores.items(), key=lambda item: (item[1], item[0]), reverse=True)
+
+
+def retrieval_scores_from_run(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]],
+                              *, ignore_identical_ids: bool = False) -> dict[str, float]:
+    """nDCG@10, Recall@100 and MRR@10 (x100), averaged over every query in ``qrels``.
+
+    ``run`` maps query id -> {doc id: score}; queries absent from it score 0 and queries
+    absent from ``qrels`` are ignored.
+    """
+    if not qrels:
+        raise ValueError("qrels is empty: nothing to evaluate")
+    qrels = {str(q): {str(d): int(r) for d, r in docs.items()} for q, docs in qrels.items()}
+    run = {str(q): {str(d): float(s) for d, s in docs.items() if not (ignore_identical_ids and str(d) == str(q))}
+           for q, docs in run.items() if str(q) in qrels}
+    main = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100"}).evaluate(run)
+    top10 = {q: dict(trec_order(docs)[:10]) for q, docs in run.items()}
+    rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10)
+    n = len(qrels)
+    return {
+        "ndcg_at_10": 100.0 * sum(m["ndcg_cut_10"] for m in main.values()) / n,
+        "recall_at_100": 100.0 * sum(m["recall_100"] for m in main.values()) / n,
+        "mrr_at_10": 100.0 * sum(m["recip_rank"] for m in rr.values()) / n,
+    }
+
+
+def retrieval_scores(query_emb, doc_emb, query_ids, doc_ids, qrels: dict[str, dict[str, int]],
+                     k_max: int = 100, *, ignore_identical_ids: bool = False) -> dict[str, float]:
+    """Exact cosine search of every query over every document, scored against ``qrels``."""
+    query_ids, doc_ids = [str(q) for q in query_ids], [str(d) for d in doc_ids]
+    if len(query_ids) != len(query_emb) or len(doc_ids) != len(doc_emb):
+        raise ValueError(f"ids and embeddings differ in length: {len(query_ids)} query ids for "
+                         f"{len(query_emb)} queries, {len(doc_ids)} doc ids for {len(doc_emb)} docs")
+    # One extra hit per query keeps k_max results after a self-hit is dropped.
+    scores, idx = exact_search(query_emb, doc_emb, k_max + int(ignore_identical_ids))
+    run = {}
+    for q, row_s, row_i in zip(query_ids, scores, idx):
+        hits = [(doc_ids[i], float(s)) for i, s in zip(row_i, row_s)
+                if not (ignore_identical_ids and doc_ids[i] == q)]
+        run[q] = dict(hits[:k_max])
+    return retrieval_scores_from_run(run, qrels)
