@@ -52,6 +52,17 @@ def cmd_encode(args) -> int:
     return 0
 
 
+def cmd_embed(args) -> int:
+    from .runner import embed
+
+    summary = embed(args.input, args.output, model=args.model, **encoder_options(args), **load_options(args),
+                    text_column=args.text_column, id_column=args.id_column, actors=args.actors,
+                    gpus_per_actor=args.gpus_per_actor, ray_address=args.ray_address, force=args.force,
+                    output_format=args.format, progress=not args.quiet)
+    print(summary.line())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="strata", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -61,6 +72,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", nargs="*", help="texts (default: one per line on stdin)")
     add_model_options(p)
     p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("embed", help="embed Parquet shards through Ray Data into an output directory",
+                       description="Embed every row of the Parquet shards at INPUT (any fsspec URL, directory or glob) "
+                                   "into OUTPUT. Re-running resumes: committed shards are skipped, new or changed "
+                                   "shards re-embedded, removed shards dropped. A change of model or settings is "
+                                   "refused unless --force (which replaces the old output).")
+    p.add_argument("input")
+    p.add_argument("output")
+    add_model_options(p)
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--id-column", default=None, help="default: ids derived from shard path and row number")
+    p.add_argument("--actors", type=int, default=None, help="embedding actors (default: one per GPU, else CPUs-1)")
+    p.add_argument("--gpus-per-actor", type=float, default=None)
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: RAY_ADDRESS or a local one)")
+    p.add_argument("--format", choices=["parquet", "arrow"], default="parquet", help="embedding file format")
+    p.add_argument("--force", action="store_true", help="replace an output made with other settings")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    p.set_defaults(func=cmd_embed)
     return parser
 
 
@@ -69,9 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .runner import EmbedError
+
     try:
         return args.func(args)
-    except EXPECTED_ERRORS as e:
+    except (*EXPECTED_ERRORS, EmbedError) as e:
         print(f"strata {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -400,7 +400,7 @@ def _ray_init(ray_address: str | None):
     import ray
 
     if not ray.is_initialized():
-        address = ray_address or os.environ.get("RAY_ADDRESS")
+        address = ray_address or os.environ.get("RAY_ADDRESS") or None
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
                  log_to_driver=True, configure_logging=True, ignore_reinit_error=True)
     return ray
@@ -469,13 +469,14 @@ def embed(input: str, output: str, *, model: str | None = None, layers="-1", poo
                             "variants": desc["variants"], "input": redact(input), "shards": []}
     out.sweep(manifest)
 
-    readable = [s for s in shards if s.error is None]
-    todo, keep, drop = plan(manifest, readable)
-    failed = {s.rel: s.error for s in shards if s.error}
+    todo, keep, drop = plan(manifest, shards)
+    failed = {s.rel: s.error for s in todo if s.error}
+    todo = [s for s in todo if s.error is None]
     for e in drop:
         out.remove(e["output"])
-    unreadable = {s.rel for s in shards if s.error}
-    manifest["shards"] = [e for e in keep if e["rel"] not in unreadable]
+    # A changed (or now unreadable) shard keeps its old output until a new one is committed.
+    dropped = {e["rel"] for e in drop}
+    manifest["shards"] = [e for e in manifest["shards"] if e["rel"] not in dropped]
     manifest["failed"] = failed
     out.write_manifest(manifest)
     summary = EmbedSummary(output=redact(output), shards_total=len(shards), shards_skipped=len(keep),
@@ -606,7 +607,7 @@ def _run_ray(out: Output, manifest: dict, todo: list[Shard], summary: EmbedSumma
     end = time.perf_counter()
     if first_batch is not None and end > first_batch and summary.tokens > first_tokens:
         summary.steady_seconds = (end - first_batch) * summary.tokens / (summary.tokens - first_tokens)
-    out.remove(f"{STAGING}/{run_id}")
+    out.remove(STAGING)
 
 
 def read_embeddings(output: str, columns: list[str] | None = None) -> pa.Table:

@@ -1,0 +1,229 @@
+"""Report: results rows -> ``eval/results.json``, ``report.md`` and one layer x pooling heatmap per dataset.
+
+The rows are the tidy format of DESIGN.md, ``{"task", "dataset", "split", "metric", "layer",
+"pooling", "score"}`` with scores x100. The report answers the question Strata exists for:
+which (layer, pooling) is best for this model and data, and how much it beats the usual
+default, the last layer's last token (``L{N}.last``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Iterable
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from .metrics import MAIN_METRIC
+from .variants import POOLINGS
+
+ROW_KEYS = ("task", "dataset", "split", "metric", "layer", "pooling", "score")
+
+
+class ResultsError(ValueError):
+    """Results rows that do not follow the tidy format."""
+
+
+def _pooling_rank(name: str) -> tuple[int, str]:
+    return (POOLINGS.index(name), name) if name in POOLINGS else (len(POOLINGS), name)
+
+
+def _row_key(r: dict) -> tuple:
+    return r["task"], r["dataset"], r["split"], r["metric"], r["layer"], _pooling_rank(r["pooling"])
+
+
+def validate_rows(rows: Iterable[dict]) -> list[dict]:
+    """Rows with checked keys and types, sorted deterministically; duplicates are errors."""
+    out, seen = [], set()
+    for i, row in enumerate(rows):
+        missing = [k for k in ROW_KEYS if k not in row]
+        if missing:
+            raise ResultsError(f"results row {i} lacks {', '.join(missing)}: {row}")
+        try:
+            r = {k: str(row[k]) for k in ("task", "dataset", "split", "metric", "pooling")}
+            r["layer"], r["score"] = int(row["layer"]), float(row["score"])
+        except (TypeError, ValueError) as e:
+            raise ResultsError(f"results row {i}: layer must be an integer and score a number ({e}): {row}") from None
+        key = _row_key(r)
+        if key in seen:
+            raise ResultsError(f"results row {i} repeats {r['dataset']}/{r['split']} {r['metric']} "
+                               f"L{r['layer']}.{r['pooling']}")
+        seen.add(key)
+        out.append(r)
+    return sorted(out, key=_row_key)
+
+
+def load_results(path: str | Path) -> list[dict]:
+    path = Path(path)
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ResultsError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(rows, list):
+        raise ResultsError(f"{path}: expected a list of result rows")
+    return validate_rows(rows)
+
+
+def main_metric(task: str, metrics: Iterable[str] = ()) -> str | None:
+    """The task's headline metric (MTEB's main score); for an unknown task, a known one present."""
+    if task.lower() in MAIN_METRIC:
+        return MAIN_METRIC[task.lower()]
+    return next((m for m in MAIN_METRIC.values() if m in set(metrics)), None)
+
+
+def _groups(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows per (task, dataset, split), labelled by dataset alone unless it has several splits."""
+    keys = sorted({(r["task"], r["dataset"], r["split"]) for r in rows})
+    splits: dict[str, int] = {}
+    for _, dataset, _ in keys:
+        splits[dataset] = splits.get(dataset, 0) + 1
+    label = {k: k[1] if splits[k[1]] == 1 else f"{k[1]}/{k[2]}" for k in keys}
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(label[(r["task"], r["dataset"], r["split"])], []).append(r)
+    return groups
+
+
+def best_variants(rows: Iterable[dict], n_layers: int | None = None) -> dict[str, dict]:
+    """Per dataset: the best variant on the main metric and its gain over ``L{last}.last``.
+
+    ``last`` is ``n_layers`` when given, else the deepest layer present. Ties go to the
+    shallower layer (a shallower variant stops the forward pass earlier), then to the
+    pooling listed first.
+    """
+    rows = validate_rows(rows)
+    out = {}
+    for label, group in _groups(rows).items():
+        metric = main_metric(group[0]["task"], (r["metric"] for r in group))
+        scored = [r for r in group if r["metric"] == metric and math.isfinite(r["score"])]
+        if not scored:
+            continue
+        best = min(scored, key=lambda r: (-r["score"], r["layer"], _pooling_rank(r["pooling"])))
+        last = n_layers if n_layers is not None else max(r["layer"] for r in group)
+        default = next((r for r in scored if r["layer"] == last and r["pooling"] == "last"), None)
+        out[label] = {
+            "task": best["task"], "dataset": best["dataset"], "split": best["split"], "metric": metric,
+            "variant": f"L{best['layer']}.{best['pooling']}", "layer": best["layer"], "pooling": best["pooling"],
+            "score": best["score"], "default": f"L{last}.last",
+            "default_score": default["score"] if default else None,
+            "gain": best["score"] - default["score"] if default else None,
+        }
+    return out
+
+
+def _grid(rows: list[dict], metric: str) -> tuple[list[int], list[str], np.ndarray]:
+    cells = {(r["layer"], r["pooling"]): r["score"] for r in rows if r["metric"] == metric}
+    layers = sorted({lay for lay, _ in cells})
+    pools = sorted({p for _, p in cells}, key=_pooling_rank)
+    grid = np.full((len(layers), len(pools)), np.nan)
+    for (lay, p), score in cells.items():
+        grid[layers.index(lay), pools.index(p)] = score
+    return layers, pools, grid
+
+
+def _md_table(rows: list[dict], metric: str, best: dict | None) -> str:
+    layers, pools, grid = _grid(rows, metric)
+    lines = ["| layer | " + " | ".join(pools) + " |", "|---:|" + "---:|" * len(pools)]
+    for i, lay in enumerate(layers):
+        cells = []
+        for j, p in enumerate(pools):
+            v = grid[i, j]
+            text = "–" if math.isnan(v) else f"{v:.2f}"
+            is_best = best and best["metric"] == metric and (lay, p) == (best["layer"], best["pooling"])
+            cells.append(f"**{text}**" if is_best else text)
+        lines.append(f"| {lay} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "dataset"
+
+
+def plot_heatmap(rows: list[dict], metric: str, title: str, path: str | Path, best: dict | None = None) -> Path:
+    """Layers down, poolings across, every cell annotated, the best one outlined."""
+    layers, pools, grid = _grid(rows, metric)
+    fig = Figure(figsize=(2.6 + 0.95 * len(pools), 1.6 + 0.34 * len(layers)), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9")
+    finite = grid[np.isfinite(grid)]
+    lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, aspect="auto", vmin=lo, vmax=hi if hi > lo else lo + 1)
+    ax.set_xticks(range(len(pools)), labels=pools, rotation=30, ha="right")
+    ax.set_yticks(range(len(layers)), labels=[str(lay) for lay in layers])
+    ax.set_xlabel("pooling")
+    ax.set_ylabel("layer")
+    for i in range(len(layers)):
+        for j in range(len(pools)):
+            v = grid[i, j]
+            if math.isnan(v):
+                ax.text(j, i, "–", ha="center", va="center", fontsize=8, color="#555555")
+                continue
+            r, g, b, _ = cmap(im.norm(v))
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8,
+                    color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")
+    if best and best["layer"] in layers and best["pooling"] in pools:
+        i, j = layers.index(best["layer"]), pools.index(best["pooling"])
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#e41a1c", linewidth=2.5))
+    fig.colorbar(im, ax=ax, label=f"{metric} (x100)")
+    ax.set_title(title, fontsize=10)
+    path = Path(path)
+    fig.savefig(path)
+    return path
+
+
+def _fmt_gain(b: dict) -> str:
+    if b["gain"] is None:
+        return f"the default `{b['default']}` was not evaluated, so no gain is given."
+    return f"default `{b['default']}` = {b['default_score']:.2f}, gain **{b['gain']:+.2f}**."
+
+
+def write_report(rows: Iterable[dict], out_dir: str | Path, n_layers: int | None = None) -> dict:
+    """Write ``eval/results.json``, ``report.md`` and ``heatmap_{dataset}.png``; returns their paths."""
+    rows = validate_rows(rows)
+    if not rows:
+        raise ResultsError("no results rows to report")
+    out_dir = Path(out_dir)
+    (out_dir / "eval").mkdir(parents=True, exist_ok=True)
+    results_path = out_dir / "eval" / "results.json"
+    results_path.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+
+    bests = best_variants(rows, n_layers)
+    md = ["# Strata evaluation report", "",
+          "Scores x100. Main metrics: STS = Spearman of cosine similarity (`cosine_spearman`), retrieval = "
+          "nDCG@10 (`ndcg_at_10`, trec_eval). Best cells are in bold; the default is the last layer's last token.",
+          ""]
+    if bests:
+        md += ["| dataset | metric | best variant | score | default | gain |", "|---|---|---|---:|---|---:|"]
+        for label, b in bests.items():
+            gain = "–" if b["gain"] is None else f"{b['gain']:+.2f}"
+            default = "–" if b["default_score"] is None else f"{b['default_score']:.2f}"
+            md.append(f"| {label} | {b['metric']} | `{b['variant']}` | {b['score']:.2f} | "
+                      f"`{b['default']}` {default} | {gain} |")
+        md.append("")
+    heatmaps = []
+    for label, group in _groups(rows).items():
+        b = bests.get(label)
+        md += [f"## {label} ({group[0]['task']}, split {group[0]['split']})", ""]
+        if b:
+            md += [f"Best: **`{b['variant']}`**, {b['metric']} = {b['score']:.2f}; {_fmt_gain(b)}", ""]
+            png = out_dir / f"heatmap_{_safe(label)}.png"
+            plot_heatmap(group, b["metric"], f"{label} ({b['split']}): {b['metric']} x100\n"
+                         f"best {b['variant']} = {b['score']:.2f}", png, b)
+            heatmaps.append(png)
+            md += [f"![{label} heatmap]({png.name})", ""]
+        else:
+            md += ["No finite main-metric score: no best variant.", ""]
+        metrics = sorted({r["metric"] for r in group}, key=lambda m: (b is None or m != b["metric"], m))
+        for metric in metrics:
+            main = " (main)" if b and metric == b["metric"] else ""
+            md += [f"### {metric}{main}", "", _md_table(group, metric, b), ""]
+    report_path = out_dir / "report.md"
+    report_path.write_text("\n".join(md), encoding="utf-8")
+    return {"results": results_path, "report": report_path, "heatmaps": heatmaps}

@@ -1,0 +1,242 @@
+"""The distributed pipeline end to end, on a local Ray shared by this module's tests."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import Encoder
+from pipeline.runner import EmbedError, embed, read_embeddings
+from reference import save_tiny_model_dir
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+OPTS = dict(layers="1,-1", poolings="mean,last,wmean_nosink", id_column="id", progress=False)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model_dir(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    rows = [json.loads(line) for line in (DATA / "scifact" / "corpus.jsonl").read_text().splitlines()[:800]]
+    return [r["_id"] for r in rows], [(r["title"] + " " + r["text"]).strip() for r in rows]
+
+
+def write_shards(directory: Path, ids, texts, k=8, row_group_size=37):
+    directory.mkdir(parents=True, exist_ok=True)
+    n = len(texts)
+    for i in range(k):
+        sl = slice(i * n // k, (i + 1) * n // k)
+        pq.write_table(pa.table({"id": ids[sl], "text": texts[sl]}), directory / f"part-{i}.parquet",
+                       row_group_size=row_group_size)
+
+
+def manifest(out) -> dict:
+    return json.loads((Path(out) / "manifest.json").read_text())
+
+
+def by_id(table: pa.Table) -> dict:
+    cols = [c for c in table.column_names if c.startswith("emb_")]
+    ids = table.column("id").to_pylist()
+    return {c: dict(zip(ids, table.column(c).to_numpy(zero_copy_only=False).tolist())) for c in cols} | {"_ids": ids}
+
+
+def test_round_trip_equals_single_process_encoder(ray_local, model_dir, corpus, tmp_path):
+    ids, texts = corpus
+    write_shards(tmp_path / "in", ids, texts)
+    summary = embed(str(tmp_path / "in"), str(tmp_path / "out"), model=model_dir, **OPTS)
+    assert summary.rows == len(texts) and summary.shards_embedded == 8 and summary.rows_rejected == 0
+
+    table = read_embeddings(str(tmp_path / "out"))
+    got_ids = table.column("id").to_pylist()
+    assert sorted(got_ids) == sorted(ids) and len(got_ids) == len(set(got_ids))  # exactly once
+    enc = Encoder.load(model_dir, layers="1,-1", poolings="mean,last,wmean_nosink")
+    ref = enc.encode(texts)
+    order = {i: k for k, i in enumerate(ids)}
+    idx = np.array([order[i] for i in got_ids])
+    for v in enc.variants:
+        got = np.stack(table.column(v.column).to_numpy(zero_copy_only=False))
+        want = ref.embeddings[v.name][idx]
+        err = np.abs(got - want).max(axis=1) / np.linalg.norm(want, axis=1)
+        assert err.max() <= 1e-5, v.name
+
+    m = manifest(tmp_path / "out")
+    assert m["model"]["weights_digest"].startswith("sha256:")
+    assert {v["name"] for v in m["variants"]} == {v.name for v in enc.variants}
+    assert sum(s["rows_written"] for s in m["shards"]) == len(texts)
+    # plain pyarrow reads every committed file back with fixed-size-list columns of the right dim
+    for s in m["shards"]:
+        for f in s["files"]:
+            t = pq.read_table(tmp_path / "out" / s["output"] / f)
+            for v in enc.variants:
+                assert t.schema.field(v.column).type == pa.list_(pa.float32(), enc.dim)
+
+
+def test_resume_after_injected_crash_is_exactly_once(ray_local, model_dir, corpus, tmp_path, monkeypatch):
+    ids, texts = corpus
+    write_shards(tmp_path / "in", ids, texts)
+    import pipeline.runner as runner
+
+    real_commit, commits = runner._commit, []
+
+    def crashing_commit(*a, **kw):
+        if len(commits) == 3:
+            raise KeyboardInterrupt("injected crash after 3 shards")
+        commits.append(1)
+        return real_commit(*a, **kw)
+
+    monkeypatch.setattr(runner, "_commit", crashing_commit)
+    with pytest.raises(KeyboardInterrupt):
+        embed(str(tmp_path / "in"), str(tmp_path / "out"), model=model_dir, **OPTS)
+    assert len(manifest(tmp_path / "out")["shards"]) == 3
+    monkeypatch.setattr(runner, "_commit", real_commit)
+    summary = embed(str(tmp_path / "in"), str(tmp_path / "out"), model=model_dir, **OPTS)
+    assert summary.shards_skipped == 3 and summary.shards_embedded == 5
+    got = read_embeddings(str(tmp_path / "out"), ["id"]).column("id").to_pylist()
+    assert sorted(got) == sorted(ids) and len(got) == len(ids)
+    assert not (tmp_path / "out" / "_staging").exists()
+
+
+def test_incremental_touches_only_changed_shards_and_equals_fresh_run(ray_local, model_dir, corpus, tmp_path):
+    ids, texts = corpus
+    src = tmp_path / "in"
+    write_shards(src, ids, texts)
+    embed(str(src), str(tmp_path / "out"), model=model_dir, **OPTS)
+    before = {s["rel"]: s for s in manifest(tmp_path / "out")["shards"]}
+
+    # change one shard, add one, delete one
+    t = pq.read_table(src / "part-2.parquet")
+    pq.write_table(t.set_column(1, "text", pa.array([x.upper() for x in t.column("text").to_pylist()])),
+                   src / "part-2.parquet")
+    pq.write_table(pa.table({"id": ["new-1", "new-2"], "text": ["A brand new document.", "Another one."]}),
+                   src / "part-9.parquet")
+    (src / "part-5.parquet").unlink()
+    summary = embed(str(src), str(tmp_path / "out"), model=model_dir, **OPTS)
+    assert (summary.shards_embedded, summary.shards_skipped, summary.shards_dropped) == (2, 6, 1)
+    after = {s["rel"]: s for s in manifest(tmp_path / "out")["shards"]}
+    assert set(after) == set(before) - {"part-5.parquet"} | {"part-9.parquet"}
+    changed = {rel for rel in after if rel not in before or after[rel]["output"] != before[rel]["output"]}
+    assert changed == {"part-2.parquet", "part-9.parquet"}
+    assert not (tmp_path / "out" / before["part-5.parquet"]["output"]).exists()
+    assert not (tmp_path / "out" / before["part-2.parquet"]["output"]).exists()
+
+    embed(str(src), str(tmp_path / "fresh"), model=model_dir, **OPTS)
+    inc, fresh = by_id(read_embeddings(str(tmp_path / "out"))), by_id(read_embeddings(str(tmp_path / "fresh")))
+    assert sorted(inc.pop("_ids")) == sorted(fresh.pop("_ids"))
+    for col in fresh:
+        for k, v in fresh[col].items():
+            np.testing.assert_allclose(inc[col][k], v, rtol=0, atol=1e-6)
+
+
+def test_changed_settings_refused_without_force(ray_local, model_dir, corpus, tmp_path):
+    ids, texts = corpus
+    write_shards(tmp_path / "in", ids[:40], texts[:40], k=2)
+    embed(str(tmp_path / "in"), str(tmp_path / "out"), model=model_dir, **OPTS)
+    opts = dict(OPTS, poolings="max")
+    with pytest.raises(ValueError, match="different variants"):
+        embed(str(tmp_path / "in"), str(tmp_path / "out"), model=model_dir, **opts)
+    embed(str(tmp_path / "in"), str(tmp_path / "out"), model=model_dir, force=True, **opts)
+    t = read_embeddings(str(tmp_path / "out"))
+    assert [c for c in t.column_names if c.startswith("emb_")] == ["emb_1_max", "emb_4_max"]
+    assert t.num_rows == 40
+
+
+def test_rejected_rows_recorded_never_dropped(ray_local, model_dir, tmp_path):
+    (tmp_path / "in").mkdir()
+    texts = ["fine text", None, "", "   ", "ok\x00with control\x07chars", "x" * 200_000, "last one"]
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(len(texts))], "text": texts}), tmp_path / "in" / "a.parquet")
+    summary = embed(str(tmp_path / "in"), str(tmp_path / "out"), model=model_dir, max_length=64, **OPTS)
+    assert summary.rows == 7 and summary.rows_rejected == 3 and summary.truncated == 1
+    s = manifest(tmp_path / "out")["shards"][0]
+    assert (s["rows_written"], s["rows_rejected"]) == (4, 3)
+    assert s["rejected_reasons"] == {"null text": 1, "empty text": 2}
+    rej = pq.read_table(tmp_path / "out" / s["output"] / s["rejects_files"][0]).to_pylist()
+    assert {(r["id"], r["reason"]) for r in rej} == {("r1", "null text"), ("r2", "empty text"), ("r3", "empty text")}
+    assert sorted(read_embeddings(str(tmp_path / "out"), ["id"]).column("id").to_pylist()) == ["r0", "r4", "r5", "r6"]
+
+
+def test_corrupt_shard_named_others_commit_then_fixed_rerun_completes(ray_local, model_dir, corpus, tmp_path):
+    ids, texts = corpus
+    write_shards(tmp_path / "in", ids[:60], texts[:60], k=3)
+    good = (tmp_path / "in" / "part-1.parquet").read_bytes()
+    (tmp_path / "in" / "part-1.parquet").write_bytes(good[: len(good) // 2])
+    with pytest.raises(EmbedError, match="part-1.parquet"):
+        embed(str(tmp_path / "in"), str(tmp_path / "out"), model=model_dir, **OPTS)
+    m = manifest(tmp_path / "out")
+    assert {s["rel"] for s in m["shards"]} == {"part-0.parquet", "part-2.parquet"} and "part-1.parquet" in m["failed"]
+    (tmp_path / "in" / "part-1.parquet").write_bytes(good)
+    summary = embed(str(tmp_path / "in"), str(tmp_path / "out"), model=model_dir, **OPTS)
+    assert summary.shards_embedded == 1 and summary.shards_skipped == 2
+    assert sorted(read_embeddings(str(tmp_path / "out"), ["id"]).column("id").to_pylist()) == sorted(ids[:60])
+
+
+def test_input_errors_name_the_problem(model_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no Parquet files"):
+        embed(str(tmp_path / "empty"), str(tmp_path / "out"), model=model_dir, **OPTS)
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": ["a"], "body": ["x"]}), tmp_path / "in" / "a.parquet")
+    with pytest.raises(ValueError, match="text column 'text' not found.*available columns: id, body"):
+        embed(str(tmp_path / "in"), str(tmp_path / "out"), model=model_dir, **OPTS)
+    pq.write_table(pa.table({"id": ["a"], "text": [3]}), tmp_path / "in" / "a.parquet")
+    with pytest.raises(ValueError, match="has type int64, expected a string"):
+        embed(str(tmp_path / "in"), str(tmp_path / "out"), model=model_dir, **OPTS)
+
+
+def test_derived_ids_and_empty_shard(ray_local, model_dir, tmp_path):
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    pq.write_table(pa.table({"text": ["one", "two", "three"]}), tmp_path / "in" / "sub" / "a.parquet")
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "in" / "empty.parquet")
+    opts = dict(OPTS, id_column=None)
+    summary = embed(str(tmp_path / "in"), str(tmp_path / "out"), model=model_dir, **opts)
+    assert summary.shards_embedded == 2
+    got = read_embeddings(str(tmp_path / "out"), ["id"]).column("id").to_pylist()
+    assert got == ["sub/a.parquet#0", "sub/a.parquet#1", "sub/a.parquet#2"]
+
+
+@pytest.mark.slow
+def test_driver_killed_then_rerun_is_exactly_once(model_dir, corpus, tmp_path):
+    """A real SIGKILL of the `strata embed` driver after its first commit, then the same command."""
+    ids, texts = corpus
+    write_shards(tmp_path / "in", ids, texts, k=8)
+    cmd = [sys.executable, "-m", "pipeline", "embed", str(tmp_path / "in"), str(tmp_path / "out"), "--model", model_dir,
+           "--layers", "1,-1", "--poolings", "mean", "--id-column", "id", "-q"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = open(tmp_path / "first-run.log", "w")
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=log)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if manifest(tmp_path / "out")["shards"]:
+                break
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    committed = len(manifest(tmp_path / "out")["shards"])
+    assert 1 <= committed < 8, (tmp_path / "first-run.log").read_text()[-2000:]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"{8 - committed} shards embedded, {committed} skipped" in done.stdout
+    got = read_embeddings(str(tmp_path / "out"), ["id"]).column("id").to_pylist()
+    assert sorted(got) == sorted(ids) and len(got) == len(ids)
