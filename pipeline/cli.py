@@ -7,11 +7,14 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+# The checkout's sibling shared/data (see README); override with STRATA_DATA or --data.
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, TypeError)
 
 
@@ -63,6 +66,63 @@ def cmd_embed(args) -> int:
     return 0
 
 
+def add_ray_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("resources")
+    g.add_argument("--actors", type=int, default=None, help="embedding actors (default: one per GPU, else CPUs-1)")
+    g.add_argument("--gpus-per-actor", type=float, default=None)
+    g.add_argument("--ray-address", default=None, help="join this Ray cluster (default: RAY_ADDRESS or a local one)")
+
+
+def embed_options(args) -> dict:
+    return dict(model=args.model, **encoder_options(args), **load_options(args), actors=args.actors,
+                gpus_per_actor=args.gpus_per_actor, ray_address=args.ray_address,
+                force=getattr(args, "force", False), progress=not getattr(args, "quiet", False))
+
+
+def cmd_index(args) -> int:
+    from .index import build_indexes
+
+    variants = [v for v in (args.variants or "").split(",") if v] or None
+    for name, params in build_indexes(args.output, variants, args.kind).items():
+        print(f"{name}: {params['kind']} index of {params['rows']:,} x {params['dim']} -> indexes/{name}.faiss")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import eval_retrieval, eval_sts
+    from .report import best_variants
+
+    opts = embed_options(args)
+    if args.task == "sts":
+        rows = eval_sts(args.data, args.output, **opts)
+    else:
+        rows = eval_retrieval(args.data, args.output, split=args.split, max_queries=args.max_queries,
+                              max_docs=args.max_docs, **opts)
+    for dataset, best in best_variants(rows).items():
+        print(f"{dataset}: best {best['variant']} {best['metric']} = {best['score']:.2f}")
+    print(f"results: {args.output}/eval/results.json")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import load_results, write_report
+    from .storage import Output
+
+    manifest = Output(args.dir).read_manifest() or {}
+    n_layers = max((v["layer"] for v in manifest.get("variants", [])), default=None)
+    written = write_report(load_results(f"{args.dir}/eval/results.json"), args.dir, n_layers=n_layers)
+    print(f"report: {written['report']}")
+    for png in written["heatmaps"]:
+        print(f"heatmap: {png}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.output, quick=args.quick, data=Path(args.data))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="strata", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -83,13 +143,41 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p)
     p.add_argument("--text-column", default="text")
     p.add_argument("--id-column", default=None, help="default: ids derived from shard path and row number")
-    p.add_argument("--actors", type=int, default=None, help="embedding actors (default: one per GPU, else CPUs-1)")
-    p.add_argument("--gpus-per-actor", type=float, default=None)
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: RAY_ADDRESS or a local one)")
+    add_ray_options(p)
     p.add_argument("--format", choices=["parquet", "arrow"], default="parquet", help="embedding file format")
     p.add_argument("--force", action="store_true", help="replace an output made with other settings")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("index", help="build one FAISS index per variant of an embedding output")
+    p.add_argument("output", help="an output directory written by `strata embed`")
+    p.add_argument("--variants", default=None, help="comma-separated variant names (default: all)")
+    p.add_argument("--kind", choices=["auto", "flat", "hnsw", "ivfpq"], default="auto")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("eval", help="evaluate every variant on STS (Spearman) or BEIR retrieval (nDCG@10)")
+    p.add_argument("task", choices=["sts", "retrieval"])
+    p.add_argument("data", help="STS: sts-*.csv or a pairs file (jsonl/tsv/parquet); retrieval: a BEIR directory")
+    p.add_argument("--output", required=True, help="receives eval/results.json and the embeddings it made")
+    p.add_argument("--split", default="test", help="retrieval qrels split (default: %(default)s)")
+    p.add_argument("--max-queries", type=int, default=None, help="retrieval subset (scores not comparable)")
+    p.add_argument("--max-docs", type=int, default=None, help="retrieval subset (scores not comparable)")
+    add_model_options(p)
+    add_ray_options(p)
+    p.add_argument("--force", action="store_true", help="replace cached embeddings made with other settings")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="results table, best variant and layer x pooling heatmaps of an output")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="the default model on STS-B test and a SciFact subset: report + heatmaps")
+    p.add_argument("--output", default="demo-output")
+    p.add_argument("--quick", action="store_true", help="fewer texts, for a smoke test")
+    p.add_argument("--data", default=os.environ.get("STRATA_DATA", str(DEFAULT_DATA)),
+                   help="evaluation data folder with stsb/ and scifact/ (default: %(default)s)")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -306,3 +306,30 @@ def recall_at_k(approx_ids: Sequence[Sequence], exact_ids: Sequence[Sequence], k
         found = {i for i in list(approx)[:k] if i is not None}
         shares.append(len(truth & found) / len(truth) if truth else 1.0)
     return float(np.mean(shares))
+
+
+def build_indexes(output: str | Path, variants: Sequence[str] | None = None, kind: str = "auto",
+                  **options) -> dict[str, dict]:
+    """One index per variant of an embedding output: ``{output}/indexes/{variant}.faiss``.
+
+    Streams the committed parts listed in the manifest (never a directory listing).
+    """
+    from .storage import Output, safe_name
+    from .variants import Variant
+
+    out = Output(str(output))
+    manifest = out.read_manifest()
+    if not manifest:
+        raise IndexBuildError(f"{output} has no manifest.json: run `strata embed` first")
+    known = {v["name"]: v["column"] for v in manifest["variants"]}
+    wanted = list(variants) if variants else list(known)
+    unknown = [v for v in wanted if Variant.parse(v).name not in known]
+    if unknown:
+        raise IndexBuildError(f"variant(s) {', '.join(unknown)} not in {output}; it has {', '.join(known)}")
+    files = out.embedding_files(manifest)
+    built = {}
+    for name in wanted:
+        name = Variant.parse(name).name
+        built[name] = build_index(files, known[name], Path(out.path("indexes", safe_name(name) + ".faiss")), kind,
+                                  **options)
+    return built
