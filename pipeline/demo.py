@@ -13,8 +13,8 @@ from .report import best_variants, write_report
 
 # Every layer, the poolings that matter most for decoder models (max rarely wins and is skipped).
 DEMO_OPTIONS = dict(model="smollm2-135m", layers="all", poolings="last,mean,wmean,mean_nosink,wmean_nosink",
-                    max_length=256, dtype="float16")
-SCIFACT_SUBSET = dict(max_queries=100, max_docs=1000)  # a subset: scores are not comparable to published ones
+                    max_length=128, dtype="float16")
+SCIFACT_SUBSET = dict(max_queries=60, max_docs=400)  # a subset: scores are not comparable to published ones
 
 
 def run_demo(output: str | Path, *, quick: bool, data: Path) -> int:

@@ -556,7 +556,7 @@ def _run_ray(out: Output, manifest: dict, todo: list[Shard], summary: EmbedSumma
     ds = ds.map_batches(EmbedActor, batch_size=EMBED_BATCH_ROWS, batch_format="pyarrow",
                         compute=ActorPoolStrategy(size=n_actors), num_cpus=cpus, num_gpus=gpus or None,
                         fn_constructor_kwargs=dict(model_dir=model_dir, model_name=model_name, config=config,
-                                                   threads=threads, device="cuda" if gpus else "cpu"))
+                                                   threads=threads, device="auto"))
     ds = ds.map_batches(write_parts, batch_size=None, batch_format="pyarrow", num_cpus=0.5,
                         fn_kwargs=dict(output_url=out.url, run_id=run_id, keys=[s.key for s in todo],
                                        columns=variants, fmt=fmt))
