@@ -26,6 +26,15 @@ OUTPUT_DTYPES = {"float32": np.float32, "float16": np.float16}
 CHARS_PER_TOKEN_GUARD = 64
 
 
+def clean_text(text: str) -> str:
+    """Replace invalid surrogates (which tokenizers refuse) instead of failing the batch."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
 class _StopForward(Exception):
     pass
 
@@ -162,7 +171,7 @@ class Encoder:
         """Token ids per text (truncated at max_length) and a bool array: was it truncated."""
         limit = self.config.max_length * CHARS_PER_TOKEN_GUARD
         cut = np.array([len(t) > limit for t in texts], dtype=bool)
-        clipped = [t[:limit] if c else t for t, c in zip(texts, cut)]
+        clipped = [clean_text(t[:limit]) for t in texts]
         enc = self.tokenizer(clipped, truncation=True, max_length=self.config.max_length,
                              return_overflowing_tokens=True, return_attention_mask=False)
         mapping = enc.get("overflow_to_sample_mapping")

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import models
-from .encoder import CHARS_PER_TOKEN_GUARD, Encoder, EncoderConfig
+from .encoder import CHARS_PER_TOKEN_GUARD, Encoder, EncoderConfig, clean_text
 from .storage import STAGING, Output, read_part, redact, shard_key, write_part
 from .variants import make_variants
 
@@ -219,7 +219,7 @@ def read_and_tokenize(batch: pa.Table, *, fs, model_dir: str, text_column: str, 
         tok = _tokenizer(model_dir)
         limit = max_length * CHARS_PER_TOKEN_GUARD
         # invalid surrogates cannot be tokenised: replace them rather than fail the batch
-        clean = [texts[i].encode("utf-8", "replace").decode("utf-8")[:limit] for i in good]
+        clean = [clean_text(texts[i][:limit]) for i in good]
         enc = tok(clean, truncation=True, max_length=max_length, return_overflowing_tokens=True,
                   return_attention_mask=False)
         mapping = enc.get("overflow_to_sample_mapping") or list(range(len(good)))
@@ -373,6 +373,47 @@ class _Pending:
     @property
     def complete(self) -> bool:
         return bool(self.seen.all())
+
+
+class Committer:
+    """The driver's side of exactly-once: feeds metadata rows, commits each complete shard.
+
+    A shard commits when every one of its rows has been seen exactly once (a row seen twice
+    is an error, never a duplicate output); a shard whose read failed is recorded as failed
+    and never committed. Kept free of Ray so its logic can be tested on its own.
+    """
+
+    def __init__(self, out: Output, manifest: dict, todo: list[Shard], summary: EmbedSummary, run_id: str):
+        self.out, self.manifest, self.summary, self.run_id = out, manifest, summary, run_id
+        self.pending = {i: _Pending(s, np.zeros(s.rows, dtype=bool)) for i, s in enumerate(todo)}
+        self.rows_seen = 0
+
+    def feed(self, m: dict) -> None:
+        p = self.pending.get(m["shard"])
+        if p is None:
+            return  # that shard already failed
+        p.add(m)
+        self.rows_seen += len(m["rows"] or [])
+        self.summary.tokens += m["tokens"] or 0
+        self.summary.padded_tokens += m["padded"] or 0
+        if p.error:
+            msg = f"read failed: {p.error}"
+            self.summary.shards_failed[p.shard.rel] = msg
+            self.manifest.setdefault("failed", {})[p.shard.rel] = msg
+            del self.pending[m["shard"]]
+        elif p.complete:
+            _commit(self.out, self.manifest, p.shard, p, self.run_id)
+            self.summary.shards_embedded += 1
+            self.summary.rows += p.shard.rows
+            self.summary.rows_rejected += sum(p.reasons.values())
+            self.summary.truncated += p.truncated
+            del self.pending[m["shard"]]
+
+    def finish(self) -> None:
+        """After the stream ends: any shard still pending lost rows somewhere; say so."""
+        for p in self.pending.values():
+            missing = int((~p.seen).sum())
+            self.summary.shards_failed[p.shard.rel] = f"{missing} row(s) never came back from the pipeline"
 
 
 def job_signature(encoder_desc: dict, config: dict) -> dict:
@@ -560,38 +601,22 @@ def _run_ray(out: Output, manifest: dict, todo: list[Shard], summary: EmbedSumma
     ds = ds.map_batches(write_parts, batch_size=None, batch_format="pyarrow", num_cpus=0.5,
                         fn_kwargs=dict(output_url=out.url, run_id=run_id, keys=[s.key for s in todo],
                                        columns=variants, fmt=fmt))
-    pending = {i: _Pending(s, np.zeros(s.rows, dtype=bool)) for i, s in enumerate(todo)}
+    committer = Committer(out, manifest, todo, summary, run_id)
     total_rows = sum(s.rows for s in todo)
-    done_rows, last_print, first_batch, first_tokens = 0, 0.0, None, 0
+    last_print, first_batch, first_tokens = 0.0, None, 0
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for m in batch.to_pylist():
-                p = pending.get(m["shard"])
-                if p is None:
-                    continue  # shard already failed
-                p.add(m)
-                done_rows += len(m["rows"])
-                summary.tokens += m["tokens"] or 0
-                summary.padded_tokens += m["padded"] or 0
-                if p.error:
-                    summary.shards_failed[p.shard.rel] = f"read failed: {p.error}"
-                    manifest.setdefault("failed", {})[p.shard.rel] = f"read failed: {p.error}"
-                    del pending[m["shard"]]
-                elif p.complete:
-                    _commit(out, manifest, p.shard, p, run_id)
-                    summary.shards_embedded += 1
-                    summary.rows += p.shard.rows
-                    summary.rows_rejected += sum(p.reasons.values())
-                    summary.truncated += p.truncated
-                    del pending[m["shard"]]
+                committer.feed(m)
             now = time.perf_counter()
             if first_batch is None:  # steady state starts once the first batch is through
                 first_batch, first_tokens = now, summary.tokens
             if progress and now - last_print > 2.0:
                 last_print = now
                 rate = summary.tokens / (now - t_start)
-                print(f"\r[strata] {summary.shards_embedded}/{len(todo)} shards committed, {done_rows:,}/{total_rows:,} rows, "
-                      f"{rate:,.0f} tok/s", end="", file=sys.stderr, flush=True)
+                print(f"\r[strata] {summary.shards_embedded}/{len(todo)} shards committed, "
+                      f"{committer.rows_seen:,}/{total_rows:,} rows, {rate:,.0f} tok/s",
+                      end="", file=sys.stderr, flush=True)
     except Exception as e:
         if "ExecutionTimeoutError" in type(e).__name__ or "no progress" in str(e).lower():
             raise EmbedError(f"the pipeline made no progress for {stall_timeout_s:.0f}s and was stopped "
@@ -601,9 +626,7 @@ def _run_ray(out: Output, manifest: dict, todo: list[Shard], summary: EmbedSumma
     finally:
         if progress and last_print:
             print(file=sys.stderr)
-    for p in pending.values():
-        missing = int((~p.seen).sum())
-        summary.shards_failed[p.shard.rel] = f"{missing} row(s) never came back from the pipeline"
+    committer.finish()
     end = time.perf_counter()
     if first_batch is not None and end > first_batch and summary.tokens > first_tokens:
         summary.steady_seconds = (end - first_batch) * summary.tokens / (summary.tokens - first_tokens)

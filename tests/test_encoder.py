@@ -124,6 +124,8 @@ def test_smollm2_truncation_counted(smollm2_encoder):
     long = "word " * 2000
     ids, truncated = smollm2_encoder.tokenize([long, "short text"])
     assert len(ids[0]) == smollm2_encoder.config.max_length and truncated.tolist() == [True, False]
+    res = smollm2_encoder.encode(["bad \ud800 surrogate", "ok"])  # replaced, not a crash
+    assert res.stats.rows == 2
     with pytest.raises(ValueError, match="text 1 is empty"):
         smollm2_encoder.encode(["fine", "   "])
 

@@ -97,17 +97,26 @@ def test_multi_node_cluster_with_gpu_node_and_node_loss(model_dir, shards, tmp_p
         assert (n, gpus) == (1, 1.0)  # one actor per GPU
         removed = []
 
-        def remove_worker():
-            time.sleep(8)
-            cluster.remove_node(worker, allow_graceful=False)
-            removed.append(True)
+        def remove_worker():  # once the first shard is committed, while the rest are in flight
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                try:
+                    committed = len(json.loads((tmp_path / "out" / "manifest.json").read_text())["shards"])
+                except (OSError, ValueError, KeyError):
+                    committed = 0
+                if committed:
+                    cluster.remove_node(worker, allow_graceful=False)
+                    removed.append(committed)
+                    return
+                time.sleep(0.05)
 
         t = threading.Thread(target=remove_worker)
         t.start()
         summary = embed(str(shards[0]), str(tmp_path / "out"), model=model_dir, unit_rows=50,
                         actors=None, gpus_per_actor=1, **OPTS)
         t.join()
-        assert removed and summary.rows == len(shards[1]) and not summary.shards_failed
+        assert removed and removed[0] < 6, "the node was not removed mid-run"
+        assert summary.rows == len(shards[1]) and not summary.shards_failed
         _exactly_once(tmp_path / "out", shards[1])
     finally:
         ray.shutdown()

@@ -162,7 +162,7 @@ def test_changed_settings_refused_without_force(ray_local, model_dir, corpus, tm
 
 def test_rejected_rows_recorded_never_dropped(ray_local, model_dir, tmp_path):
     (tmp_path / "in").mkdir()
-    texts = ["fine text", None, "", "   ", "ok\x00with control\x07chars", "x" * 200_000, "last one"]
+    texts = ["fine text", None, "", "   ", "ok\x00with control\x07chars", "word " * 1_000_000, "last one"]  # a 5 MB document
     pq.write_table(pa.table({"id": [f"r{i}" for i in range(len(texts))], "text": texts}), tmp_path / "in" / "a.parquet")
     summary = embed(str(tmp_path / "in"), str(tmp_path / "out"), model=model_dir, max_length=64, **OPTS)
     assert summary.rows == 7 and summary.rows_rejected == 3 and summary.truncated == 1

@@ -1,0 +1,67 @@
+"""Untrusted models and careless configs: no remote code, no pickles, no leaked secrets, no escapes."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import models
+from pipeline.runner import embed, list_shards
+from pipeline.storage import redact, safe_name, shard_key
+
+
+@pytest.mark.parametrize("url, secret", [
+    ("s3://AKIAEXAMPLE:s3cr3tKey@bucket/corpus/", "s3cr3tKey"),
+    ("https://host/data.parquet?X-Amz-Signature=deadbeef&part=1", "deadbeef"),
+    ("gs://bucket/x?access_token=ya29.tok", "ya29.tok"),
+    ("https://user:hunter2@host/path", "hunter2"),
+])
+def test_redact_removes_credentials(url, secret):
+    clean = redact(url)
+    assert secret not in clean and "***" in clean
+
+
+def test_redact_keeps_harmless_urls():
+    assert redact("s3://bucket/corpus/part-1.parquet") == "s3://bucket/corpus/part-1.parquet"
+    assert redact("/local/path/x.parquet") == "/local/path/x.parquet"
+
+
+def test_errors_do_not_leak_credentials(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        list_shards(f"file://{tmp_path}/missing?token=SUPERSECRET")
+    assert "SUPERSECRET" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/abs/path", "a/../../b", "..", "L15.mean/../../x", "\x00evil"])
+def test_names_cannot_escape_a_directory(name):
+    for safe in (safe_name(name), shard_key(name)):
+        assert "/" not in safe and "\x00" not in safe and safe not in ("", ".", "..") and not safe.startswith(".")
+
+
+def test_remote_code_never_runs_without_opt_in(tmp_path):
+    marker = tmp_path / "code-ran"
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "strata_evil", "auto_map": {
+        "AutoConfig": "modeling_evil.EvilConfig", "AutoModel": "modeling_evil.EvilModel"}}))
+    (d / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        models.load(str(d))
+    assert not marker.exists()
+
+
+def test_output_not_writable_fails_before_work(tmp_path):
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"text": ["x"]}), tmp_path / "in" / "a.parquet")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(PermissionError, match="not writable"):
+        embed(str(tmp_path / "in"), str(blocker / "out"), model="all-minilm-l6-v2", progress=False)
+
+
+def test_unknown_model_named_before_any_work(tmp_path):
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"text": ["x"]}), tmp_path / "in" / "a.parquet")
+    with pytest.raises(models.ModelError, match="unknown model 'no-such-model'"):
+        embed(str(tmp_path / "in"), str(tmp_path / "out"), model="no-such-model", progress=False)
