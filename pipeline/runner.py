@@ -74,6 +74,7 @@ class EmbedSummary:
     tokens: int = 0
     padded_tokens: int = 0
     truncated: int = 0
+    duplicate_ids: int = 0
     seconds: float = 0.0
     startup_seconds: float = 0.0
     steady_seconds: float = 0.0
@@ -103,7 +104,7 @@ class EmbedSummary:
                 f"{self.rows:,} rows ({self.rows_rejected:,} rejected), {self.tokens:,} tokens in {self.seconds:.1f}s "
                 f"= {self.tokens_per_second:,.0f} tok/s (steady {self.steady_tokens_per_second:,.0f}, "
                 f"Ray start-up {self.startup_seconds:.1f}s), padding efficiency {self.padding_efficiency:.2f}, "
-                f"{self.truncated:,} truncated")
+                f"{self.truncated:,} truncated" + (f", {self.duplicate_ids:,} DUPLICATE ids" if self.duplicate_ids else ""))
 
 
 # ---------------------------------------------------------------------------- input
@@ -532,6 +533,12 @@ def embed(input: str, output: str, *, model: str | None = None, layers="-1", poo
                  text_column=text_column, id_column=id_column, actors=actors, gpus_per_actor=gpus_per_actor,
                  ray_address=ray_address, fmt=output_format, progress=progress, stall_timeout_s=stall_timeout_s,
                  fs=fs, unit_rows=unit_rows, t_start=t_start)
+    if id_column:
+        summary.duplicate_ids, examples = _duplicate_ids(out, manifest)
+        manifest["duplicate_ids"] = {"count": summary.duplicate_ids, "examples": examples}
+        if summary.duplicate_ids:
+            log.warning("%d duplicate id(s) in column %r (e.g. %s): every row is kept and embedded",
+                        summary.duplicate_ids, id_column, ", ".join(examples))
     summary.seconds = time.perf_counter() - t_start
     manifest["last_run"] = summary.as_dict()
     out.write_manifest(manifest)
@@ -540,6 +547,20 @@ def embed(input: str, output: str, *, model: str | None = None, layers="-1", poo
         raise EmbedError(f"{len(summary.shards_failed)} shard(s) failed, the others are committed "
                          f"(re-run to retry): {lines}")
     return summary
+
+
+def _duplicate_ids(out: Output, manifest: dict) -> tuple[int, list[str]]:
+    """Rows whose id appears more than once across all committed shards (ids column only)."""
+    import pyarrow.compute as pc
+
+    files = out.embedding_files(manifest)
+    if not files:
+        return 0, []
+    ids = pa.chunked_array([read_part(out.fs, f, ["id"]).column("id") for f in files])
+    counts = pc.value_counts(ids).flatten()
+    dup = pc.filter(counts[0], pc.greater(counts[1], 1))
+    extra = int(pc.sum(pc.subtract(pc.filter(counts[1], pc.greater(counts[1], 1)), 1)).as_py() or 0)
+    return extra, [str(x) for x in dup[:5].to_pylist()]
 
 
 def _commit(out: Output, manifest: dict, shard: Shard, p: _Pending, run_id: str | None) -> None:

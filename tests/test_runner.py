@@ -240,3 +240,14 @@ def test_driver_killed_then_rerun_is_exactly_once(model_dir, corpus, tmp_path):
     assert f"{8 - committed} shards embedded, {committed} skipped" in done.stdout
     got = read_embeddings(str(tmp_path / "out"), ["id"]).column("id").to_pylist()
     assert sorted(got) == sorted(ids) and len(got) == len(ids)
+
+
+def test_duplicate_ids_reported_rows_kept(ray_local, model_dir, tmp_path):
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": ["a", "b", "a"], "text": ["one", "two", "three"]}), tmp_path / "in" / "x.parquet")
+    pq.write_table(pa.table({"id": ["b", "c"], "text": ["four", "five"]}), tmp_path / "in" / "y.parquet")
+    summary = embed(str(tmp_path / "in"), str(tmp_path / "out"), model=model_dir, **OPTS)
+    assert summary.rows == 5 and summary.duplicate_ids == 2
+    dup = manifest(tmp_path / "out")["duplicate_ids"]
+    assert dup["count"] == 2 and sorted(dup["examples"]) == ["a", "b"]
+    assert sorted(read_embeddings(str(tmp_path / "out"), ["id"]).column("id").to_pylist()) == ["a", "a", "b", "b", "c"]
