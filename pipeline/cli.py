@@ -178,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=os.environ.get("STRATA_DATA", str(DEFAULT_DATA)),
                    help="evaluation data folder with stsb/ and scifact/ (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
+
+    from .jobs import add_run_arguments, cmd_run
+
+    p = sub.add_parser("run", help="run a job spec (jobs/*.yaml): embed -> index -> evaluate -> report, versioned",
+                       description="Run a job spec; --dry-run prints the plan and writes nothing. Relative paths in "
+                                   "the spec resolve against the current directory.")
+    add_run_arguments(p)
+    p.set_defaults(func=cmd_run)
     return parser
 
 

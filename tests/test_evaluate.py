@@ -20,7 +20,7 @@ MINILM = dict(model="all-minilm-l6-v2", layers="-1", poolings="mean", max_length
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, logging_level="ERROR")
     yield ray
     ray.shutdown()
 

@@ -61,7 +61,7 @@ def _exactly_once(out, ids):
 def test_embedding_actor_killed_mid_run(model_dir, shards, tmp_path):
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, logging_level="ERROR")
     try:
         stop, killed = threading.Event(), []
         killer = threading.Thread(target=_kill_first_actor, args=(stop, killed))

@@ -25,7 +25,7 @@ OPTS = dict(layers="1,-1", poolings="mean,last,wmean_nosink", id_column="id", pr
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, logging_level="ERROR")
     yield ray
     ray.shutdown()
 
