@@ -35,6 +35,30 @@ def clean_text(text: str) -> str:
         return text.encode("utf-8", "replace").decode("utf-8")
 
 
+def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], np.ndarray]:
+    """Token ids per text, truncated at ``max_length``, and whether each text was truncated.
+
+    Texts longer than ``max_length * CHARS_PER_TOKEN_GUARD`` characters are cut first (and
+    counted as truncated), so a giant document costs bounded memory.
+    """
+    limit = max_length * CHARS_PER_TOKEN_GUARD
+    cut = np.array([len(t) > limit for t in texts], dtype=bool)
+    clipped = [clean_text(t[:limit]) for t in texts]
+    enc = tokenizer(clipped, truncation=True, max_length=max_length, return_overflowing_tokens=True,
+                    return_attention_mask=False)
+    mapping = enc.get("overflow_to_sample_mapping")
+    if mapping is None:  # slow tokenizers: no overflow information
+        return [list(x) for x in enc["input_ids"]], cut
+    ids: list[list[int] | None] = [None] * len(texts)
+    truncated = cut.copy()
+    for chunk, row in zip(enc["input_ids"], mapping):
+        if ids[row] is None:
+            ids[row] = list(chunk)
+        else:
+            truncated[row] = True  # a second chunk: the text did not fit
+    return ids, truncated
+
+
 class _StopForward(Exception):
     pass
 
@@ -169,23 +193,7 @@ class Encoder:
     # ---------------------------------------------------------------- tokenising
     def tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], np.ndarray]:
         """Token ids per text (truncated at max_length) and a bool array: was it truncated."""
-        limit = self.config.max_length * CHARS_PER_TOKEN_GUARD
-        cut = np.array([len(t) > limit for t in texts], dtype=bool)
-        clipped = [clean_text(t[:limit]) for t in texts]
-        enc = self.tokenizer(clipped, truncation=True, max_length=self.config.max_length,
-                             return_overflowing_tokens=True, return_attention_mask=False)
-        mapping = enc.get("overflow_to_sample_mapping")
-        if mapping is None:  # slow tokenizers: no overflow information
-            ids = [list(x) for x in enc["input_ids"]]
-            return ids, cut
-        ids: list[list[int] | None] = [None] * len(texts)
-        truncated = cut.copy()
-        for chunk, row in zip(enc["input_ids"], mapping):
-            if ids[row] is None:
-                ids[row] = list(chunk)
-            else:
-                truncated[row] = True
-        return ids, truncated
+        return tokenize(self.tokenizer, texts, self.config.max_length)
 
     # ---------------------------------------------------------------- forward
     @torch.inference_mode()

@@ -30,10 +30,14 @@ def text_id(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:24]
 
 
-def stage_texts(out_dir: Path, name: str, texts: list[str]) -> list[str]:
-    """Write unique texts as ``inputs/{name}.parquet`` unless the same texts are there already."""
-    ids = [text_id(t) for t in texts]
-    unique = dict(zip(ids, texts))
+def stage_texts(out_dir: Path, name: str, *parts: list[str]) -> list[list[str]]:
+    """Write the unique texts of ``parts`` as ``inputs/{name}.parquet`` (unless already there).
+
+    Returns the text ids of each part, in order. One shard per dataset, so a text shared by
+    two parts (an STS sentence on both sides, say) is embedded once.
+    """
+    ids = [[text_id(t) for t in texts] for texts in parts]
+    unique = {i: t for part_ids, texts in zip(ids, parts) for i, t in zip(part_ids, texts)}
     table = pa.table({"id": list(unique), "text": list(unique.values())})
     path = out_dir / "inputs" / f"{safe_name(name)}.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,8 +82,7 @@ def eval_sts(data: StsData | str | Path, out_dir: str | Path, **embed_options) -
     """Spearman and Pearson (x100) of cosine similarity vs gold, for every variant."""
     out_dir = Path(out_dir)
     data = data if isinstance(data, StsData) else load_sts(data)
-    ids1 = stage_texts(out_dir, f"{data.name}-{data.split}-s1", data.sentence1)
-    ids2 = stage_texts(out_dir, f"{data.name}-{data.split}-s2", data.sentence2)
+    ids1, ids2 = stage_texts(out_dir, f"{data.name}-{data.split}", data.sentence1, data.sentence2)
     vectors, _ = embed_staged(out_dir, embed_options)
     rows = []
     for variant in vectors:
@@ -96,8 +99,7 @@ def eval_retrieval(data: BeirData | str | Path, out_dir: str | Path, *, split: s
     data = data if isinstance(data, BeirData) else load_beir(data, split=split)
     if max_queries or max_docs:
         data = data.subset(max_queries or len(data.query_ids), max_docs)
-    doc_ids = stage_texts(out_dir, f"{data.name}-{data.split}-corpus", data.doc_texts)
-    q_ids = stage_texts(out_dir, f"{data.name}-{data.split}-queries", data.query_texts)
+    doc_ids, q_ids = stage_texts(out_dir, f"{data.name}-{data.split}", data.doc_texts, data.query_texts)
     vectors, _ = embed_staged(out_dir, embed_options)
     rows = []
     for variant in vectors:

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import models
-from .encoder import CHARS_PER_TOKEN_GUARD, Encoder, EncoderConfig, clean_text
+from .encoder import Encoder, EncoderConfig, tokenize
 from .storage import STAGING, Output, read_part, redact, shard_key, write_part
 from .variants import make_variants
 
@@ -217,21 +217,9 @@ def read_and_tokenize(batch: pa.Table, *, fs, model_dir: str, text_column: str, 
     token_ids: list[list[int] | None] = [None] * n
     truncated = np.zeros(n, dtype=bool)
     if good:
-        tok = _tokenizer(model_dir)
-        limit = max_length * CHARS_PER_TOKEN_GUARD
-        # invalid surrogates cannot be tokenised: replace them rather than fail the batch
-        clean = [clean_text(texts[i][:limit]) for i in good]
-        enc = tok(clean, truncation=True, max_length=max_length, return_overflowing_tokens=True,
-                  return_attention_mask=False)
-        mapping = enc.get("overflow_to_sample_mapping") or list(range(len(good)))
-        for chunk, j in zip(enc["input_ids"], mapping):
-            i = good[j]
-            if token_ids[i] is None:
-                token_ids[i] = list(chunk)
-            else:
-                truncated[i] = True
+        ids_good, trunc_good = tokenize(_tokenizer(model_dir), [texts[i] for i in good], max_length)
         for j, i in enumerate(good):
-            truncated[i] |= len(texts[i]) > limit
+            token_ids[i], truncated[i] = ids_good[j], trunc_good[j]
             if not token_ids[i]:
                 token_ids[i], reasons[i] = None, "no tokens"
     table = pa.table({

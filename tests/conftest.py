@@ -26,3 +26,22 @@ def smollm2_encoder():
 
     return Encoder.load("smollm2-135m", layers="0,1,10,15,29,30",
                         poolings="last,first,mean,wmean,max,mean_nosink,wmean_nosink", batch_tokens=512)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A private local Ray (2 CPUs) shared by one test module."""
+    import ray
+
+    # address="local": a private instance even while another Ray (another test run) is up on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random 4-layer LLaMA saved with SmolLM2's tokenizer: a real model directory, fast."""
+    from reference import save_tiny_model_dir
+
+    return save_tiny_model_dir(tmp_path_factory.mktemp("model") / "tiny")

@@ -10,19 +10,11 @@ from pipeline.cli import main
 from pipeline.evaluate import eval_retrieval, eval_sts
 from pipeline.index import load_index
 from pipeline.runner import read_embeddings
-from reference import save_tiny_model_dir
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MINILM = dict(model="all-minilm-l6-v2", layers="-1", poolings="mean", max_length=256, progress=False)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, logging_level="ERROR")
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +46,8 @@ def test_scifact_anchor(ray_local, minilm_dir):
     assert all(set(r) == {"task", "dataset", "split", "metric", "layer", "pooling", "score"} for r in results)
 
 
-def test_cli_eval_index_report_round_trip(ray_local, tmp_path, capsys):
-    model = save_tiny_model_dir(tmp_path / "tiny")
+def test_cli_eval_index_report_round_trip(ray_local, model_dir, tmp_path, capsys):
+    model = model_dir
     pairs = tmp_path / "pairs.jsonl"
     rng = np.random.default_rng(0)
     words = "cat dog bird fish tree house river stone cloud light".split()

@@ -15,15 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.runner import embed, read_embeddings
-from reference import save_tiny_model_dir
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 OPTS = dict(layers="1,-1", poolings="mean,last", id_column="id", progress=False)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model_dir(tmp_path_factory.mktemp("model") / "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -14,25 +14,13 @@ import pytest
 from pipeline.index import load_index
 from pipeline.jobs import JobSpecError, add_run_arguments, cmd_run, load_spec, read_latest, run_job
 from pipeline.runner import read_embeddings
-from reference import save_tiny_model_dir
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VARIANTS = ["L1.mean", "L1.last", "L4.mean", "L4.last"]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    # address="local": a private instance even while another Ray (another test run) is up on this machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, logging_level="ERROR")
-    yield ray
-    ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model_dir(tmp_path_factory.mktemp("model") / "tiny")  # 4 layers
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +174,7 @@ def test_changed_variants_write_a_new_version_and_leave_the_old_one_intact(ray_l
     assert new["version"] != old["version"] and new["new_version"]
     assert new["previous_latest"] == old["version"]
     assert read_latest(str(tmp_path / "out" / "tiny"))["version"] == new["version"]
-    assert not [p for p in (tmp_path / "out" / "tiny").iterdir() if p.name.startswith(f"LATEST.tmp")]
+    assert not [p for p in (tmp_path / "out" / "tiny").iterdir() if p.name.startswith("LATEST.tmp")]
     # the old version is untouched and still complete and readable
     assert tree(old_dir) == snapshot
     t = read_embeddings(str(old_dir))

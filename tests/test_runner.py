@@ -15,24 +15,13 @@ import pytest
 
 from pipeline import Encoder
 from pipeline.runner import EmbedError, embed, read_embeddings
-from reference import save_tiny_model_dir
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 OPTS = dict(layers="1,-1", poolings="mean,last,wmean_nosink", id_column="id", progress=False)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, logging_level="ERROR")
-    yield ray
-    ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model_dir(tmp_path_factory.mktemp("model") / "tiny")
 
 
 @pytest.fixture(scope="module")
