@@ -179,6 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluation data folder with stsb/ and scifact/ (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
 
+    from .bench import add_arguments as add_bench_arguments, run as cmd_bench
+
+    p = sub.add_parser("bench", help="throughput: naive per-variant passes vs one HF pass vs Strata vs Strata on Ray",
+                       description="Measures every mode in one run on the same data; writes JSON and a Markdown table "
+                                   "(BENCHMARKS.md for the default run).")
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
+
     from .jobs import add_run_arguments, cmd_run
 
     p = sub.add_parser("run", help="run a job spec (jobs/*.yaml): embed -> index -> evaluate -> report, versioned",

@@ -23,3 +23,12 @@ def test_sorted_batches_pad_little():
     batches = plan_batches(lengths, batch_tokens=8192, max_rows=256)
     eff = padding_efficiency(int(lengths.sum()), sum(b.padded_tokens for b in batches))
     assert eff > 0.95
+
+
+def test_short_rows_are_not_padded_to_a_long_one():
+    """A small mixed input: one long abstract must not make ten short sentences pad to its length."""
+    lengths = [491] + [10] * 10
+    batches = plan_batches(lengths, batch_tokens=16384, max_rows=256)
+    assert [len(b.indices) for b in batches] == [1, 10]
+    eff = padding_efficiency(sum(lengths), sum(b.padded_tokens for b in batches))
+    assert eff == 1.0

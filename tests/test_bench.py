@@ -1,0 +1,97 @@
+"""The benchmark compares like with like: every mode embeds the same texts to the same vectors.
+
+A tiny real run (8 texts, 2 variants, max length 32) through the actual per-mode subprocesses.
+"""
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from pipeline import bench
+
+TINY = ["--quick", "--docs", "2", "--sentences", "6", "--max-length", "32", "--layers", "4",
+        "--layers-full", "none", "--poolings", "last,mean_nosink"]
+VARIANTS = {"L4.last", "L4.mean_nosink"}
+
+
+def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float((np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)).max())
+
+
+def _run(tmp_path, *extra):
+    out = tmp_path / "bench.json"
+    rc = bench.main(TINY + ["--out", str(out), "--save-embeddings", str(tmp_path / "emb"), *extra])
+    report = json.loads(out.read_text())
+    return rc, report, (tmp_path / "bench.md").read_text()
+
+
+def _check_same_embeddings(tmp_path, modes):
+    saved = {m: np.load(tmp_path / "emb" / f"truncated-{m}.npz") for m in modes}
+    ref = saved[modes[0]]
+    assert set(ref.files) == VARIANTS
+    for mode in modes[1:]:
+        assert set(saved[mode].files) == VARIANTS, mode
+        for name in VARIANTS:
+            assert saved[mode][name].shape == ref[name].shape == (8, 576)
+            assert _rel_err(saved[mode][name], ref[name]) <= 1e-4, (mode, name)
+
+
+@pytest.mark.slow
+def test_every_mode_reports_throughput_and_the_same_embeddings(tmp_path):
+    modes = ["hf-single-pass", "naive", "strata-encoder"]
+    rc, report, md = _run(tmp_path, "--modes", ",".join(modes), "--mode-budget", "120")
+    assert rc == 0
+    (grid,) = report["grids"]
+    assert grid["layers"] == [4] and grid["n_variants"] == 2 and grid["reference"] == "hf-single-pass"
+    for mode in modes:
+        r = grid["modes"][mode]
+        assert r["status"] == "ok", r
+        assert r["tokens_per_second"] > 0 and r["rows_per_second"] > 0 and r["rows"] == 8
+        assert r["tokens"] == grid["modes"]["hf-single-pass"]["tokens"]  # same texts, same tokenisation
+        assert 0 < r["padding_efficiency"] <= 1 and r["peak_rss_bytes"] > 0
+        assert r["matches_reference"] and r["max_rel_err"] <= 1e-4
+        assert mode in md
+    assert grid["modes"]["naive"]["passes"] == 2 and not grid["modes"]["naive"]["extrapolated"]
+    assert grid["modes"]["strata-encoder"]["depth_run"] == 4 < grid["modes"]["naive"]["depth_run"] == 30
+    assert grid["ratios"]["encoder/naive"] > 0 and report["hardware"]["peak_flops_per_second"] > 0
+    assert report["versions"]["torch"] and report["machine"]["cpu"]
+    _check_same_embeddings(tmp_path, modes)  # independently of the benchmark's own comparison
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("pipeline.runner") is None, reason="pipeline.runner not written yet")
+def test_ray_mode_embeds_the_same_as_the_encoder(tmp_path):
+    modes = ["strata-encoder", "strata-ray"]
+    rc, report, _ = _run(tmp_path, "--modes", ",".join(modes), "--no-hardware", "--no-memory-scaling")
+    assert rc == 0
+    ray = report["grids"][0]["modes"]["strata-ray"]
+    assert ray["status"] == "ok" and ray["tokens_per_second"] > 0 and ray["rows"] == 8
+    assert ray["tokens"] == report["grids"][0]["modes"]["strata-encoder"]["tokens"]
+    assert report["grids"][0]["ratios"]["ray/encoder"] > 0
+    _check_same_embeddings(tmp_path, modes)
+
+
+def test_naive_cost_of_unmeasured_passes_is_the_median_pass():
+    # a grid B that borrows grid A's naive timing scales it by its own variant count
+    res = {"status": "ok", "tokens": 1000, "seconds": 240.0, "passes": 24, "seconds_per_pass": 10.0}
+    assert bench._borrowed_tps("naive", res, 12) == pytest.approx(1000 / 120.0)
+    assert bench._keep_going([], budget=1.0, wanted=3)  # the first run always happens
+    assert not bench._keep_going([0.8], budget=1.0, wanted=3)  # a second would blow the budget
+    assert not bench._keep_going([0.1, 0.1, 0.1], budget=10.0, wanted=3)
+
+
+def test_flops_count_padding_and_depth():
+    # 2 rows padded to 4 tokens through 3 blocks of 10 parameters, hidden 2
+    assert bench.pass_flops(10, 2, 3, [(2, 4)]) == 2 * 10 * 3 * 8 + 4 * 3 * 4 * 2 * 8
+    assert bench.useful_flops(10, 2, 3, [4, 1]) == (2 * 10 * 3 * 4 + 4 * 3 * 4 * 2 * 4) + (2 * 10 * 3 + 4 * 3 * 2)
+
+
+def test_data_mix_is_deterministic_and_mixed():
+    texts, kinds = bench.load_texts(bench.default_data_dir(), 3, 9, seed=0)
+    again, _ = bench.load_texts(bench.default_data_dir(), 3, 9, seed=0)
+    assert texts == again and len(texts) == 12 and kinds.count("doc") == 3
+    assert all(t.strip() for t in texts) and len(set(texts)) == 12
+    assert kinds != sorted(kinds)  # shuffled together, not docs first
