@@ -28,6 +28,11 @@ def _embed_stage_batch(shard: int, rel: str, rows: list[int]) -> pa.Table:
     })
 
 
+def _in_order(strategy):
+    """Marker draw for a plain run: no extra cuts, no retried tasks, parts in order."""
+    raise AssertionError("never drawn from")
+
+
 def _run(out: Output, shards: list[Shard], draw_order, crash_after: int | None) -> None:
     manifest = out.read_manifest() or {"variants": [{"name": "L1.mean", "column": COLUMN}], "shards": []}
     out.sweep(manifest)
@@ -37,16 +42,17 @@ def _run(out: Output, shards: list[Shard], draw_order, crash_after: int | None) 
     metas = []
     for i, s in enumerate(todo):
         rows = list(range(s.rows))
-        cuts = sorted(set(draw_order(st.lists(st.integers(1, max(1, s.rows - 1)), max_size=3))))
+        cuts = [] if draw_order is _in_order else sorted(set(draw_order(st.lists(st.integers(1, max(1, s.rows - 1)), max_size=3))))
         for part in np.split(np.array(rows), cuts):
             if len(part):
                 batch = _embed_stage_batch(i, s.rel, part.tolist())
-                if draw_order(st.booleans()):  # a retried task: its first attempt's part is an orphan
+                if draw_order is not _in_order and draw_order(st.booleans()):  # a retried task: its first attempt's part is an orphan
                     write_parts(batch, output_url=out.url, run_id=run_id, keys=[t.key for t in todo],
                                 columns=[COLUMN], fmt="parquet")
                 metas += write_parts(batch, output_url=out.url, run_id=run_id, keys=[t.key for t in todo],
                                      columns=[COLUMN], fmt="parquet").to_pylist()
-    for k in draw_order(st.permutations(range(len(metas)))):
+    order = draw_order(st.permutations(range(len(metas)))) if draw_order is not _in_order else range(len(metas))
+    for k in order:
         if crash_after is not None and crash_after == 0:
             return  # the driver dies here: nothing after this point happens
         committer.feed(metas[k])
@@ -75,3 +81,33 @@ def test_any_interleaving_and_crashes_end_exactly_once(sizes, crashes, data):
         manifest = out.read_manifest()
         assert sorted(s["rel"] for s in manifest["shards"]) == sorted(s.rel for s in shards)
         assert sum(s["rows_written"] for s in manifest["shards"]) == sum(sizes)
+
+
+def test_a_write_that_fails_halfway_is_never_visible(tmp_path, monkeypatch):
+    """The part is written aside and renamed only when complete: a failure leaves no part file."""
+    import pyarrow.parquet as pq
+
+    from pipeline import storage
+
+    def half_then_fail(table, where, **kw):
+        where.write(b"PAR1" + b"\0" * 100)
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(storage.pq, "write_table", half_then_fail)
+    out = Output(str(tmp_path / "out"))
+    batch = _embed_stage_batch(0, "s0.parquet", [0, 1, 2])
+    try:
+        write_parts(batch, output_url=out.url, run_id="r1", keys=["s0"], columns=[COLUMN], fmt="parquet")
+    except OSError:
+        pass
+    else:
+        raise AssertionError("the injected failure did not surface")
+    staged = list((tmp_path / "out" / "_staging" / "r1" / "s0").iterdir())
+    assert staged and all(".tmp-" in p.name for p in staged)  # only the aside copy, never a part name
+    monkeypatch.undo()
+    # the next run sweeps it and commits the shard in full
+    shard = Shard("/in/s0.parquet", "s0.parquet", "fp", rows=3, row_groups=[3])
+    _run(out, [shard], _in_order, None)
+    assert sorted(out.read_table().column("id").to_pylist()) == [f"s0.parquet#{r}" for r in range(3)]
+    assert not list((tmp_path / "out").rglob("*.tmp-*"))  # swept
+    assert pq.read_table(out.embedding_files()[0]).num_rows == 3

@@ -65,3 +65,22 @@ def test_unknown_model_named_before_any_work(tmp_path):
     pq.write_table(pa.table({"text": ["x"]}), tmp_path / "in" / "a.parquet")
     with pytest.raises(models.ModelError, match="unknown model 'no-such-model'"):
         embed(str(tmp_path / "in"), str(tmp_path / "out"), model="no-such-model", progress=False)
+
+
+def test_bad_variant_specs_fail_before_any_work(tmp_path):
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"text": ["x"]}), tmp_path / "in" / "a.parquet")
+    from pipeline.variants import SpecError
+
+    with pytest.raises(SpecError, match="out of range"):
+        embed(str(tmp_path / "in"), str(tmp_path / "out"), model="all-minilm-l6-v2", layers="7", progress=False)
+    with pytest.raises(SpecError, match="unknown pooling 'avg'"):
+        embed(str(tmp_path / "in"), str(tmp_path / "out"), model="all-minilm-l6-v2", poolings="avg", progress=False)
+    assert not (tmp_path / "out" / "embeddings").exists()
+
+
+def test_missing_id_column_lists_available_columns(tmp_path):
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"doc": ["a"], "text": ["x"]}), tmp_path / "in" / "a.parquet")
+    with pytest.raises(ValueError, match="id column 'id' not found.*available columns: doc, text"):
+        embed(str(tmp_path / "in"), str(tmp_path / "out"), model="all-minilm-l6-v2", id_column="id", progress=False)
