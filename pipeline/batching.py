@@ -21,7 +21,7 @@ class Batch:
 
 
 def plan_batches(lengths: Sequence[int], *, batch_tokens: int, max_rows: int, pad_multiple: int = 1,
-                 min_fill: float = 0.5) -> list[Batch]:
+                 min_fill: float = 0.8) -> list[Batch]:
     """Greedy packing of length-sorted rows so that rows x padded length <= batch_tokens.
 
     A single row longer than the budget still gets a batch of its own. Rows are sorted by
