@@ -18,7 +18,7 @@ demo: setup
 	$(VENV)/bin/strata demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
 
 bench: setup
 	$(VENV)/bin/strata bench

@@ -33,11 +33,22 @@ def shards(tmp_path_factory):
     return d, [r["_id"] for r in rows]
 
 
-def _kill_first_actor(stop: threading.Event, killed: list):
+def _own_raylets(session_dir: str) -> set[int]:
+    """The raylet processes of this test's Ray session (never another Ray on the machine)."""
+    pids = set()
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "raylet" in cmd and session_dir in cmd:
+            pids.add(p.pid)
+    return pids
+
+
+def _kill_first_actor(session_dir: str, stop: threading.Event, killed: list):
+    raylets = _own_raylets(session_dir)
     while not stop.is_set() and not killed:
-        for p in psutil.process_iter(["cmdline"]):
+        for p in psutil.process_iter(["cmdline", "ppid"]):
             cmd = " ".join(p.info["cmdline"] or [])
-            if "EmbedActor" in cmd and "ray::" in cmd:
+            if "EmbedActor" in cmd and p.info["ppid"] in raylets:
                 time.sleep(1.0)  # let it take work first
                 try:
                     p.kill()
@@ -60,7 +71,8 @@ def test_embedding_actor_killed_mid_run(model_dir, shards, tmp_path):
     ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, logging_level="ERROR")
     try:
         stop, killed = threading.Event(), []
-        killer = threading.Thread(target=_kill_first_actor, args=(stop, killed))
+        session_dir = ray._private.worker._global_node.get_session_dir_path()
+        killer = threading.Thread(target=_kill_first_actor, args=(session_dir, stop, killed))
         killer.start()
         try:
             summary = embed(str(shards[0]), str(tmp_path / "out"), model=model_dir, unit_rows=50, **OPTS)
