@@ -590,6 +590,8 @@ def _run_ray(out: Output, manifest: dict, todo: list[Shard], summary: EmbedSumma
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Ray's high-memory notice repeats every 30 s for any model-sized actor: noise, not news.
+    ctx.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
     n_actors, cpus, gpus, threads = _resources(ray, actors, gpus_per_actor)
     summary.startup_seconds = time.perf_counter() - t0
     log.info("embedding %d shards with %d actor(s) (%.1f CPU, %.1f GPU each)", len(todo), n_actors, cpus, gpus)
