@@ -639,7 +639,9 @@ def _run_ray(out: Output, manifest: dict, todo: list[Shard], summary: EmbedSumma
             print(file=sys.stderr)
     committer.finish()
     end = time.perf_counter()
-    if first_batch is not None and end > first_batch and summary.tokens > first_tokens:
+    # Steady state: the rate after the first output. Only meaningful when outputs streamed
+    # over most of the run; when they arrive in a burst at the end it is left at 0 (unknown).
+    if first_batch is not None and summary.tokens > first_tokens and end - first_batch >= 0.5 * (end - t0):
         summary.steady_seconds = (end - first_batch) * summary.tokens / (summary.tokens - first_tokens)
     out.remove(STAGING)
 
