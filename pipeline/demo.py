@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .evaldata import load_sts
 from .evaluate import eval_retrieval, eval_sts
 from .report import best_variants, write_report
 
@@ -22,13 +23,10 @@ def run_demo(output: str | Path, *, quick: bool, data: Path) -> int:
     if not (data / "stsb" / "sts-test.csv").exists():
         raise FileNotFoundError(f"evaluation data not found under {data} (expected stsb/ and scifact/)")
     t0 = time.perf_counter()
-    sts = eval_sts(data / "stsb" / "sts-test.csv", output, **DEMO_OPTIONS) if not quick else None
+    pairs = load_sts(data / "stsb" / "sts-test.csv")
     if quick:
-        from .evaldata import load_sts
-
-        d = load_sts(data / "stsb" / "sts-test.csv")
-        d.sentence1, d.sentence2, d.scores = d.sentence1[:100], d.sentence2[:100], d.scores[:100]
-        sts = eval_sts(d, output, **DEMO_OPTIONS)
+        pairs.sentence1, pairs.sentence2, pairs.scores = pairs.sentence1[:100], pairs.sentence2[:100], pairs.scores[:100]
+    sts = eval_sts(pairs, output, **DEMO_OPTIONS)
     subset = dict(max_queries=20, max_docs=200) if quick else SCIFACT_SUBSET
     ret = eval_retrieval(data / "scifact", output, **subset, **DEMO_OPTIONS)
     written = write_report(sts + ret, output, n_layers=30)

@@ -8,6 +8,7 @@ blocks' outputs, then a sentinel exception ends the pass), so deeper blocks, the
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -146,12 +147,12 @@ class Encoder:
     """Model + variants + batching. Build with ``Encoder.load(...)`` or from a loaded model."""
 
     def __init__(self, model, tokenizer, config: EncoderConfig | None = None, *, model_name: str = "custom",
-                 weights_digest: str | None = None, device: str | torch.device | None = "auto"):
+                 source: models.ModelSource | None = None, device: str | torch.device | None = "auto"):
         self.config = config or EncoderConfig()
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name
-        self.weights_digest = weights_digest
+        self.source = source
         self.device = pick_device(device) if not isinstance(device, torch.device) else device
         self.model.to(self.device)
         self.model.eval()
@@ -188,7 +189,12 @@ class Encoder:
             torch_dtype = getattr(torch, model_dtype) if model_dtype else None
         m, tok, src = models.load(model, torch_dtype=torch_dtype, trust_remote_code=trust_remote_code,
                                   allow_pickle=allow_pickle)
-        return cls(m, tok, cfg, model_name=src.name, weights_digest=models.weights_digest(src), device=dev)
+        return cls(m, tok, cfg, model_name=src.name, source=src, device=dev)
+
+    @functools.cached_property
+    def weights_digest(self) -> str | None:
+        """sha256 of the weight files, hashed on first use only (Ray actors never need it)."""
+        return models.weights_digest(self.source) if self.source is not None else None
 
     # ---------------------------------------------------------------- tokenising
     def tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], np.ndarray]:
@@ -290,17 +296,3 @@ class Encoder:
         res.stats.truncated = int(truncated.sum())
         res.stats.seconds = time.perf_counter() - t0
         return res
-
-    def describe(self) -> dict:
-        """What a manifest records about this encoder."""
-        return {
-            "model": self.model_name,
-            "weights_digest": self.weights_digest,
-            "n_layers": self.n_layers,
-            "max_length": self.config.max_length,
-            "variants": [
-                {"name": v.name, "column": v.column, "layer": v.layer, "pooling": v.pooling, "dim": self.dim,
-                 "dtype": self.config.dtype, "normalized": self.config.normalize}
-                for v in self.variants
-            ],
-        }

@@ -184,9 +184,8 @@ def load(
 
     src = resolve(spec)
     where = materialize(src)
-    if isinstance(where, Path) or Path(str(where)).is_dir():
-        d = Path(where)
-        files = _weight_files(d)
+    if Path(str(where)).is_dir():
+        files = _weight_files(Path(where))
         if not any(p.suffix == ".safetensors" for p in files):
             pickled = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
             if pickled and not allow_pickle:

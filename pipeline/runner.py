@@ -259,12 +259,14 @@ class EmbedActor:
                      for v in self.encoder.variants}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        ok = np.flatnonzero(pc_is_valid(batch.column("_ids")))
-        ids = batch.column("_ids").take(pa.array(ok)).to_pylist()
-        res = self.encoder.encode_ids(ids) if len(ok) else None
+        import pyarrow.compute as pc
+
+        token_ids = batch.column("_ids")
+        ok = np.flatnonzero(pc.is_valid(token_ids).to_numpy(zero_copy_only=False))
+        res = self.encoder.encode_ids(token_ids.take(pa.array(ok)).to_pylist()) if len(ok) else None
         n = batch.num_rows
-        out = batch.drop_columns(["_ids"]).append_column("_tokens", pa.array(
-            np.array([len(x) if x is not None else 0 for x in batch.column("_ids").to_pylist()], dtype=np.int64)))
+        lengths = pc.fill_null(pc.list_value_length(token_ids), 0)
+        out = batch.drop_columns(["_ids"]).append_column("_tokens", pc.cast(lengths, pa.int64()))
         padded = np.zeros(n, dtype=np.int64)
         if res is not None and len(ok):
             padded[ok[0]] = res.stats.padded_tokens  # carried on one row; summed by the driver
@@ -279,12 +281,6 @@ class EmbedActor:
             out = out.append_column(v.column, pa.FixedSizeListArray.from_arrays(values, self.encoder.dim,
                                                                                mask=pa.array(mask)))
         return out
-
-
-def pc_is_valid(col: pa.ChunkedArray) -> np.ndarray:
-    import pyarrow.compute as pc
-
-    return pc.is_valid(col).to_numpy(zero_copy_only=False)
 
 
 def write_parts(batch: pa.Table, *, output_url: str, run_id: str, keys: list[str], columns: list[str],
