@@ -25,8 +25,8 @@ use the padded shapes a mode really ran (and its real depth: the naive and hf mo
 run every block); "useful" FLOPs are the least work the grid needs (deepest requested
 layer, each text's own length) and are the same for every mode of a grid.
 
-Use ``--quick`` for a small sample (under 3 minutes on 2 CPU cores); the default run (32
-abstracts + 96 sentences on CPU, 1024 + 3072 on CUDA; about half an hour on 2 CPU cores) is what
+Use ``--quick`` for a small sample (under 3 minutes on 2 CPU cores); the default run (64
+abstracts + 192 sentences on CPU, 1024 + 3072 on CUDA; about 25 minutes on 2 CPU cores) is what
 ``BENCHMARKS.md`` records.
 """
 
@@ -62,9 +62,10 @@ DEFAULT_POOLINGS = "last,mean,wmean,mean_nosink"
 # Relative tolerance (per row, L2) between modes: float32 on CPU must agree to 1e-4; bf16
 # on GPU differs with batch shapes at bf16 resolution.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 2e-2}
+BATCH_TOKENS_SWEEP = (4096, 8192, 16384, 32768)  # padded tokens per forward pass, compared on strata-encoder
 SAMPLE_SIZES = {  # (SciFact documents, STS-B sentences)
     "quick": (4, 12),
-    "cpu": (32, 96),
+    "cpu": (64, 192),
     "cuda": (1024, 3072),
 }
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
@@ -159,7 +160,8 @@ def useful_flops(block_params: int, hidden: int, depth: int, lengths: Sequence[i
 
 def _model_info(model, blocks) -> dict:
     return {"block_params": int(sum(p.numel() for p in blocks[0].parameters())),
-            "hidden": int(model.config.hidden_size), "n_layers": int(model.config.num_hidden_layers)}
+            "hidden": int(model.config.hidden_size), "n_layers": int(model.config.num_hidden_layers),
+            "attention": getattr(model.config, "_attn_implementation", None), "dtype": str(model.dtype)}
 
 
 def _keep_going(spent: list[float], budget: float, wanted: int, minimum: int = 1) -> bool:
@@ -396,6 +398,44 @@ def _read_ray_output(read_embeddings, out_dir: Path, n: int, names: list[str], s
     return emb
 
 
+def _run_batch_tokens(spec: dict) -> dict:
+    """strata-encoder at several padded-token budgets per forward pass, interleaved, median of repeats."""
+    import dataclasses
+
+    import torch
+
+    from .encoder import Encoder
+
+    enc = Encoder.load(spec["model"], device=spec["device"], layers=",".join(str(v[0]) for v in spec["variants"]),
+                       poolings=list(dict.fromkeys(v[1] for v in spec["variants"])), max_length=spec["max_length"])
+    texts = json.loads(Path(spec["texts_path"]).read_text())
+    ids, _ = enc.tokenize(texts)
+    enc.encode_ids(ids[:2])  # warm-up
+    budgets = spec["budgets"]
+    times: dict[int, list[float]] = {b: [] for b in budgets}
+    stats, gpu_peak = {}, {}
+    for _ in range(spec["repeats"]):
+        for b in budgets:  # interleaved, so drift in the machine's load touches every budget alike
+            enc.config = dataclasses.replace(enc.config, batch_tokens=b)
+            if enc.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(enc.device)
+            _sync(enc.device)
+            t0 = time.perf_counter()
+            res = enc.encode_ids(ids)
+            _sync(enc.device)
+            times[b].append(time.perf_counter() - t0)
+            stats[b] = res.stats
+            if enc.device.type == "cuda":
+                gpu_peak[b] = torch.cuda.max_memory_allocated(enc.device)
+    rows = []
+    for b in budgets:
+        sec = _median(times[b])
+        rows.append({"batch_tokens": b, "batches": stats[b].batches, "padding_efficiency": stats[b].padding_efficiency,
+                     "seconds": sec, "seconds_samples": times[b], "tokens_per_second": stats[b].tokens / sec,
+                     "peak_gpu_memory_bytes": gpu_peak.get(b)})
+    return {"rows": len(ids), "tokens": stats[budgets[0]].tokens, "budgets": rows}
+
+
 def _run_ray(spec: dict) -> dict:
     try:
         from .runner import embed, read_embeddings
@@ -425,6 +465,8 @@ def _run_ray(spec: dict) -> dict:
                         text_column="text", id_column="id", max_length=spec["max_length"], dtype="float32",
                         normalize=False, force=True, progress=False)
         wall = time.perf_counter() - t0
+    # The driver's peak during the run, before the check below reads every output row back.
+    driver_peak = _peak_rss_bytes()
     names = [f"L{layer}.{pooling}" for layer, pooling in spec["variants"]]
     emb = _read_ray_output(read_embeddings, out_dir, len(texts), names, scale)
     _save_embeddings(spec["embeddings_path"], emb)
@@ -436,7 +478,8 @@ def _run_ray(spec: dict) -> dict:
         "startup_seconds": getattr(summary, "startup_seconds", None),
         # 0 when everything fits in one batch (no steady state to measure)
         "steady_tokens_per_second": getattr(summary, "steady_tokens_per_second", None) or None,
-        "peak_tree_rss_bytes": mem.peak_rss, "peak_tree_pss_bytes": mem.peak_pss, "shards": n_shards,
+        "peak_rss_bytes": driver_peak, "peak_tree_rss_bytes": mem.peak_rss, "peak_tree_pss_bytes": mem.peak_pss,
+        "shards": n_shards,
     }
     shutil.rmtree(work, ignore_errors=True)
     return result
@@ -477,7 +520,7 @@ def _run_hardware(spec: dict) -> dict:
 
 
 _CHILD_MODES = {"naive": _run_hf_modes, "hf-single-pass": _run_hf_modes, "strata-encoder": _run_encoder,
-                "strata-ray": _run_ray, "hardware": _run_hardware}
+                "strata-ray": _run_ray, "hardware": _run_hardware, "batch-tokens": _run_batch_tokens}
 
 
 def _child_main(spec_path: str) -> int:
@@ -494,7 +537,7 @@ def _child_main(spec_path: str) -> int:
         result["status"] = "ok"
     except _NotAvailable as e:
         result = {"status": "not available", "reason": str(e)}
-    result["peak_rss_bytes"] = _peak_rss_bytes()
+    result.setdefault("peak_rss_bytes", _peak_rss_bytes())
     try:
         import torch
 
@@ -727,7 +770,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "pass (default: all, within the mode budget)")
     parser.add_argument("--mode-budget", type=float, default=None,
                         help="seconds a mode may spend on repeats / naive passes beyond the first "
-                        "(default: 15 quick, 600 otherwise)")
+                        "(default: 15 quick, 300 otherwise)")
+    parser.add_argument("--batch-tokens", default=None,
+                        help="padded-token budgets per forward pass to compare on strata-encoder, comma-separated, "
+                        f"or 'none' (default: none quick, else {','.join(map(str, BATCH_TOKENS_SWEEP))})")
     parser.add_argument("--no-memory-scaling", action="store_true", help="skip the 4x-corpus Ray run")
     parser.add_argument("--no-hardware", action="store_true", help="skip the matmul peak probe")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before a mode's process is killed")
@@ -737,6 +783,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _settings(args) -> dict:
     import torch
+
+    from .encoder import EncoderConfig
 
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -757,10 +805,25 @@ def _settings(args) -> dict:
         "sentences": args.sentences if args.sentences is not None else sentences,
         "max_length": args.max_length, "batch_size": args.batch_size, "modes": modes,
         "repeats": args.repeats or (1 if args.quick else 3), "naive_variants": nv,
-        "mode_budget_seconds": args.mode_budget if args.mode_budget is not None else (15.0 if args.quick else 600.0),
+        "mode_budget_seconds": args.mode_budget if args.mode_budget is not None else (15.0 if args.quick else 300.0),
         "memory_scaling": not args.no_memory_scaling, "seed": args.seed,
-        "encoder_batch_tokens": 16384,
+        "encoder_batch_tokens": EncoderConfig.batch_tokens,
+        "batch_tokens_sweep": _batch_tokens_sweep(args.batch_tokens, args.quick),
     }
+
+
+def _batch_tokens_sweep(value: str | None, quick: bool) -> list[int]:
+    if value is None:
+        return [] if quick else list(BATCH_TOKENS_SWEEP)
+    if value.strip().lower() == "none":
+        return []
+    try:
+        budgets = sorted({int(x) for x in value.split(",") if x.strip()})
+    except ValueError:
+        raise ValueError(f"--batch-tokens {value!r}: comma-separated positive integers, or 'none'") from None
+    if not budgets or budgets[0] < 1:
+        raise ValueError(f"--batch-tokens {value!r}: comma-separated positive integers, or 'none'")
+    return budgets
 
 
 def run(args) -> int:
@@ -854,6 +917,7 @@ def run(args) -> int:
                           "sentence_chars_mean": _mean_len(texts, kinds, "sentence"),
                           "source": "SciFact corpus.jsonl (title + ' ' + text) and distinct STS-B sentences, "
                                     "shuffled together"}
+        report["batch_tokens"] = _batch_tokens(st, base, grids[0], work, args.timeout)
         report["memory_scaling"] = _memory_scaling(st, base, grids[0], report["grids"][0]["modes"], runner_ok,
                                                    work, args.timeout)
     finally:
@@ -881,6 +945,22 @@ def _mean_len(texts, kinds, kind) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def _batch_tokens(st, base, grid, work, timeout) -> dict:
+    """strata-encoder at each budget of the sweep, on the first grid."""
+    if not st["batch_tokens_sweep"]:
+        return {"status": "skipped", "reason": "no --batch-tokens sweep"}
+    if "strata-encoder" not in st["modes"]:
+        return {"status": "skipped", "reason": "strata-encoder not among --modes"}
+    _log(f"batch token budgets {st['batch_tokens_sweep']}: strata-encoder on grid {grid['name']}")
+    res = _spawn(dict(base, mode="batch-tokens", variants=grid["variants"], budgets=st["batch_tokens_sweep"]),
+                 work, "batch-tokens", timeout)
+    res.pop("_embeddings_path", None)
+    if res.get("status") == "ok":
+        best = max(res["budgets"], key=lambda r: r["tokens_per_second"])
+        res.update(grid=grid["name"], default=st["encoder_batch_tokens"], best=best["batch_tokens"])
+    return res
+
+
 def _memory_scaling(st, base, grid, grid_modes, runner_ok, work, timeout) -> dict:
     """Peak memory of the Ray path at 1x and 4x the corpus: does memory grow with the data?"""
     if not runner_ok or "strata-ray" not in st["modes"]:
@@ -896,10 +976,20 @@ def _memory_scaling(st, base, grid, grid_modes, runner_ok, work, timeout) -> dic
                   work, "ray-4x", timeout)
     four.pop("_embeddings_path", None)
     _finish_mode(four, None, None)
-    keys = ("rows", "tokens", "seconds", "tokens_per_second", "peak_rss_bytes", "peak_tree_rss_bytes",
-            "peak_tree_pss_bytes", "status", "error")
-    return {"status": "ok" if four.get("status") == "ok" else "failed", "grid": grid["name"],
-            "1x": {k: one.get(k) for k in keys if k in one}, "4x": {k: four.get(k) for k in keys if k in four}}
+    keys = ("rows", "tokens", "seconds", "tokens_per_second", "startup_seconds", "steady_tokens_per_second",
+            "peak_rss_bytes", "peak_tree_rss_bytes", "peak_tree_pss_bytes", "status", "error")
+    out = {"status": "ok" if four.get("status") == "ok" else "failed", "grid": grid["name"],
+           "1x": {k: one.get(k) for k in keys if k in one}, "4x": {k: four.get(k) for k in keys if k in four}}
+    if four.get("status") == "ok":
+        enc = grid_modes.get("strata-encoder", {})
+        out["ratios"] = {
+            "driver peak RSS 4x/1x": _ratio(four.get("peak_rss_bytes"), one.get("peak_rss_bytes")),
+            "tree peak PSS 4x/1x": _ratio(four.get("peak_tree_pss_bytes"), one.get("peak_tree_pss_bytes")),
+            # the longest Ray run of the benchmark: the one where a steady state is best seen
+            "ray 4x steady/encoder": _ratio(four.get("steady_tokens_per_second"),
+                                            enc.get("tokens_per_second") if enc.get("status") == "ok" else None),
+        }
+    return out
 
 
 def _notes(report: dict) -> None:
@@ -1006,17 +1096,40 @@ def to_markdown(report: dict) -> str:
                          "('-': one batch, no steady state).")
         lines.append(f"Reference: {g.get('reference')}; tolerance {g['tolerance']:g} (relative L2 per row).")
         lines.append("")
+    bt = report.get("batch_tokens", {})
+    if bt.get("status") == "ok":
+        default = next((r for r in bt["budgets"] if r["batch_tokens"] == bt["default"]), None)
+        lines.append(f"## Batch token budget (strata-encoder, grid `{bt['grid']}`)")
+        lines.append("")
+        lines.append(f"Padded tokens per forward pass; all budgets interleaved in one process, median of "
+                     f"{len(bt['budgets'][0]['seconds_samples'])}. Default {bt['default']}; fastest here {bt['best']}.")
+        lines.append("")
+        lines.append("| batch tokens | batches | padding eff. | seconds | tokens/s | vs default | peak GPU memory MiB |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for r in bt["budgets"]:
+            rel = _ratio(r["tokens_per_second"], default["tokens_per_second"]) if default else None
+            lines.append(f"| {r['batch_tokens']} | {r['batches']} | {r['padding_efficiency']:.2f} | {r['seconds']:.2f} "
+                         f"| {r['tokens_per_second']:.0f} | {_fmt(rel, 2)}{'x' if rel else ''} "
+                         f"| {_mib(r.get('peak_gpu_memory_bytes'))} |")
+        lines.append("")
     ms = report.get("memory_scaling", {})
     lines.append("## Memory scaling (strata-ray)")
     lines.append("")
     if ms.get("status") in ("ok", "failed") and "1x" in ms:
-        lines.append("| corpus | rows | seconds | tokens/s | driver peak RSS MiB | tree peak RSS MiB | tree peak PSS MiB |")
-        lines.append("|---|---|---|---|---|---|---|")
+        lines.append("| corpus | rows | seconds | tokens/s | start-up s | steady tokens/s | driver peak RSS MiB "
+                     "| tree peak RSS MiB | tree peak PSS MiB |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
         for k in ("1x", "4x"):
             r = ms[k]
             lines.append(f"| {k} | {r.get('rows', '-')} | {_fmt(r.get('seconds'), 1)} | {_fmt(r.get('tokens_per_second'), 0)} "
+                         f"| {_fmt(r.get('startup_seconds'), 1)} | {_fmt(r.get('steady_tokens_per_second'), 0)} "
                          f"| {_mib(r.get('peak_rss_bytes'))} | {_mib(r.get('peak_tree_rss_bytes'))} "
                          f"| {_mib(r.get('peak_tree_pss_bytes'))} |")
+        rat = ", ".join(f"{k} = {x:.2f}x" for k, x in ms.get("ratios", {}).items() if x is not None)
+        if rat:
+            lines.append("")
+            lines.append(f"Ratios: {rat}. The driver's peak is taken when `embed` returns, before the benchmark "
+                         "reads the output back to check it.")
     else:
         lines.append(f"{ms.get('status')}: {ms.get('reason', '')}")
     lines.append("")

@@ -601,6 +601,9 @@ def _run_ray(out: Output, manifest: dict, todo: list[Shard], summary: EmbedSumma
     ds = ds.map_batches(read_and_tokenize, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
                         fn_kwargs=dict(fs=fs, model_dir=model_dir, text_column=text_column, id_column=id_column,
                                        max_length=config["max_length"]))
+    # Blocks of EMBED_BATCH_ROWS rows: each actor task is then one call, and its output streams
+    # to the writers as it is made (a whole read unit in one task would reach them only at its end).
+    ds = ds.repartition(target_num_rows_per_block=EMBED_BATCH_ROWS)
     ds = ds.map_batches(EmbedActor, batch_size=EMBED_BATCH_ROWS, batch_format="pyarrow",
                         compute=ActorPoolStrategy(size=n_actors), num_cpus=cpus, num_gpus=gpus or None,
                         fn_constructor_kwargs=dict(model_dir=model_dir, model_name=model_name, config=config,

@@ -42,7 +42,7 @@ def _check_same_embeddings(tmp_path, modes):
 @pytest.mark.slow
 def test_every_mode_reports_throughput_and_the_same_embeddings(tmp_path):
     modes = ["hf-single-pass", "naive", "strata-encoder"]
-    rc, report, md = _run(tmp_path, "--modes", ",".join(modes), "--mode-budget", "120")
+    rc, report, md = _run(tmp_path, "--modes", ",".join(modes), "--mode-budget", "120", "--batch-tokens", "4096,16")
     assert rc == 0
     (grid,) = report["grids"]
     assert grid["layers"] == [4] and grid["n_variants"] == 2 and grid["reference"] == "hf-single-pass"
@@ -59,6 +59,12 @@ def test_every_mode_reports_throughput_and_the_same_embeddings(tmp_path):
     assert grid["ratios"]["encoder/naive"] > 0 and report["hardware"]["peak_flops_per_second"] > 0
     assert report["versions"]["torch"] and report["machine"]["cpu"]
     _check_same_embeddings(tmp_path, modes)  # independently of the benchmark's own comparison
+    sweep = report["batch_tokens"]
+    assert sweep["status"] == "ok" and [r["batch_tokens"] for r in sweep["budgets"]] == [16, 4096]
+    small, large = sweep["budgets"]
+    assert small["batches"] > large["batches"]  # a 16-token budget holds one row of up to 32 tokens
+    assert sweep["tokens"] == grid["modes"]["strata-encoder"]["tokens"] and sweep["best"] in (16, 4096)
+    assert "Batch token budget" in md
 
 
 @pytest.mark.slow
@@ -81,6 +87,16 @@ def test_naive_cost_of_unmeasured_passes_is_the_median_pass():
     assert bench._keep_going([], budget=1.0, wanted=3)  # the first run always happens
     assert not bench._keep_going([0.8], budget=1.0, wanted=3)  # a second would blow the budget
     assert not bench._keep_going([0.1, 0.1, 0.1], budget=10.0, wanted=3)
+
+
+def test_batch_token_sweep_option():
+    assert bench._batch_tokens_sweep(None, quick=True) == []
+    assert bench._batch_tokens_sweep(None, quick=False) == list(bench.BATCH_TOKENS_SWEEP)
+    assert bench._batch_tokens_sweep("8192, 1024,8192", quick=True) == [1024, 8192]
+    assert bench._batch_tokens_sweep("none", quick=False) == []
+    for bad in ("1k", "0,16", ","):
+        with pytest.raises(ValueError, match="--batch-tokens"):
+            bench._batch_tokens_sweep(bad, quick=False)
 
 
 def test_flops_count_padding_and_depth():
