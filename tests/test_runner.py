@@ -14,14 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import Encoder
+from pipeline import runner
 from pipeline.runner import EmbedError, embed, read_embeddings
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 OPTS = dict(layers="1,-1", poolings="mean,last,wmean_nosink", id_column="id", progress=False)
-
-
-
-
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +44,19 @@ def by_id(table: pa.Table) -> dict:
     cols = [c for c in table.column_names if c.startswith("emb_")]
     ids = table.column("id").to_pylist()
     return {c: dict(zip(ids, table.column(c).to_numpy(zero_copy_only=False).tolist())) for c in cols} | {"_ids": ids}
+
+
+def test_actor_calls_are_bounded_so_outputs_stream(ray_local, model_dir, corpus, tmp_path):
+    # one shard, one row group, one read unit of 800 rows: the embed stage still works (and
+    # writes) in calls of at most EMBED_BATCH_ROWS rows, not one call for the whole unit
+    ids, texts = corpus
+    write_shards(tmp_path / "in", ids, texts, k=1, row_group_size=len(texts))
+    summary = embed(str(tmp_path / "in"), str(tmp_path / "out"), model=model_dir, **OPTS)
+    assert summary.rows == len(texts)
+    (entry,) = manifest(tmp_path / "out")["shards"]
+    sizes = [pq.read_metadata(tmp_path / "out" / entry["output"] / f).num_rows for f in entry["files"]]
+    assert sum(sizes) == len(texts) and max(sizes) <= runner.EMBED_BATCH_ROWS
+    assert len(sizes) >= -(-len(texts) // runner.EMBED_BATCH_ROWS)
 
 
 def test_round_trip_equals_single_process_encoder(ray_local, model_dir, corpus, tmp_path):
