@@ -275,8 +275,10 @@ class Encoder:
         for batch in plan_batches(lengths, batch_tokens=self.config.batch_tokens,
                                   max_rows=self.config.max_batch_rows, pad_multiple=self.pad_multiple):
             vecs = self._embed_batch([ids[i] for i in batch.indices], batch.padded_len)
-            for name, v in vecs.items():
-                result[name][batch.indices] = v.to("cpu").numpy().astype(np_dtype, copy=False)
+            # one device-to-host copy per batch for all variants (not one synchronising copy each)
+            host = torch.stack(list(vecs.values())).to("cpu").numpy()
+            for name, v in zip(vecs, host):
+                result[name][batch.indices] = v.astype(np_dtype, copy=False)
             stats.batches += 1
             stats.padded_tokens += batch.padded_tokens
         stats.tokens = int(sum(lengths))
