@@ -203,10 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .runner import EmbedError
+    from .storage import OutputInUse
 
     try:
         return args.func(args)
-    except (*EXPECTED_ERRORS, EmbedError) as e:
+    except (*EXPECTED_ERRORS, EmbedError, OutputInUse) as e:
         print(f"strata {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

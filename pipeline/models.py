@@ -172,6 +172,17 @@ def weights_digest(src: ModelSource) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def check_weight_format(src: ModelSource, where, allow_pickle: bool) -> None:
+    """Refuse a model whose only weights are pickles (they can run code when loaded), unless allowed."""
+    if allow_pickle or not Path(str(where)).is_dir():
+        return
+    files = _weight_files(Path(where))
+    pickled = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
+    if pickled and not any(p.suffix == ".safetensors" for p in files):
+        raise ModelError(f"model {src.name!r} has only pickle-format weights ({', '.join(pickled)}), which can "
+                         "run arbitrary code when loaded; convert them to safetensors or opt in with allow_pickle")
+
+
 def load(
     spec: str | None,
     *,
@@ -184,15 +195,7 @@ def load(
 
     src = resolve(spec)
     where = materialize(src)
-    if Path(str(where)).is_dir():
-        files = _weight_files(Path(where))
-        if not any(p.suffix == ".safetensors" for p in files):
-            pickled = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
-            if pickled and not allow_pickle:
-                raise ModelError(
-                    f"model {src.name!r} has only pickle-format weights ({', '.join(pickled)}), which can "
-                    "run arbitrary code when loaded; convert them to safetensors or opt in with allow_pickle"
-                )
+    check_weight_format(src, where, allow_pickle)
     kwargs = dict(trust_remote_code=trust_remote_code)
     if not allow_pickle:
         kwargs["use_safetensors"] = True

@@ -249,12 +249,14 @@ def _unit_error(shard: int, message: str) -> pa.Table:
 class EmbedActor:
     """The Ray actor: a thin shell around Encoder. Rows it cannot embed pass through as nulls."""
 
-    def __init__(self, model_dir: str, model_name: str, config: dict, threads: int | None, device: str):
+    def __init__(self, model_dir: str, model_name: str, config: dict, threads: int | None, device: str,
+                 trust_remote_code: bool = False, allow_pickle: bool = False):
         import torch
 
         if threads:
             torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in workers
-        self.encoder = Encoder.load(model_dir, device=device, **config)
+        self.encoder = Encoder.load(model_dir, device=device, trust_remote_code=trust_remote_code,
+                                    allow_pickle=allow_pickle, **config)
         self.type = {v.column: pa.list_(pa.float16() if config["dtype"] == "float16" else pa.float32(), self.encoder.dim)
                      for v in self.encoder.variants}
 
@@ -465,12 +467,27 @@ def embed(input: str, output: str, *, model: str | None = None, layers="-1", poo
     inspect_shards(fs, shards, text_column, id_column)  # column errors before any model loads
     out = Output(output)
     out.check_writable()
+    with out.lock():
+        return _embed(input, out, fs, shards, t_start, model=model, layers=layers, poolings=poolings,
+                      text_column=text_column, id_column=id_column, max_length=max_length, dtype=dtype,
+                      normalize=normalize, config=config, actors=actors, gpus_per_actor=gpus_per_actor,
+                      ray_address=ray_address, force=force, output_format=output_format, progress=progress,
+                      trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, stall_timeout_s=stall_timeout_s,
+                      unit_rows=unit_rows)
+
+
+def _embed(input: str, out: Output, fs, shards: list[Shard], t_start: float, *, model, layers, poolings,
+           text_column, id_column, max_length, dtype, normalize, config, actors, gpus_per_actor, ray_address,
+           force, output_format, progress, trust_remote_code, allow_pickle, stall_timeout_s,
+           unit_rows) -> EmbedSummary:
+    output = out.url
 
     # Model: resolve and materialise once on the driver (converts GGUF into the cache once).
     src = models.resolve(model)
     if src.gguf_file is None and not os.path.isdir(src.path):
         raise ValueError(f"model {src.name!r} must be a local directory or a .gguf file for distributed runs")
     model_dir = str(models.materialize(src))
+    models.check_weight_format(src, model_dir, allow_pickle)  # here, not deep inside an actor
     from transformers import AutoConfig
 
     mcfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
@@ -514,6 +531,7 @@ def embed(input: str, output: str, *, model: str | None = None, layers="-1", poo
         summary.shards_embedded += 1
     if todo:
         _run_ray(out, manifest, todo, summary, model_dir=model_dir, model_name=src.name, config=asdict(config),
+                 model_options=dict(trust_remote_code=trust_remote_code, allow_pickle=allow_pickle),
                  text_column=text_column, id_column=id_column, actors=actors, gpus_per_actor=gpus_per_actor,
                  ray_address=ray_address, fmt=output_format, progress=progress, stall_timeout_s=stall_timeout_s,
                  fs=fs, unit_rows=unit_rows, t_start=t_start)
@@ -574,7 +592,7 @@ def _commit(out: Output, manifest: dict, shard: Shard, p: _Pending, run_id: str 
 
 
 def _run_ray(out: Output, manifest: dict, todo: list[Shard], summary: EmbedSummary, *, model_dir: str,
-             model_name: str, config: dict, text_column: str, id_column: str | None, actors: int | None,
+             model_name: str, config: dict, model_options: dict, text_column: str, id_column: str | None, actors: int | None,
              gpus_per_actor: float | None, ray_address: str | None, fmt: str, progress: bool,
              stall_timeout_s: float, fs, unit_rows: int, t_start: float) -> None:
     t0 = time.perf_counter()
@@ -607,7 +625,7 @@ def _run_ray(out: Output, manifest: dict, todo: list[Shard], summary: EmbedSumma
     ds = ds.map_batches(EmbedActor, batch_size=EMBED_BATCH_ROWS, batch_format="pyarrow",
                         compute=ActorPoolStrategy(size=n_actors), num_cpus=cpus, num_gpus=gpus or None,
                         fn_constructor_kwargs=dict(model_dir=model_dir, model_name=model_name, config=config,
-                                                   threads=threads, device="auto"))
+                                                   threads=threads, device="auto", **model_options))
     ds = ds.map_batches(write_parts, batch_size=None, batch_format="pyarrow", num_cpus=0.5,
                         fn_kwargs=dict(output_url=out.url, run_id=run_id, keys=[s.key for s in todo],
                                        columns=variants, fmt=fmt))
@@ -615,7 +633,9 @@ def _run_ray(out: Output, manifest: dict, todo: list[Shard], summary: EmbedSumma
     total_rows = sum(s.rows for s in todo)
     last_print, first_batch, first_tokens = 0.0, None, 0
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        # prefetch_batches=0: with Ray's default of 1 the iterator holds each metadata block
+        # back until the next one exists, so every commit would wait for one more actor call.
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
             for m in batch.to_pylist():
                 committer.feed(m)
             now = time.perf_counter()

@@ -6,6 +6,7 @@ Layout of an output directory (any fsspec URL)::
     embeddings/{key}-{commit}/ part-*.parquet (or *.arrow): id + one column per variant
                                rejects-*.parquet: id, row, reason of rows not embedded
     _staging/                  parts being written; never read, wiped at the start of a run
+    _lock.json                 held by the run writing here (host, pid, heartbeat)
 
 A shard counts as done only once the manifest lists it; the manifest is replaced atomically
 (write aside, then rename), and readers take the file list from it, never from a directory
@@ -14,9 +15,13 @@ listing, so a half-written or orphaned file is never read as output.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import re
+import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -30,8 +35,15 @@ import pyarrow.parquet as pq
 MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings"
 STAGING = "_staging"
+LOCK = "_lock.json"
+LOCK_HEARTBEAT_S = 30.0  # the holder rewrites its lock this often
+LOCK_STALE_S = 300.0  # a lock not rewritten for this long belongs to a dead run
 FORMAT_VERSION = 1
 SECRET_QUERY_KEYS = re.compile(r"(token|secret|key|signature|sig|password|credential|auth)", re.I)
+
+
+class OutputInUse(RuntimeError):
+    """Another live run holds the output location."""
 
 
 def redact(url: str) -> str:
@@ -84,13 +96,60 @@ class Output:
         except OSError as e:
             raise PermissionError(f"output location {redact(self.url)} is not writable: {e.strerror or e}") from None
 
+    # ------------------------------------------------------------------ one run at a time
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold this output for one run; a second run is refused while the first lives.
+
+        The lock names its holder and is rewritten every ``LOCK_HEARTBEAT_S``. A lock left by a
+        dead run (its process is gone from this host, or it has not been rewritten for
+        ``LOCK_STALE_S``) is taken over, so a crashed run never blocks the next one for long.
+        """
+        path = self.path(LOCK)
+        holder = self._read_json(path)
+        if holder and not _lock_is_stale(holder):
+            age = time.time() - float(holder.get("heartbeat", 0))
+            raise OutputInUse(f"{redact(self.url)} is in use by another run (host {holder.get('host')}, "
+                              f"pid {holder.get('pid')}, started {holder.get('started')}, alive {age:.0f}s ago); "
+                              f"wait for it to finish, or remove {path} if that run is dead")
+        me = {"token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.fs.makedirs(self.root, exist_ok=True)
+
+        def beat() -> None:
+            write_atomic(self.fs, path, json.dumps(dict(me, heartbeat=time.time())).encode())
+
+        beat()
+        if (self._read_json(path) or {}).get("token") != me["token"]:  # another run wrote in between
+            raise OutputInUse(f"{redact(self.url)}: another run took the lock at the same moment; retry later")
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(LOCK_HEARTBEAT_S):
+                if (self._read_json(path) or {}).get("token") != me["token"]:
+                    return  # taken over (this run was stalled past LOCK_STALE_S): stop claiming it
+                beat()
+
+        thread = threading.Thread(target=loop, name="strata-output-lock", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            if (self._read_json(path) or {}).get("token") == me["token"]:
+                self.fs.rm(path)
+
+    def _read_json(self, path: str) -> dict | None:
+        try:
+            with self.fs.open(path, "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+
     # ------------------------------------------------------------------ manifest
     def read_manifest(self) -> dict | None:
-        p = self.path(MANIFEST)
-        if not self.fs.exists(p):
-            return None
-        with self.fs.open(p, "rb") as f:
-            return json.loads(f.read())
+        return self._read_json(self.path(MANIFEST))
 
     def write_manifest(self, manifest: dict) -> None:
         manifest = dict(manifest, format=FORMAT_VERSION, updated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
@@ -135,6 +194,19 @@ class Output:
         if not tables:
             raise FileNotFoundError(f"no committed embeddings under {redact(self.url)}")
         return pa.concat_tables(tables)
+
+
+def _lock_is_stale(holder: dict) -> bool:
+    if time.time() - float(holder.get("heartbeat", 0)) > LOCK_STALE_S:
+        return True
+    if holder.get("host") == socket.gethostname():
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return True  # that process is gone
+        except (PermissionError, KeyError, ValueError, TypeError):
+            return False
+    return False
 
 
 def write_atomic(fs, path: str, data: bytes) -> None:

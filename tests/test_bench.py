@@ -99,6 +99,26 @@ def test_batch_token_sweep_option():
             bench._batch_tokens_sweep(bad, quick=False)
 
 
+def test_settings_pick_bf16_and_the_large_sample_when_a_gpu_is_present(monkeypatch):
+    import argparse
+
+    import torch
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu = bench._settings(parser.parse_args([]))
+    assert (cpu["device"], cpu["model_dtype"]) == ("cpu", "float32")
+    assert (cpu["docs"], cpu["sentences"]) == bench.SAMPLE_SIZES["cpu"]
+    with pytest.raises(ValueError, match="no CUDA device"):
+        bench._settings(parser.parse_args(["--device", "cuda"]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = bench._settings(parser.parse_args([]))  # same command line: the GPU is picked up by itself
+    assert (gpu["device"], gpu["model_dtype"]) == ("cuda", "bfloat16")
+    assert (gpu["docs"], gpu["sentences"]) == bench.SAMPLE_SIZES["cuda"]
+    assert bench.TOLERANCE[gpu["model_dtype"]] > bench.TOLERANCE["float32"]
+
+
 def test_flops_count_padding_and_depth():
     # 2 rows padded to 4 tokens through 3 blocks of 10 parameters, hidden 2
     assert bench.pass_flops(10, 2, 3, [(2, 4)]) == 2 * 10 * 3 * 8 + 4 * 3 * 4 * 2 * 8

@@ -51,6 +51,26 @@ def test_remote_code_never_runs_without_opt_in(tmp_path):
     assert not marker.exists()
 
 
+def test_pickle_only_model_refused_before_work_and_embedded_when_allowed(tmp_path, model_dir, ray_local):
+    import shutil
+
+    import torch
+    from transformers import AutoModel
+
+    d = tmp_path / "pickled"
+    shutil.copytree(model_dir, d)
+    torch.save(AutoModel.from_pretrained(model_dir).state_dict(), d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+    pq.write_table(pa.table({"text": ["alpha beta", "gamma"]}), tmp_path / "in.parquet")
+    with pytest.raises(ValueError, match=r"only pickle-format weights \(pytorch_model.bin\)"):
+        embed(str(tmp_path / "in.parquet"), str(tmp_path / "out"), model=str(d), progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    # opting in reaches the Ray actors too, not only the driver
+    summary = embed(str(tmp_path / "in.parquet"), str(tmp_path / "out"), model=str(d), progress=False,
+                    allow_pickle=True)
+    assert summary.rows == 2 and summary.shards_embedded == 1
+
+
 def test_output_not_writable_fails_before_work(tmp_path):
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"text": ["x"]}), tmp_path / "in" / "a.parquet")

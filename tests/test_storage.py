@@ -1,0 +1,83 @@
+"""One run per output: the lock refuses a live second run and takes over a dead run's lock."""
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import cli, storage
+from pipeline.storage import LOCK, Output, OutputInUse
+
+
+def plant_lock(root, **fields):
+    root.mkdir(parents=True, exist_ok=True)
+    holder = {"token": "other", "host": socket.gethostname(), "pid": 1, "started": "then", "heartbeat": time.time()}
+    (root / LOCK).write_text(json.dumps(holder | fields))
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_second_run_refused_while_first_holds_the_output(tmp_path):
+    out = Output(str(tmp_path / "out"))
+    with out.lock():
+        with pytest.raises(OutputInUse, match=rf"in use by another run \(host {socket.gethostname()}, pid \d+"):
+            with Output(str(tmp_path / "out")).lock():
+                pass
+        assert (tmp_path / "out" / LOCK).exists()
+    assert not (tmp_path / "out" / LOCK).exists()  # released
+    with out.lock():  # and free again
+        pass
+
+
+def test_lock_released_when_the_run_fails(tmp_path):
+    out = Output(str(tmp_path / "out"))
+    with pytest.raises(KeyError):
+        with out.lock():
+            raise KeyError("boom")
+    assert not (tmp_path / "out" / LOCK).exists()
+
+
+def test_dead_runs_lock_is_taken_over(tmp_path):
+    plant_lock(tmp_path / "a", pid=dead_pid())  # this host, process gone
+    with Output(str(tmp_path / "a")).lock():
+        assert json.loads((tmp_path / "a" / LOCK).read_text())["token"] != "other"
+    plant_lock(tmp_path / "b", host="elsewhere", heartbeat=time.time() - storage.LOCK_STALE_S - 1)  # silent too long
+    with Output(str(tmp_path / "b")).lock():
+        pass
+
+
+def test_live_lock_of_another_host_is_respected(tmp_path):
+    plant_lock(tmp_path / "out", host="elsewhere", pid=4242)
+    with pytest.raises(OutputInUse, match="host elsewhere, pid 4242"):
+        with Output(str(tmp_path / "out")).lock():
+            pass
+
+
+def test_holder_keeps_its_lock_alive(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "LOCK_HEARTBEAT_S", 0.05)
+    out = Output(str(tmp_path / "out"))
+    with out.lock():
+        first = json.loads((tmp_path / "out" / LOCK).read_text())["heartbeat"]
+        time.sleep(0.4)
+        assert json.loads((tmp_path / "out" / LOCK).read_text())["heartbeat"] > first
+    assert not any(t.name == "strata-output-lock" for t in threading.enumerate())  # heartbeat stopped
+
+
+def test_embed_refuses_a_locked_output_before_any_work(tmp_path, capsys, model_dir):
+    pq.write_table(pa.table({"text": ["a", "b"]}), tmp_path / "in.parquet")
+    plant_lock(tmp_path / "out", host="elsewhere", pid=4242)
+    rc = cli.main(["embed", str(tmp_path / "in.parquet"), str(tmp_path / "out"), "--model", model_dir])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "in use by another run" in err and "host elsewhere" in err
+    assert not (tmp_path / "out" / "manifest.json").exists()
