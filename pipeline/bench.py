@@ -784,7 +784,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _settings(args) -> dict:
     import torch
 
-    from .encoder import EncoderConfig
+    from .encoder import DEFAULT_BATCH_TOKENS
 
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -807,7 +807,7 @@ def _settings(args) -> dict:
         "repeats": args.repeats or (1 if args.quick else 3), "naive_variants": nv,
         "mode_budget_seconds": args.mode_budget if args.mode_budget is not None else (15.0 if args.quick else 300.0),
         "memory_scaling": not args.no_memory_scaling, "seed": args.seed,
-        "encoder_batch_tokens": EncoderConfig.batch_tokens,
+        "encoder_batch_tokens": DEFAULT_BATCH_TOKENS["cuda" if cuda else "cpu"],
         "batch_tokens_sweep": _batch_tokens_sweep(args.batch_tokens, args.quick),
     }
 

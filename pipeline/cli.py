@@ -29,7 +29,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-length", type=int, default=512)
     g.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="output dtype")
     g.add_argument("--normalize", action="store_true", help="L2-normalise every embedding")
-    g.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per forward pass")
+    g.add_argument("--batch-tokens", type=int, default=None,
+                   help="padded tokens per forward pass (default: 4096 on CPU, 16384 on GPU)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run (off by default)")
     g.add_argument("--allow-pickle", action="store_true", help="allow pickle weight files (.bin/.pt); off by default")
 

@@ -8,6 +8,7 @@ blocks' outputs, then a sentinel exception ends the pass), so deeper blocks, the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,10 @@ from .pooling import pool
 from .variants import Variant, make_variants
 
 OUTPUT_DTYPES = {"float32": np.float32, "float16": np.float16}
+# Padded tokens per forward pass when none is given. CPU: 4096 was the fastest of 4096-32768 in
+# two runs of `strata bench` (3-7% over 16384; BENCHMARKS.md). CUDA: larger batches keep the GPU
+# busy; 16384 is not yet measured on a GPU.
+DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
 # A text longer than this many characters per token of max_length is cut before tokenising,
 # so a multi-megabyte document costs bounded memory; it is counted as truncated.
 CHARS_PER_TOKEN_GUARD = 64
@@ -71,7 +76,7 @@ class EncoderConfig:
     normalize: bool = False
     dtype: str = "float32"  # output dtype of the embeddings
     max_length: int = 512
-    batch_tokens: int = 16384  # padded tokens per forward pass
+    batch_tokens: int | None = None  # padded tokens per forward pass; None: DEFAULT_BATCH_TOKENS of the device
     max_batch_rows: int = 256
     padding_side: str = "right"  # results are the same either way; right is the default
 
@@ -80,7 +85,7 @@ class EncoderConfig:
             raise ValueError(f"dtype {self.dtype!r}: choose from {', '.join(OUTPUT_DTYPES)}")
         if self.max_length < 1:
             raise ValueError(f"max_length must be positive, got {self.max_length}")
-        if self.batch_tokens < 1 or self.max_batch_rows < 1:
+        if (self.batch_tokens is not None and self.batch_tokens < 1) or self.max_batch_rows < 1:
             raise ValueError("batch_tokens and max_batch_rows must be positive")
         if self.padding_side not in ("right", "left"):
             raise ValueError(f"padding_side {self.padding_side!r}: choose 'right' or 'left'")
@@ -154,6 +159,9 @@ class Encoder:
         self.model_name = model_name
         self.source = source
         self.device = pick_device(device) if not isinstance(device, torch.device) else device
+        if self.config.batch_tokens is None:
+            self.config = dataclasses.replace(self.config,
+                                              batch_tokens=DEFAULT_BATCH_TOKENS.get(self.device.type, 16384))
         self.model.to(self.device)
         self.model.eval()
         self.n_layers: int = model.config.num_hidden_layers

@@ -199,7 +199,7 @@ class EmbeddingSpec(_Section):
     max_length: PositiveInt = 512
     dtype: Literal["float32", "float16"] = "float32"
     normalize: bool = False
-    batch_tokens: PositiveInt = 16384
+    batch_tokens: PositiveInt | None = None  # None: the encoder's default for the device
     format: Literal["parquet", "arrow"] = "parquet"
 
 

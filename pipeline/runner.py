@@ -452,7 +452,7 @@ def _resources(ray, actors: int | None, gpus_per_actor: float | None) -> tuple[i
 
 def embed(input: str, output: str, *, model: str | None = None, layers="-1", poolings="mean",
           text_column: str = "text", id_column: str | None = None, max_length: int = 512,
-          dtype: str = "float32", normalize: bool = False, batch_tokens: int = 16384,
+          dtype: str = "float32", normalize: bool = False, batch_tokens: int | None = None,
           actors: int | None = None, gpus_per_actor: float | None = None, ray_address: str | None = None,
           force: bool = False, output_format: str = "parquet", progress: bool = True,
           trust_remote_code: bool = False, allow_pickle: bool = False,

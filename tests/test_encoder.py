@@ -73,6 +73,8 @@ def test_output_order_and_stats(tiny):
     assert 0 < res.stats.padding_efficiency <= 1
     rev = enc.encode_ids(ids[::-1])
     np.testing.assert_allclose(rev.embeddings["L4.mean"][::-1], res.embeddings["L4.mean"], atol=1e-6)
+    # no budget given: the device's measured default
+    assert Encoder(tiny, fake_tokenizer(), EncoderConfig(), device="cpu").config.batch_tokens == 4096
 
 
 def test_normalize_and_float16(tiny):
