@@ -1093,7 +1093,7 @@ def to_markdown(report: dict) -> str:
         if ray.get("status") == "ok":
             lines.append(f"Ray: {ray.get('shards')} Parquet shard(s); start-up {_fmt(ray.get('startup_seconds'), 1)} s "
                          f"of {ray['seconds']:.1f} s; steady {_fmt(ray.get('steady_tokens_per_second'), 0)} tokens/s "
-                         "('-': one batch, no steady state).")
+                         "('-': too few blocks for a steady state).")
         lines.append(f"Reference: {g.get('reference')}; tolerance {g['tolerance']:g} (relative L2 per row).")
         lines.append("")
     bt = report.get("batch_tokens", {})
