@@ -467,88 +467,74 @@ def embed(input: str, output: str, *, model: str | None = None, layers="-1", poo
     inspect_shards(fs, shards, text_column, id_column)  # column errors before any model loads
     out = Output(output)
     out.check_writable()
-    with out.lock():
-        return _embed(input, out, fs, shards, t_start, model=model, layers=layers, poolings=poolings,
-                      text_column=text_column, id_column=id_column, max_length=max_length, dtype=dtype,
-                      normalize=normalize, config=config, actors=actors, gpus_per_actor=gpus_per_actor,
-                      ray_address=ray_address, force=force, output_format=output_format, progress=progress,
-                      trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, stall_timeout_s=stall_timeout_s,
-                      unit_rows=unit_rows)
+    with out.lock():  # one run per output
+        # Model: resolve and materialise once on the driver (converts GGUF into the cache once).
+        src = models.resolve(model)
+        if src.gguf_file is None and not os.path.isdir(src.path):
+            raise ValueError(f"model {src.name!r} must be a local directory or a .gguf file for distributed runs")
+        model_dir = str(models.materialize(src))
+        models.check_weight_format(src, model_dir, allow_pickle)  # here, not deep inside an actor
+        from transformers import AutoConfig
 
+        mcfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        variants = make_variants(layers, poolings, mcfg.num_hidden_layers)
+        desc = {"model": src.name, "weights_digest": models.weights_digest(src),
+                "variants": [{"name": v.name, "column": v.column, "layer": v.layer, "pooling": v.pooling,
+                              "dim": mcfg.hidden_size, "dtype": dtype, "normalized": normalize} for v in variants]}
+        signature = job_signature(desc, {"max_length": max_length, "dtype": dtype, "normalize": normalize,
+                                         "text_column": text_column, "id_column": id_column, "format": output_format})
+        manifest = out.read_manifest()
+        if manifest and manifest.get("signature") != signature:
+            if not force:
+                old = manifest.get("signature", {})
+                diff = sorted(k for k in set(old) | set(signature) if old.get(k) != signature.get(k))
+                raise ValueError(f"{redact(output)} holds embeddings made with a different {', '.join(diff)}; "
+                                 "use a new output location, or --force to replace them")
+            log.warning("replacing %s: settings changed and --force given", redact(output))
+            for s in manifest.get("shards", []):
+                out.remove(s["output"])
+            manifest = None
+        manifest = manifest or {"signature": signature, "model": {"name": src.name, "weights_digest": desc["weights_digest"]},
+                                "variants": desc["variants"], "input": redact(input), "shards": []}
+        out.sweep(manifest)
 
-def _embed(input: str, out: Output, fs, shards: list[Shard], t_start: float, *, model, layers, poolings,
-           text_column, id_column, max_length, dtype, normalize, config, actors, gpus_per_actor, ray_address,
-           force, output_format, progress, trust_remote_code, allow_pickle, stall_timeout_s,
-           unit_rows) -> EmbedSummary:
-    output = out.url
-
-    # Model: resolve and materialise once on the driver (converts GGUF into the cache once).
-    src = models.resolve(model)
-    if src.gguf_file is None and not os.path.isdir(src.path):
-        raise ValueError(f"model {src.name!r} must be a local directory or a .gguf file for distributed runs")
-    model_dir = str(models.materialize(src))
-    models.check_weight_format(src, model_dir, allow_pickle)  # here, not deep inside an actor
-    from transformers import AutoConfig
-
-    mcfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    variants = make_variants(layers, poolings, mcfg.num_hidden_layers)
-    desc = {"model": src.name, "weights_digest": models.weights_digest(src),
-            "variants": [{"name": v.name, "column": v.column, "layer": v.layer, "pooling": v.pooling,
-                          "dim": mcfg.hidden_size, "dtype": dtype, "normalized": normalize} for v in variants]}
-    signature = job_signature(desc, {"max_length": max_length, "dtype": dtype, "normalize": normalize,
-                                     "text_column": text_column, "id_column": id_column, "format": output_format})
-    manifest = out.read_manifest()
-    if manifest and manifest.get("signature") != signature:
-        if not force:
-            old = manifest.get("signature", {})
-            diff = sorted(k for k in set(old) | set(signature) if old.get(k) != signature.get(k))
-            raise ValueError(f"{redact(output)} holds embeddings made with a different {', '.join(diff)}; "
-                             "use a new output location, or --force to replace them")
-        log.warning("replacing %s: settings changed and --force given", redact(output))
-        for s in manifest.get("shards", []):
-            out.remove(s["output"])
-        manifest = None
-    manifest = manifest or {"signature": signature, "model": {"name": src.name, "weights_digest": desc["weights_digest"]},
-                            "variants": desc["variants"], "input": redact(input), "shards": []}
-    out.sweep(manifest)
-
-    todo, keep, drop = plan(manifest, shards)
-    failed = {s.rel: s.error for s in todo if s.error}
-    todo = [s for s in todo if s.error is None]
-    for e in drop:
-        out.remove(e["output"])
-    # A changed (or now unreadable) shard keeps its old output until a new one is committed.
-    dropped = {e["rel"] for e in drop}
-    manifest["shards"] = [e for e in manifest["shards"] if e["rel"] not in dropped]
-    manifest["failed"] = failed
-    out.write_manifest(manifest)
-    summary = EmbedSummary(output=redact(output), shards_total=len(shards), shards_skipped=len(keep),
-                           shards_dropped=len(drop), shards_failed=dict(failed))
-    empty = [s for s in todo if s.rows == 0]
-    todo = [s for s in todo if s.rows > 0]
-    for s in empty:  # an empty shard is done at once: nothing to embed, nothing lost
-        _commit(out, manifest, s, _Pending(s, np.zeros(0, dtype=bool)), None)
-        summary.shards_embedded += 1
-    if todo:
-        _run_ray(out, manifest, todo, summary, model_dir=model_dir, model_name=src.name, config=asdict(config),
-                 model_options=dict(trust_remote_code=trust_remote_code, allow_pickle=allow_pickle),
-                 text_column=text_column, id_column=id_column, actors=actors, gpus_per_actor=gpus_per_actor,
-                 ray_address=ray_address, fmt=output_format, progress=progress, stall_timeout_s=stall_timeout_s,
-                 fs=fs, unit_rows=unit_rows, t_start=t_start)
-    if id_column:
-        summary.duplicate_ids, examples = _duplicate_ids(out, manifest)
-        manifest["duplicate_ids"] = {"count": summary.duplicate_ids, "examples": examples}
-        if summary.duplicate_ids:
-            log.warning("%d duplicate id(s) in column %r (e.g. %s): every row is kept and embedded",
-                        summary.duplicate_ids, id_column, ", ".join(examples))
-    summary.seconds = time.perf_counter() - t_start
-    manifest["last_run"] = summary.as_dict()
-    out.write_manifest(manifest)
-    if summary.shards_failed:
-        lines = "; ".join(f"{rel}: {msg}" for rel, msg in sorted(summary.shards_failed.items()))
-        raise EmbedError(f"{len(summary.shards_failed)} shard(s) failed, the others are committed "
-                         f"(re-run to retry): {lines}")
-    return summary
+        todo, keep, drop = plan(manifest, shards)
+        failed = {s.rel: s.error for s in todo if s.error}
+        todo = [s for s in todo if s.error is None]
+        for e in drop:
+            out.remove(e["output"])
+        # A changed (or now unreadable) shard keeps its old output until a new one is committed.
+        dropped = {e["rel"] for e in drop}
+        manifest["shards"] = [e for e in manifest["shards"] if e["rel"] not in dropped]
+        manifest["failed"] = failed
+        out.write_manifest(manifest)
+        summary = EmbedSummary(output=redact(output), shards_total=len(shards), shards_skipped=len(keep),
+                               shards_dropped=len(drop), shards_failed=dict(failed))
+        empty = [s for s in todo if s.rows == 0]
+        todo = [s for s in todo if s.rows > 0]
+        for s in empty:  # an empty shard is done at once: nothing to embed, nothing lost
+            _commit(out, manifest, s, _Pending(s, np.zeros(0, dtype=bool)), None)
+            summary.shards_embedded += 1
+        if todo:
+            _run_ray(out, manifest, todo, summary, model_dir=model_dir, model_name=src.name, config=asdict(config),
+                     model_options=dict(trust_remote_code=trust_remote_code, allow_pickle=allow_pickle),
+                     text_column=text_column, id_column=id_column, actors=actors, gpus_per_actor=gpus_per_actor,
+                     ray_address=ray_address, fmt=output_format, progress=progress, stall_timeout_s=stall_timeout_s,
+                     fs=fs, unit_rows=unit_rows, t_start=t_start)
+        if id_column:
+            summary.duplicate_ids, examples = _duplicate_ids(out, manifest)
+            manifest["duplicate_ids"] = {"count": summary.duplicate_ids, "examples": examples}
+            if summary.duplicate_ids:
+                log.warning("%d duplicate id(s) in column %r (e.g. %s): every row is kept and embedded",
+                            summary.duplicate_ids, id_column, ", ".join(examples))
+        summary.seconds = time.perf_counter() - t_start
+        manifest["last_run"] = summary.as_dict()
+        out.write_manifest(manifest)
+        if summary.shards_failed:
+            lines = "; ".join(f"{rel}: {msg}" for rel, msg in sorted(summary.shards_failed.items()))
+            raise EmbedError(f"{len(summary.shards_failed)} shard(s) failed, the others are committed "
+                             f"(re-run to retry): {lines}")
+        return summary
 
 
 def _duplicate_ids(out: Output, manifest: dict) -> tuple[int, list[str]]:
