@@ -64,7 +64,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       PrivateAttr, ValidationError)
 
 from .models import DEFAULT_MODEL
-from .storage import Output, redact, safe_name, write_atomic
+from .storage import Output, redact, safe_name, utc_now
 from .variants import POOLINGS, SpecError, Variant, make_variants, parse_layers
 
 LATEST = "LATEST"
@@ -493,19 +493,6 @@ def _is_local_fs(fs) -> bool:
     return "file" in protocols or "local" in protocols
 
 
-def _read_json(out: Output, rel: str) -> Any:
-    p = out.path(rel)
-    if not out.fs.exists(p):
-        return None
-    with out.fs.open(p, "rb") as f:
-        return json.loads(f.read())
-
-
-def _write_json(out: Output, rel: str, obj: Any) -> None:
-    out.fs.makedirs(out.path(*rel.split("/")[:-1]) if "/" in rel else out.root, exist_ok=True)
-    write_atomic(out.fs, out.path(rel), (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode())
-
-
 @dataclass
 class Job:
     """A validated spec with everything resolved that the run and the dry run need."""
@@ -580,7 +567,7 @@ def _resolve_existing(spec: JobSpec) -> Job:
     out = Output(url)
     manifest = out.read_manifest()
     if manifest is None:
-        latest = _read_json(out, LATEST)
+        latest = out.read_json(LATEST)
         if latest is None:
             raise _Problem("input.embeddings", f"no strata output at {redact(url)} (neither manifest.json nor "
                                                f"{LATEST} found)")
@@ -680,7 +667,7 @@ def index_status(job: Job, manifest: dict | None) -> tuple[list[str], list[str]]
     if not targets:
         return [], []
     out = Output(job.version_url)
-    built = _read_json(out, f"indexes/{BUILT_FILE}") or {}
+    built = out.read_json(f"indexes/{BUILT_FILE}") or {}
     files = _index_files(manifest or {})
     kind = job.spec.indexes.kind
     stale, fresh = [], []
@@ -704,7 +691,7 @@ def build_indexes(job: Job, ws: _Workspace, names: list[str], manifest: dict, sa
     if any(p is None for p in local_files):
         missing = files[[p is None for p in local_files].index(True)]
         raise FileNotFoundError(f"{redact(job.version_url)}/{missing}: listed in the manifest but missing")
-    built = _read_json(ws.out, f"indexes/{BUILT_FILE}") or {}
+    built = ws.out.read_json(f"indexes/{BUILT_FILE}") or {}
     done = []
     for name in names:
         t0 = time.perf_counter()
@@ -712,8 +699,8 @@ def build_indexes(job: Job, ws: _Workspace, names: list[str], manifest: dict, sa
                              job.spec.indexes.kind)
         ws.push(*(f"indexes/{name}{s}" for s in (".faiss", ".ids.parquet", ".json")))
         built[name] = {"files": files, "kind": job.spec.indexes.kind, "built_kind": params["kind"],
-                       "rows": params["rows"], "built_at": _now()}
-        _write_json(ws.out, f"indexes/{BUILT_FILE}", built)  # after the index: a crash leaves it stale, not wrong
+                       "rows": params["rows"], "built_at": utc_now()}
+        ws.out.write_json(f"indexes/{BUILT_FILE}", built)  # after the index: a crash leaves it stale, not wrong
         done.append({"variant": name, "kind": params["kind"], "rows": params["rows"],
                      "seconds": round(time.perf_counter() - t0, 3)})
         say(f"  index {name}: {params['kind']}, {params['rows']:,} vectors")
@@ -778,7 +765,7 @@ def plan_job(job: Job) -> dict:
                               "version_path": redact(job.version_url), "dry_run": True}
     out = Output(job.version_url)
     if job.job_url:
-        latest = _read_json(Output(job.job_url), LATEST)
+        latest = Output(job.job_url).read_json(LATEST)
         plan_d["latest"] = latest["version"] if latest else None
         plan_d["version_exists"] = out.fs.exists(out.path(VERSION_FILE))
     manifest = out.read_manifest()
@@ -876,10 +863,6 @@ def _print_plan(p: dict, say) -> None:
 
 
 # --------------------------------------------------------------------------- run
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
 def run_job(spec_path: str | os.PathLike, dry_run: bool = False, *, progress: bool = True,
             stream: TextIO | None = None) -> dict:
     """Run a job spec: embed (incremental) -> index -> evaluate -> report -> LATEST; returns a summary.
@@ -905,7 +888,7 @@ def run_job(spec_path: str | os.PathLike, dry_run: bool = False, *, progress: bo
                                "version_path": redact(job.version_url), "embed": None,
                                "indexes": {"built": [], "up_to_date": []}, "evaluations": 0, "report": None}
     ws = _Workspace(job.version_url, spec.name, job.version)
-    latest = _read_json(Output(job.job_url), LATEST) if job.job_url else None
+    latest = Output(job.job_url).read_json(LATEST) if job.job_url else None
     if job.job_url:
         summary["new_version"] = not ws.exists(VERSION_FILE)
         summary["previous_latest"] = latest["version"] if latest else None
@@ -913,8 +896,8 @@ def run_job(spec_path: str | os.PathLike, dry_run: bool = False, *, progress: bo
             + (" (new)" if summary["new_version"] else ""))
         if summary["new_version"]:
             ws.out.fs.makedirs(ws.out.root, exist_ok=True)
-            _write_json(ws.out, VERSION_FILE, {"version": job.version, "key": job.version_key, "job": spec.name,
-                                               "created_at": _now()})
+            ws.out.write_json(VERSION_FILE, {"version": job.version, "key": job.version_key, "job": spec.name,
+                                               "created_at": utc_now()})
     else:
         say(f"job {spec.name}: existing output {redact(job.version_url)}")
 
@@ -953,10 +936,10 @@ def run_job(spec_path: str | os.PathLike, dry_run: bool = False, *, progress: bo
             say(f"  report: {summary['report']}")
 
     summary["seconds"] = round(time.perf_counter() - t0, 3)
-    summary["completed_at"] = _now()
-    _write_json(ws.out, JOB_FILE, {"spec": spec.model_dump(mode="json"), "summary": summary})
+    summary["completed_at"] = utc_now()
+    ws.out.write_json(JOB_FILE, {"spec": spec.model_dump(mode="json"), "summary": summary})
     if job.job_url:  # the pointer moves only once everything above has succeeded
-        _write_json(Output(job.job_url), LATEST, {"version": job.version, "path": redact(job.version_url),
+        Output(job.job_url).write_json(LATEST, {"version": job.version, "path": redact(job.version_url),
                                                   "job": spec.name, "spec": spec.source, "model": job.model_ref,
                                                   "weights_digest": job.weights_digest, "variants": job.variants,
                                                   "completed_at": summary["completed_at"]})
@@ -968,7 +951,7 @@ def run_job(spec_path: str | os.PathLike, dry_run: bool = False, *, progress: bo
 
 def read_latest(job_dir: str) -> dict | None:
     """The LATEST record of a job folder ``{output}/{name}`` (None before the first complete run)."""
-    return _read_json(Output(_local(job_dir)), LATEST)
+    return Output(_local(job_dir)).read_json(LATEST)
 
 
 # --------------------------------------------------------------------------- CLI glue

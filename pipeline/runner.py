@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from . import models
 from .encoder import Encoder, EncoderConfig, tokenize
-from .storage import STAGING, Output, read_part, redact, shard_key, write_part
+from .storage import STAGING, Output, read_part, redact, shard_key, utc_now, write_part
 from .variants import make_variants
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ def _unit_error(shard: int, message: str) -> pa.Table:
 class EmbedActor:
     """The Ray actor: a thin shell around Encoder. Rows it cannot embed pass through as nulls."""
 
-    def __init__(self, model_dir: str, model_name: str, config: dict, threads: int | None, device: str,
+    def __init__(self, model_dir: str, config: dict, threads: int | None, device: str,
                  trust_remote_code: bool = False, allow_pickle: bool = False):
         import torch
 
@@ -516,7 +516,7 @@ def embed(input: str, output: str, *, model: str | None = None, layers="-1", poo
             _commit(out, manifest, s, _Pending(s, np.zeros(0, dtype=bool)), None)
             summary.shards_embedded += 1
         if todo:
-            _run_ray(out, manifest, todo, summary, model_dir=model_dir, model_name=src.name, config=asdict(config),
+            _run_ray(out, manifest, todo, summary, model_dir=model_dir, config=asdict(config),
                      model_options=dict(trust_remote_code=trust_remote_code, allow_pickle=allow_pickle),
                      text_column=text_column, id_column=id_column, actors=actors, gpus_per_actor=gpus_per_actor,
                      ray_address=ray_address, fmt=output_format, progress=progress, stall_timeout_s=stall_timeout_s,
@@ -569,7 +569,7 @@ def _commit(out: Output, manifest: dict, shard: Shard, p: _Pending, run_id: str 
         "files": sorted(p.parts), "rejects_files": sorted(p.rejects_parts), "rows": shard.rows,
         "rows_written": shard.rows - sum(p.reasons.values()), "rows_rejected": sum(p.reasons.values()),
         "rejected_reasons": dict(p.reasons), "tokens": p.tokens, "truncated": p.truncated,
-        "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "committed_at": utc_now(),
     }]
     manifest.get("failed", {}).pop(shard.rel, None)
     out.write_manifest(manifest)
@@ -578,7 +578,7 @@ def _commit(out: Output, manifest: dict, shard: Shard, p: _Pending, run_id: str 
 
 
 def _run_ray(out: Output, manifest: dict, todo: list[Shard], summary: EmbedSummary, *, model_dir: str,
-             model_name: str, config: dict, model_options: dict, text_column: str, id_column: str | None, actors: int | None,
+             config: dict, model_options: dict, text_column: str, id_column: str | None, actors: int | None,
              gpus_per_actor: float | None, ray_address: str | None, fmt: str, progress: bool,
              stall_timeout_s: float, fs, unit_rows: int, t_start: float) -> None:
     t0 = time.perf_counter()
@@ -610,7 +610,7 @@ def _run_ray(out: Output, manifest: dict, todo: list[Shard], summary: EmbedSumma
     ds = ds.repartition(target_num_rows_per_block=EMBED_BATCH_ROWS)
     ds = ds.map_batches(EmbedActor, batch_size=EMBED_BATCH_ROWS, batch_format="pyarrow",
                         compute=ActorPoolStrategy(size=n_actors), num_cpus=cpus, num_gpus=gpus or None,
-                        fn_constructor_kwargs=dict(model_dir=model_dir, model_name=model_name, config=config,
+                        fn_constructor_kwargs=dict(model_dir=model_dir, config=config,
                                                    threads=threads, device="auto", **model_options))
     ds = ds.map_batches(write_parts, batch_size=None, batch_format="pyarrow", num_cpus=0.5,
                         fn_kwargs=dict(output_url=out.url, run_id=run_id, keys=[s.key for s in todo],

@@ -42,6 +42,11 @@ FORMAT_VERSION = 1
 SECRET_QUERY_KEYS = re.compile(r"(token|secret|key|signature|sig|password|credential|auth)", re.I)
 
 
+def utc_now() -> str:
+    """The current time as recorded in manifests, locks and job files (ISO 8601, UTC, seconds)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 class OutputInUse(RuntimeError):
     """Another live run holds the output location."""
 
@@ -106,27 +111,28 @@ class Output:
         ``LOCK_STALE_S``) is taken over, so a crashed run never blocks the next one for long.
         """
         path = self.path(LOCK)
-        holder = self._read_json(path)
+        holder = self.read_json(LOCK)
         if holder and not _lock_is_stale(holder):
             age = time.time() - float(holder.get("heartbeat", 0))
             raise OutputInUse(f"{redact(self.url)} is in use by another run (host {holder.get('host')}, "
                               f"pid {holder.get('pid')}, started {holder.get('started')}, alive {age:.0f}s ago); "
                               f"wait for it to finish, or remove {path} if that run is dead")
-        me = {"token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
-              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        self.fs.makedirs(self.root, exist_ok=True)
+        me = {"token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "started": utc_now()}
 
         def beat() -> None:
-            write_atomic(self.fs, path, json.dumps(dict(me, heartbeat=time.time())).encode())
+            self.write_json(LOCK, dict(me, heartbeat=time.time()))
+
+        def mine() -> bool:
+            return (self.read_json(LOCK) or {}).get("token") == me["token"]
 
         beat()
-        if (self._read_json(path) or {}).get("token") != me["token"]:  # another run wrote in between
+        if not mine():  # another run wrote in between
             raise OutputInUse(f"{redact(self.url)}: another run took the lock at the same moment; retry later")
         stop = threading.Event()
 
         def loop() -> None:
             while not stop.wait(LOCK_HEARTBEAT_S):
-                if (self._read_json(path) or {}).get("token") != me["token"]:
+                if not mine():
                     return  # taken over (this run was stalled past LOCK_STALE_S): stop claiming it
                 beat()
 
@@ -137,23 +143,29 @@ class Output:
         finally:
             stop.set()
             thread.join()
-            if (self._read_json(path) or {}).get("token") == me["token"]:
+            if mine():
                 self.fs.rm(path)
 
-    def _read_json(self, path: str) -> dict | None:
+    # ------------------------------------------------------------------ JSON files, manifest
+    def read_json(self, rel: str):
+        """A JSON file under the root, or None where there is none."""
         try:
-            with self.fs.open(path, "rb") as f:
+            with self.fs.open(self.path(rel), "rb") as f:
                 return json.loads(f.read())
         except FileNotFoundError:
             return None
 
-    # ------------------------------------------------------------------ manifest
+    def write_json(self, rel: str, obj) -> None:
+        """Replace a JSON file under the root atomically (its folder is made if needed)."""
+        path = self.path(rel)
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        write_atomic(self.fs, path, (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode())
+
     def read_manifest(self) -> dict | None:
-        return self._read_json(self.path(MANIFEST))
+        return self.read_json(MANIFEST)
 
     def write_manifest(self, manifest: dict) -> None:
-        manifest = dict(manifest, format=FORMAT_VERSION, updated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        write_atomic(self.fs, self.path(MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
+        self.write_json(MANIFEST, dict(manifest, format=FORMAT_VERSION, updated_at=utc_now()))
 
     # ------------------------------------------------------------------ commits
     def commit_dir(self, staged: str, key: str) -> str:
