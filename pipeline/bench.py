@@ -137,11 +137,18 @@ def _current_rss_bytes() -> int:
         return 0
 
 
-def _sync(device) -> None:
-    if getattr(device, "type", str(device)) == "cuda":
+def _timed(device, fn):
+    """(fn(), wall seconds), with the GPU's queued work included on CUDA."""
+    cuda = getattr(device, "type", str(device)) == "cuda"
+    if cuda:
         import torch
 
         torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    result = fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - t0
 
 
 def pass_flops(block_params: int, hidden: int, depth: int, shapes: Sequence[tuple[int, int]]) -> float:
@@ -248,12 +255,9 @@ def _run_hf_modes(spec: dict) -> dict:
     cpu0 = time.process_time()
     if spec["mode"] == "hf-single-pass":  # every variant from each pass; repeated for a median
         while _keep_going(times, spec["budget_seconds"], spec["repeats"]):
-            _sync(device)
-            t0 = time.perf_counter()
-            shapes, lengths = _hf_pass(model, tok, device, texts, spec["max_length"], spec["batch_size"],
-                                       _grid_layer_poolings(variants), emb)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
+            (shapes, lengths), secs = _timed(device, lambda: _hf_pass(
+                model, tok, device, texts, spec["max_length"], spec["batch_size"], _grid_layer_poolings(variants), emb))
+            times.append(secs)
         seconds, passes_per_run = _median(times), 1
     else:  # naive: one pass per variant, in a fixed shuffled order so a partial run spans the grid
         order = list(variants)
@@ -262,12 +266,9 @@ def _run_hf_modes(spec: dict) -> dict:
         for layer, pooling in order:
             if not _keep_going(times, spec["budget_seconds"], wanted):
                 break
-            _sync(device)
-            t0 = time.perf_counter()
-            shapes, lengths = _hf_pass(model, tok, device, texts, spec["max_length"], spec["batch_size"],
-                                       {layer: [pooling]}, emb)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
+            (shapes, lengths), secs = _timed(device, lambda: _hf_pass(
+                model, tok, device, texts, spec["max_length"], spec["batch_size"], {layer: [pooling]}, emb))
+            times.append(secs)
         measured = len(times)
         emb = {f"L{layer}.{pooling}": emb[f"L{layer}.{pooling}"] for layer, pooling in order[:measured]}
         # every naive pass is the same full-model computation; unmeasured passes cost the median
@@ -314,11 +315,8 @@ def _run_encoder(spec: dict) -> dict:
     res = None
     cpu0 = time.process_time()
     while _keep_going(times, spec["budget_seconds"], spec["repeats"]):
-        _sync(enc.device)
-        t0 = time.perf_counter()
-        res = enc.encode(texts)
-        _sync(enc.device)
-        times.append(time.perf_counter() - t0)
+        res, secs = _timed(enc.device, lambda: enc.encode(texts))
+        times.append(secs)
     cpu_seconds = (time.process_time() - cpu0) / len(times)
     _save_embeddings(spec["embeddings_path"], res.embeddings)
     shapes = [(len(b.indices), b.padded_len) for b in plan]
@@ -419,11 +417,8 @@ def _run_batch_tokens(spec: dict) -> dict:
             enc.config = dataclasses.replace(enc.config, batch_tokens=b)
             if enc.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(enc.device)
-            _sync(enc.device)
-            t0 = time.perf_counter()
-            res = enc.encode_ids(ids)
-            _sync(enc.device)
-            times[b].append(time.perf_counter() - t0)
+            res, secs = _timed(enc.device, lambda: enc.encode_ids(ids))
+            times[b].append(secs)
             stats[b] = res.stats
             if enc.device.type == "cuda":
                 gpu_peak[b] = torch.cuda.max_memory_allocated(enc.device)
@@ -506,11 +501,7 @@ def _run_hardware(spec: dict) -> dict:
             torch.matmul(a, b)
         samples = []
         for _ in range(reps):
-            _sync(device)
-            t0 = time.perf_counter()
-            torch.matmul(a, b)
-            _sync(device)
-            samples.append(time.perf_counter() - t0)
+            samples.append(_timed(device, lambda: torch.matmul(a, b))[1])
         secs = _median(samples)
         out["matmul"][name] = {"size": size, "seconds": secs, "flops_per_second": 2.0 * size ** 3 / secs,
                                "samples": len(samples)}
@@ -595,7 +586,8 @@ def _compare(results: dict[str, dict]) -> tuple[str | None, dict[str, float]]:
     ref_mode = next((m for m in REFERENCE_ORDER if "_embeddings_path" in results.get(m, {})), None)
     if ref_mode is None:
         return None, {}
-    ref = np.load(results[ref_mode]["_embeddings_path"])
+    with np.load(results[ref_mode]["_embeddings_path"]) as f:
+        ref = {name: f[name].astype(np.float64) for name in f.files}  # read once, not once per mode
     errs = {}
     for mode, res in results.items():
         if "_embeddings_path" not in res:
@@ -603,9 +595,9 @@ def _compare(results: dict[str, dict]) -> tuple[str | None, dict[str, float]]:
         got = np.load(res["_embeddings_path"])
         worst, compared = 0.0, 0
         for name in got.files:
-            if name not in ref.files:
+            if name not in ref:
                 continue
-            a, b = got[name].astype(np.float64), ref[name].astype(np.float64)
+            a, b = got[name].astype(np.float64), ref[name]
             if a.shape != b.shape:
                 raise RuntimeError(f"{mode} {name}: shape {a.shape} differs from {b.shape}")
             denom = np.maximum(np.linalg.norm(b, axis=1), 1e-12)
@@ -741,7 +733,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .models import DEFAULT_MODEL
 
     parser.add_argument("--quick", action="store_true",
-                        help="small sample, one repeat, short per-mode budgets (about 2 minutes on 2 idle CPU cores)")
+                        help="small sample, one repeat, short per-mode budgets (under 3 minutes on 2 CPU cores)")
     parser.add_argument("--out", default=None, help="JSON results file (default: bench-results.json, "
                         "or bench-quick.json with --quick)")
     parser.add_argument("--markdown", default=None, help="Markdown report (default: BENCHMARKS.md, or the "
@@ -751,9 +743,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="data directory with scifact/ and stsb/ "
                         "(default: $STRATA_DATA or ../shared/data next to the repository)")
     parser.add_argument("--docs", type=int, default=None, help="SciFact documents in the sample "
-                        "(default: 4 quick, 32 on CPU, 1024 on CUDA)")
+                        "(default: 4 quick, 64 on CPU, 1024 on CUDA)")
     parser.add_argument("--sentences", type=int, default=None, help="STS-B sentences in the sample "
-                        "(default: 12 quick, 96 on CPU, 3072 on CUDA)")
+                        "(default: 12 quick, 192 on CPU, 3072 on CUDA)")
     parser.add_argument("--layers", default=DEFAULT_LAYERS,
                         help="layers of the truncated grid (default: %(default)s = 3..18 of 30)")
     parser.add_argument("--layers-full", default=DEFAULT_LAYERS_FULL,
