@@ -10,7 +10,7 @@ Four ways to embed the same texts with the same model and the same pooling code
 - ``strata-encoder``: ``pipeline.encoder.Encoder.encode`` (length-sorted token-budget
   batches, the pass truncated after the deepest requested block);
 - ``strata-ray``: end to end through Ray Data with ``pipeline.runner.embed`` on Parquet
-  shards (recorded as "not available" where that module is missing).
+  shards.
 
 Each mode runs in a fresh subprocess, so its peak RSS (``getrusage`` in the child) is its
 own; model loading is timed apart from embedding. Every mode's embeddings are compared
@@ -187,10 +187,6 @@ def _save_embeddings(path: str, emb: dict) -> None:
 
 
 # ============================================================================ child: modes
-class _NotAvailable(Exception):
-    pass
-
-
 def _load_hf(spec: dict):
     """The plain HF model for the naive and hf-single-pass modes: same weights and dtype as Strata."""
     import torch
@@ -374,10 +370,11 @@ class _TreeMemory:
         self._thread.join()
 
 
-def _read_ray_output(read_embeddings, out_dir: Path, n: int, names: list[str], scale: int):
+def _read_ray_output(out_dir: Path, n: int, names: list[str], scale: int):
     """Embeddings the runner committed, as {variant: (n, dim)} in input order (the first copy when scaled)."""
     import numpy as np
 
+    from .runner import read_embeddings
     from .variants import Variant
 
     columns = [Variant.parse(name).column for name in names]
@@ -432,12 +429,10 @@ def _run_batch_tokens(spec: dict) -> dict:
 
 
 def _run_ray(spec: dict) -> dict:
-    try:
-        from .runner import embed, read_embeddings
-    except ImportError as e:
-        raise _NotAvailable(f"pipeline.runner cannot be imported ({e})") from None
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from .runner import embed
 
     texts = json.loads(Path(spec["texts_path"]).read_text())
     scale = int(spec.get("scale", 1))
@@ -463,7 +458,7 @@ def _run_ray(spec: dict) -> dict:
     # The driver's peak during the run, before the check below reads every output row back.
     driver_peak = _peak_rss_bytes()
     names = [f"L{layer}.{pooling}" for layer, pooling in spec["variants"]]
-    emb = _read_ray_output(read_embeddings, out_dir, len(texts), names, scale)
+    emb = _read_ray_output(out_dir, len(texts), names, scale)
     _save_embeddings(spec["embeddings_path"], emb)
     seconds = float(getattr(summary, "seconds", wall) or wall)  # the runner's own clock: start-up included
     result = {
@@ -523,11 +518,8 @@ def _child_main(spec_path: str) -> int:
         transformers.utils.logging.disable_progress_bar()
     except Exception:  # noqa: BLE001
         pass
-    try:
-        result = _CHILD_MODES[spec["mode"]](spec)
-        result["status"] = "ok"
-    except _NotAvailable as e:
-        result = {"status": "not available", "reason": str(e)}
+    result = _CHILD_MODES[spec["mode"]](spec)
+    result["status"] = "ok"
     result.setdefault("peak_rss_bytes", _peak_rss_bytes())
     try:
         import torch
@@ -820,8 +812,6 @@ def _batch_tokens_sweep(value: str | None, quick: bool) -> list[int]:
 
 def run(args) -> int:
     """Run the benchmark described by parsed ``args``; writes JSON + Markdown, prints the table."""
-    import importlib.util
-
     import numpy as np
 
     t_start = time.perf_counter()
@@ -838,7 +828,6 @@ def run(args) -> int:
         "schema": "strata-bench/1", "date": _now_utc(), "machine": machine_info(), "versions": versions(),
         "settings": st, "grids": [], "notes": [],
     }
-    runner_ok = importlib.util.find_spec("pipeline.runner") is not None
     work = Path(tempfile.mkdtemp(prefix="strata-bench-"))
     try:
         texts_path = work / "texts.json"
@@ -855,9 +844,6 @@ def run(args) -> int:
         for gi, grid in enumerate(grids):
             modes: dict[str, dict] = {}
             for mode in st["modes"]:
-                if mode == "strata-ray" and not runner_ok:
-                    modes[mode] = {"status": "not available", "reason": "pipeline.runner is not importable yet"}
-                    continue
                 if st["quick"] and gi > 0 and mode != "strata-encoder":
                     # naive and hf run the same full-model passes whatever the grid: --quick times them once
                     why = (f"--quick: same full-model passes as grid {grids[0]['name']}; ratios use those"
@@ -910,7 +896,7 @@ def run(args) -> int:
                           "source": "SciFact corpus.jsonl (title + ' ' + text) and distinct STS-B sentences, "
                                     "shuffled together"}
         report["batch_tokens"] = _batch_tokens(st, base, grids[0], work, args.timeout)
-        report["memory_scaling"] = _memory_scaling(st, base, grids[0], report["grids"][0]["modes"], runner_ok,
+        report["memory_scaling"] = _memory_scaling(st, base, grids[0], report["grids"][0]["modes"],
                                                    work, args.timeout)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -953,11 +939,10 @@ def _batch_tokens(st, base, grid, work, timeout) -> dict:
     return res
 
 
-def _memory_scaling(st, base, grid, grid_modes, runner_ok, work, timeout) -> dict:
+def _memory_scaling(st, base, grid, grid_modes, work, timeout) -> dict:
     """Peak memory of the Ray path at 1x and 4x the corpus: does memory grow with the data?"""
-    if not runner_ok or "strata-ray" not in st["modes"]:
-        return {"status": "not available", "reason": "pipeline.runner is not importable yet" if not runner_ok
-                else "strata-ray not among --modes"}
+    if "strata-ray" not in st["modes"]:
+        return {"status": "skipped", "reason": "strata-ray not among --modes"}
     if not st["memory_scaling"]:
         return {"status": "skipped", "reason": "--no-memory-scaling"}
     one = grid_modes.get("strata-ray", {})

@@ -3,7 +3,6 @@
 A tiny real run (8 texts, 2 variants, max length 32) through the actual per-mode subprocesses.
 """
 
-import importlib.util
 import json
 
 import numpy as np
@@ -68,7 +67,6 @@ def test_every_mode_reports_throughput_and_the_same_embeddings(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("pipeline.runner") is None, reason="pipeline.runner not written yet")
 def test_ray_mode_embeds_the_same_as_the_encoder(tmp_path):
     modes = ["strata-encoder", "strata-ray"]
     rc, report, _ = _run(tmp_path, "--modes", ",".join(modes), "--no-hardware", "--no-memory-scaling")
