@@ -895,7 +895,6 @@ def run_job(spec_path: str | os.PathLike, dry_run: bool = False, *, progress: bo
         say(f"job {spec.name}: version {job.version} at {redact(job.version_url)}"
             + (" (new)" if summary["new_version"] else ""))
         if summary["new_version"]:
-            ws.out.fs.makedirs(ws.out.root, exist_ok=True)
             ws.out.write_json(VERSION_FILE, {"version": job.version, "key": job.version_key, "job": spec.name,
                                                "created_at": utc_now()})
     else:
@@ -914,9 +913,8 @@ def run_job(spec_path: str | os.PathLike, dry_run: bool = False, *, progress: bo
 
     if spec.indexes is not None:
         manifest = ws.out.read_manifest() or {}
-        stale, fresh = index_status(job, manifest)
-        if changed:  # every index covers every shard (the file check would say so too)
-            stale, fresh = _index_targets(job), []
+        # every index covers every shard: after a change all are stale (the file check would say so too)
+        stale, fresh = (_index_targets(job), []) if changed else index_status(job, manifest)
         summary["indexes"] = {"built": build_indexes(job, ws, stale, manifest, say) if stale else [],
                               "up_to_date": fresh}
         if fresh:
