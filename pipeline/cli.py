@@ -35,23 +35,26 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-pickle", action="store_true", help="allow pickle weight files (.bin/.pt); off by default")
 
 
-def encoder_options(args) -> dict:
-    return dict(layers=args.layers, poolings=args.poolings, max_length=args.max_length, dtype=args.dtype,
-                normalize=args.normalize, batch_tokens=args.batch_tokens)
+def request_from_args(args, *, digest: bool = True):
+    """The one resolution of the command line's model, variant, settings and resource options."""
+    from .request import Resources, resolve
 
-
-def load_options(args) -> dict:
-    return dict(trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    resources = Resources(actors=getattr(args, "actors", None), gpus_per_actor=getattr(args, "gpus_per_actor", None),
+                          ray_address=getattr(args, "ray_address", None))
+    return resolve(args.model, layers=args.layers, poolings=args.poolings, max_length=args.max_length,
+                   dtype=args.dtype, normalize=args.normalize, batch_tokens=args.batch_tokens,
+                   output_format=getattr(args, "format", "parquet"), resources=resources,
+                   trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, digest=digest)
 
 
 def cmd_encode(args) -> int:
     from .encoder import Encoder
 
     texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    enc = Encoder.load(args.model, **load_options(args), **encoder_options(args))
+    enc = Encoder.from_request(request_from_args(args, digest=False))
     res = enc.encode(texts)
-    for name, arr in res.embeddings.items():
-        print(f"{name:>20}  shape={arr.shape}  first row={arr[0, :4].round(4).tolist()}")
+    for variant, arr in res.items():
+        print(f"{variant.name:>20}  shape={arr.shape}  first row={arr[0, :4].round(4).tolist()}")
     print(json.dumps(res.stats.as_dict()))
     return 0
 
@@ -59,10 +62,8 @@ def cmd_encode(args) -> int:
 def cmd_embed(args) -> int:
     from .runner import embed
 
-    summary = embed(args.input, args.output, model=args.model, **encoder_options(args), **load_options(args),
-                    text_column=args.text_column, id_column=args.id_column, actors=args.actors,
-                    gpus_per_actor=args.gpus_per_actor, ray_address=args.ray_address, force=args.force,
-                    output_format=args.format, progress=not args.quiet)
+    summary = embed(request_from_args(args), args.input, args.output, text_column=args.text_column,
+                    id_column=args.id_column, force=args.force, progress=not args.quiet)
     print(summary.line())
     return 0
 
@@ -74,32 +75,40 @@ def add_ray_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ray-address", default=None, help="join this Ray cluster (default: RAY_ADDRESS or a local one)")
 
 
-def embed_options(args) -> dict:
-    return dict(model=args.model, **encoder_options(args), **load_options(args), actors=args.actors,
-                gpus_per_actor=args.gpus_per_actor, ray_address=args.ray_address,
-                force=getattr(args, "force", False), progress=not getattr(args, "quiet", False))
-
-
 def cmd_index(args) -> int:
     from .index import build_indexes
 
     variants = [v for v in (args.variants or "").split(",") if v] or None
-    for name, params in build_indexes(args.output, variants, args.kind).items():
-        print(f"{name}: {params['kind']} index of {params['rows']:,} x {params['dim']} -> indexes/{name}.faiss")
+    for v, params in build_indexes(args.output, variants, args.kind).items():
+        print(f"{v.name}: {params['kind']} index of {params['rows']:,} x {params['dim']} -> indexes/{v.name}.faiss")
     return 0
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import eval_retrieval, eval_sts
+    import time
+
+    from .evaldata import load_sts
+    from .evaluate import (choose_engine, eval_retrieval, eval_sts, load_retrieval, make_encoder, retrieval_texts,
+                           sts_texts)
     from .report import best_variants
 
-    opts = embed_options(args)
     if args.task == "sts":
-        rows = eval_sts(args.data, args.output, **opts)
+        data = load_sts(args.data)
+        n_texts = sts_texts(data)
     else:
-        rows = eval_retrieval(args.data, args.output, split=args.split, max_queries=args.max_queries,
-                              max_docs=args.max_docs, **opts)
-    for dataset, best in best_variants(rows).items():
+        data = load_retrieval(args.data, split=args.split, max_queries=args.max_queries, max_docs=args.max_docs)
+        n_texts = retrieval_texts(data)
+    engine = choose_engine(args.engine, n_texts)
+    request = request_from_args(args, digest=engine == "ray")
+    encoder = make_encoder(request, engine, args.output, force=args.force, progress=not args.quiet)
+    t0 = time.perf_counter()
+    if args.task == "sts":
+        rows = eval_sts(data, args.output, encoder)
+    else:
+        rows = eval_retrieval(data, args.output, encoder)
+    print(f"{data.name}: {n_texts:,} unique texts, {len(request.variants)} variants, engine {engine}, "
+          f"{time.perf_counter() - t0:.1f}s")
+    for dataset, best in best_variants(rows, request.model.n_layers).items():
         print(f"{dataset}: best {best['variant']} {best['metric']} = {best['score']:.2f}")
     print(f"results: {args.output}/eval/results.json")
     return 0
@@ -110,7 +119,7 @@ def cmd_report(args) -> int:
     from .storage import Output
 
     manifest = Output(args.dir).read_manifest() or {}
-    n_layers = max((v["layer"] for v in manifest.get("variants", [])), default=None)
+    n_layers = manifest.get("model", {}).get("n_layers")  # absent in outputs written before it was recorded
     written = write_report(load_results(f"{args.dir}/eval/results.json"), args.dir, n_layers=n_layers)
     print(f"report: {written['report']}")
     for png in written["heatmaps"]:
@@ -159,10 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate every variant on STS (Spearman) or BEIR retrieval (nDCG@10)")
     p.add_argument("task", choices=["sts", "retrieval"])
     p.add_argument("data", help="STS: sts-*.csv or a pairs file (jsonl/tsv/parquet); retrieval: a BEIR directory")
-    p.add_argument("--output", required=True, help="receives eval/results.json and the embeddings it made")
+    p.add_argument("--output", required=True, help="receives eval/results.json (and, with the ray engine, the "
+                                                   "embeddings it made)")
     p.add_argument("--split", default="test", help="retrieval qrels split (default: %(default)s)")
     p.add_argument("--max-queries", type=int, default=None, help="retrieval subset (scores not comparable)")
     p.add_argument("--max-docs", type=int, default=None, help="retrieval subset (scores not comparable)")
+    p.add_argument("--engine", choices=["auto", "local", "ray"], default="auto",
+                   help="local: in-process, no cache; ray: the Ray pipeline, embeddings cached in --output; "
+                        "auto: local up to 10,000 unique texts (default: %(default)s)")
     add_model_options(p)
     add_ray_options(p)
     p.add_argument("--force", action="store_true", help="replace cached embeddings made with other settings")

@@ -8,10 +8,10 @@ blocks' outputs, then a sentinel exception ends the pass), so deeper blocks, the
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Sequence
 
 import numpy as np
@@ -20,13 +20,10 @@ import torch
 from . import models
 from .batching import padding_efficiency, plan_batches
 from .pooling import pool
-from .variants import Variant, make_variants
+from .request import EncodeSettings, Request, resolve
+from .variants import Variant
 
 OUTPUT_DTYPES = {"float32": np.float32, "float16": np.float16}
-# Padded tokens per forward pass when none is given. CPU: 4096 was the fastest of 4096-32768 in
-# two runs of `strata bench` (3-7% over 16384; BENCHMARKS.md). CUDA: larger batches keep the GPU
-# busy; 16384 is not yet measured on a GPU.
-DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
 # A text longer than this many characters per token of max_length is cut before tokenising,
 # so a multi-megabyte document costs bounded memory; it is counted as truncated.
 CHARS_PER_TOKEN_GUARD = 64
@@ -69,28 +66,6 @@ class _StopForward(Exception):
     pass
 
 
-@dataclass(frozen=True)
-class EncoderConfig:
-    layers: str | int | Sequence = "-1"
-    poolings: str | Sequence[str] = "mean"
-    normalize: bool = False
-    dtype: str = "float32"  # output dtype of the embeddings
-    max_length: int = 512
-    batch_tokens: int | None = None  # padded tokens per forward pass; None: DEFAULT_BATCH_TOKENS of the device
-    max_batch_rows: int = 256
-    padding_side: str = "right"  # results are the same either way; right is the default
-
-    def __post_init__(self):
-        if self.dtype not in OUTPUT_DTYPES:
-            raise ValueError(f"dtype {self.dtype!r}: choose from {', '.join(OUTPUT_DTYPES)}")
-        if self.max_length < 1:
-            raise ValueError(f"max_length must be positive, got {self.max_length}")
-        if (self.batch_tokens is not None and self.batch_tokens < 1) or self.max_batch_rows < 1:
-            raise ValueError("batch_tokens and max_batch_rows must be positive")
-        if self.padding_side not in ("right", "left"):
-            raise ValueError(f"padding_side {self.padding_side!r}: choose 'right' or 'left'")
-
-
 @dataclass
 class EncodeStats:
     rows: int = 0
@@ -120,9 +95,20 @@ class EncodeStats:
 
 
 @dataclass
-class EncodeResult:
-    embeddings: dict[str, np.ndarray]  # variant name -> (n, dim)
+class EncodeResult(Mapping):
+    """Every variant's (n, dim) array, in input order; a read-only mapping {Variant: array}."""
+
+    embeddings: dict[Variant, np.ndarray]
     stats: EncodeStats = field(default_factory=EncodeStats)
+
+    def __getitem__(self, variant: Variant | str) -> np.ndarray:
+        return self.embeddings[Variant.parse(variant)]
+
+    def __iter__(self):
+        return iter(self.embeddings)
+
+    def __len__(self) -> int:
+        return len(self.embeddings)
 
 
 def find_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -149,24 +135,31 @@ def pick_device(device: str | None = "auto") -> torch.device:
 
 
 class Encoder:
-    """Model + variants + batching. Build with ``Encoder.load(...)`` or from a loaded model."""
+    """Model + variants + batching, in one process (no Ray).
 
-    def __init__(self, model, tokenizer, config: EncoderConfig | None = None, *, model_name: str = "custom",
-                 source: models.ModelSource | None = None, device: str | torch.device | None = "auto"):
-        self.config = config or EncoderConfig()
+    ``Encoder.load(model, layers=..., poolings=...)`` resolves a request and loads it;
+    ``Encoder.from_request(request)`` is what the Ray actors use (nothing resolved again);
+    ``Encoder(model, tokenizer, variants)`` wraps a model already in memory.
+    ``encode(texts)`` returns a mapping {Variant: (n, dim) array}, the evaluators' encoder shape.
+    """
+
+    def __init__(self, model, tokenizer, variants: Sequence[Variant], settings: EncodeSettings | None = None, *,
+                 request: Request | None = None, device: str | torch.device | None = "auto"):
         self.model = model
         self.tokenizer = tokenizer
-        self.model_name = model_name
-        self.source = source
+        self.request = request
         self.device = pick_device(device) if not isinstance(device, torch.device) else device
-        if self.config.batch_tokens is None:
-            self.config = dataclasses.replace(self.config,
-                                              batch_tokens=DEFAULT_BATCH_TOKENS.get(self.device.type, 16384))
+        self.settings = (settings or EncodeSettings()).for_device(self.device.type)
         self.model.to(self.device)
         self.model.eval()
         self.n_layers: int = model.config.num_hidden_layers
         self.dim: int = model.config.hidden_size
-        self.variants: list[Variant] = make_variants(self.config.layers, self.config.poolings, self.n_layers)
+        self.variants: tuple[Variant, ...] = tuple(variants)
+        if not self.variants:
+            raise ValueError("an Encoder needs at least one variant")
+        bad = [v.name for v in self.variants if not 0 <= v.layer <= self.n_layers]
+        if bad:
+            raise ValueError(f"variant(s) {', '.join(bad)} out of range: the model has layers 0..{self.n_layers}")
         self.layers: list[int] = sorted({v.layer for v in self.variants})
         self.poolings_by_layer: dict[int, list[str]] = {
             layer: [v.pooling for v in self.variants if v.layer == layer] for layer in self.layers
@@ -178,16 +171,27 @@ class Encoder:
         self.pad_id = int(pad)
         self.pad_multiple = 8 if self.device.type == "cuda" else 1
 
-    @classmethod
-    def load(cls, model: str | None = None, *, device: str | None = "auto", model_dtype: str | None = "auto",
-             trust_remote_code: bool = False, allow_pickle: bool = False, threads: int | None = None,
-             **config) -> "Encoder":
-        """Load a model by spec (alias, directory, .gguf, hub id) and build an Encoder.
+    @property
+    def model_name(self) -> str:
+        return self.request.model.name if self.request else "custom"
 
-        ``model_dtype='auto'`` runs bf16 on CUDA and float32 on CPU. ``config`` holds the
-        EncoderConfig fields (layers, poolings, normalize, dtype, max_length, ...).
+    @classmethod
+    def load(cls, model: str | None = None, *, layers="-1", poolings="mean", device: str | None = "auto",
+             model_dtype: str | None = "auto", trust_remote_code: bool = False, allow_pickle: bool = False,
+             threads: int | None = None, **settings) -> "Encoder":
+        """Load a model by spec (alias, directory, .gguf, hub id) with the variants of a layer and
+        pooling spec. ``settings`` holds the EncodeSettings fields (normalize, dtype, max_length, ...)."""
+        request = resolve(model, layers=layers, poolings=poolings, device=device, trust_remote_code=trust_remote_code,
+                          allow_pickle=allow_pickle, digest=False, **settings)
+        return cls.from_request(request, device=device, model_dtype=model_dtype, threads=threads)
+
+    @classmethod
+    def from_request(cls, request: Request, *, device: str | None = "auto", model_dtype: str | None = "auto",
+                     threads: int | None = None) -> "Encoder":
+        """Load the request's model and embed exactly its variants with its settings.
+
+        ``model_dtype='auto'`` runs bf16 on CUDA and float32 on CPU.
         """
-        cfg = EncoderConfig(**config)
         dev = pick_device(device)
         if threads:
             torch.set_num_threads(threads)
@@ -195,19 +199,24 @@ class Encoder:
             torch_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         else:
             torch_dtype = getattr(torch, model_dtype) if model_dtype else None
-        m, tok, src = models.load(model, torch_dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                                  allow_pickle=allow_pickle)
-        return cls(m, tok, cfg, model_name=src.name, source=src, device=dev)
+        m, tok = models.load_dir(request.model.path, name=request.model.name, torch_dtype=torch_dtype,
+                                 trust_remote_code=request.model.trust_remote_code,
+                                 allow_pickle=request.model.allow_pickle)
+        return cls(m, tok, request.variants, request.settings, request=request, device=dev)
 
     @functools.cached_property
     def weights_digest(self) -> str | None:
         """sha256 of the weight files, hashed on first use only (Ray actors never need it)."""
-        return models.weights_digest(self.source) if self.source is not None else None
+        if self.request is None:
+            return None
+        if self.request.model.weights_digest:
+            return self.request.model.weights_digest
+        return models.weights_digest(models.resolve(self.request.model.name))
 
     # ---------------------------------------------------------------- tokenising
     def tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], np.ndarray]:
         """Token ids per text (truncated at max_length) and a bool array: was it truncated."""
-        return tokenize(self.tokenizer, texts, self.config.max_length)
+        return tokenize(self.tokenizer, texts, self.settings.max_length)
 
     # ---------------------------------------------------------------- forward
     @torch.inference_mode()
@@ -247,11 +256,11 @@ class Encoder:
                 h.remove()
         return captured
 
-    def _embed_batch(self, ids: list[list[int]], padded_len: int) -> dict[str, torch.Tensor]:
+    def _embed_batch(self, ids: list[list[int]], padded_len: int) -> dict[Variant, torch.Tensor]:
         n = len(ids)
         input_ids = torch.full((n, padded_len), self.pad_id, dtype=torch.long)
         mask = torch.zeros((n, padded_len), dtype=torch.long)
-        left = self.config.padding_side == "left"
+        left = self.settings.padding_side == "left"
         for i, row in enumerate(ids):
             span = slice(padded_len - len(row), padded_len) if left else slice(0, len(row))
             input_ids[i, span] = torch.as_tensor(row, dtype=torch.long)
@@ -260,33 +269,33 @@ class Encoder:
             input_ids, mask = input_ids.pin_memory().to(self.device, non_blocking=True), mask.pin_memory().to(self.device, non_blocking=True)
         return self.pool_hidden(self.hidden_states(input_ids, mask), mask)
 
-    def pool_hidden(self, hidden: dict[int, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every requested variant from the captured hidden states: {variant name: (B, D) float32}."""
-        out: dict[str, torch.Tensor] = {}
+    def pool_hidden(self, hidden: dict[int, torch.Tensor], mask: torch.Tensor) -> dict[Variant, torch.Tensor]:
+        """Every requested variant from the captured hidden states: {Variant: (B, D) float32}."""
+        out: dict[Variant, torch.Tensor] = {}
         for layer, poolings in self.poolings_by_layer.items():
             for pooling, vec in pool(hidden[layer], mask, poolings).items():
-                if self.config.normalize:
+                if self.settings.normalize:
                     vec = torch.nn.functional.normalize(vec, dim=-1)
-                out[Variant(layer, pooling).name] = vec
-        return out
+                out[Variant(layer, pooling)] = vec
+        return {v: out[v] for v in self.variants}
 
     def encode_ids(self, ids: Sequence[Sequence[int]]) -> EncodeResult:
         """Embed pre-tokenised rows; returns arrays in input order."""
         t0 = time.perf_counter()
         n = len(ids)
-        np_dtype = OUTPUT_DTYPES[self.config.dtype]
-        result = {v.name: np.empty((n, self.dim), dtype=np_dtype) for v in self.variants}
+        np_dtype = OUTPUT_DTYPES[self.settings.dtype]
+        result = {v: np.empty((n, self.dim), dtype=np_dtype) for v in self.variants}
         stats = EncodeStats(rows=n)
         lengths = [len(x) for x in ids]
         if any(length == 0 for length in lengths):
             raise ValueError(f"row {lengths.index(0)} has no tokens; every row needs at least one")
-        for batch in plan_batches(lengths, batch_tokens=self.config.batch_tokens,
-                                  max_rows=self.config.max_batch_rows, pad_multiple=self.pad_multiple):
+        for batch in plan_batches(lengths, batch_tokens=self.settings.batch_tokens,
+                                  max_rows=self.settings.max_batch_rows, pad_multiple=self.pad_multiple):
             vecs = self._embed_batch([ids[i] for i in batch.indices], batch.padded_len)
             # one device-to-host copy per batch for all variants (not one synchronising copy each)
             host = torch.stack(list(vecs.values())).to("cpu").numpy()
-            for name, v in zip(vecs, host):
-                result[name][batch.indices] = v.astype(np_dtype, copy=False)
+            for variant, v in zip(vecs, host):
+                result[variant][batch.indices] = v.astype(np_dtype, copy=False)
             stats.batches += 1
             stats.padded_tokens += batch.padded_tokens
         stats.tokens = int(sum(lengths))
@@ -294,7 +303,7 @@ class Encoder:
         return EncodeResult(result, stats)
 
     def encode(self, texts: Sequence[str]) -> EncodeResult:
-        """Embed texts; every variant as an (n, dim) array in input order."""
+        """Embed texts; every variant as an (n, dim) array in input order ({Variant: array})."""
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"text {i} is {type(t).__name__}, not str")

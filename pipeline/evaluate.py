@@ -1,17 +1,24 @@
-"""Evaluation through the pipeline: texts -> ``embed`` -> metrics -> tidy results rows.
+"""Evaluators with MTEB's shape: (an encoder, a dataset) -> tidy results rows.
 
-Evaluation texts become Parquet shards under ``DIR/inputs/`` (one per dataset part, ids are
-text digests, duplicates embedded once) and are embedded by the same Ray pipeline as any
-corpus into ``DIR`` itself. A shard is rewritten only when its texts change, so evaluating the
-same model and variants again re-embeds nothing; a new dataset embeds only its own texts.
+An encoder is anything with ``encode(texts) -> {Variant: (n, dim) array}`` (``TextEncoder``).
+Two implement it:
+
+- ``Encoder`` (``pipeline.encoder``): in-process, no Ray; for small sets and probes;
+- ``RayEncoder`` (below): the Ray pipeline over a cache directory. Texts become Parquet shards
+  under ``DIR/inputs/`` (ids are text digests), are embedded by ``embed`` into ``DIR``, and
+  are read back by id. Only texts the cache lacks are staged, so evaluating again re-embeds
+  nothing and a new dataset embeds only its new texts.
+
+``evaluate_sts`` / ``evaluate_retrieval`` take either. ``eval_sts`` / ``eval_retrieval`` are
+the command's entry points: they load the data, choose the engine (``auto``: in-process up to
+``LOCAL_MAX_TEXTS`` unique texts, Ray above), and merge the rows into ``DIR/eval/results.json``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
-from typing import Callable
+from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -19,113 +26,161 @@ import pyarrow.parquet as pq
 
 from .evaldata import BeirData, StsData, load_beir, load_sts
 from .metrics import retrieval_scores, sts_scores
-from .runner import EmbedSummary, embed, read_embeddings
-from .storage import safe_name
+from .report import merge_results
+from .request import Request, signature_difference
+from .storage import Output
 from .variants import Variant
 
-RESULTS = Path("eval") / "results.json"
+ENGINES = ("auto", "local", "ray")
+# ``auto`` evaluates in-process up to this many unique texts (STS-B test has 2,552; SciFact
+# 5,483 with its queries): no Ray start-up and no staging, and on one machine the same speed.
+# Above it the Ray pipeline's cache (nothing embedded twice) and its scale-out pay off.
+LOCAL_MAX_TEXTS = 10_000
+
+
+class TextEncoder(Protocol):
+    def encode(self, texts: Sequence[str]) -> Mapping[Variant, np.ndarray]: ...
 
 
 def text_id(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:24]
 
 
-def stage_texts(out_dir: Path, name: str, *parts: list[str]) -> list[list[str]]:
-    """Write the unique texts of ``parts`` as ``inputs/{name}.parquet`` (unless already there).
-
-    Returns the text ids of each part, in order. One shard per dataset, so a text shared by
-    two parts (an STS sentence on both sides, say) is embedded once.
-    """
-    ids = [[text_id(t) for t in texts] for texts in parts]
-    unique = {i: t for part_ids, texts in zip(ids, parts) for i, t in zip(part_ids, texts)}
-    table = pa.table({"id": list(unique), "text": list(unique.values())})
-    path = out_dir / "inputs" / f"{safe_name(name)}.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists() or not pq.read_table(path).equals(table):
-        tmp = path.with_suffix(".tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(path)
-    return ids
+def _unique(*parts: Sequence[str]) -> tuple[list[str], list[np.ndarray]]:
+    """The unique texts of ``parts`` and, per part, each text's row in that list."""
+    where: dict[str, int] = {}
+    for part in parts:
+        for t in part:
+            where.setdefault(t, len(where))
+    return list(where), [np.fromiter((where[t] for t in part), dtype=np.int64, count=len(part)) for part in parts]
 
 
-def embed_staged(out_dir: Path, embed_options: dict) -> tuple[dict[str, dict[str, np.ndarray]], EmbedSummary]:
-    """Embed everything under inputs/ (incremental) and load {variant: {id: vector}} back."""
-    summary = embed(str(out_dir / "inputs"), str(out_dir), id_column="id", **embed_options)
-    table = read_embeddings(str(out_dir))
-    ids = table.column("id").to_pylist()
-    vectors = {}
-    for col in table.column_names:
-        if col.startswith("emb_"):
-            arr = table.column(col).combine_chunks()
-            dim = arr.type.list_size
-            mat = arr.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
-            vectors[Variant.parse(col).name] = (ids, mat)
-    return vectors, summary
+def _rows(task: str, dataset: str, split: str, variant: Variant, scores: dict[str, float]) -> list[dict]:
+    return [{"task": task, "dataset": dataset, "split": split, "metric": metric, **variant.row_fields,
+             "score": float(score)} for metric, score in scores.items()]
 
 
-def _lookup(vectors, variant: str, ids: list[str]) -> np.ndarray:
-    all_ids, mat = vectors[variant]
-    index = {i: k for k, i in enumerate(all_ids)}
-    missing = [i for i in ids if i not in index]
-    if missing:
-        raise RuntimeError(f"{len(missing)} evaluation text(s) have no embedding in {variant}")
-    return mat[[index[i] for i in ids]]
-
-
-def _rows(task: str, data_name: str, split: str, variant: str, scores: dict[str, float]) -> list[dict]:
-    v = Variant.parse(variant)
-    return [{"task": task, "dataset": data_name, "split": split, "metric": metric, "layer": v.layer,
-             "pooling": v.pooling, "score": float(score)} for metric, score in scores.items()]
-
-
-def eval_sts(data: StsData | str | Path, out_dir: str | Path, **embed_options) -> list[dict]:
+def evaluate_sts(encoder: TextEncoder, data: StsData) -> list[dict]:
     """Spearman and Pearson (x100) of cosine similarity vs gold, for every variant."""
-    out_dir = Path(out_dir)
-    data = data if isinstance(data, StsData) else load_sts(data)
-    ids1, ids2 = stage_texts(out_dir, f"{data.name}-{data.split}", data.sentence1, data.sentence2)
-    vectors, _ = embed_staged(out_dir, embed_options)
-    rows = []
-    for variant in vectors:
-        scores = sts_scores(_lookup(vectors, variant, ids1), _lookup(vectors, variant, ids2), data.scores)
-        rows += _rows("sts", data.name, data.split, variant, scores)
-    merge_results(out_dir, rows)
-    return rows
-
-
-def eval_retrieval(data: BeirData | str | Path, out_dir: str | Path, *, split: str = "test",
-                   max_queries: int | None = None, max_docs: int | None = None, **embed_options) -> list[dict]:
-    """nDCG@10, Recall@100 and MRR@10 (x100) over the whole (or subset) corpus, for every variant."""
-    out_dir = Path(out_dir)
-    data = data if isinstance(data, BeirData) else load_beir(data, split=split)
-    if max_queries or max_docs:
-        data = data.subset(max_queries or len(data.query_ids), max_docs)
-    doc_ids, q_ids = stage_texts(out_dir, f"{data.name}-{data.split}", data.doc_texts, data.query_texts)
-    vectors, _ = embed_staged(out_dir, embed_options)
-    rows = []
-    for variant in vectors:
-        scores = retrieval_scores(_lookup(vectors, variant, q_ids), _lookup(vectors, variant, doc_ids),
-                                  data.query_ids, data.doc_ids, data.qrels)
-        rows += _rows("retrieval", data.name, data.split, variant, scores)
-    merge_results(out_dir, rows)
-    return rows
-
-
-def _key(r: dict) -> tuple:
-    return (r["task"], r["dataset"], r["split"], r["metric"], r["layer"], r["pooling"])
-
-
-def merge_results(out_dir: Path, rows: list[dict]) -> list[dict]:
-    """Add rows to DIR/eval/results.json, replacing rows with the same key."""
-    path = Path(out_dir) / RESULTS
-    existing = json.loads(path.read_text()) if path.exists() else []
-    merged = {_key(r): r for r in existing}
-    merged.update({_key(r): r for r in rows})
-    out = sorted(merged.values(), key=_key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    tmp.replace(path)
+    texts, (rows1, rows2) = _unique(data.sentence1, data.sentence2)
+    vectors = encoder.encode(texts)
+    out = []
+    for variant, mat in vectors.items():
+        m = np.asarray(mat, dtype=np.float32)
+        out += _rows("sts", data.name, data.split, variant, sts_scores(m[rows1], m[rows2], data.scores))
     return out
 
 
-EVALUATORS: dict[str, Callable] = {"sts": eval_sts, "retrieval": eval_retrieval}
+def evaluate_retrieval(encoder: TextEncoder, data: BeirData) -> list[dict]:
+    """nDCG@10, Recall@100 and MRR@10 (x100) by exact cosine search, for every variant."""
+    texts, (doc_rows, query_rows) = _unique(data.doc_texts, data.query_texts)
+    vectors = encoder.encode(texts)
+    out = []
+    for variant, mat in vectors.items():
+        m = np.asarray(mat, dtype=np.float32)
+        scores = retrieval_scores(m[query_rows], m[doc_rows], data.query_ids, data.doc_ids, data.qrels)
+        out += _rows("retrieval", data.name, data.split, variant, scores)
+    return out
+
+
+class RayEncoder:
+    """``encode(texts)`` through the Ray pipeline, cached in an output directory (see module doc)."""
+
+    def __init__(self, request: Request, cache_dir: str | Path, *, force: bool = False, progress: bool = True):
+        self.request, self.dir, self.force, self.progress = request, Path(cache_dir), force, progress
+        self.variants = request.variants
+
+    def cached_ids(self) -> set[str]:
+        """Ids of the texts already embedded in the cache with this request's settings."""
+        out = Output(str(self.dir))
+        manifest = out.read_manifest()
+        if not manifest or signature_difference(manifest.get("signature", {}), self.request.signature("text", "id")):
+            return set()
+        return set(out.read_table(["id"]).column("id").to_pylist()) if manifest.get("shards") else set()
+
+    def stage(self, texts: Sequence[str]) -> list[str]:
+        """Write the texts the cache lacks as one new input shard; returns every text's id."""
+        ids = [text_id(t) for t in texts]
+        have = self.cached_ids()
+        missing = {i: t for i, t in zip(ids, texts) if i not in have}
+        if missing:
+            order = sorted(missing)
+            name = hashlib.sha256("\n".join(order).encode()).hexdigest()[:16]
+            path = self.dir / "inputs" / f"texts-{name}.parquet"
+            if not path.exists():  # the same missing set after a crash: staged already
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                pq.write_table(pa.table({"id": order, "text": [missing[i] for i in order]}), tmp)
+                tmp.replace(path)
+        return ids
+
+    def encode(self, texts: Sequence[str]) -> dict[Variant, np.ndarray]:
+        from .runner import embed
+
+        ids = self.stage(texts)
+        inputs = self.dir / "inputs"
+        if inputs.exists():  # commits whatever is staged (incremental: the rest is skipped)
+            embed(self.request, str(inputs), str(self.dir), id_column="id", force=self.force, progress=self.progress)
+        table = Output(str(self.dir)).read_table(["id", *(v.column for v in self.variants)])
+        row = {i: k for k, i in enumerate(table.column("id").to_pylist())}
+        missing = [i for i in ids if i not in row]
+        if missing:
+            raise RuntimeError(f"{len(missing)} evaluation text(s) have no embedding in {self.dir}")
+        take = np.fromiter((row[i] for i in ids), dtype=np.int64, count=len(ids))
+        out = {}
+        for v in self.variants:
+            arr = table.column(v.column).combine_chunks()
+            mat = arr.values.to_numpy(zero_copy_only=False).reshape(-1, arr.type.list_size)
+            out[v] = mat[take].astype(np.float32)
+        return out
+
+
+def choose_engine(engine: str, n_texts: int) -> str:
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r}: choose from {', '.join(ENGINES)}")
+    if engine != "auto":
+        return engine
+    return "local" if n_texts <= LOCAL_MAX_TEXTS else "ray"
+
+
+def make_encoder(request: Request, engine: str, out_dir: str | Path, *, force: bool = False,
+                 progress: bool = True) -> TextEncoder:
+    """The encoder of an engine ('local' or 'ray'; 'auto' is decided by ``choose_engine``)."""
+    if engine == "local":
+        from .encoder import Encoder
+
+        return Encoder.from_request(request)
+    return RayEncoder(request, out_dir, force=force, progress=progress)
+
+
+def sts_texts(data: StsData) -> int:
+    return len(set(data.sentence1) | set(data.sentence2))
+
+
+def retrieval_texts(data: BeirData) -> int:
+    return len(set(data.doc_texts) | set(data.query_texts))
+
+
+def eval_sts(data: StsData | str | Path, out_dir: str | Path, encoder: TextEncoder) -> list[dict]:
+    """Evaluate on STS pairs and merge the rows into ``out_dir/eval/results.json``."""
+    data = data if isinstance(data, StsData) else load_sts(data)
+    rows = evaluate_sts(encoder, data)
+    merge_results(out_dir, rows)
+    return rows
+
+
+def eval_retrieval(data: BeirData | str | Path, out_dir: str | Path, encoder: TextEncoder, *, split: str = "test",
+                   max_queries: int | None = None, max_docs: int | None = None) -> list[dict]:
+    """Evaluate on a BEIR set (or a subset) and merge the rows into ``out_dir/eval/results.json``."""
+    data = load_retrieval(data, split=split, max_queries=max_queries, max_docs=max_docs)
+    rows = evaluate_retrieval(encoder, data)
+    merge_results(out_dir, rows)
+    return rows
+
+
+def load_retrieval(data: BeirData | str | Path, *, split: str = "test", max_queries: int | None = None,
+                   max_docs: int | None = None) -> BeirData:
+    data = data if isinstance(data, BeirData) else load_beir(data, split=split)
+    if max_queries or max_docs:
+        data = data.subset(max_queries or len(data.query_ids), max_docs)
+    return data

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -36,8 +37,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from .storage import safe_name, utc_now, write_atomic
+from .variants import Variant
 
 KINDS = ("auto", "flat", "hnsw", "ivfpq")
+INDEXES = "indexes"
+BUILT_FILE = "_built.json"  # per variant: the committed files and kind its index was built from
 FLAT_MAX_ROWS = 100_000
 HNSW_MAX_ROWS = 1_000_000
 _MIN_POINTS_PER_CENTROID = 39  # FAISS k-means warns below this many training points per centroid
@@ -308,28 +315,85 @@ def recall_at_k(approx_ids: Sequence[Sequence], exact_ids: Sequence[Sequence], k
     return float(np.mean(shares))
 
 
-def build_indexes(output: str | Path, variants: Sequence[str] | None = None, kind: str = "auto",
-                  **options) -> dict[str, dict]:
-    """One index per variant of an embedding output: ``{output}/indexes/{variant}.faiss``.
+def index_path(out_dir: str | Path, variant: Variant) -> Path:
+    """Where a variant's index lives in an output: ``indexes/{variant}.faiss`` (+ .ids.parquet, .json)."""
+    return Path(out_dir) / INDEXES / f"{safe_name(variant.name)}.faiss"
 
-    Streams the committed parts listed in the manifest (never a directory listing).
+
+def committed_files(manifest: dict) -> list[str]:
+    """Committed embedding files relative to the output root, in the order indexes add them."""
+    return [f"{s['output']}/{f}" for s in sorted(manifest.get("shards", []), key=lambda s: s["path"])
+            for f in s["files"]]
+
+
+def _wanted(manifest: dict, variants: Sequence[Variant | str] | None, where: str) -> list[Variant]:
+    known = [Variant.from_row(v) for v in manifest.get("variants", [])]
+    if variants is None:
+        return known
+    wanted = [Variant.parse(v) for v in variants]
+    unknown = [v.name for v in wanted if v not in known]
+    if unknown:
+        raise IndexBuildError(f"variant(s) {', '.join(unknown)} not in {where}; it has "
+                              f"{', '.join(v.name for v in known)}")
+    return wanted
+
+
+def index_status(output: str | Path, manifest: dict, variants: Sequence[Variant | str] | None = None,
+                 kind: str = "auto") -> tuple[list[Variant], list[Variant]]:
+    """(variants whose index must be (re)built, variants whose index is up to date), for an
+    output at any fsspec URL (only the small records are read).
+
+    An index is up to date when its three files exist and ``indexes/_built.json`` says it was
+    built, with this kind, from exactly the manifest's committed files (a re-embedded shard
+    gets a new folder name, so any change of the embeddings makes it stale).
     """
-    from .storage import Output, safe_name
-    from .variants import Variant
+    from .storage import Output
 
     out = Output(str(output))
-    manifest = out.read_manifest()
+    built = out.read_json(f"{INDEXES}/{BUILT_FILE}") or {}
+    files = committed_files(manifest)
+    stale, fresh = [], []
+    for v in _wanted(manifest, variants, str(output)):
+        rec = built.get(v.name)
+        name = index_path("", v).name
+        present = all(out.fs.exists(out.path(INDEXES, p.name)) for p in (Path(name), *_sidecars(Path(name))))
+        ok = present and rec is not None and rec.get("files") == files and rec.get("kind") == kind
+        (fresh if ok else stale).append(v)
+    return stale, fresh
+
+
+def build_indexes(out_dir: str | Path, variants: Sequence[Variant | str] | None = None, kind: str = "auto", *,
+                  manifest: dict | None = None, on_built=None, **options) -> dict[Variant, dict]:
+    """One index per variant of an embedding output (a local directory): ``indexes/{variant}.faiss``.
+
+    Streams the committed parts the manifest lists (never a directory listing) and records in
+    ``indexes/_built.json`` what each index was built from, after the index itself (a crash
+    leaves the record stale, never wrong). ``on_built(variant, params, seconds)`` is called
+    after each one.
+    """
+    from .storage import Output
+
+    out_dir = Path(out_dir)
+    manifest = manifest if manifest is not None else Output(str(out_dir)).read_manifest()
     if not manifest:
-        raise IndexBuildError(f"{output} has no manifest.json: run `strata embed` first")
-    known = {v["name"]: v["column"] for v in manifest["variants"]}
-    wanted = list(variants) if variants else list(known)
-    unknown = [v for v in wanted if Variant.parse(v).name not in known]
-    if unknown:
-        raise IndexBuildError(f"variant(s) {', '.join(unknown)} not in {output}; it has {', '.join(known)}")
-    files = out.embedding_files(manifest)
+        raise IndexBuildError(f"{out_dir} has no manifest.json: run `strata embed` first")
+    wanted = _wanted(manifest, variants, str(out_dir))
+    files = committed_files(manifest)
+    if not files:
+        raise IndexBuildError(f"{out_dir} has no committed embeddings to index")
+    missing = [f for f in files if not (out_dir / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{out_dir / missing[0]}: listed in the manifest but missing")
+    built_rec = Output(str(out_dir)).read_json(f"{INDEXES}/{BUILT_FILE}") or {}
     built = {}
-    for name in wanted:
-        name = Variant.parse(name).name
-        built[name] = build_index(files, known[name], Path(out.path("indexes", safe_name(name) + ".faiss")), kind,
-                                  **options)
+    for v in wanted:
+        t0 = time.perf_counter()
+        params = build_index([out_dir / f for f in files], v.column, index_path(out_dir, v), kind, **options)
+        built[v] = params
+        built_rec[v.name] = {"files": files, "kind": kind, "built_kind": params["kind"], "rows": params["rows"],
+                             "built_at": utc_now()}
+        write_atomic(LocalFileSystem(), str(out_dir / INDEXES / BUILT_FILE),
+                     (json.dumps(built_rec, indent=1, sort_keys=True) + "\n").encode())
+        if on_built:
+            on_built(v, params, time.perf_counter() - t0)
     return built

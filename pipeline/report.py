@@ -20,10 +20,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from fsspec.implementations.local import LocalFileSystem
+
 from .metrics import MAIN_METRIC
-from .variants import POOLINGS
+from .storage import write_atomic
+from .variants import POOLINGS, Variant
 
 ROW_KEYS = ("task", "dataset", "split", "metric", "layer", "pooling", "score")
+RESULTS = Path("eval") / "results.json"
 
 
 class ResultsError(ValueError):
@@ -53,10 +57,28 @@ def validate_rows(rows: Iterable[dict]) -> list[dict]:
         key = _row_key(r)
         if key in seen:
             raise ResultsError(f"results row {i} repeats {r['dataset']}/{r['split']} {r['metric']} "
-                               f"L{r['layer']}.{r['pooling']}")
+                               f"{Variant.from_row(r).name}")
         seen.add(key)
         out.append(r)
     return sorted(out, key=_row_key)
+
+
+def write_results(path: str | Path, rows: list[dict]) -> Path:
+    """Replace a results file atomically (write aside, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(LocalFileSystem(), str(path), (json.dumps(rows, indent=1) + "\n").encode())
+    return path
+
+
+def merge_results(out_dir: str | Path, rows: list[dict]) -> list[dict]:
+    """Add rows to ``out_dir/eval/results.json``; a row replaces an older one with the same key."""
+    path = Path(out_dir) / RESULTS
+    merged = {_row_key(r): r for r in (load_results(path) if path.exists() else [])}
+    merged.update({_row_key(r): r for r in validate_rows(rows)})
+    out = sorted(merged.values(), key=_row_key)
+    write_results(path, out)
+    return out
 
 
 def load_results(path: str | Path) -> list[dict]:
@@ -109,8 +131,8 @@ def best_variants(rows: Iterable[dict], n_layers: int | None = None) -> dict[str
         default = next((r for r in scored if r["layer"] == last and r["pooling"] == "last"), None)
         out[label] = {
             "task": best["task"], "dataset": best["dataset"], "split": best["split"], "metric": metric,
-            "variant": f"L{best['layer']}.{best['pooling']}", "layer": best["layer"], "pooling": best["pooling"],
-            "score": best["score"], "default": f"L{last}.last",
+            "variant": Variant.from_row(best).name, "layer": best["layer"], "pooling": best["pooling"],
+            "score": best["score"], "default": Variant(last, "last").name,
             "default_score": default["score"] if default else None,
             "gain": best["score"] - default["score"] if default else None,
         }
@@ -190,9 +212,7 @@ def write_report(rows: Iterable[dict], out_dir: str | Path, n_layers: int | None
     if not rows:
         raise ResultsError("no results rows to report")
     out_dir = Path(out_dir)
-    (out_dir / "eval").mkdir(parents=True, exist_ok=True)
-    results_path = out_dir / "eval" / "results.json"
-    results_path.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    results_path = write_results(out_dir / RESULTS, rows)
 
     bests = best_variants(rows, n_layers)
     md = ["# Strata evaluation report", "",

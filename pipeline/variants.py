@@ -1,4 +1,12 @@
-"""Layer specs, pooling names and variant naming: the naming contract of DESIGN.md.
+"""What a variant is, and the only place its names are made and parsed (ARCHITECTURE.md).
+
+A ``Variant`` is one embedding a model gives: today a (layer, pooling) cell. Everything
+downstream (the writer's columns, manifests, results rows, reports, the bench) is keyed by
+``Variant`` and gets its strings from here: ``name`` (``L15.mean``), ``column``
+(``emb_15_mean``) and ``row_fields`` (the ``layer``/``pooling`` keys of a results row);
+``parse`` and ``from_row`` are the inverses. A new axis (a prompt template, a layer mix, a
+fitted transform) is a new field with a default that keeps today's names, and touches this
+module and the code that computes it, not the readers.
 
 Layer numbering follows Hugging Face ``hidden_states``: 0 is the embedding output and
 N (the model's block count) is the last block, after the final norm.
@@ -31,13 +39,33 @@ class Variant:
     def column(self) -> str:
         return f"emb_{self.layer}_{self.pooling}"
 
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def row_fields(self) -> dict:
+        """The keys that name this variant in a tidy results row."""
+        return {"layer": self.layer, "pooling": self.pooling}
+
     @classmethod
-    def parse(cls, name: str) -> "Variant":
-        """Parse ``L15.mean`` or the column form ``emb_15_mean``."""
+    def from_row(cls, row: dict) -> "Variant":
+        """The variant a results row (or a manifest's variant entry) describes."""
+        return cls(int(row["layer"]), str(row["pooling"]))
+
+    @classmethod
+    def parse(cls, name: "str | Variant") -> "Variant":
+        """Parse ``L15.mean`` or the column form ``emb_15_mean`` (a Variant is returned as is)."""
+        if isinstance(name, Variant):
+            return name
         m = re.fullmatch(r"L(\d+)\.([a-z_]+)", name) or re.fullmatch(r"emb_(\d+)_([a-z_]+)", name)
         if not m or m.group(2) not in POOLINGS:
             raise SpecError(f"not a variant name: {name!r} (expected like 'L15.mean' or 'emb_15_mean')")
         return cls(int(m.group(1)), m.group(2))
+
+    @staticmethod
+    def is_column(name: str) -> bool:
+        """Whether a Parquet column name is a variant column (``emb_…``)."""
+        return name.startswith("emb_")
 
 
 def _split(spec: str | int | Iterable) -> list[str]:
@@ -114,8 +142,8 @@ def parse_poolings(spec: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def make_variants(layers: str | int | Sequence, poolings: str | Sequence[str], n_layers: int) -> list[Variant]:
+def make_variants(layers: str | int | Sequence, poolings: str | Sequence[str], n_layers: int) -> tuple[Variant, ...]:
     """The grid layers x poolings, in a stable order (by layer, then pooling order given)."""
     ls = parse_layers(layers, n_layers)
     ps = parse_poolings(poolings)
-    return [Variant(layer, pooling) for layer in ls for pooling in ps]
+    return tuple(Variant(layer, pooling) for layer in ls for pooling in ps)

@@ -7,12 +7,22 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from pathlib import Path  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The evaluation data beside the checkout (../shared/data); STRATA_DATA points elsewhere. The one
+# definition for every test module; tests that need it carry @needs_data and skip without it.
+DATA = Path(os.environ.get("STRATA_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+
+
+def data_file(*parts: str) -> Path:
+    """A path under DATA; the calling test or fixture skips, saying why, when it is not there."""
+    path = DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"evaluation data not found: {path} (set STRATA_DATA to a folder with stsb/ and scifact/)")
+    return path
 
 
 @pytest.fixture(scope="session")
 def stsb_sentences():
-    lines = (DATA / "stsb" / "sts-test.csv").read_text(encoding="utf-8").splitlines()
+    lines = data_file("stsb", "sts-test.csv").read_text(encoding="utf-8").splitlines()
     out = []
     for line in lines[:25]:
         f = line.split("\t")

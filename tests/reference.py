@@ -75,3 +75,18 @@ def save_tiny_model_dir(path, n_layers: int = 4, seed: int = 0):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+_REQUEST_KEYS = {"model", "layers", "poolings", "max_length", "dtype", "normalize", "batch_tokens", "output_format",
+                 "trust_remote_code", "allow_pickle"}
+_RESOURCE_KEYS = {"actors", "gpus_per_actor", "ray_address"}
+
+
+def embed(input, output, **kw):
+    """``pipeline.runner.embed`` called the way the CLI calls it: the options resolved into one request."""
+    from pipeline.request import Resources, resolve
+    from pipeline.runner import embed as run_embed
+
+    request_kw = {k: kw.pop(k) for k in list(kw) if k in _REQUEST_KEYS}
+    resources = Resources(**{k: kw.pop(k) for k in list(kw) if k in _RESOURCE_KEYS})
+    return run_embed(resolve(resources=resources, **request_kw), input, output, **kw)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline import bench
+from pipeline.bench import measure, options, sample
 
 TINY = ["--quick", "--docs", "2", "--sentences", "6", "--max-length", "32", "--layers", "4",
         "--layers-full", "none", "--poolings", "last,mean_nosink"]
@@ -81,20 +82,20 @@ def test_ray_mode_embeds_the_same_as_the_encoder(tmp_path):
 def test_naive_cost_of_unmeasured_passes_is_the_median_pass():
     # a grid B that borrows grid A's naive timing scales it by its own variant count
     res = {"status": "ok", "tokens": 1000, "seconds": 240.0, "passes": 24, "seconds_per_pass": 10.0}
-    assert bench._borrowed_tps("naive", res, 12) == pytest.approx(1000 / 120.0)
-    assert bench._keep_going([], budget=1.0, wanted=3)  # the first run always happens
-    assert not bench._keep_going([0.8], budget=1.0, wanted=3)  # a second would blow the budget
-    assert not bench._keep_going([0.1, 0.1, 0.1], budget=10.0, wanted=3)
+    assert measure.borrowed_tps("naive", res, 12) == pytest.approx(1000 / 120.0)
+    assert measure.keep_going([], budget=1.0, wanted=3)  # the first run always happens
+    assert not measure.keep_going([0.8], budget=1.0, wanted=3)  # a second would blow the budget
+    assert not measure.keep_going([0.1, 0.1, 0.1], budget=10.0, wanted=3)
 
 
 def test_batch_token_sweep_option():
-    assert bench._batch_tokens_sweep(None, quick=True) == []
-    assert bench._batch_tokens_sweep(None, quick=False) == list(bench.BATCH_TOKENS_SWEEP)
-    assert bench._batch_tokens_sweep("8192, 1024,8192", quick=True) == [1024, 8192]
-    assert bench._batch_tokens_sweep("none", quick=False) == []
+    assert options.batch_tokens_sweep(None, quick=True) == []
+    assert options.batch_tokens_sweep(None, quick=False) == list(options.BATCH_TOKENS_SWEEP)
+    assert options.batch_tokens_sweep("8192, 1024,8192", quick=True) == [1024, 8192]
+    assert options.batch_tokens_sweep("none", quick=False) == []
     for bad in ("1k", "0,16", ","):
         with pytest.raises(ValueError, match="--batch-tokens"):
-            bench._batch_tokens_sweep(bad, quick=False)
+            options.batch_tokens_sweep(bad, quick=False)
 
 
 def test_settings_pick_bf16_and_the_large_sample_when_a_gpu_is_present(monkeypatch):
@@ -105,27 +106,27 @@ def test_settings_pick_bf16_and_the_large_sample_when_a_gpu_is_present(monkeypat
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    cpu = bench._settings(parser.parse_args([]))
+    cpu = options.settings(parser.parse_args([]))
     assert (cpu["device"], cpu["model_dtype"]) == ("cpu", "float32")
-    assert (cpu["docs"], cpu["sentences"]) == bench.SAMPLE_SIZES["cpu"]
+    assert (cpu["docs"], cpu["sentences"]) == options.SAMPLE_SIZES["cpu"]
     with pytest.raises(ValueError, match="no CUDA device"):
-        bench._settings(parser.parse_args(["--device", "cuda"]))
+        options.settings(parser.parse_args(["--device", "cuda"]))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    gpu = bench._settings(parser.parse_args([]))  # same command line: the GPU is picked up by itself
+    gpu = options.settings(parser.parse_args([]))  # same command line: the GPU is picked up by itself
     assert (gpu["device"], gpu["model_dtype"]) == ("cuda", "bfloat16")
-    assert (gpu["docs"], gpu["sentences"]) == bench.SAMPLE_SIZES["cuda"]
-    assert bench.TOLERANCE[gpu["model_dtype"]] > bench.TOLERANCE["float32"]
+    assert (gpu["docs"], gpu["sentences"]) == options.SAMPLE_SIZES["cuda"]
+    assert measure.TOLERANCE[gpu["model_dtype"]] > measure.TOLERANCE["float32"]
 
 
 def test_flops_count_padding_and_depth():
     # 2 rows padded to 4 tokens through 3 blocks of 10 parameters, hidden 2
-    assert bench.pass_flops(10, 2, 3, [(2, 4)]) == 2 * 10 * 3 * 8 + 4 * 3 * 4 * 2 * 8
-    assert bench.useful_flops(10, 2, 3, [4, 1]) == (2 * 10 * 3 * 4 + 4 * 3 * 4 * 2 * 4) + (2 * 10 * 3 + 4 * 3 * 2)
+    assert measure.pass_flops(10, 2, 3, [(2, 4)]) == 2 * 10 * 3 * 8 + 4 * 3 * 4 * 2 * 8
+    assert measure.useful_flops(10, 2, 3, [4, 1]) == (2 * 10 * 3 * 4 + 4 * 3 * 4 * 2 * 4) + (2 * 10 * 3 + 4 * 3 * 2)
 
 
 def test_data_mix_is_deterministic_and_mixed():
-    texts, kinds = bench.load_texts(bench.default_data_dir(), 3, 9, seed=0)
-    again, _ = bench.load_texts(bench.default_data_dir(), 3, 9, seed=0)
+    texts, kinds = sample.sample_texts(sample.default_data_dir(), 3, 9, seed=0)
+    again, _ = sample.sample_texts(sample.default_data_dir(), 3, 9, seed=0)
     assert texts == again and len(texts) == 12 and kinds.count("doc") == 3
     assert all(t.strip() for t in texts) and len(set(texts)) == 12
     assert kinds != sorted(kinds)  # shuffled together, not docs first

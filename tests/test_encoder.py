@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import Encoder, EncoderConfig, SpecError
+from pipeline import EncodeSettings, Encoder, SpecError, Variant, make_variants
 from pipeline.variants import POOLINGS
 from reference import fake_tokenizer, naive_embed, naive_hidden_states, naive_pool, rel_err, tiny_llama
 
@@ -19,23 +19,29 @@ def tiny():
     return tiny_llama(n_layers=4)
 
 
+def make(model, layers="-1", poolings="mean", tokenizer=None, **settings):
+    """An Encoder over a model in memory, its variants resolved from the specs as the CLI would."""
+    variants = make_variants(layers, poolings, model.config.num_hidden_layers)
+    return Encoder(model, tokenizer or fake_tokenizer(), variants, EncodeSettings(**settings), device="cpu")
+
+
 @pytest.mark.parametrize("layers", ["0", "1", "2", "-1", "0,2,4", "all", "50%:100%"])
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("budget", [16, 4096])
 def test_every_variant_matches_naive_reference(tiny, layers, side, budget):
-    enc = Encoder(tiny, fake_tokenizer(), EncoderConfig(layers=layers, poolings=list(POOLINGS),
-                                                        padding_side=side, batch_tokens=budget), device="cpu")
+    enc = make(tiny, layers, list(POOLINGS), padding_side=side, batch_tokens=budget)
     ids = _rows()
     res = enc.encode_ids(ids)
+    assert list(res) == list(enc.variants)  # keyed by Variant, in the request's order
     for v in enc.variants:
         for i, row in enumerate(ids):
-            assert rel_err(res.embeddings[v.name][i], naive_embed(tiny, row, v.layer, v.pooling)) <= TOL, (v.name, i)
+            assert rel_err(res[v][i], naive_embed(tiny, row, v.layer, v.pooling)) <= TOL, (v.name, i)
 
 
 def test_truncated_pass_equals_untruncated_hidden_states(tiny):
     ids = _rows(seed=4, n=5)
     for layer in [0, 1, 3, 4]:
-        enc = Encoder(tiny, fake_tokenizer(), EncoderConfig(layers=str(layer)), device="cpu")
+        enc = make(tiny, str(layer))
         mask = torch.ones(1, len(ids[0]), dtype=torch.long)
         got = enc.hidden_states(torch.tensor([ids[0]]), mask)
         assert set(got) == {layer}
@@ -47,7 +53,7 @@ def test_truncation_skips_deeper_blocks(tiny):
     calls = []
     hooks = [b.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, b in enumerate(tiny.layers)]
     try:
-        Encoder(tiny, fake_tokenizer(), EncoderConfig(layers="2"), device="cpu").encode_ids([[5, 6, 7]])
+        make(tiny, "2").encode_ids([[5, 6, 7]])
     finally:
         for h in hooks:
             h.remove()
@@ -55,38 +61,38 @@ def test_truncation_skips_deeper_blocks(tiny):
 
 
 def test_alone_equals_inside_mixed_batch(tiny):
-    enc = Encoder(tiny, fake_tokenizer(), EncoderConfig(layers="1,-1", poolings=list(POOLINGS)), device="cpu")
+    enc = make(tiny, "1,-1", list(POOLINGS))
     ids = _rows(seed=7, n=12, max_len=40)
     together = enc.encode_ids(ids)
     for i in (0, 5, 11):
         alone = enc.encode_ids([ids[i]])
-        for name, arr in together.embeddings.items():
-            assert rel_err(arr[i], alone.embeddings[name][0].astype(np.float64)) <= TOL
+        for variant, arr in together.items():
+            assert rel_err(arr[i], alone[variant][0].astype(np.float64)) <= TOL
 
 
 def test_output_order_and_stats(tiny):
-    enc = Encoder(tiny, fake_tokenizer(), EncoderConfig(batch_tokens=30, max_batch_rows=3), device="cpu")
+    enc = make(tiny, batch_tokens=30, max_batch_rows=3)
     ids = _rows(seed=2, n=20)
     res = enc.encode_ids(ids)
     assert res.stats.rows == 20 and res.stats.tokens == sum(map(len, ids))
     assert res.stats.padded_tokens >= res.stats.tokens and res.stats.batches >= 7
     assert 0 < res.stats.padding_efficiency <= 1
     rev = enc.encode_ids(ids[::-1])
-    np.testing.assert_allclose(rev.embeddings["L4.mean"][::-1], res.embeddings["L4.mean"], atol=1e-6)
+    np.testing.assert_allclose(rev[Variant(4, "mean")][::-1], res["L4.mean"], atol=1e-6)
     # no budget given: the device's measured default
-    assert Encoder(tiny, fake_tokenizer(), EncoderConfig(), device="cpu").config.batch_tokens == 4096
+    assert make(tiny).settings.batch_tokens == 4096
 
 
 def test_normalize_and_float16(tiny):
-    enc = Encoder(tiny, fake_tokenizer(), EncoderConfig(normalize=True, dtype="float16", poolings="mean,max"), device="cpu")
+    enc = make(tiny, poolings="mean,max", normalize=True, dtype="float16")
     res = enc.encode_ids(_rows())
-    for arr in res.embeddings.values():
+    for arr in res.values():
         assert arr.dtype == np.float16 and arr.shape == (9, 32)
         np.testing.assert_allclose(np.linalg.norm(arr.astype(np.float32), axis=1), 1.0, atol=2e-3)
 
 
 def test_pad_token_falls_back_to_eos(tiny):
-    enc = Encoder(tiny, fake_tokenizer(pad_token_id=None, eos_token_id=3), device="cpu")
+    enc = make(tiny, tokenizer=fake_tokenizer(pad_token_id=None, eos_token_id=3))
     assert enc.pad_id == 3
 
 
@@ -96,13 +102,18 @@ def test_pad_token_falls_back_to_eos(tiny):
 ])
 def test_bad_specs_fail_at_once(tiny, kwargs, fragment):
     with pytest.raises(SpecError, match=fragment):
-        Encoder(tiny, fake_tokenizer(), EncoderConfig(**kwargs), device="cpu")
+        make(tiny, **kwargs)
+
+
+def test_variant_beyond_the_model_is_refused(tiny):
+    with pytest.raises(ValueError, match=r"L9.mean out of range: the model has layers 0..4"):
+        Encoder(tiny, fake_tokenizer(), [Variant(9, "mean")], device="cpu")
 
 
 @pytest.mark.parametrize("kwargs, fragment", [(dict(dtype="int8"), "dtype"), (dict(max_length=0), "max_length")])
 def test_bad_config_values(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
-        EncoderConfig(**kwargs)
+        EncodeSettings(**kwargs)
 
 
 # ------------------------------------------------------------------ the real SmolLM2
@@ -117,7 +128,7 @@ def test_smollm2_matches_naive_reference(smollm2_encoder, stsb_sentences):
         hidden = naive_hidden_states(enc.model, row)
         for v in enc.variants:
             ref = naive_pool(hidden[v.layer], v.pooling)
-            worst = max(worst, rel_err(res.embeddings[v.name][i], ref))
+            worst = max(worst, rel_err(res[v][i], ref))
     assert worst <= TOL, worst
 
 
@@ -125,7 +136,7 @@ def test_smollm2_matches_naive_reference(smollm2_encoder, stsb_sentences):
 def test_smollm2_truncation_counted(smollm2_encoder):
     long = "word " * 2000
     ids, truncated = smollm2_encoder.tokenize([long, "short text"])
-    assert len(ids[0]) == smollm2_encoder.config.max_length and truncated.tolist() == [True, False]
+    assert len(ids[0]) == smollm2_encoder.settings.max_length and truncated.tolist() == [True, False]
     res = smollm2_encoder.encode(["bad \ud800 surrogate", "ok"])  # replaced, not a crash
     assert res.stats.rows == 2
     with pytest.raises(ValueError, match="text 1 is empty"):
@@ -140,4 +151,4 @@ def test_encoder_model_minilm_matches_reference():
     ids, _ = enc.tokenize(texts)
     for i, row in enumerate(ids):
         for v in enc.variants:
-            assert rel_err(res.embeddings[v.name][i], naive_embed(enc.model, row, v.layer, v.pooling)) <= TOL
+            assert rel_err(res[v][i], naive_embed(enc.model, row, v.layer, v.pooling)) <= TOL

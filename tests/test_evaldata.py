@@ -1,5 +1,5 @@
 import json
-from pathlib import Path
+
 
 import numpy as np
 import pyarrow as pa
@@ -7,18 +7,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.evaldata import EvalDataError, load_beir, load_sts
+from conftest import data_file  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 PAIRS = [("A cat sits.", 'He said "hi".', 4.5), ("Two dogs run.", "It rains.", 0.25)]
 
 
 def test_stsb_test_split_loads_whole_with_quotes_and_extra_columns():
-    data = load_sts(DATA / "stsb" / "sts-test.csv")
+    data = load_sts(data_file("stsb", "sts-test.csv"))
     assert (data.name, data.split, len(data)) == ("stsb", "test", 1379)
     assert data.sentence1[0] == "A girl is styling her hair."
     assert data.scores[0] == 2.5 and data.scores.min() >= 0 and data.scores.max() <= 5
-    lines = (DATA / "stsb" / "sts-test.csv").read_text(encoding="utf-8").splitlines()
+    lines = (data_file("stsb", "sts-test.csv")).read_text(encoding="utf-8").splitlines()
     extra = next(i for i, line in enumerate(lines) if len(line.split("\t")) > 7)
     assert data.sentence2[extra] == lines[extra].split("\t")[6]  # trailing source columns ignored
 
@@ -81,11 +81,11 @@ def write_beir(root, corpus, queries, qrels, split="test"):
 
 
 def test_scifact_loads_as_published():
-    data = load_beir(DATA / "scifact")
+    data = load_beir(data_file("scifact"))
     assert (data.name, len(data.doc_ids), len(data.query_ids)) == ("scifact", 5183, 300)
     assert sum(len(v) for v in data.qrels.values()) == 339
     assert set(data.query_ids) == set(data.qrels)
-    first = json.loads((DATA / "scifact" / "corpus.jsonl").open().readline())
+    first = json.loads((data_file("scifact", "corpus.jsonl")).open().readline())
     assert data.doc_texts[0] == first["title"] + " " + first["text"]
 
 
@@ -121,7 +121,7 @@ def test_missing_split_file_is_named(tmp_path):
 
 
 def test_subset_is_deterministic_and_keeps_every_judged_doc():
-    data = load_beir(DATA / "scifact")
+    data = load_beir(data_file("scifact"))
     sub = data.subset(20, max_docs=300, seed=3)
     again = data.subset(20, max_docs=300, seed=3)
     assert sub.query_ids == again.query_ids and sub.doc_ids == again.doc_ids

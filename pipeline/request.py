@@ -1,0 +1,161 @@
+"""The resolved request: what to embed and how, resolved once on the driver, then frozen.
+
+``resolve(...)`` turns what a user wrote (a model spec, ``--layers 15,-1``, ``--poolings
+mean_nosink``, an optional batch budget) into a ``Request`` holding only concrete values:
+the model's local directory, digest, depth and width; the variants as a tuple of
+``Variant``; a token budget in tokens. The same object then travels unchanged to the Ray
+actors (which build their ``Encoder`` from it and resolve nothing), the writer (whose column
+types come from it), the manifest, the index builder and the evaluators. The CLI and job
+specs both end here, so a spec cannot mean two things in two places.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from . import models
+from .variants import Variant, make_variants
+
+OUTPUT_DTYPES = ("float32", "float16")
+OUTPUT_FORMATS = ("parquet", "arrow")
+# Padded tokens per forward pass when none is given. CPU: 4096 was the fastest of 4096-32768 in
+# two runs of `strata bench` (3-7% over 16384; BENCHMARKS.md). CUDA: larger batches keep the GPU
+# busy; 16384 is not yet measured on a GPU.
+DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model, located and inspected: everything the actors and the manifest need of it."""
+
+    name: str  # alias, absolute path or hub id: how manifests name it
+    path: str  # what from_pretrained loads (a GGUF model's converted cache directory)
+    n_layers: int
+    dim: int
+    weights_digest: str | None = None  # sha256 of the weight files; None where not asked for
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """How texts become vectors, beyond the variants: the same for every variant of a request."""
+
+    max_length: int = 512
+    dtype: str = "float32"  # output dtype of the embeddings
+    normalize: bool = False
+    batch_tokens: int | None = None  # padded tokens per forward pass; None only before resolution
+    max_batch_rows: int = 256
+    padding_side: str = "right"  # results are the same either way; right is the default
+
+    def __post_init__(self):
+        if self.dtype not in OUTPUT_DTYPES:
+            raise ValueError(f"dtype {self.dtype!r}: choose from {', '.join(OUTPUT_DTYPES)}")
+        if self.max_length < 1:
+            raise ValueError(f"max_length must be positive, got {self.max_length}")
+        if (self.batch_tokens is not None and self.batch_tokens < 1) or self.max_batch_rows < 1:
+            raise ValueError("batch_tokens and max_batch_rows must be positive")
+        if self.padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side {self.padding_side!r}: choose 'right' or 'left'")
+
+    def for_device(self, device_type: str) -> "EncodeSettings":
+        """These settings with a concrete batch budget for a device ('cpu' or 'cuda')."""
+        if self.batch_tokens is not None:
+            return self
+        return dataclasses.replace(self, batch_tokens=DEFAULT_BATCH_TOKENS.get(device_type, 16384))
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Where the work runs (Ray only; the in-process encoder ignores it)."""
+
+    actors: int | None = None  # default: one per GPU, else CPUs - 1
+    gpus_per_actor: float | None = None
+    ray_address: str | None = None
+
+
+@dataclass(frozen=True)
+class Request:
+    model: ModelInfo
+    variants: tuple[Variant, ...]
+    settings: EncodeSettings
+    output_format: str = "parquet"
+    resources: Resources = field(default_factory=Resources)
+
+    def __post_init__(self):
+        if not self.variants:
+            raise ValueError("a request needs at least one variant")
+        if self.output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"output format {self.output_format!r}: choose {' or '.join(map(repr, OUTPUT_FORMATS))}")
+        if self.settings.batch_tokens is None:
+            raise ValueError("a resolved request has a concrete batch_tokens (use request.resolve)")
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({v.layer for v in self.variants})
+
+    def manifest_variants(self) -> list[dict]:
+        """The manifest's ``variants`` entries (DESIGN.md contract)."""
+        return [{"name": v.name, "column": v.column, **v.row_fields, "dim": self.model.dim,
+                 "dtype": self.settings.dtype, "normalized": self.settings.normalize} for v in self.variants]
+
+    def signature(self, text_column: str = "text", id_column: str | None = None) -> dict:
+        """What must match for stored embeddings to be reused: the manifest's ``signature`` and,
+        hashed, a job's version id. Batch budget, output location and resources are not in it:
+        they change how fast vectors are made, not which."""
+        return {"model": self.model.name, "weights_digest": self.model.weights_digest,
+                "variants": [v.name for v in self.variants], "max_length": self.settings.max_length,
+                "dtype": self.settings.dtype, "normalize": self.settings.normalize,
+                "text_column": text_column, "id_column": id_column, "format": self.output_format}
+
+
+def signature_difference(old: dict, new: dict) -> list[str]:
+    """Settings in which two signatures differ. The model's name is only a spelling: two names
+    of the same weights (an alias and its path, or a path given from another directory) agree."""
+    keys = set(old) | set(new)
+    if old.get("weights_digest") and old.get("weights_digest") == new.get("weights_digest"):
+        keys.discard("model")
+    return sorted(k for k in keys if old.get(k) != new.get(k))
+
+
+def device_type(device: str | None = "auto") -> str:
+    if device in (None, "auto"):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device).split(":")[0]
+
+
+def resolve(model: str | None = None, *, layers="-1", poolings="mean", max_length: int = 512,
+            dtype: str = "float32", normalize: bool = False, batch_tokens: int | None = None,
+            max_batch_rows: int = 256, output_format: str = "parquet", resources: Resources | None = None,
+            device: str | None = "auto", trust_remote_code: bool = False, allow_pickle: bool = False,
+            digest: bool = True) -> Request:
+    """Resolve a model spec and variant specs into a Request (see the module doc).
+
+    Loads the model's config only (a GGUF model is converted once into the cache), never its
+    weights. ``digest`` hashes the weight files (needed for manifests and job versions, not
+    for in-process encoding). ``device`` picks the default batch budget: with no GPU here and
+    GPU workers in a cluster, pass ``device='cuda'`` or a budget.
+    """
+    from transformers import AutoConfig
+
+    settings = EncodeSettings(max_length=max_length, dtype=dtype, normalize=normalize, batch_tokens=batch_tokens,
+                              max_batch_rows=max_batch_rows)
+    resources = resources or Resources()
+    if resources.gpus_per_actor == 0:
+        device = "cpu"
+    src = models.resolve(model)
+    where = str(models.materialize(src))
+    models.check_weight_format(src, where, allow_pickle)  # here, not deep inside an actor
+    try:
+        cfg = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise models.ModelError(f"cannot read the config of model {src.name!r} at {where}: {e}") from None
+    info = ModelInfo(name=src.name, path=where, n_layers=int(cfg.num_hidden_layers), dim=int(cfg.hidden_size),
+                     weights_digest=models.weights_digest(src) if digest else None,
+                     trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    return Request(model=info, variants=make_variants(layers, poolings, info.n_layers),
+                   settings=settings.for_device(device_type(device)), output_format=output_format,
+                   resources=resources)

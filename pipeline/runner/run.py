@@ -1,0 +1,223 @@
+"""``embed``: Parquet shards -> Ray Data -> per-shard embedding parts, committed shard by shard.
+
+Data flow (one Ray Data pipeline)::
+
+    work units (shard, row group, row range)     planned by the driver from Parquet footers
+      -> read + tokenise   CPU tasks; every row keeps its shard and row number; bad rows are
+                           marked with a reject reason, unreadable units with an error
+      -> embed             actor pool around Encoder (one per GPU, or CPU actors that leave a
+                           CPU free for the read/write tasks); ONE forward pass per batch
+      -> write parts       tasks write parts into _staging/, return small metadata rows
+    driver                 counts every (shard, row) exactly once; a shard whose rows are all
+                           accounted for is moved into embeddings/ and recorded in the manifest
+
+The manifest is the commit point: a crash loses only uncommitted shards, and re-running the
+same command skips what is committed (resume), re-embeds new or changed shards and drops the
+outputs of removed ones (incremental).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import uuid
+
+import numpy as np
+import pyarrow as pa
+
+from ..request import Request, signature_difference
+from ..storage import STAGING, Output, read_part, redact
+from .commit import Committer, EmbedError, EmbedSummary, _commit, _Pending
+from .shards import UNIT_ROWS, Shard, inspect_shards, list_shards, plan, work_units
+from .stages import EMBED_BATCH_ROWS, EmbedActor, read_and_tokenize, write_parts
+
+log = logging.getLogger(__name__)
+
+
+def _ray_init(ray_address: str | None):
+    import ray
+
+    if not ray.is_initialized():
+        address = ray_address or os.environ.get("RAY_ADDRESS") or None
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=True, configure_logging=True, ignore_reinit_error=True)
+    return ray
+
+
+def _resources(ray, actors: int | None, gpus_per_actor: float | None) -> tuple[int, float, float, int]:
+    """(actors, cpus per actor, gpus per actor, torch threads): never take every CPU."""
+    res = ray.cluster_resources()
+    cpus, gpus = res.get("CPU", 1.0), res.get("GPU", 0.0)
+    if gpus >= 1 and gpus_per_actor != 0:
+        g = gpus_per_actor or 1.0
+        n = actors or max(1, int(gpus // g))
+        return n, 1.0, g, 0
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    per_node = min((n["Resources"].get("CPU", 1.0) for n in nodes), default=cpus)
+    cpu_each = max(1.0, min(4.0, per_node - 1)) if per_node > 1 else 0.5
+    n = actors or max(1, int((cpus - 1) // cpu_each)) if cpus > 1 else 1
+    threads = max(1, int(per_node) // max(1, min(n, int(per_node // cpu_each) or 1)))
+    return n, cpu_each, 0.0, threads
+
+
+def embed(request: Request, input: str, output: str, *, text_column: str = "text", id_column: str | None = None,
+          force: bool = False, progress: bool = True, stall_timeout_s: float = 600.0,
+          unit_rows: int = UNIT_ROWS) -> EmbedSummary:
+    """Embed every row of the Parquet shards at ``input`` into ``output`` (see module doc).
+
+    ``request`` (``pipeline.request.resolve``) fixes the model, the variants, the settings and
+    the resources; nothing is resolved again here or in the actors.
+    """
+    t_start = time.perf_counter()
+    if not os.path.isdir(request.model.path):
+        raise ValueError(f"model {request.model.name!r} must be a local directory or a .gguf file for "
+                         "distributed runs")
+    fs, shards = list_shards(input)
+    inspect_shards(fs, shards, text_column, id_column)  # column errors before any model loads
+    out = Output(output)
+    out.check_writable()
+    with out.lock():  # one run per output
+        signature = request.signature(text_column, id_column)
+        manifest = out.read_manifest()
+        diff = signature_difference(manifest.get("signature", {}), signature) if manifest else []
+        if diff:
+            if not force:
+                raise ValueError(f"{redact(output)} holds embeddings made with a different {', '.join(diff)}; "
+                                 "use a new output location, or --force to replace them")
+            log.warning("replacing %s: settings changed and --force given", redact(output))
+            for s in manifest.get("shards", []):
+                out.remove(s["output"])
+            manifest = None
+        manifest = manifest or {"signature": signature,
+                                "model": {"name": request.model.name, "weights_digest": request.model.weights_digest,
+                                          "n_layers": request.model.n_layers},
+                                "variants": request.manifest_variants(), "input": redact(input), "shards": []}
+        out.sweep(manifest)
+
+        todo, keep, drop = plan(manifest, shards)
+        failed = {s.rel: s.error for s in todo if s.error}
+        todo = [s for s in todo if s.error is None]
+        for e in drop:
+            out.remove(e["output"])
+        # A changed (or now unreadable) shard keeps its old output until a new one is committed.
+        dropped = {e["rel"] for e in drop}
+        manifest["shards"] = [e for e in manifest["shards"] if e["rel"] not in dropped]
+        manifest["failed"] = failed
+        out.write_manifest(manifest)
+        summary = EmbedSummary(output=redact(output), shards_total=len(shards), shards_skipped=len(keep),
+                               shards_dropped=len(drop), shards_failed=dict(failed))
+        empty = [s for s in todo if s.rows == 0]
+        todo = [s for s in todo if s.rows > 0]
+        for s in empty:  # an empty shard is done at once: nothing to embed, nothing lost
+            _commit(out, manifest, s, _Pending(s, np.zeros(0, dtype=bool)), None)
+            summary.shards_embedded += 1
+        if todo:
+            _run_ray(request, out, manifest, todo, summary, fs=fs, text_column=text_column, id_column=id_column,
+                     progress=progress, stall_timeout_s=stall_timeout_s, unit_rows=unit_rows, t_start=t_start)
+        if id_column:
+            summary.duplicate_ids, examples = _duplicate_ids(out, manifest)
+            manifest["duplicate_ids"] = {"count": summary.duplicate_ids, "examples": examples}
+            if summary.duplicate_ids:
+                log.warning("%d duplicate id(s) in column %r (e.g. %s): every row is kept and embedded",
+                            summary.duplicate_ids, id_column, ", ".join(examples))
+        summary.seconds = time.perf_counter() - t_start
+        manifest["last_run"] = summary.as_dict()
+        out.write_manifest(manifest)
+        if summary.shards_failed:
+            lines = "; ".join(f"{rel}: {msg}" for rel, msg in sorted(summary.shards_failed.items()))
+            raise EmbedError(f"{len(summary.shards_failed)} shard(s) failed, the others are committed "
+                             f"(re-run to retry): {lines}")
+        return summary
+
+
+def _duplicate_ids(out: Output, manifest: dict) -> tuple[int, list[str]]:
+    """Rows whose id appears more than once across all committed shards (ids column only)."""
+    import pyarrow.compute as pc
+
+    files = out.embedding_files(manifest)
+    if not files:
+        return 0, []
+    ids = pa.chunked_array([read_part(out.fs, f, ["id"]).column("id") for f in files])
+    counts = pc.value_counts(ids).flatten()
+    dup = pc.filter(counts[0], pc.greater(counts[1], 1))
+    extra = int(pc.sum(pc.subtract(pc.filter(counts[1], pc.greater(counts[1], 1)), 1)).as_py() or 0)
+    return extra, [str(x) for x in dup[:5].to_pylist()]
+
+
+def _run_ray(request: Request, out: Output, manifest: dict, todo: list[Shard], summary: EmbedSummary, *, fs,
+             text_column: str, id_column: str | None, progress: bool, stall_timeout_s: float, unit_rows: int,
+             t_start: float) -> None:
+    t0 = time.perf_counter()
+    res = request.resources
+    ray = _ray_init(res.ray_address)
+    from ray.data import ActorPoolStrategy, DataContext
+
+    ctx = DataContext.get_current()
+    ctx.execution_no_progress_timeout_s = stall_timeout_s
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Ray's high-memory notice repeats every 30 s for any model-sized actor: noise, not news.
+    ctx.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
+    n_actors, cpus, gpus, threads = _resources(ray, res.actors, res.gpus_per_actor)
+    summary.startup_seconds = time.perf_counter() - t0
+    log.info("embedding %d shards with %d actor(s) (%.1f CPU, %.1f GPU each)", len(todo), n_actors, cpus, gpus)
+
+    run_id = uuid.uuid4().hex[:12]
+    units = work_units(todo, unit_rows)
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    # Fractional CPUs: different resources keep Ray from fusing these tasks into the actor, so
+    # reading and tokenising overlap the forward passes instead of running in series with them.
+    ds = ds.map_batches(read_and_tokenize, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
+                        fn_kwargs=dict(fs=fs, model_dir=request.model.path, text_column=text_column,
+                                       id_column=id_column, max_length=request.settings.max_length))
+    # Blocks of EMBED_BATCH_ROWS rows: each actor task is then one call, and its output streams
+    # to the writers as it is made (a whole read unit in one task would reach them only at its end).
+    ds = ds.repartition(target_num_rows_per_block=EMBED_BATCH_ROWS)
+    ds = ds.map_batches(EmbedActor, batch_size=EMBED_BATCH_ROWS, batch_format="pyarrow",
+                        compute=ActorPoolStrategy(size=n_actors), num_cpus=cpus, num_gpus=gpus or None,
+                        fn_constructor_kwargs=dict(request=request, threads=threads))
+    ds = ds.map_batches(write_parts, batch_size=None, batch_format="pyarrow", num_cpus=0.5,
+                        fn_kwargs=dict(output_url=out.url, run_id=run_id, keys=[s.key for s in todo],
+                                       columns=[v.column for v in request.variants], fmt=request.output_format))
+    committer = Committer(out, manifest, todo, summary, run_id)
+    total_rows = sum(s.rows for s in todo)
+    last_print, first_batch, first_tokens = 0.0, None, 0
+    try:
+        # prefetch_batches=0: with Ray's default of 1 the iterator holds each metadata block
+        # back until the next one exists, so every commit would wait for one more actor call.
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+            for m in batch.to_pylist():
+                committer.feed(m)
+            now = time.perf_counter()
+            if first_batch is None:  # steady state starts once the first batch is through
+                first_batch, first_tokens = now, summary.tokens
+            if progress and now - last_print > 2.0:
+                last_print = now
+                rate = summary.tokens / (now - t_start)
+                print(f"\r[strata] {summary.shards_embedded}/{len(todo)} shards committed, "
+                      f"{committer.rows_seen:,}/{total_rows:,} rows, {rate:,.0f} tok/s",
+                      end="", file=sys.stderr, flush=True)
+    except Exception as e:
+        if "ExecutionTimeoutError" in type(e).__name__ or "no progress" in str(e).lower():
+            raise EmbedError(f"the pipeline made no progress for {stall_timeout_s:.0f}s and was stopped "
+                             "(too few free CPUs for the read/write tasks, or a hung actor?); "
+                             f"{summary.shards_embedded} shard(s) were committed, re-run to resume") from None
+        raise
+    finally:
+        if progress and last_print:
+            print(file=sys.stderr)
+    committer.finish()
+    end = time.perf_counter()
+    # Steady state: the rate after the first output. Only meaningful when outputs streamed
+    # over most of the run; when they arrive in a burst at the end it is left at 0 (unknown).
+    if first_batch is not None and summary.tokens > first_tokens and end - first_batch >= 0.5 * (end - t0):
+        summary.steady_seconds = (end - first_batch) * summary.tokens / (summary.tokens - first_tokens)
+    out.remove(STAGING)
+
+
+def read_embeddings(output: str, columns: list[str] | None = None) -> pa.Table:
+    """Every committed row of an output directory, in shard and row order."""
+    return Output(output).read_table(columns)

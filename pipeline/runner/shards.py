@@ -1,0 +1,109 @@
+"""The input side of ``embed``: Parquet shards listed and inspected, cut into work units, and
+the incremental plan (which shards to embed, keep or drop against the manifest)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..storage import redact, shard_key
+
+UNIT_ROWS = 2048  # rows per read task
+
+
+@dataclass
+class Shard:
+    path: str  # filesystem path (no protocol)
+    rel: str  # path relative to the input root: names the shard in ids and outputs
+    fingerprint: str
+    rows: int = 0
+    row_groups: list[int] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def key(self) -> str:
+        return shard_key(self.rel)
+
+
+def list_shards(url: str) -> tuple[Any, list[Shard]]:
+    """Parquet files at a URL: a file, a directory (searched recursively) or a glob."""
+    fs, root = fsspec.core.url_to_fs(url)
+    if any(c in root for c in "*?["):
+        paths = sorted(p for p in fs.glob(root) if p.endswith(".parquet"))
+        base = root.split("*")[0].rsplit("/", 1)[0]
+    elif fs.isdir(root):
+        paths = sorted(p for p in fs.find(root) if p.endswith(".parquet") and "/." not in p[len(root):])
+        base = root.rstrip("/")
+    elif fs.exists(root):
+        paths, base = [root], root.rsplit("/", 1)[0]
+    else:
+        raise FileNotFoundError(f"input {redact(url)} does not exist")
+    if not paths:
+        raise FileNotFoundError(f"no Parquet files (*.parquet) found at {redact(url)}")
+    shards = []
+    for p in paths:
+        info = fs.info(p)
+        stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or info.get("updated")
+        rel = p[len(base):].lstrip("/") or p.rsplit("/", 1)[-1]
+        shards.append(Shard(p, rel, f"size={info.get('size')};stamp={stamp}"))
+    return fs, shards
+
+
+def inspect_shards(fs, shards: list[Shard], text_column: str, id_column: str | None) -> None:
+    """Read each shard's footer: row counts, and the columns checked before any model loads.
+
+    A shard that cannot be read gets ``error`` (the job goes on with the others); a missing
+    or mistyped column is an error of the whole job, raised at once.
+    """
+    for s in shards:
+        try:
+            with fs.open(s.path, "rb") as f:
+                meta = pq.ParquetFile(f).metadata
+                schema = meta.schema.to_arrow_schema()
+        except Exception as e:  # noqa: BLE001 - any unreadable file is this shard's error
+            s.error = f"not a readable Parquet file: {type(e).__name__}: {e}"
+            continue
+        names = schema.names
+        if text_column not in names:
+            raise ValueError(f"text column {text_column!r} not found in {s.rel}; available columns: {', '.join(names)}")
+        t = schema.field(text_column).type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)):
+            raise ValueError(f"text column {text_column!r} in {s.rel} has type {t}, expected a string column")
+        if id_column and id_column not in names:
+            raise ValueError(f"id column {id_column!r} not found in {s.rel}; available columns: {', '.join(names)}")
+        s.rows = meta.num_rows
+        s.row_groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+
+def work_units(shards: list[Shard], unit_rows: int = UNIT_ROWS) -> list[dict]:
+    units = []
+    for idx, s in enumerate(shards):
+        first = 0
+        for rg, n in enumerate(s.row_groups):
+            for start in range(0, n, unit_rows):
+                stop = min(n, start + unit_rows)
+                units.append({"shard": idx, "path": s.path, "rel": s.rel, "rg": rg, "start": start, "stop": stop,
+                              "row0": first + start})
+            first += n
+    return units
+
+
+def plan(manifest: dict | None, shards: list[Shard]) -> tuple[list[Shard], list[dict], list[dict]]:
+    """(to embed, committed entries to keep, committed entries to drop)."""
+    done = {s["rel"]: s for s in (manifest or {}).get("shards", [])}
+    current = {s.rel for s in shards}
+    todo, keep = [], []
+    for s in shards:
+        entry = done.get(s.rel)
+        if entry and entry["fingerprint"] == s.fingerprint:
+            keep.append(entry)
+        else:
+            todo.append(s)
+    drop = [e for rel, e in done.items() if rel not in current]
+    return todo, keep, drop
+
+

@@ -1,0 +1,70 @@
+"""The command line: options reach the one resolved request unchanged, commands print what they did,
+and errors are one line."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline import Encoder, Variant
+from pipeline.cli import build_parser, main, request_from_args
+
+
+def test_options_resolve_into_one_request(model_dir):
+    args = build_parser().parse_args([
+        "embed", "in", "out", "--model", model_dir, "--layers", "50%,-1", "--poolings", "mean_nosink,last",
+        "--max-length", "64", "--dtype", "float16", "--normalize", "--batch-tokens", "1000", "--format", "arrow",
+        "--actors", "3", "--gpus-per-actor", "0", "--ray-address", "ray://head:10001"])
+    r = request_from_args(args)
+    assert r.variants == (Variant(2, "mean_nosink"), Variant(2, "last"), Variant(4, "mean_nosink"), Variant(4, "last"))
+    s = r.settings
+    assert (s.max_length, s.dtype, s.normalize, s.batch_tokens) == (64, "float16", True, 1000)
+    assert r.output_format == "arrow" and (r.model.n_layers, r.model.dim) == (4, 32)
+    assert (r.resources.actors, r.resources.gpus_per_actor, r.resources.ray_address) == (3, 0, "ray://head:10001")
+    assert r.model.weights_digest.startswith("sha256:")
+    # no budget given: the device default, resolved here (a CPU machine), not later in an actor
+    r2 = request_from_args(build_parser().parse_args(["encode", "--model", model_dir, "x"]), digest=False)
+    assert r2.settings.batch_tokens == 4096 and r2.model.weights_digest is None
+
+
+def test_encode_prints_every_variant_of_the_request(model_dir, capsys):
+    assert main(["encode", "--model", model_dir, "--layers", "1,-1", "--poolings", "mean,last",
+                 "a small test", "another one"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    ref = Encoder.load(model_dir, layers="1,-1", poolings="mean,last").encode(["a small test", "another one"])
+    assert [line.split()[0] for line in lines[:-1]] == [v.name for v in ref]
+    for line, (v, arr) in zip(lines, ref.items()):
+        assert "shape=(2, 32)" in line
+        first = json.loads(line.split("first row=")[1])
+        np.testing.assert_allclose(first, arr[0, :4], atol=1e-4)
+    assert json.loads(lines[-1])["rows"] == 2
+
+
+def test_eval_local_engine_writes_results_without_ray(model_dir, tmp_path, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    rng = np.random.default_rng(1)
+    words = "alpha beta gamma delta epsilon zeta eta theta".split()
+    pairs.write_text("".join(json.dumps({"sentence1": " ".join(rng.choice(words, 5)),
+                                         "sentence2": " ".join(rng.choice(words, 4)), "score": i % 5}) + "\n"
+                             for i in range(20)))
+    out = tmp_path / "out"
+    assert main(["eval", "sts", str(pairs), "--output", str(out), "--model", model_dir, "--layers", "2,4",
+                 "--poolings", "mean", "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "engine local" in printed  # 40 texts: auto picks the in-process engine
+    rows = json.loads((out / "eval" / "results.json").read_text())
+    assert {(r["layer"], r["pooling"], r["metric"]) for r in rows} == {
+        (L, "mean", m) for L in (2, 4) for m in ("cosine_spearman", "cosine_pearson")}
+    assert not (out / "manifest.json").exists()  # nothing cached: no Ray pipeline ran
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["embed", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "does not exist" in err
+    assert main(["encode", "--layers", "99", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "layer 99 is out of range: this model has layers 0..30" in err
+    with pytest.raises(SystemExit):
+        main(["eval", "sts", "x", "--output", "o", "--engine", "spark"])
+    assert "invalid choice: 'spark'" in capsys.readouterr().err
