@@ -13,8 +13,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-# The checkout's sibling shared/data (see README); override with STRATA_DATA or --data.
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, TypeError)
 
 
@@ -189,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the default model on STS-B test and a SciFact subset: report + heatmaps")
     p.add_argument("--output", default="demo-output")
     p.add_argument("--quick", action="store_true", help="fewer texts, for a smoke test")
-    p.add_argument("--data", default=os.environ.get("STRATA_DATA", str(DEFAULT_DATA)),
+    from .evaldata import default_data_dir
+
+    p.add_argument("--data", default=str(default_data_dir()),
                    help="evaluation data folder with stsb/ and scifact/ (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
 

@@ -8,6 +8,7 @@ file and the line.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,12 @@ import pyarrow.parquet as pq
 
 PAIR_COLUMNS = ("sentence1", "sentence2", "score")
 _SPLITS = ("train", "dev", "validation", "test")
+
+
+def default_data_dir() -> Path:
+    """The evaluation data folder (stsb/, scifact/): ``$STRATA_DATA``, else the checkout's sibling ``shared/data``."""
+    env = os.environ.get("STRATA_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 class EvalDataError(ValueError):

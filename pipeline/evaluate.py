@@ -98,8 +98,9 @@ class RayEncoder:
             return set()
         return set(out.read_table(["id"]).column("id").to_pylist()) if manifest.get("shards") else set()
 
-    def stage(self, texts: Sequence[str]) -> list[str]:
-        """Write the texts the cache lacks as one new input shard; returns every text's id."""
+    def stage(self, texts: Sequence[str]) -> tuple[list[str], int]:
+        """Write the texts the cache lacks as one new input shard; returns every text's id and
+        how many were missing."""
         ids = [text_id(t) for t in texts]
         have = self.cached_ids()
         missing = {i: t for i, t in zip(ids, texts) if i not in have}
@@ -112,15 +113,15 @@ class RayEncoder:
                 tmp = path.with_suffix(".tmp")
                 pq.write_table(pa.table({"id": order, "text": [missing[i] for i in order]}), tmp)
                 tmp.replace(path)
-        return ids
+        return ids, len(missing)
 
     def encode(self, texts: Sequence[str]) -> dict[Variant, np.ndarray]:
         from .runner import embed
 
-        ids = self.stage(texts)
-        inputs = self.dir / "inputs"
-        if inputs.exists():  # commits whatever is staged (incremental: the rest is skipped)
-            embed(self.request, str(inputs), str(self.dir), id_column="id", force=self.force, progress=self.progress)
+        ids, missing = self.stage(texts)
+        if missing or self.force:  # commits whatever is staged (incremental: the rest is skipped)
+            embed(self.request, str(self.dir / "inputs"), str(self.dir), id_column="id", force=self.force,
+                  progress=self.progress)
         table = Output(str(self.dir)).read_table(["id", *(v.column for v in self.variants)])
         row = {i: k for k, i in enumerate(table.column("id").to_pylist())}
         missing = [i for i in ids if i not in row]

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import data_file
 
 from pipeline import bench
 from pipeline.bench import measure, options, sample
@@ -125,8 +126,8 @@ def test_flops_count_padding_and_depth():
 
 
 def test_data_mix_is_deterministic_and_mixed():
-    texts, kinds = sample.sample_texts(sample.default_data_dir(), 3, 9, seed=0)
-    again, _ = sample.sample_texts(sample.default_data_dir(), 3, 9, seed=0)
+    texts, kinds = sample.sample_texts(data_file(), 3, 9, seed=0)
+    again, _ = sample.sample_texts(data_file(), 3, 9, seed=0)
     assert texts == again and len(texts) == 12 and kinds.count("doc") == 3
     assert all(t.strip() for t in texts) and len(set(texts)) == 12
     assert kinds != sorted(kinds)  # shuffled together, not docs first

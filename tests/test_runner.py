@@ -94,9 +94,9 @@ def test_round_trip_equals_single_process_encoder(ray_local, model_dir, corpus, 
 def test_resume_after_injected_crash_is_exactly_once(ray_local, model_dir, corpus, tmp_path, monkeypatch):
     ids, texts = corpus
     write_shards(tmp_path / "in", ids, texts)
-    import pipeline.runner as runner
+    import pipeline.runner.commit as commit
 
-    real_commit, commits = runner._commit, []
+    real_commit, commits = commit._commit, []
 
     def crashing_commit(*a, **kw):
         if len(commits) == 3:
@@ -104,11 +104,11 @@ def test_resume_after_injected_crash_is_exactly_once(ray_local, model_dir, corpu
         commits.append(1)
         return real_commit(*a, **kw)
 
-    monkeypatch.setattr(runner, "_commit", crashing_commit)
+    monkeypatch.setattr(commit, "_commit", crashing_commit)
     with pytest.raises(KeyboardInterrupt):
         embed(str(tmp_path / "in"), str(tmp_path / "out"), model=model_dir, **OPTS)
     assert len(manifest(tmp_path / "out")["shards"]) == 3
-    monkeypatch.setattr(runner, "_commit", real_commit)
+    monkeypatch.setattr(commit, "_commit", real_commit)
     summary = embed(str(tmp_path / "in"), str(tmp_path / "out"), model=model_dir, **OPTS)
     assert summary.shards_skipped == 3 and summary.shards_embedded == 5
     got = read_embeddings(str(tmp_path / "out"), ["id"]).column("id").to_pylist()

@@ -24,7 +24,8 @@ from .markdown import to_markdown
 from .measure import (TOLERANCE, compare, finish_mode, machine_info, now_utc, ratio, ratios, useful_flops,
                       versions)
 from .options import FULL_MODEL_MODES, add_arguments, model_layers, resolve_grid, settings
-from .sample import default_data_dir, sample_texts
+from ..evaldata import default_data_dir
+from .sample import sample_texts
 
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
              "TQDM_DISABLE": "1"}

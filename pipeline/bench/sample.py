@@ -9,18 +9,12 @@ sentences, then shuffling the two together.
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 from ..evaldata import load_beir, load_sts
 
 STSB_SPLITS = ("sts-train.csv", "sts-dev.csv", "sts-test.csv")
-
-
-def default_data_dir() -> Path:
-    env = os.environ.get("STRATA_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def sample_texts(data_dir: str | Path, docs: int, sentences: int, seed: int = 0) -> tuple[list[str], list[str]]:

@@ -6,8 +6,8 @@ from ..storage import read_part
 from .commit import Committer, EmbedError, EmbedSummary
 from .run import _resources, embed, read_embeddings
 from .shards import UNIT_ROWS, Shard, inspect_shards, list_shards, plan, work_units
-from .stages import EmbedActor, read_and_tokenize, write_parts
+from .stages import EMBED_BATCH_ROWS, EmbedActor, read_and_tokenize, write_parts
 
 __all__ = ["embed", "EmbedSummary", "EmbedError", "read_embeddings", "read_part", "Committer", "Shard",
            "inspect_shards", "list_shards", "plan", "work_units", "UNIT_ROWS", "EmbedActor", "read_and_tokenize",
-           "write_parts", "_resources"]
+           "write_parts", "_resources", "EMBED_BATCH_ROWS"]
