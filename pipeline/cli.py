@@ -24,6 +24,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=DEFAULT_MODEL, help="alias, HF directory, .gguf file or hub id (default: %(default)s)")
     g.add_argument("--layers", default="-1", help="layer spec: ints, negatives, '50%%', 'a:b', 'all' (default: %(default)s)")
     g.add_argument("--poolings", default="mean", help="comma-separated poolings (default: %(default)s)")
+    g.add_argument("--templates", default="plain",
+                   help="prompt templates: built-in names (plain, prompteol, echo) comma-separated, or one template "
+                        "string with a {text} slot (default: %(default)s)")
+    g.add_argument("--append-eos", action="store_true", help="end every sequence with the EOS token")
     g.add_argument("--max-length", type=int, default=512)
     g.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="output dtype")
     g.add_argument("--normalize", action="store_true", help="L2-normalise every embedding")
@@ -42,7 +46,8 @@ def request_from_args(args, *, digest: bool = True):
     return resolve(args.model, layers=args.layers, poolings=args.poolings, max_length=args.max_length,
                    dtype=args.dtype, normalize=args.normalize, batch_tokens=args.batch_tokens,
                    output_format=getattr(args, "format", "parquet"), resources=resources,
-                   trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, digest=digest)
+                   trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, digest=digest,
+                   templates=args.templates, append_eos=args.append_eos)
 
 
 def cmd_encode(args) -> int:

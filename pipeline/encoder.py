@@ -21,45 +21,15 @@ from . import models
 from .batching import padding_efficiency, plan_batches
 from .pooling import pool
 from .request import EncodeSettings, Request, resolve
+from .templates import Template, Tokenized, parse_template, tokenize_plain
+from .templates import tokenize as tokenize_template
 from .variants import Variant
 
 OUTPUT_DTYPES = {"float32": np.float32, "float16": np.float16}
-# A text longer than this many characters per token of max_length is cut before tokenising,
-# so a multi-megabyte document costs bounded memory; it is counted as truncated.
-CHARS_PER_TOKEN_GUARD = 64
-
-
-def clean_text(text: str) -> str:
-    """Replace invalid surrogates (which tokenizers refuse) instead of failing the batch."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "replace").decode("utf-8")
-
-
 def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], np.ndarray]:
-    """Token ids per text, truncated at ``max_length``, and whether each text was truncated.
-
-    Texts longer than ``max_length * CHARS_PER_TOKEN_GUARD`` characters are cut first (and
-    counted as truncated), so a giant document costs bounded memory.
-    """
-    limit = max_length * CHARS_PER_TOKEN_GUARD
-    cut = np.array([len(t) > limit for t in texts], dtype=bool)
-    clipped = [clean_text(t[:limit]) for t in texts]
-    enc = tokenizer(clipped, truncation=True, max_length=max_length, return_overflowing_tokens=True,
-                    return_attention_mask=False)
-    mapping = enc.get("overflow_to_sample_mapping")
-    if mapping is None:  # slow tokenizers: no overflow information
-        return [list(x) for x in enc["input_ids"]], cut
-    ids: list[list[int] | None] = [None] * len(texts)
-    truncated = cut.copy()
-    for chunk, row in zip(enc["input_ids"], mapping):
-        if ids[row] is None:
-            ids[row] = list(chunk)
-        else:
-            truncated[row] = True  # a second chunk: the text did not fit
-    return ids, truncated
+    """Token ids per text under the plain template, truncated at ``max_length``, and whether each
+    text was truncated (``templates.tokenize_plain``)."""
+    return tokenize_plain(tokenizer, texts, max_length)
 
 
 class _StopForward(Exception):
@@ -144,7 +114,8 @@ class Encoder:
     """
 
     def __init__(self, model, tokenizer, variants: Sequence[Variant], settings: EncodeSettings | None = None, *,
-                 request: Request | None = None, device: str | torch.device | None = "auto"):
+                 templates: Sequence[Template] = (), request: Request | None = None,
+                 device: str | torch.device | None = "auto"):
         self.model = model
         self.tokenizer = tokenizer
         self.request = request
@@ -160,10 +131,20 @@ class Encoder:
         bad = [v.name for v in self.variants if not 0 <= v.layer <= self.n_layers]
         if bad:
             raise ValueError(f"variant(s) {', '.join(bad)} out of range: the model has layers 0..{self.n_layers}")
+        derived = [v.name for v in self.variants if not v.is_raw]
+        if derived:
+            raise ValueError(f"variant(s) {', '.join(derived)} are computed from embedded variants (mixes, "
+                             "transforms): an Encoder embeds raw variants only")
+        known = {t.name: t for t in [*(request.templates if request else ()), *templates]}
+        self.templates: dict[str, Template] = {}
+        for name in dict.fromkeys(v.template for v in self.variants):
+            self.templates[name] = known.get(name) or parse_template(name)  # built-ins by name
         self.layers: list[int] = sorted({v.layer for v in self.variants})
-        self.poolings_by_layer: dict[int, list[str]] = {
-            layer: [v.pooling for v in self.variants if v.layer == layer] for layer in self.layers
-        }
+        # per template: {layer: [poolings]}; one forward pass per template gives all of them
+        self.groups: dict[str, dict[int, list[str]]] = {
+            t: {layer: [v.pooling for v in self.variants if v.template == t and v.layer == layer]
+                for layer in sorted({v.layer for v in self.variants if v.template == t})}
+            for t in self.templates}
         self.blocks = find_blocks(model)
         pad = tokenizer.pad_token_id
         if pad is None:
@@ -204,6 +185,11 @@ class Encoder:
                                  allow_pickle=request.model.allow_pickle)
         return cls(m, tok, request.variants, request.settings, request=request, device=dev)
 
+    @property
+    def poolings_by_layer(self) -> dict[int, list[str]]:
+        """{layer: poolings} of the plain template (the grid without templates)."""
+        return self.groups.get("plain", {})
+
     @functools.cached_property
     def weights_digest(self) -> str | None:
         """sha256 of the weight files, hashed on first use only (Ray actors never need it)."""
@@ -215,19 +201,25 @@ class Encoder:
 
     # ---------------------------------------------------------------- tokenising
     def tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], np.ndarray]:
-        """Token ids per text (truncated at max_length) and a bool array: was it truncated."""
+        """Token ids per text (truncated at max_length, plain template) and a bool array: was it truncated."""
         return tokenize(self.tokenizer, texts, self.settings.max_length)
+
+    def tokenize_templates(self, texts: Sequence[str]) -> dict[str, Tokenized]:
+        """Per template: token ids, the text's span and truncation (see ``pipeline.templates``)."""
+        return {name: tokenize_template(self.tokenizer, texts, self.settings.max_length, t, self.settings.append_eos)
+                for name, t in self.templates.items()}
 
     # ---------------------------------------------------------------- forward
     @torch.inference_mode()
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[int, torch.Tensor]:
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      layers: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
         """Hidden states of the requested layers, equal to the full model's ``hidden_states[i]``.
 
         Position ids count each row's own tokens, so a left-padded row sees the same positions
         as the same row unpadded.
         """
         position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_min(0)
-        wanted = set(self.layers)
+        wanted = set(self.layers if layers is None else layers)
         deepest = max(wanted)
         captured: dict[int, torch.Tensor] = {}
         handles = []
@@ -256,51 +248,69 @@ class Encoder:
                 h.remove()
         return captured
 
-    def _embed_batch(self, ids: list[list[int]], padded_len: int) -> dict[Variant, torch.Tensor]:
+    def _embed_batch(self, ids: list[list[int]], spans: np.ndarray, padded_len: int, template: str
+                     ) -> dict[Variant, torch.Tensor]:
         n = len(ids)
         input_ids = torch.full((n, padded_len), self.pad_id, dtype=torch.long)
         mask = torch.zeros((n, padded_len), dtype=torch.long)
+        span = torch.zeros((n, padded_len), dtype=torch.long)
         left = self.settings.padding_side == "left"
         for i, row in enumerate(ids):
-            span = slice(padded_len - len(row), padded_len) if left else slice(0, len(row))
-            input_ids[i, span] = torch.as_tensor(row, dtype=torch.long)
-            mask[i, span] = 1
+            offset = padded_len - len(row) if left else 0
+            input_ids[i, offset:offset + len(row)] = torch.as_tensor(row, dtype=torch.long)
+            mask[i, offset:offset + len(row)] = 1
+            span[i, offset + int(spans[i, 0]):offset + int(spans[i, 1])] = 1
         if self.device.type == "cuda":
-            input_ids, mask = input_ids.pin_memory().to(self.device, non_blocking=True), mask.pin_memory().to(self.device, non_blocking=True)
-        return self.pool_hidden(self.hidden_states(input_ids, mask), mask)
+            input_ids, mask, span = (t.pin_memory().to(self.device, non_blocking=True) for t in (input_ids, mask, span))
+        groups = self.groups[template]
+        hidden = self.hidden_states(input_ids, mask, list(groups))
+        return self.pool_hidden(hidden, mask, None if self.templates[template].is_plain else span, template)
 
-    def pool_hidden(self, hidden: dict[int, torch.Tensor], mask: torch.Tensor) -> dict[Variant, torch.Tensor]:
-        """Every requested variant from the captured hidden states: {Variant: (B, D) float32}."""
+    def pool_hidden(self, hidden: dict[int, torch.Tensor], mask: torch.Tensor, span: torch.Tensor | None = None,
+                    template: str = "plain") -> dict[Variant, torch.Tensor]:
+        """One template's variants from its captured hidden states: {Variant: (B, D) float32}."""
         out: dict[Variant, torch.Tensor] = {}
-        for layer, poolings in self.poolings_by_layer.items():
-            for pooling, vec in pool(hidden[layer], mask, poolings).items():
+        for layer, poolings in self.groups[template].items():
+            for pooling, vec in pool(hidden[layer], mask, poolings, span).items():
                 if self.settings.normalize:
                     vec = torch.nn.functional.normalize(vec, dim=-1)
-                out[Variant(layer, pooling)] = vec
-        return {v: out[v] for v in self.variants}
+                out[Variant(layer, pooling, template)] = vec
+        return out
 
     def encode_ids(self, ids: Sequence[Sequence[int]]) -> EncodeResult:
-        """Embed pre-tokenised rows; returns arrays in input order."""
+        """Embed pre-tokenised rows (plain template only; the whole row is the text); input order."""
+        if set(self.templates) != {"plain"}:
+            raise ValueError("encode_ids embeds the plain template only; use encode_tokenized for templates")
+        spans = np.array([[0, len(x)] for x in ids], dtype=np.int64).reshape(-1, 2)
+        return self.encode_tokenized({"plain": Tokenized([list(x) for x in ids], spans, np.zeros(len(ids), bool))})
+
+    def encode_tokenized(self, tokens: dict[str, Tokenized]) -> EncodeResult:
+        """Embed rows tokenised per template (one forward pass per template); arrays in input order."""
         t0 = time.perf_counter()
-        n = len(ids)
+        n = len(next(iter(tokens.values())).ids) if tokens else 0
         np_dtype = OUTPUT_DTYPES[self.settings.dtype]
         result = {v: np.empty((n, self.dim), dtype=np_dtype) for v in self.variants}
         stats = EncodeStats(rows=n)
-        lengths = [len(x) for x in ids]
-        if any(length == 0 for length in lengths):
-            raise ValueError(f"row {lengths.index(0)} has no tokens; every row needs at least one")
-        for batch in plan_batches(lengths, batch_tokens=self.settings.batch_tokens,
-                                  max_rows=self.settings.max_batch_rows, pad_multiple=self.pad_multiple):
-            vecs = self._embed_batch([ids[i] for i in batch.indices], batch.padded_len)
-            # one device-to-host copy per batch for all variants (not one synchronising copy each)
-            host = torch.stack(list(vecs.values())).to("cpu").numpy()
-            for variant, v in zip(vecs, host):
-                result[variant][batch.indices] = v.astype(np_dtype, copy=False)
-            stats.batches += 1
-            stats.padded_tokens += batch.padded_tokens
-        stats.tokens = int(sum(lengths))
+        for template in self.templates:
+            tok = tokens[template]
+            lengths = [len(x) for x in tok.ids]
+            empty = np.flatnonzero(tok.spans[:, 1] <= tok.spans[:, 0]) if len(tok.spans) else []
+            if len(empty):
+                raise ValueError(f"row {int(empty[0])} has no tokens; every row needs at least one")
+            for batch in plan_batches(lengths, batch_tokens=self.settings.batch_tokens,
+                                      max_rows=self.settings.max_batch_rows, pad_multiple=self.pad_multiple):
+                vecs = self._embed_batch([tok.ids[i] for i in batch.indices], tok.spans[batch.indices],
+                                         batch.padded_len, template)
+                # one device-to-host copy per batch for all variants (not one synchronising copy each)
+                host = torch.stack(list(vecs.values())).to("cpu").numpy()
+                for variant, v in zip(vecs, host):
+                    result[variant][batch.indices] = v.astype(np_dtype, copy=False)
+                stats.batches += 1
+                stats.padded_tokens += batch.padded_tokens
+            stats.tokens += int(sum(lengths))
+            stats.truncated += int(tok.truncated.sum())
         stats.seconds = time.perf_counter() - t0
-        return EncodeResult(result, stats)
+        return EncodeResult({v: result[v] for v in self.variants}, stats)
 
     def encode(self, texts: Sequence[str]) -> EncodeResult:
         """Embed texts; every variant as an (n, dim) array in input order ({Variant: array})."""
@@ -310,8 +320,6 @@ class Encoder:
             if not t.strip():
                 raise ValueError(f"text {i} is empty or whitespace-only")
         t0 = time.perf_counter()
-        ids, truncated = self.tokenize(texts)
-        res = self.encode_ids(ids)
-        res.stats.truncated = int(truncated.sum())
+        res = self.encode_tokenized(self.tokenize_templates(texts))
         res.stats.seconds = time.perf_counter() - t0
         return res

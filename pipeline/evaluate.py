@@ -24,12 +24,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .derive import Derivations, derive
 from .evaldata import BeirData, StsData, load_beir, load_sts
 from .metrics import retrieval_scores, sts_scores
 from .report import merge_results
 from .request import Request, signature_difference
 from .storage import Output
-from .variants import Variant
+from .variants import SpecError, Variant
 
 ENGINES = ("auto", "local", "ray")
 # ``auto`` evaluates in-process up to this many unique texts (STS-B test has 2,552; SciFact
@@ -55,31 +56,73 @@ def _unique(*parts: Sequence[str]) -> tuple[list[str], list[np.ndarray]]:
     return list(where), [np.fromiter((where[t] for t in part), dtype=np.int64, count=len(part)) for part in parts]
 
 
-def _rows(task: str, dataset: str, split: str, variant: Variant, scores: dict[str, float]) -> list[dict]:
+def _rows(task: str, dataset: str, split: str, variant: Variant, scores: dict[str, float],
+          fitted: dict | None = None) -> list[dict]:
+    extra = {"fitted_on": fitted_on_text(fitted)} if fitted else {}
     return [{"task": task, "dataset": dataset, "split": split, "metric": metric, **variant.row_fields,
-             "score": float(score)} for metric, score in scores.items()]
+             "score": float(score), **extra} for metric, score in scores.items()]
 
 
-def evaluate_sts(encoder: TextEncoder, data: StsData) -> list[dict]:
-    """Spearman and Pearson (x100) of cosine similarity vs gold, for every variant."""
+def fitted_on_text(record: dict) -> str:
+    """One line saying what each fitted piece of a variant saw."""
+    parts = []
+    if "mix" in record:
+        m = record["mix"]
+        parts.append(f"mix weights fitted on {m['data']}/{m['split']} ({m['pairs']} labelled pairs)")
+    if "transform" in record:
+        t = record["transform"]
+        parts.append(f"transform fitted on {t['source']} ({t['texts']} texts, no labels)")
+    return "; ".join(parts)
+
+
+def _with_derived(encoder: TextEncoder, vectors, derivations: Derivations | None, fit_rows=None,
+                  fit_label: str = "the evaluated texts"):
+    vectors = {v: np.asarray(m, dtype=np.float32) for v, m in vectors.items()}
+    if derivations is None or derivations.empty:
+        return vectors, {}
+    derived, record = derive(encoder, vectors, derivations, fit_rows=fit_rows, fit_label=fit_label)
+    return {**vectors, **derived}, record
+
+
+def evaluate_sts(encoder: TextEncoder, data: StsData, derivations: Derivations | None = None) -> list[dict]:
+    """Spearman and Pearson (x100) of cosine similarity vs gold, for every variant (and derived one)."""
     texts, (rows1, rows2) = _unique(data.sentence1, data.sentence2)
-    vectors = encoder.encode(texts)
+    vectors, record = _with_derived(encoder, encoder.encode(texts), derivations,
+                                    fit_label=f"{data.name}/{data.split} sentences")
     out = []
-    for variant, mat in vectors.items():
-        m = np.asarray(mat, dtype=np.float32)
-        out += _rows("sts", data.name, data.split, variant, sts_scores(m[rows1], m[rows2], data.scores))
+    for variant, m in vectors.items():
+        out += _rows("sts", data.name, data.split, variant, sts_scores(m[rows1], m[rows2], data.scores),
+                     record.get(variant))
     return out
 
 
-def evaluate_retrieval(encoder: TextEncoder, data: BeirData) -> list[dict]:
-    """nDCG@10, Recall@100 and MRR@10 (x100) by exact cosine search, for every variant."""
+def evaluate_retrieval(encoder: TextEncoder, data: BeirData, derivations: Derivations | None = None, *,
+                       query_template: str | None = None, doc_template: str | None = None) -> list[dict]:
+    """nDCG@10, Recall@100 and MRR@10 (x100) by exact cosine search, for every variant (and derived one).
+
+    With ``query_template`` and ``doc_template`` (template names of the encoder's variants),
+    queries and documents are embedded under their own templates and every variant is the pair
+    ``QUERY~DOC`` of the same layer and pooling (E5-Mistral / GTE-Qwen2 style instructions).
+    """
     texts, (doc_rows, query_rows) = _unique(data.doc_texts, data.query_texts)
-    vectors = encoder.encode(texts)
+    vectors, record = _with_derived(encoder, encoder.encode(texts), derivations, fit_rows=doc_rows,
+                                    fit_label=f"{data.name} corpus documents")
+    pairs = {v: (v, v) for v in vectors}
+    if query_template or doc_template:
+        q_t, d_t = query_template or "plain", doc_template or "plain"
+        pairs = {}
+        for v in vectors:
+            if v.template == d_t:
+                qv = Variant(v.layer, v.pooling, q_t, v.mix, v.transform)
+                if qv not in vectors:
+                    raise SpecError(f"query template {q_t!r} has no variant {qv.name}: embed it with --templates")
+                name = v if q_t == d_t else Variant(v.layer, v.pooling, f"{q_t}~{d_t}", v.mix, v.transform)
+                pairs[name] = (qv, v)
     out = []
-    for variant, mat in vectors.items():
-        m = np.asarray(mat, dtype=np.float32)
-        scores = retrieval_scores(m[query_rows], m[doc_rows], data.query_ids, data.doc_ids, data.qrels)
-        out += _rows("retrieval", data.name, data.split, variant, scores)
+    for variant, (qv, dv) in pairs.items():
+        scores = retrieval_scores(vectors[qv][query_rows], vectors[dv][doc_rows], data.query_ids, data.doc_ids,
+                                  data.qrels)
+        out += _rows("retrieval", data.name, data.split, variant, scores, record.get(dv))
     return out
 
 
@@ -162,19 +205,22 @@ def retrieval_texts(data: BeirData) -> int:
     return len(set(data.doc_texts) | set(data.query_texts))
 
 
-def eval_sts(data: StsData | str | Path, out_dir: str | Path, encoder: TextEncoder) -> list[dict]:
+def eval_sts(data: StsData | str | Path, out_dir: str | Path, encoder: TextEncoder,
+             derivations: Derivations | None = None) -> list[dict]:
     """Evaluate on STS pairs and merge the rows into ``out_dir/eval/results.json``."""
     data = data if isinstance(data, StsData) else load_sts(data)
-    rows = evaluate_sts(encoder, data)
+    rows = evaluate_sts(encoder, data, derivations)
     merge_results(out_dir, rows)
     return rows
 
 
-def eval_retrieval(data: BeirData | str | Path, out_dir: str | Path, encoder: TextEncoder, *, split: str = "test",
-                   max_queries: int | None = None, max_docs: int | None = None) -> list[dict]:
+def eval_retrieval(data: BeirData | str | Path, out_dir: str | Path, encoder: TextEncoder,
+                   derivations: Derivations | None = None, *, split: str = "test", max_queries: int | None = None,
+                   max_docs: int | None = None, query_template: str | None = None,
+                   doc_template: str | None = None) -> list[dict]:
     """Evaluate on a BEIR set (or a subset) and merge the rows into ``out_dir/eval/results.json``."""
     data = load_retrieval(data, split=split, max_queries=max_queries, max_docs=max_docs)
-    rows = evaluate_retrieval(encoder, data)
+    rows = evaluate_retrieval(encoder, data, derivations, query_template=query_template, doc_template=doc_template)
     merge_results(out_dir, rows)
     return rows
 

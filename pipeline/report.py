@@ -39,7 +39,13 @@ def _pooling_rank(name: str) -> tuple[int, str]:
 
 
 def _row_key(r: dict) -> tuple:
-    return r["task"], r["dataset"], r["split"], r["metric"], r["layer"], _pooling_rank(r["pooling"])
+    return (r["task"], r["dataset"], r["split"], r["metric"], r["template"] != "plain", r["template"],
+            r["mix"] is not None, r["mix"] or "", r["transform"] != "none", r["transform"], r["layer"],
+            _pooling_rank(r["pooling"]))
+
+
+def _is_raw(r: dict) -> bool:
+    return r["mix"] is None and r["transform"] == "none" and "~" not in r["template"]
 
 
 def validate_rows(rows: Iterable[dict]) -> list[dict]:
@@ -52,8 +58,15 @@ def validate_rows(rows: Iterable[dict]) -> list[dict]:
         try:
             r = {k: str(row[k]) for k in ("task", "dataset", "split", "metric", "pooling")}
             r["layer"], r["score"] = int(row["layer"]), float(row["score"])
+            # rows written before templates, mixes and transforms are raw plain variants
+            r["template"], r["mix"] = str(row.get("template") or "plain"), row.get("mix")
+            r["transform"] = str(row.get("transform") or "none")
+            Variant.from_row(r)
         except (TypeError, ValueError) as e:
-            raise ResultsError(f"results row {i}: layer must be an integer and score a number ({e}): {row}") from None
+            raise ResultsError(f"results row {i}: not a valid variant, or layer not an integer or score not a "
+                               f"number ({e}): {row}") from None
+        if row.get("fitted_on"):
+            r["fitted_on"] = str(row["fitted_on"])
         key = _row_key(r)
         if key in seen:
             raise ResultsError(f"results row {i} repeats {r['dataset']}/{r['split']} {r['metric']} "
@@ -126,21 +139,58 @@ def best_variants(rows: Iterable[dict], n_layers: int | None = None) -> dict[str
         scored = [r for r in group if r["metric"] == metric and math.isfinite(r["score"])]
         if not scored:
             continue
-        best = min(scored, key=lambda r: (-r["score"], r["layer"], _pooling_rank(r["pooling"])))
+        best = _best(scored)
         last = n_layers if n_layers is not None else max(r["layer"] for r in group)
-        default = next((r for r in scored if r["layer"] == last and r["pooling"] == "last"), None)
+        default = next((r for r in scored if r["layer"] == last and r["pooling"] == "last" and _is_raw(r)
+                        and r["template"] == "plain"), None)
         out[label] = {
             "task": best["task"], "dataset": best["dataset"], "split": best["split"], "metric": metric,
             "variant": Variant.from_row(best).name, "layer": best["layer"], "pooling": best["pooling"],
-            "score": best["score"], "default": Variant(last, "last").name,
+            "template": best["template"], "mix": best["mix"], "transform": best["transform"],
+            "fitted_on": best.get("fitted_on"), "score": best["score"], "default": Variant(last, "last").name,
             "default_score": default["score"] if default else None,
             "gain": best["score"] - default["score"] if default else None,
         }
     return out
 
 
-def _grid(rows: list[dict], metric: str) -> tuple[list[int], list[str], np.ndarray]:
-    cells = {(r["layer"], r["pooling"]): r["score"] for r in rows if r["metric"] == metric}
+def _best(rows: list[dict]) -> dict:
+    """Highest score; ties to the shallower layer (a shallower variant stops the forward pass earlier),
+    then to fewer fitted pieces, then to the pooling listed first."""
+    return min(rows, key=lambda r: (-r["score"], r["layer"], not _is_raw(r), _pooling_rank(r["pooling"])))
+
+
+FAMILIES = (
+    ("best raw cell", lambda r: _is_raw(r) and r["template"] == "plain"),
+    ("best with post-processing", lambda r: r["transform"] != "none" and r["mix"] is None),
+    ("best uniform mix", lambda r: (r["mix"] or "").startswith("uniform:")),
+    ("best learned mix", lambda r: (r["mix"] or "").startswith("learned:")),
+)
+
+
+def families(rows: list[dict], metric: str, default: float | None) -> list[dict]:
+    """The best of each family of variants, with its gain over the default and over the best raw cell."""
+    rows = [r for r in rows if r["metric"] == metric and math.isfinite(r["score"])]
+    fams = list(FAMILIES) + [(f"best with template {t}", lambda r, t=t: _is_raw(r) and r["template"] == t)
+                             for t in sorted({r["template"] for r in rows if _is_raw(r) and r["template"] != "plain"})]
+    raw = [r for r in rows if FAMILIES[0][1](r)]
+    raw_best = _best(raw)["score"] if raw else None
+    out = []
+    for label, member in fams:
+        found = [r for r in rows if member(r)]
+        if not found:
+            continue
+        b = _best(found)
+        out.append({"family": label, "variant": Variant.from_row(b).name, "score": b["score"],
+                    "gain_default": None if default is None else b["score"] - default,
+                    "gain_raw": None if raw_best is None else b["score"] - raw_best,
+                    "fitted_on": b.get("fitted_on") or "nothing fitted"})
+    return out
+
+
+def _grid(rows: list[dict], metric: str, template: str = "plain") -> tuple[list[int], list[str], np.ndarray]:
+    cells = {(r["layer"], r["pooling"]): r["score"] for r in rows
+             if r["metric"] == metric and _is_raw(r) and r["template"] == template}
     layers = sorted({lay for lay, _ in cells})
     pools = sorted({p for _, p in cells}, key=_pooling_rank)
     grid = np.full((len(layers), len(pools)), np.nan)
@@ -149,16 +199,20 @@ def _grid(rows: list[dict], metric: str) -> tuple[list[int], list[str], np.ndarr
     return layers, pools, grid
 
 
-def _md_table(rows: list[dict], metric: str, best: dict | None) -> str:
-    layers, pools, grid = _grid(rows, metric)
+def _is_best_cell(best: dict | None, metric: str, template: str, layer: int, pooling: str) -> bool:
+    return bool(best) and best["metric"] == metric and best["mix"] is None and best["transform"] == "none" \
+        and best["template"] == template and (layer, pooling) == (best["layer"], best["pooling"])
+
+
+def _md_table(rows: list[dict], metric: str, best: dict | None, template: str = "plain") -> str:
+    layers, pools, grid = _grid(rows, metric, template)
     lines = ["| layer | " + " | ".join(pools) + " |", "|---:|" + "---:|" * len(pools)]
     for i, lay in enumerate(layers):
         cells = []
         for j, p in enumerate(pools):
             v = grid[i, j]
             text = "–" if math.isnan(v) else f"{v:.2f}"
-            is_best = best and best["metric"] == metric and (lay, p) == (best["layer"], best["pooling"])
-            cells.append(f"**{text}**" if is_best else text)
+            cells.append(f"**{text}**" if _is_best_cell(best, metric, template, lay, p) else text)
         lines.append(f"| {lay} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -167,9 +221,10 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "dataset"
 
 
-def plot_heatmap(rows: list[dict], metric: str, title: str, path: str | Path, best: dict | None = None) -> Path:
-    """Layers down, poolings across, every cell annotated, the best one outlined."""
-    layers, pools, grid = _grid(rows, metric)
+def plot_heatmap(rows: list[dict], metric: str, title: str, path: str | Path, best: dict | None = None,
+                 template: str = "plain") -> Path:
+    """Layers down, poolings across, every cell annotated, the best one outlined (one template's raw cells)."""
+    layers, pools, grid = _grid(rows, metric, template)
     fig = Figure(figsize=(2.6 + 0.95 * len(pools), 1.6 + 0.34 * len(layers)), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -190,11 +245,43 @@ def plot_heatmap(rows: list[dict], metric: str, title: str, path: str | Path, be
             r, g, b, _ = cmap(im.norm(v))
             ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8,
                     color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")
-    if best and best["layer"] in layers and best["pooling"] in pools:
+    if best and best["layer"] in layers and best["pooling"] in pools and \
+            _is_best_cell(best, metric, template, best["layer"], best["pooling"]):
         i, j = layers.index(best["layer"]), pools.index(best["pooling"])
         ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#e41a1c", linewidth=2.5))
     fig.colorbar(im, ax=ax, label=f"{metric} (x100)")
     ax.set_title(title, fontsize=10)
+    path = Path(path)
+    fig.savefig(path)
+    return path
+
+
+MIXES = "mixes"  # learned mix weights, one JSON per variant and dataset (written by the evaluators)
+
+
+def _families_table(fams: list[dict], b: dict) -> list[str]:
+    def gain(x):
+        return "–" if x is None else f"{x:+.2f}"
+
+    lines = [f"| family | variant | {b['metric']} | vs `{b['default']}` | vs best raw cell | fitted on |",
+             "|---|---|---:|---:|---:|---|"]
+    for f in fams:
+        lines.append(f"| {f['family']} | `{f['variant']}` | {f['score']:.2f} | {gain(f['gain_default'])} | "
+                     f"{gain(f['gain_raw'])} | {f['fitted_on']} |")
+    return lines + [""]
+
+
+def plot_mix(mix: dict, path: str | Path) -> Path:
+    """A learned mix's layer weights as a bar chart."""
+    fig = Figure(figsize=(1.5 + 0.22 * len(mix["layers"]), 2.6), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.bar([str(x) for x in mix["layers"]], mix["weights"], color="#3b6fb6")
+    ax.axhline(1.0 / len(mix["layers"]), color="#999999", linewidth=1, linestyle="--", label="uniform")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("weight")
+    ax.legend(fontsize=7)
+    ax.set_title(f"{mix['variant']}: learned layer weights", fontsize=9)
     path = Path(path)
     fig.savefig(path)
     return path
@@ -231,19 +318,36 @@ def write_report(rows: Iterable[dict], out_dir: str | Path, n_layers: int | None
     for label, group in _groups(rows).items():
         b = bests.get(label)
         md += [f"## {label} ({group[0]['task']}, split {group[0]['split']})", ""]
+        templates = sorted({r["template"] for r in group if _is_raw(r)}, key=lambda t: (t != "plain", t))
         if b:
             md += [f"Best: **`{b['variant']}`**, {b['metric']} = {b['score']:.2f}; {_fmt_gain(b)}", ""]
-            png = out_dir / f"heatmap_{_safe(label)}.png"
-            plot_heatmap(group, b["metric"], f"{label} ({b['split']}): {b['metric']} x100\n"
-                         f"best {b['variant']} = {b['score']:.2f}", png, b)
-            heatmaps.append(png)
-            md += [f"![{label} heatmap]({png.name})", ""]
+            if b.get("fitted_on"):
+                md += [f"The best variant's fitted pieces: {b['fitted_on']}.", ""]
+            fams = families(group, b["metric"], b["default_score"])
+            if any(f["family"] != "best raw cell" for f in fams):
+                md += _families_table(fams, b)
+            for template in templates:
+                suffix = "" if template == "plain" else f"_{_safe(template)}"
+                png = out_dir / f"heatmap_{_safe(label)}{suffix}.png"
+                plot_heatmap(group, b["metric"], f"{label} ({b['split']}), template {template}: {b['metric']} x100"
+                             f"\nbest {b['variant']} = {b['score']:.2f}", png, b, template)
+                heatmaps.append(png)
+                md += [f"![{label} heatmap, template {template}]({png.name})", ""]
+            for path in sorted((out_dir / MIXES).glob("*.json")) if (out_dir / MIXES).is_dir() else []:
+                mix = json.loads(path.read_text())
+                if mix.get("dataset") == b["dataset"]:
+                    png = plot_mix(mix, out_dir / f"mix_{_safe(path.stem)}.png")
+                    heatmaps.append(png)
+                    md += [f"Learned weights of `{mix['variant']}` ({mix['fitted_on']}):", "",
+                           f"![weights of {mix['variant']}]({png.name})", ""]
         else:
             md += ["No finite main-metric score: no best variant.", ""]
         metrics = sorted({r["metric"] for r in group}, key=lambda m: (b is None or m != b["metric"], m))
         for metric in metrics:
             main = " (main)" if b and metric == b["metric"] else ""
-            md += [f"### {metric}{main}", "", _md_table(group, metric, b), ""]
+            for template in templates if main else templates[:1]:
+                title = "" if template == "plain" else f", template {template}"
+                md += [f"### {metric}{main}{title}", "", _md_table(group, metric, b, template), ""]
     report_path = out_dir / "report.md"
     report_path.write_text("\n".join(md), encoding="utf-8")
     return {"results": results_path, "report": report_path, "heatmaps": heatmaps}

@@ -15,6 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from . import models
+from .templates import SLOT, Template, check_fits, parse_templates
 from .variants import Variant, make_variants
 
 OUTPUT_DTYPES = ("float32", "float16")
@@ -48,6 +49,7 @@ class EncodeSettings:
     batch_tokens: int | None = None  # padded tokens per forward pass; None only before resolution
     max_batch_rows: int = 256
     padding_side: str = "right"  # results are the same either way; right is the default
+    append_eos: bool = False  # end every sequence with EOS (models trained to read it: E5-Mistral, ...)
 
     def __post_init__(self):
         if self.dtype not in OUTPUT_DTYPES:
@@ -82,10 +84,15 @@ class Request:
     settings: EncodeSettings
     output_format: str = "parquet"
     resources: Resources = field(default_factory=Resources)
+    templates: tuple[Template, ...] = (Template("plain", SLOT),)  # every template a variant names
 
     def __post_init__(self):
         if not self.variants:
             raise ValueError("a request needs at least one variant")
+        named = {t.name for t in self.templates}
+        missing = sorted({v.template for v in self.variants} - named)
+        if missing:
+            raise ValueError(f"variants name template(s) {', '.join(missing)} that the request does not define")
         if self.output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output format {self.output_format!r}: choose {' or '.join(map(repr, OUTPUT_FORMATS))}")
         if self.settings.batch_tokens is None:
@@ -96,18 +103,28 @@ class Request:
         return sorted({v.layer for v in self.variants})
 
     def manifest_variants(self) -> list[dict]:
-        """The manifest's ``variants`` entries (DESIGN.md contract)."""
-        return [{"name": v.name, "column": v.column, **v.row_fields, "dim": self.model.dim,
+        """The manifest's ``variants`` entries (ARCHITECTURE.md contract)."""
+        return [{"name": v.name, "column": v.column, "layer": v.layer, "pooling": v.pooling,
+                 **({"template": v.template} if v.template != "plain" else {}), "dim": self.model.dim,
                  "dtype": self.settings.dtype, "normalized": self.settings.normalize} for v in self.variants]
+
+    def template_texts(self) -> dict[str, str]:
+        return {t.name: t.text for t in self.templates}
 
     def signature(self, text_column: str = "text", id_column: str | None = None) -> dict:
         """What must match for stored embeddings to be reused: the manifest's ``signature`` and,
         hashed, a job's version id. Batch budget, output location and resources are not in it:
         they change how fast vectors are made, not which."""
-        return {"model": self.model.name, "weights_digest": self.model.weights_digest,
-                "variants": [v.name for v in self.variants], "max_length": self.settings.max_length,
-                "dtype": self.settings.dtype, "normalize": self.settings.normalize,
-                "text_column": text_column, "id_column": id_column, "format": self.output_format}
+        sig = {"model": self.model.name, "weights_digest": self.model.weights_digest,
+               "variants": [v.name for v in self.variants], "max_length": self.settings.max_length,
+               "dtype": self.settings.dtype, "normalize": self.settings.normalize,
+               "text_column": text_column, "id_column": id_column, "format": self.output_format}
+        # only where used, so that plain outputs keep the signature (and job version) they had
+        if any(not t.is_plain for t in self.templates):
+            sig["templates"] = self.template_texts()
+        if self.settings.append_eos:
+            sig["append_eos"] = True
+        return sig
 
 
 def signature_difference(old: dict, new: dict) -> list[str]:
@@ -131,18 +148,20 @@ def resolve(model: str | None = None, *, layers="-1", poolings="mean", max_lengt
             dtype: str = "float32", normalize: bool = False, batch_tokens: int | None = None,
             max_batch_rows: int = 256, output_format: str = "parquet", resources: Resources | None = None,
             device: str | None = "auto", trust_remote_code: bool = False, allow_pickle: bool = False,
-            digest: bool = True) -> Request:
+            digest: bool = True, templates=None, append_eos: bool = False, padding_side: str = "right") -> Request:
     """Resolve a model spec and variant specs into a Request (see the module doc).
 
-    Loads the model's config only (a GGUF model is converted once into the cache), never its
-    weights. ``digest`` hashes the weight files (needed for manifests and job versions, not
+    Loads the model's config only (and its tokenizer where a template must be checked against
+    ``max_length``; a GGUF model is converted once into the cache), never its weights.
+    ``templates``: built-in names or template strings (``pipeline.templates``), default plain. ``digest`` hashes the weight files (needed for manifests and job versions, not
     for in-process encoding). ``device`` picks the default batch budget: with no GPU here and
     GPU workers in a cluster, pass ``device='cuda'`` or a budget.
     """
     from transformers import AutoConfig
 
     settings = EncodeSettings(max_length=max_length, dtype=dtype, normalize=normalize, batch_tokens=batch_tokens,
-                              max_batch_rows=max_batch_rows)
+                              max_batch_rows=max_batch_rows, append_eos=append_eos, padding_side=padding_side)
+    templates = parse_templates(templates)
     resources = resources or Resources()
     if resources.gpus_per_actor == 0:
         device = "cpu"
@@ -156,6 +175,12 @@ def resolve(model: str | None = None, *, layers="-1", poolings="mean", max_lengt
     info = ModelInfo(name=src.name, path=where, n_layers=int(cfg.num_hidden_layers), dim=int(cfg.hidden_size),
                      weights_digest=models.weights_digest(src) if digest else None,
                      trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    return Request(model=info, variants=make_variants(layers, poolings, info.n_layers),
-                   settings=settings.for_device(device_type(device)), output_format=output_format,
-                   resources=resources)
+    variants = make_variants(layers, poolings, info.n_layers, [t.name for t in templates])
+    if any(not t.is_plain for t in templates) or append_eos:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+        for t in templates:  # a template that leaves no room for the text: refused before any work
+            check_fits(t, tokenizer, max_length, append_eos)
+    return Request(model=info, variants=variants, settings=settings.for_device(device_type(device)),
+                   output_format=output_format, resources=resources, templates=templates)

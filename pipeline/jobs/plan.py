@@ -52,6 +52,7 @@ from .. import models
 from ..index import index_status as _index_status
 from ..request import EncodeSettings, ModelInfo, Request, Resources, device_type, resolve
 from ..storage import Output, redact
+from ..templates import SLOT, Template
 from ..variants import Variant
 from .spec import JobSpec, JobSpecError, _is_url, _line, _Problem, _short_list, check_variants
 
@@ -156,12 +157,13 @@ def _resolve_existing(spec: JobSpec) -> Job:
     request = None
     if spec.evaluations:  # evaluations embed their texts: the output's model and settings, exactly
         settings = EncodeSettings(max_length=sig.get("max_length", 512), dtype=sig.get("dtype", "float32"),
-                                  normalize=sig.get("normalize", False))
+                                  normalize=sig.get("normalize", False), append_eos=sig.get("append_eos", False))
+        templates = tuple(Template(n, t) for n, t in sig.get("templates", {"plain": SLOT}).items())
         base = resolve(ref, layers=str(variants[0].layer), poolings=variants[0].pooling,
                        trust_remote_code=spec.model.trust_remote_code, allow_pickle=spec.model.allow_pickle)
         model = ModelInfo(**{**base.model.__dict__, "weights_digest": sig.get("weights_digest")})
         request = Request(model=model, variants=variants, settings=settings.for_device(device_type()),
-                          output_format=sig.get("format", "parquet"), resources=_resources(spec))
+                          output_format=sig.get("format", "parquet"), resources=_resources(spec), templates=templates)
     n_layers = request.model.n_layers if request else (manifest.get("model", {}).get("n_layers")
                                                        or (models.depth(ref, load=False) if ref else None))
     return Job(spec=spec, variants=variants, n_layers=n_layers, model_ref=ref, weights_digest=sig.get("weights_digest"),

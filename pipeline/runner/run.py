@@ -171,8 +171,7 @@ def _run_ray(request: Request, out: Output, manifest: dict, todo: list[Shard], s
     # Fractional CPUs: different resources keep Ray from fusing these tasks into the actor, so
     # reading and tokenising overlap the forward passes instead of running in series with them.
     ds = ds.map_batches(read_and_tokenize, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
-                        fn_kwargs=dict(fs=fs, model_dir=request.model.path, text_column=text_column,
-                                       id_column=id_column, max_length=request.settings.max_length))
+                        fn_kwargs=dict(fs=fs, request=request, text_column=text_column, id_column=id_column))
     # Blocks of EMBED_BATCH_ROWS rows: each actor task is then one call, and its output streams
     # to the writers as it is made (a whole read unit in one task would reach them only at its end).
     ds = ds.repartition(target_num_rows_per_block=EMBED_BATCH_ROWS)

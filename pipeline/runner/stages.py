@@ -14,8 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..encoder import Encoder, tokenize
+from ..encoder import Encoder
 from ..request import Request
+from ..templates import Tokenized, tokenize
 from ..storage import STAGING, Output, write_part
 
 EMBED_BATCH_ROWS = 256  # rows handed to an embed actor per call; sorted into token batches inside
@@ -41,9 +42,17 @@ def _tokenizer(model_dir: str):
     return _TOKENIZERS[model_dir]
 
 
-def read_and_tokenize(batch: pa.Table, *, fs, model_dir: str, text_column: str, id_column: str | None,
-                      max_length: int) -> pa.Table:
-    """Read one work unit and tokenise it. Returns one row per input row, always."""
+def _ids_column(k: int) -> str:
+    return f"_ids{k}"
+
+
+def _span_column(k: int) -> str:
+    return f"_span{k}"
+
+
+def read_and_tokenize(batch: pa.Table, *, fs, request: Request, text_column: str, id_column: str | None) -> pa.Table:
+    """Read one work unit and tokenise it under each of the request's templates (columns ``_ids{k}``,
+    ``_span{k}`` for template k). Returns one row per input row, always."""
     unit = batch.to_pylist()[0]
     shard, row0, n = int(unit["shard"]), int(unit["row0"]), int(unit["stop"] - unit["start"])
     rows = np.arange(row0, row0 + n, dtype=np.int64)
@@ -57,42 +66,52 @@ def read_and_tokenize(batch: pa.Table, *, fs, model_dir: str, text_column: str, 
         else:
             ids = [f"{unit['rel']}#{r}" for r in rows]
     except Exception as e:  # noqa: BLE001 - reported as this shard's failure by the driver
-        return _unit_error(shard, f"{type(e).__name__}: {e}")
+        return _unit_error(shard, f"{type(e).__name__}: {e}", len(request.templates))
     reasons = [_reject_reason(x) for x in texts]
     for i, v in enumerate(ids):
         if v is None and reasons[i] is None:
             reasons[i] = "null id"
     good = [i for i, r in enumerate(reasons) if r is None]
-    token_ids: list[list[int] | None] = [None] * n
+    k_templates = len(request.templates)
+    token_ids: list[list[list[int] | None]] = [[None] * n for _ in range(k_templates)]
+    spans = np.zeros((k_templates, n, 2), dtype=np.int32)
     truncated = np.zeros(n, dtype=bool)
     if good:
-        ids_good, trunc_good = tokenize(_tokenizer(model_dir), [texts[i] for i in good], max_length)
-        for j, i in enumerate(good):
-            token_ids[i], truncated[i] = ids_good[j], trunc_good[j]
-            if not token_ids[i]:
-                token_ids[i], reasons[i] = None, "no tokens"
-    table = pa.table({
-        "_shard": pa.array(np.full(n, shard, dtype=np.int32)),
-        "_row": pa.array(rows),
-        "id": pa.array(ids, type=pa.string()),
-        "_ids": pa.array(token_ids, type=pa.list_(pa.int32())),
-        "_truncated": pa.array(truncated),
-        "_reject": pa.array(reasons, type=pa.string()),
-        "_error": pa.array([None] * n, type=pa.string()),
-    })
+        tokenizer = _tokenizer(request.model.path)
+        for k, template in enumerate(request.templates):
+            tok = tokenize(tokenizer, [texts[i] for i in good], request.settings.max_length, template,
+                           request.settings.append_eos)
+            for j, i in enumerate(good):
+                token_ids[k][i], spans[k, i] = tok.ids[j], tok.spans[j]
+                truncated[i] |= tok.truncated[j]
+        for i in good:
+            if any(spans[k, i, 1] <= spans[k, i, 0] for k in range(k_templates)):
+                reasons[i] = "no tokens"
+                for k in range(k_templates):
+                    token_ids[k][i] = None
+    columns = {"_shard": pa.array(np.full(n, shard, dtype=np.int32)), "_row": pa.array(rows),
+               "id": pa.array(ids, type=pa.string())}
+    for k in range(k_templates):
+        columns[_ids_column(k)] = pa.array(token_ids[k], type=pa.list_(pa.int32()))
+        columns[_span_column(k)] = pa.FixedSizeListArray.from_arrays(pa.array(spans[k].reshape(-1)), 2)
+    columns |= {"_truncated": pa.array(truncated), "_reject": pa.array(reasons, type=pa.string()),
+                "_error": pa.array([None] * n, type=pa.string())}
+    table = pa.table(columns)
     # Longest first: the embed stage's row batches then hold similar lengths, so token
     # batches pad little (row order does not matter: every row carries its shard and row).
-    lengths = np.array([len(x) if x else 0 for x in token_ids])
+    lengths = np.array([sum(len(token_ids[k][i] or ()) for k in range(k_templates)) for i in range(n)])
     return table.take(pa.array(np.argsort(-lengths, kind="stable")))
 
 
-def _unit_error(shard: int, message: str) -> pa.Table:
-    return pa.table({
-        "_shard": pa.array([shard], type=pa.int32()), "_row": pa.array([-1], type=pa.int64()),
-        "id": pa.array([None], type=pa.string()), "_ids": pa.array([None], type=pa.list_(pa.int32())),
-        "_truncated": pa.array([False]), "_reject": pa.array([None], type=pa.string()),
-        "_error": pa.array([message], type=pa.string()),
-    })
+def _unit_error(shard: int, message: str, k_templates: int) -> pa.Table:
+    columns = {"_shard": pa.array([shard], type=pa.int32()), "_row": pa.array([-1], type=pa.int64()),
+               "id": pa.array([None], type=pa.string())}
+    for k in range(k_templates):
+        columns[_ids_column(k)] = pa.array([None], type=pa.list_(pa.int32()))
+        columns[_span_column(k)] = pa.FixedSizeListArray.from_arrays(pa.array([0, 0], type=pa.int32()), 2)
+    columns |= {"_truncated": pa.array([False]), "_reject": pa.array([None], type=pa.string()),
+                "_error": pa.array([message], type=pa.string())}
+    return pa.table(columns)
 
 
 class EmbedActor:
@@ -108,6 +127,7 @@ class EmbedActor:
 
             torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in workers
         self.encoder = Encoder.from_request(request, device="auto")
+        self.templates = [t.name for t in request.templates]
         self.dim = request.model.dim
         value = pa.float16() if request.settings.dtype == "float16" else pa.float32()
         self.type = {v: pa.list_(value, self.dim) for v in request.variants}
@@ -115,12 +135,20 @@ class EmbedActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         import pyarrow.compute as pc
 
-        token_ids = batch.column("_ids")
-        ok = np.flatnonzero(pc.is_valid(token_ids).to_numpy(zero_copy_only=False))
-        res = self.encoder.encode_ids(token_ids.take(pa.array(ok)).to_pylist()) if len(ok) else None
+        ok = np.flatnonzero(pc.is_valid(batch.column(_ids_column(0))).to_numpy(zero_copy_only=False))
+        take = pa.array(ok)
+        tokens = {}
+        for k, name in enumerate(self.templates):
+            spans = batch.column(_span_column(k)).take(take).combine_chunks()
+            tokens[name] = Tokenized(batch.column(_ids_column(k)).take(take).to_pylist(),
+                                     spans.values.to_numpy(zero_copy_only=False).reshape(-1, 2).astype(np.int64),
+                                     np.zeros(len(ok), dtype=bool))
+        res = self.encoder.encode_tokenized(tokens) if len(ok) else None
         n = batch.num_rows
-        lengths = pc.fill_null(pc.list_value_length(token_ids), 0)
-        out = batch.drop_columns(["_ids"]).append_column("_tokens", pc.cast(lengths, pa.int64()))
+        lengths = sum(pc.fill_null(pc.list_value_length(batch.column(_ids_column(k))), 0).to_numpy()
+                      for k in range(len(self.templates)))
+        internal = [c for k in range(len(self.templates)) for c in (_ids_column(k), _span_column(k))]
+        out = batch.drop_columns(internal).append_column("_tokens", pa.array(np.asarray(lengths, dtype=np.int64)))
         padded = np.zeros(n, dtype=np.int64)
         if res is not None and len(ok):
             padded[ok[0]] = res.stats.padded_tokens  # carried on one row; summed by the driver

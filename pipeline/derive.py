@@ -1,0 +1,125 @@
+"""Derived variants: layer mixes and fitted transforms, computed from embedded (raw) vectors.
+
+``Derivations`` says what to derive; ``derive`` takes the raw vectors of the evaluated texts
+and returns the derived ones, with a record of what each fitted piece saw:
+
+- uniform mixes need nothing fitted;
+- learned mixes are fitted on ``mix_labels``, a labelled TRAINING set (STS pairs, or a BEIR
+  folder's training qrels), embedded by the same encoder; the evaluated data never reaches the fit;
+- transforms are fitted on unlabelled vectors: ``fit_texts`` when given (``--fit-on``),
+  otherwise the evaluated set's own texts (for retrieval, the corpus documents) -- texts only,
+  never labels, as the post-processing papers do. The same fitted transform is applied to
+  queries and documents.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .evaldata import BeirData, StsData
+from .mixes import apply_mix, fit_retrieval, fit_sts
+from .transforms import fit as fit_transform
+from .variants import SpecError, Variant, mix_variants
+
+
+@dataclass(frozen=True)
+class Derivations:
+    mixes: tuple[tuple[str, int, int], ...] = ()  # (uniform|learned, lo, hi), from variants.parse_mixes
+    transforms: tuple[str, ...] = ("none",)  # from transforms.parse_transforms
+    mix_labels: StsData | BeirData | None = None  # training labels for learned mixes
+    fit_texts: tuple[str, ...] | None = None  # unlabelled texts for transforms (default: the evaluated ones)
+    fit_source: str = ""  # how to name fit_texts in the record (a path)
+
+    def __post_init__(self):
+        if any(kind == "learned" for kind, _, _ in self.mixes) and self.mix_labels is None:
+            raise SpecError("a learned mix needs training labels (--mix-labels: STS pairs or a BEIR folder whose "
+                            "qrels/train.tsv it reads); it is never fitted on the evaluated data")
+
+    @property
+    def empty(self) -> bool:
+        return not self.mixes and set(self.transforms) == {"none"}
+
+
+def _unique(texts: Sequence[str]) -> tuple[list[str], dict[str, int]]:
+    where: dict[str, int] = {}
+    for t in texts:
+        where.setdefault(t, len(where))
+    return list(where), where
+
+
+def learn_mix(encoder, variant: Variant, labels: StsData | BeirData) -> tuple[np.ndarray, dict]:
+    """Softmax layer weights for one learned-mix variant, fitted on training labels only."""
+    layers = variant.sources
+    if isinstance(labels, StsData):
+        texts, where = _unique([*labels.sentence1, *labels.sentence2])
+        vecs = encoder.encode(texts)
+        per_layer = [vecs[s] for s in layers]
+        r1 = np.array([where[t] for t in labels.sentence1])
+        r2 = np.array([where[t] for t in labels.sentence2])
+        weights = fit_sts(per_layer, r1, r2, labels.scores)
+        seen = {"task": "sts", "data": labels.name, "split": labels.split, "pairs": len(labels)}
+    else:
+        doc_of = dict(zip(labels.doc_ids, labels.doc_texts))
+        pairs = [(q, d) for q, qt in zip(labels.query_ids, labels.query_texts) for d, rel in labels.qrels[q].items()
+                 if rel > 0 and d in doc_of]
+        if not pairs:
+            raise SpecError(f"{labels.name}/{labels.split}: no (query, relevant document) pairs to learn a mix from")
+        qtext = dict(zip(labels.query_ids, labels.query_texts))
+        texts, where = _unique([*(qtext[q] for q, _ in pairs), *(doc_of[d] for _, d in pairs)])
+        vecs = encoder.encode(texts)
+        per_layer = [vecs[s] for s in layers]
+        weights = fit_retrieval(per_layer, np.array([where[qtext[q]] for q, _ in pairs]),
+                                np.array([where[doc_of[d]] for _, d in pairs]))
+        seen = {"task": "retrieval", "data": labels.name, "split": labels.split, "pairs": len(pairs)}
+    return weights, {**seen, "layers": [s.layer for s in layers], "weights": [round(float(w), 6) for w in weights]}
+
+
+def derive(encoder, vectors: Mapping[Variant, np.ndarray], derivations: Derivations, *,
+           fit_rows: np.ndarray | None = None, fit_label: str = "the evaluated texts"
+           ) -> tuple[dict[Variant, np.ndarray], dict[Variant, dict]]:
+    """Derived vectors of the same texts as ``vectors`` and, per derived variant, what it was fitted on.
+
+    ``fit_rows`` selects the rows of ``vectors`` that transforms are fitted on (for retrieval:
+    the documents); ``derivations.fit_texts`` replaces them with other texts' vectors.
+    """
+    raw = [v for v in vectors if v.is_raw]
+    out: dict[Variant, np.ndarray] = {}
+    record: dict[Variant, dict] = {}
+    for v in mix_variants(raw, derivations.mixes):
+        weights = None
+        if v.mix_range[0] == "learned":
+            weights, seen = learn_mix(encoder, v, derivations.mix_labels)
+            record[v] = {"mix": seen}
+        else:
+            weights = np.full(len(v.sources), 1.0 / len(v.sources))
+        out[v] = apply_mix([vectors[s] for s in v.sources], weights)
+    transforms = [t for t in derivations.transforms if t != "none"]
+    if not transforms:
+        return out, record
+    base = {**{v: vectors[v] for v in raw}, **out}
+    fit_vectors = None
+    if derivations.fit_texts is not None:
+        fit_vectors = encoder.encode(list(derivations.fit_texts))
+    for b, x in base.items():
+        if fit_vectors is not None:
+            sample = apply_mix([fit_vectors[s] for s in b.sources], record_weights(record, b, len(b.sources))) \
+                if b.mix is not None else fit_vectors[b]
+            label = derivations.fit_source or f"{len(derivations.fit_texts)} texts given by --fit-on"
+        else:
+            sample = x if fit_rows is None else x[fit_rows]
+            label = fit_label
+        for name in transforms:
+            t = fit_transform(name, [np.asarray(sample, dtype=np.float32)], fitted_on={"source": label})
+            v = Variant(b.layer, b.pooling, b.template, b.mix, name)
+            out[v] = t.apply(x)
+            record[v] = {**record.get(b, {}), "transform": t.fitted_on}
+    return out, record
+
+
+def record_weights(record: dict[Variant, dict], v: Variant, n: int) -> np.ndarray:
+    """The weights a mix variant was built with (uniform unless a learned record says otherwise)."""
+    seen = record.get(v, {}).get("mix")
+    return np.asarray(seen["weights"]) if seen else np.full(n, 1.0 / n)

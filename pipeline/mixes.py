@@ -1,0 +1,119 @@
+"""Layer mixes: a weighted sum of per-layer pooled vectors, each L2-normalised first.
+
+Per-layer norms differ by up to 100x (the first-token massive activation grows through the
+middle layers), so a plain sum would be one layer; normalising first lets each layer count by
+its weight. Mixes are computed from stored per-layer vectors (no new forward pass):
+
+- uniform: equal weights over a layer range (``8:16``, or ``all``);
+- learned: softmax-normalised scalar weights, one per layer (ELMo's scalar mix,
+  sentence-transformers' ``WeightedLayerPooling``), fitted on a labelled TRAINING split:
+  STS pairs with a cosine-regression loss (sentence-transformers' ``CosineSimilarityLoss``:
+  MSE between cosine and the gold score scaled to [0, 1]), or retrieval training qrels with an
+  in-batch contrastive loss (``MultipleNegativesRankingLoss``: cross-entropy over scaled
+  cosines, the other positives of the batch as negatives). Never fitted on what it is scored on.
+
+A mix is linear in the normalised layer vectors, so for the linear poolings (all but ``max``)
+it equals pooling the hidden states mixed with weights w_l / ||pool_l(h)||.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+STEPS = 300
+LEARNING_RATE = 0.05
+CONTRASTIVE_SCALE = 20.0  # sentence-transformers' MultipleNegativesRankingLoss default
+BATCH = 256
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def apply_mix(per_layer: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """sum_l w_l * v_l / ||v_l|| over the layers' (n, d) vectors."""
+    if len(per_layer) != len(weights) or not len(weights):
+        raise ValueError(f"{len(per_layer)} layer arrays for {len(weights)} weights")
+    out = np.zeros_like(np.asarray(per_layer[0], dtype=np.float32))
+    for v, w in zip(per_layer, weights):
+        out += np.float32(w) * normalize(v)
+    return out
+
+
+@dataclass
+class LearnedMix:
+    layers: list[int]
+    weights: list[float]
+    fitted_on: dict = field(default_factory=dict)  # task, data, split, pairs/queries, loss, steps
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"layers": self.layers, "weights": self.weights, "fitted_on": self.fitted_on},
+                                  indent=1) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LearnedMix":
+        d = json.loads(Path(path).read_text())
+        return cls(list(d["layers"]), list(d["weights"]), d.get("fitted_on", {}))
+
+
+def _stack(per_layer: Sequence[np.ndarray]):
+    import torch
+
+    return torch.from_numpy(np.stack([normalize(v) for v in per_layer]))  # (L, n, d)
+
+
+def fit_sts(per_layer: Sequence[np.ndarray], rows1: np.ndarray, rows2: np.ndarray, gold: np.ndarray, *,
+            steps: int = STEPS, seed: int = 0) -> np.ndarray:
+    """Softmax layer weights maximising cosine agreement with gold scores on training pairs."""
+    import torch
+
+    x = _stack(per_layer)
+    g = np.asarray(gold, dtype=np.float64)
+    target = torch.from_numpy(((g - g.min()) / max(g.max() - g.min(), 1e-12)).astype(np.float32))
+    r1, r2 = torch.from_numpy(np.asarray(rows1)), torch.from_numpy(np.asarray(rows2))
+    logits = torch.zeros(x.shape[0], requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=LEARNING_RATE)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randperm(len(r1), generator=gen)[:BATCH]
+        w = torch.softmax(logits, 0)
+        a = torch.einsum("l,lnd->nd", w, x[:, r1[idx]])
+        b = torch.einsum("l,lnd->nd", w, x[:, r2[idx]])
+        loss = ((torch.nn.functional.cosine_similarity(a, b) - target[idx]) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return torch.softmax(logits, 0).detach().numpy().astype(np.float64)
+
+
+def fit_retrieval(per_layer: Sequence[np.ndarray], query_rows: np.ndarray, doc_rows: np.ndarray, *,
+                  steps: int = STEPS, seed: int = 0) -> np.ndarray:
+    """Softmax layer weights from (query, relevant document) training pairs, in-batch negatives."""
+    import torch
+
+    x = _stack(per_layer)
+    q, d = torch.from_numpy(np.asarray(query_rows)), torch.from_numpy(np.asarray(doc_rows))
+    logits = torch.zeros(x.shape[0], requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=LEARNING_RATE)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randperm(len(q), generator=gen)[:BATCH]
+        w = torch.softmax(logits, 0)
+        a = torch.nn.functional.normalize(torch.einsum("l,lnd->nd", w, x[:, q[idx]]), dim=-1)
+        b = torch.nn.functional.normalize(torch.einsum("l,lnd->nd", w, x[:, d[idx]]), dim=-1)
+        scores = CONTRASTIVE_SCALE * a @ b.T
+        loss = torch.nn.functional.cross_entropy(scores, torch.arange(len(idx)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return torch.softmax(logits, 0).detach().numpy().astype(np.float64)

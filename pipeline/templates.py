@@ -1,0 +1,196 @@
+"""Prompt templates: text around the input, tokenised apart from it so the text's span is exact.
+
+A template is text with one or two ``{text}`` slots (two: echo embeddings, whose second copy
+is pooled). ``plain`` (``{text}``) is today's behaviour, bit for bit: the tokenizer sees the
+text alone, with its usual special tokens. Any other template is tokenised in pieces,
+
+    [specials before] prefix [text] middle [text] suffix [specials after] [eos]
+
+with each piece tokenised on its own (the text never merges with the prompt), so the last
+copy of the text is a known token span: every pooling except ``last`` pools that span only
+(the prompt is left out, as llm2vec and sentence-transformers' ``include_prompt=False`` do),
+and ``last`` reads the last token of the whole sequence (what PromptEOL reads). Truncation
+cuts the text, never the template, and is counted.
+
+Built-ins: ``plain``; ``prompteol`` (Jiang et al. 2023); ``echo`` (Springer et al. 2024, the
+paper's wording). A user template is any string with ``{text}``; it is named ``t_`` and the
+first 8 hex digits of its sha256 (``t_1a2b3c4d``), and its full text is recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .variants import SpecError
+
+SLOT = "{text}"
+BUILTIN = {
+    "plain": SLOT,
+    "prompteol": 'This sentence : "{text}" means in one word:"',
+    "echo": "Rewrite the sentence: {text}\nRewritten sentence: {text}",
+}
+_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+# A text longer than this many characters per token of its budget is cut before tokenising,
+# so a multi-megabyte document costs bounded memory; it is counted as truncated.
+CHARS_PER_TOKEN_GUARD = 64
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    text: str
+
+    def __post_init__(self):
+        n = self.text.count(SLOT)
+        if n not in (1, 2):
+            raise SpecError(f"template {self.name!r} has {n} {SLOT} slots: a template holds the text once, "
+                            f"or twice (echo)")
+
+    @property
+    def is_plain(self) -> bool:
+        return self.text == SLOT
+
+    @property
+    def pieces(self) -> list[str]:
+        """The template's text around the slots: 2 pieces for one slot, 3 for two."""
+        return self.text.split(SLOT)
+
+
+def parse_template(spec: str) -> Template:
+    """A built-in name, or a template string with one or two ``{text}`` slots."""
+    spec = spec.strip() if spec.strip() in BUILTIN else spec
+    if spec in BUILTIN:
+        return Template(spec, BUILTIN[spec])
+    if SLOT not in spec:
+        if _NAME.fullmatch(spec):
+            raise SpecError(f"unknown template {spec!r}: use a built-in ({', '.join(BUILTIN)}) or a template "
+                            f"string with a {SLOT} slot")
+        raise SpecError(f"template {spec!r} has no {SLOT} slot: the text goes where {SLOT} stands")
+    if spec == SLOT:
+        return Template("plain", SLOT)
+    return Template("t_" + hashlib.sha256(spec.encode()).hexdigest()[:8], spec)
+
+
+def parse_templates(spec: str | Sequence[str] | None) -> tuple[Template, ...]:
+    """A comma-separated list of built-in names, or a list of names and template strings.
+
+    A template string may contain commas, so on the command line only built-in names are split
+    on commas; give a template string on its own (``--templates 'Query: {text}'``) or as a list.
+    """
+    if spec is None:
+        return (Template("plain", SLOT),)
+    if isinstance(spec, str):
+        items = [p.strip() for p in spec.split(",")] if SLOT not in spec else [spec]
+    else:
+        items = list(spec)
+    items = [i for i in items if i.strip()]
+    if not items:
+        raise SpecError(f"empty template list: name at least one ({', '.join(BUILTIN)} or a string with {SLOT})")
+    out = list(dict.fromkeys(parse_template(i) for i in items))
+    return tuple(out)
+
+
+@dataclass
+class Tokenized:
+    """Token ids per text under one template, the [start, stop) span of the (last copy of the) text,
+    and whether the text was truncated."""
+
+    ids: list[list[int]]
+    spans: np.ndarray  # (n, 2) int64
+    truncated: np.ndarray  # (n,) bool
+
+
+def _specials(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text (e.g. [BOS] | [], [CLS] | [SEP])."""
+    with_sp = tokenizer("x")["input_ids"]
+    bare = tokenizer("x", add_special_tokens=False)["input_ids"]
+    for i in range(len(with_sp) - len(bare) + 1):
+        if with_sp[i:i + len(bare)] == bare:
+            return list(with_sp[:i]), list(with_sp[i + len(bare):])
+    return [], []
+
+
+def clean_text(text: str) -> str:
+    """Replace invalid surrogates (which tokenizers refuse) instead of failing the batch."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def tokenize_plain(tokenizer, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], np.ndarray]:
+    """Token ids per text, truncated at ``max_length``, and whether each text was truncated.
+
+    Texts longer than ``max_length * CHARS_PER_TOKEN_GUARD`` characters are cut first (and
+    counted as truncated), so a giant document costs bounded memory.
+    """
+    limit = max_length * CHARS_PER_TOKEN_GUARD
+    cut = np.array([len(t) > limit for t in texts], dtype=bool)
+    clipped = [clean_text(t[:limit]) for t in texts]
+    enc = tokenizer(clipped, truncation=True, max_length=max_length, return_overflowing_tokens=True,
+                    return_attention_mask=False)
+    mapping = enc.get("overflow_to_sample_mapping")
+    if mapping is None:  # slow tokenizers: no overflow information
+        return [list(x) for x in enc["input_ids"]], cut
+    ids: list[list[int] | None] = [None] * len(texts)
+    truncated = cut.copy()
+    for chunk, row in zip(enc["input_ids"], mapping):
+        if ids[row] is None:
+            ids[row] = list(chunk)
+        else:
+            truncated[row] = True  # a second chunk: the text did not fit
+    return ids, truncated
+
+
+def text_budget(template: Template, tokenizer, max_length: int, append_eos: bool = False) -> int:
+    """Tokens left for each copy of the text once the template (and special tokens) are placed."""
+    before, after = _specials(tokenizer)
+    fixed = len(before) + len(after) + int(append_eos and tokenizer.eos_token_id is not None)
+    fixed += sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in template.pieces)
+    copies = len(template.pieces) - 1
+    return (max_length - fixed) // copies
+
+
+def check_fits(template: Template, tokenizer, max_length: int, append_eos: bool = False) -> int:
+    """The text budget, or a one-line error when the template leaves no room for any text."""
+    budget = text_budget(template, tokenizer, max_length, append_eos)
+    if budget < 1:
+        raise SpecError(f"template {template.name!r} takes {max_length - budget * (len(template.pieces) - 1)} of "
+                        f"max_length {max_length} tokens and leaves no room for the text: shorten it or raise "
+                        f"max_length")
+    return budget
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int, template: Template | None = None,
+             append_eos: bool = False) -> Tokenized:
+    """Tokenise texts under a template (see the module doc); ``plain`` is the tokenizer's own call."""
+    template = template or Template("plain", SLOT)
+    if template.is_plain and not append_eos:
+        ids, truncated = tokenize_plain(tokenizer, texts, max_length)
+        spans = np.array([[0, len(x)] for x in ids], dtype=np.int64).reshape(-1, 2)
+        return Tokenized(ids, spans, truncated)
+    budget = check_fits(template, tokenizer, max_length, append_eos)
+    before, after = _specials(tokenizer)
+    pieces = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in template.pieces]
+    eos = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
+    limit = budget * CHARS_PER_TOKEN_GUARD
+    clipped = [clean_text(t[:limit]) for t in texts]
+    bare = tokenizer(clipped, add_special_tokens=False)["input_ids"] if clipped else []
+    ids, spans, truncated = [], np.zeros((len(texts), 2), dtype=np.int64), np.zeros(len(texts), dtype=bool)
+    for i, (text, tok) in enumerate(zip(texts, bare)):
+        truncated[i] = len(tok) > budget or len(text) > limit
+        tok = list(tok[:budget])
+        row = list(before) + list(pieces[0])
+        for piece in pieces[1:]:
+            start = len(row)
+            row += tok
+            spans[i] = (start, len(row))
+            row += list(piece)
+        ids.append(row + list(after) + eos)
+    return Tokenized(ids, spans, truncated)

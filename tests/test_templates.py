@@ -1,0 +1,133 @@
+"""Prompt templates: the text's span is exact, prompt tokens are left out of pooling (but `last`
+reads the whole sequence), echo pools its second copy, padding sides agree; layer mixes of
+stored vectors equal pooling mixed hidden states."""
+
+import numpy as np
+import pytest
+
+from pipeline import EncodeSettings, Encoder, SpecError, make_variants, resolve
+from pipeline.mixes import apply_mix
+from pipeline.templates import BUILTIN, parse_template, parse_templates, tokenize
+from pipeline.variants import POOLINGS, Variant, mix_variants, parse_mixes
+from reference import naive_hidden_states, naive_pool, rel_err
+
+TOL = 1e-5
+TEXTS = ["A man is playing a guitar.", "x", "The weather is lovely today, isn't it? Very much so indeed."]
+LINEAR = [p for p in POOLINGS if p != "max"]
+
+
+@pytest.fixture(scope="module")
+def tiny(model_dir):
+    return Encoder.load(model_dir, layers="all", poolings=list(POOLINGS), device="cpu")
+
+
+def span_pool(h: np.ndarray, start: int, stop: int, pooling: str) -> np.ndarray:
+    """Plainly written: pool the rows start..stop-1 of one sequence's hidden states (n, D)."""
+    if pooling == "last":
+        return h[-1]  # the whole sequence's last token
+    span = h[start:stop]
+    if start > 0 and pooling.endswith("_nosink"):  # the sink is the sequence's first token, not in the span
+        return naive_pool(span, pooling.replace("_nosink", ""))
+    return naive_pool(span, pooling)
+
+
+def by_hand(tokenizer, template: str, text: str) -> tuple[list[int], int, int]:
+    """Token ids of a templated text and the span of its last copy, assembled piece by piece."""
+    pieces = template.split("{text}")
+    bare = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids, start = [], 0
+    for k, piece in enumerate(pieces):
+        ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+        if k < len(pieces) - 1:
+            start = len(ids)
+            ids += bare
+    stop = start + len(bare)
+    with_specials = tokenizer("x")["input_ids"]
+    lead = with_specials[: with_specials.index(tokenizer("x", add_special_tokens=False)["input_ids"][0])]
+    return lead + ids, start + len(lead), stop + len(lead)
+
+
+@pytest.mark.parametrize("name", ["prompteol", "echo", 'Query: "{text}"'])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_templated_variant_equals_pooling_the_span_by_hand(model_dir, name, side):
+    enc = Encoder.load(model_dir, layers="1,3,4", poolings=list(POOLINGS), templates=[name], padding_side=side,
+                       batch_tokens=64)
+    template = parse_template(name)
+    res = enc.encode(TEXTS)
+    assert {v.template for v in res} == {template.name}
+    for i, text in enumerate(TEXTS):
+        ids, start, stop = by_hand(enc.tokenizer, template.text, text)
+        hidden = naive_hidden_states(enc.model, ids)
+        for v in res:
+            assert rel_err(res[v][i], span_pool(hidden[v.layer], start, stop, v.pooling)) <= TOL, (v.name, i)
+
+
+def test_echo_pools_exactly_the_second_copy(tiny):
+    tok = tokenize(tiny.tokenizer, ["one two three"], 64, parse_template("echo"))
+    ids, (start, stop) = tok.ids[0], tok.spans[0]
+    bare = tiny.tokenizer("one two three", add_special_tokens=False)["input_ids"]
+    assert ids[start:stop] == bare and ids.count(bare[0]) == 2  # the text is there twice
+    first_copy = ids.index(bare[0])
+    assert first_copy < start and ids[first_copy:first_copy + len(bare)] == bare
+
+
+def test_plain_template_is_todays_tokenisation_and_names(tiny):
+    tok = tokenize(tiny.tokenizer, TEXTS, 512)
+    assert tok.ids == [tiny.tokenizer(t)["input_ids"] for t in TEXTS]
+    assert [v.name for v in make_variants("1", "mean", 4, ["plain", "prompteol"])] == ["L1.mean",
+                                                                                        "prompteol/L1.mean"]
+    assert Variant(1, "mean", "prompteol").column == "emb_1_mean__prompteol"
+    assert Variant.parse("emb_1_mean_nosink__prompteol") == Variant(1, "mean_nosink", "prompteol")
+
+
+def test_truncation_cuts_the_text_never_the_template(tiny):
+    long = " ".join(["word"] * 500)
+    t = parse_template("prompteol")
+    tok = tokenize(tiny.tokenizer, [long, "short"], 40, t)
+    assert len(tok.ids[0]) == 40 and tok.truncated.tolist() == [True, False]
+    suffix = tiny.tokenizer(t.pieces[1], add_special_tokens=False)["input_ids"]
+    assert tok.ids[0][-len(suffix):] == suffix  # the prompt's end survives: `last` still reads it
+
+
+def test_template_errors_are_one_line(model_dir):
+    with pytest.raises(SpecError, match="has no \\{text\\} slot"):
+        parse_templates(["Summarise this"])
+    with pytest.raises(SpecError, match="has 3 \\{text\\} slots"):
+        parse_templates(["{text} {text} {text}"])
+    with pytest.raises(SpecError, match="unknown template 'promptEOL'|unknown template 'prompteo'"):
+        parse_templates("prompteo")
+    with pytest.raises(SpecError, match="leaves no room for the text: shorten it or raise max_length"):
+        resolve(model_dir, templates=["echo"], max_length=8, digest=False)
+    assert set(BUILTIN) == {"plain", "prompteol", "echo"}
+
+
+def test_mix_of_stored_vectors_equals_pooling_the_mixed_hidden_states(tiny):
+    """sum_l w_l v_l/||v_l|| == pool(sum_l (w_l/||v_l||) h_l) for every linear pooling."""
+    res = tiny.encode(TEXTS)
+    weights = np.array([0.1, 0.2, 0.3, 0.4])
+    layers = [1, 2, 3, 4]
+    ids, _ = tiny.tokenize(TEXTS)
+    for pooling in LINEAR:
+        mixed = apply_mix([res[Variant(layer, pooling)] for layer in layers], weights)
+        for i, row in enumerate(ids):
+            hidden = naive_hidden_states(tiny.model, row)
+            norms = [np.linalg.norm(naive_pool(hidden[layer], pooling)) for layer in layers]
+            h = sum(w / n * hidden[layer] for w, n, layer in zip(weights, norms, layers))
+            assert rel_err(mixed[i], naive_pool(h, pooling)) <= TOL, (pooling, i)
+
+
+def test_mix_specs_and_errors():
+    raw = make_variants("2:6", "mean,last", 8)
+    got = mix_variants(raw, parse_mixes("2:6,learned:3:5", 8))
+    assert [v.name for v in got] == ["M2-6.mean", "M2-6.last", "W3-5.mean", "W3-5.last"]
+    assert Variant.parse("W3-5.mean|whiten64") == Variant(5, "mean", "plain", "learned:3-5", "whiten64")
+    with pytest.raises(SpecError, match=r"needs layers 0..6, but layers \[0, 1\] are not embedded"):
+        mix_variants(raw, parse_mixes("0:6", 8))
+    with pytest.raises(SpecError, match="a mix needs at least two layers"):
+        parse_mixes("4:4", 8)
+
+
+def test_settings_carry_append_eos(model_dir):
+    enc = Encoder.load(model_dir, layers="-1", poolings="last", append_eos=True)
+    tok = enc.tokenize_templates(["hello there"])["plain"]
+    assert tok.ids[0][-1] == enc.tokenizer.eos_token_id and isinstance(enc.settings, EncodeSettings)
