@@ -87,6 +87,32 @@ def cmd_index(args) -> int:
     return 0
 
 
+def derivations_from_args(args, data, n_layers: int, raw_variants, dim: int):
+    """Mixes and transforms of ``strata eval``, checked before any forward pass."""
+    from .derive import Derivations, check_fit
+    from .evaldata import load_beir, load_sts, read_texts
+    from .transforms import parse_transforms
+    from .variants import mix_variants, parse_mixes
+
+    mixes = parse_mixes(args.mixes, n_layers)
+    mix_variants(raw_variants, mixes)  # a mix over layers that were not embedded: refused here
+    labels = None
+    if args.mix_labels:
+        p = Path(args.mix_labels)
+        labels = load_beir(p, split=args.mix_labels_split) if p.is_dir() else load_sts(p)
+    fit_texts = tuple(read_texts(args.fit_on)) if args.fit_on else None
+    d = Derivations(mixes=mixes, transforms=parse_transforms(args.transforms), mix_labels=labels,
+                    fit_texts=fit_texts, fit_source=args.fit_on or "")
+    if fit_texts is not None:
+        n_fit = len(set(fit_texts))
+    elif hasattr(data, "doc_texts"):
+        n_fit = len(set(data.doc_texts))
+    else:
+        n_fit = len(set(data.sentence1) | set(data.sentence2))
+    check_fit(d, n_fit, dim)
+    return d
+
+
 def cmd_eval(args) -> int:
     import time
 
@@ -102,17 +128,28 @@ def cmd_eval(args) -> int:
         data = load_retrieval(args.data, split=args.split, max_queries=args.max_queries, max_docs=args.max_docs)
         n_texts = retrieval_texts(data)
     engine = choose_engine(args.engine, n_texts)
+    pair = None
+    if args.task == "retrieval" and (args.query_template or args.doc_template):
+        from .templates import parse_template
+
+        pair = [parse_template(t or "plain") for t in (args.query_template, args.doc_template)]
+        base = [args.templates] if "{text}" in args.templates else args.templates.split(",")
+        args.templates = list(dict.fromkeys([*base, *(t.text if t.name.startswith("t_") else t.name for t in pair)]))
     request = request_from_args(args, digest=engine == "ray")
+    derivations = derivations_from_args(args, data, request.model.n_layers, request.variants, request.model.dim)
     encoder = make_encoder(request, engine, args.output, force=args.force, progress=not args.quiet)
     t0 = time.perf_counter()
     if args.task == "sts":
-        rows = eval_sts(data, args.output, encoder)
+        rows = eval_sts(data, args.output, encoder, derivations)
     else:
-        rows = eval_retrieval(data, args.output, encoder)
-    print(f"{data.name}: {n_texts:,} unique texts, {len(request.variants)} variants, engine {engine}, "
-          f"{time.perf_counter() - t0:.1f}s")
+        rows = eval_retrieval(data, args.output, encoder, derivations, query_template=pair and pair[0].name,
+                              doc_template=pair and pair[1].name)
+    print(f"{data.name}: {n_texts:,} unique texts, {len(request.variants)} embedded variants, "
+          f"{len({(r['layer'], r['pooling'], r['template'], r['mix'], r['transform']) for r in rows})} scored, "
+          f"engine {engine}, {time.perf_counter() - t0:.1f}s")
     for dataset, best in best_variants(rows, request.model.n_layers).items():
-        print(f"{dataset}: best {best['variant']} {best['metric']} = {best['score']:.2f}")
+        fitted = f" ({best['fitted_on']})" if best.get("fitted_on") else ""
+        print(f"{dataset}: best {best['variant']} {best['metric']} = {best['score']:.2f}{fitted}")
     print(f"results: {args.output}/eval/results.json")
     return 0
 
@@ -179,6 +216,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["auto", "local", "ray"], default="auto",
                    help="local: in-process, no cache; ray: the Ray pipeline, embeddings cached in --output; "
                         "auto: local up to 10,000 unique texts (default: %(default)s)")
+    g = p.add_argument_group("derived variants (scored beside the raw grid)")
+    g.add_argument("--transforms", default="none",
+                   help="post-processing fitted on unlabelled texts: none, center, abtt{k}, whiten{k}, comma-separated "
+                        "(default: %(default)s)")
+    g.add_argument("--fit-on", default=None,
+                   help="texts to fit transforms on (Parquet with a 'text' column, or one text per line); default: "
+                        "the evaluated texts (retrieval: the corpus documents), never their labels")
+    g.add_argument("--mixes", default=None,
+                   help="layer mixes: 'a:b' or 'all' (uniform), 'learned:a:b' (fitted on --mix-labels)")
+    g.add_argument("--mix-labels", default=None,
+                   help="training labels for learned mixes: STS pairs, or a BEIR folder (its --mix-labels-split qrels)")
+    g.add_argument("--mix-labels-split", default="train", help="BEIR qrels split for learned mixes (default: train)")
+    g.add_argument("--query-template", default=None, help="retrieval: the queries' template (name or string)")
+    g.add_argument("--doc-template", default=None, help="retrieval: the documents' template (name or string)")
     add_model_options(p)
     add_ray_options(p)
     p.add_argument("--force", action="store_true", help="replace cached embeddings made with other settings")

@@ -20,7 +20,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .evaldata import BeirData, StsData
-from .mixes import apply_mix, fit_retrieval, fit_sts
+from .mixes import LearnedMix, apply_mix, fit_retrieval, fit_sts
+from .transforms import Transform
 from .transforms import fit as fit_transform
 from .variants import SpecError, Variant, mix_variants
 
@@ -79,8 +80,9 @@ def learn_mix(encoder, variant: Variant, labels: StsData | BeirData) -> tuple[np
 
 def derive(encoder, vectors: Mapping[Variant, np.ndarray], derivations: Derivations, *,
            fit_rows: np.ndarray | None = None, fit_label: str = "the evaluated texts"
-           ) -> tuple[dict[Variant, np.ndarray], dict[Variant, dict]]:
-    """Derived vectors of the same texts as ``vectors`` and, per derived variant, what it was fitted on.
+           ) -> tuple[dict[Variant, np.ndarray], dict[Variant, dict], dict[Variant, Transform | LearnedMix]]:
+    """Derived vectors of the same texts as ``vectors``; per derived variant, what it was fitted on;
+    and the fitted pieces themselves (to be stored beside the results).
 
     ``fit_rows`` selects the rows of ``vectors`` that transforms are fitted on (for retrieval:
     the documents); ``derivations.fit_texts`` replaces them with other texts' vectors.
@@ -88,17 +90,20 @@ def derive(encoder, vectors: Mapping[Variant, np.ndarray], derivations: Derivati
     raw = [v for v in vectors if v.is_raw]
     out: dict[Variant, np.ndarray] = {}
     record: dict[Variant, dict] = {}
+    fitted: dict[Variant, Transform | LearnedMix] = {}
     for v in mix_variants(raw, derivations.mixes):
         weights = None
         if v.mix_range[0] == "learned":
             weights, seen = learn_mix(encoder, v, derivations.mix_labels)
             record[v] = {"mix": seen}
+            fitted[v] = LearnedMix(seen["layers"], seen["weights"], {k: seen[k] for k in ("task", "data", "split",
+                                                                                           "pairs")})
         else:
             weights = np.full(len(v.sources), 1.0 / len(v.sources))
         out[v] = apply_mix([vectors[s] for s in v.sources], weights)
     transforms = [t for t in derivations.transforms if t != "none"]
     if not transforms:
-        return out, record
+        return out, record, fitted
     base = {**{v: vectors[v] for v in raw}, **out}
     fit_vectors = None
     if derivations.fit_texts is not None:
@@ -116,7 +121,31 @@ def derive(encoder, vectors: Mapping[Variant, np.ndarray], derivations: Derivati
             v = Variant(b.layer, b.pooling, b.template, b.mix, name)
             out[v] = t.apply(x)
             record[v] = {**record.get(b, {}), "transform": t.fitted_on}
-    return out, record
+            fitted[v] = t
+    return out, record, fitted
+
+
+def check_fit(derivations: Derivations, n_texts: int, dim: int) -> None:
+    """Refuse, before any forward pass, transforms the fitting texts cannot support (names the counts)."""
+    from .transforms import check_fit_size
+
+    for name in derivations.transforms:
+        check_fit_size(name, n_texts, dim)
+
+
+def save_fitted(out_dir, dataset: str, fitted: Mapping[Variant, Transform | LearnedMix]) -> None:
+    """Store fitted pieces beside the results: ``mixes/{dataset}.{variant}.json`` (weights, what they
+    were fitted on; the report draws them) and ``transforms/{dataset}/{variant}.npz|.json``."""
+    from pathlib import Path
+
+    from .storage import safe_name
+
+    for v, piece in fitted.items():
+        if isinstance(piece, LearnedMix):
+            piece.save(Path(out_dir) / "mixes" / f"{safe_name(dataset)}.{safe_name(v.name)}.json",
+                       extra={"variant": v.name, "dataset": dataset})
+        else:
+            piece.save(Path(out_dir) / "transforms" / safe_name(dataset) / safe_name(v.name))
 
 
 def record_weights(record: dict[Variant, dict], v: Variant, n: int) -> np.ndarray:

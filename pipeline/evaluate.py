@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .derive import Derivations, derive
+from .derive import Derivations, derive, save_fitted
 from .evaldata import BeirData, StsData, load_beir, load_sts
 from .metrics import retrieval_scores, sts_scores
 from .report import merge_results
@@ -75,19 +75,23 @@ def fitted_on_text(record: dict) -> str:
     return "; ".join(parts)
 
 
-def _with_derived(encoder: TextEncoder, vectors, derivations: Derivations | None, fit_rows=None,
-                  fit_label: str = "the evaluated texts"):
+def _with_derived(encoder: TextEncoder, vectors, derivations: Derivations | None, dataset: str,
+                  save_dir: str | Path | None, fit_rows=None, fit_label: str = "the evaluated texts"):
     vectors = {v: np.asarray(m, dtype=np.float32) for v, m in vectors.items()}
     if derivations is None or derivations.empty:
         return vectors, {}
-    derived, record = derive(encoder, vectors, derivations, fit_rows=fit_rows, fit_label=fit_label)
+    derived, record, fitted = derive(encoder, vectors, derivations, fit_rows=fit_rows, fit_label=fit_label)
+    if save_dir is not None:
+        save_fitted(save_dir, dataset, fitted)
     return {**vectors, **derived}, record
 
 
-def evaluate_sts(encoder: TextEncoder, data: StsData, derivations: Derivations | None = None) -> list[dict]:
-    """Spearman and Pearson (x100) of cosine similarity vs gold, for every variant (and derived one)."""
+def evaluate_sts(encoder: TextEncoder, data: StsData, derivations: Derivations | None = None, *,
+                 save_dir: str | Path | None = None) -> list[dict]:
+    """Spearman and Pearson (x100) of cosine similarity vs gold, for every variant (and derived one).
+    Fitted pieces (learned mix weights, transforms) are stored under ``save_dir`` when given."""
     texts, (rows1, rows2) = _unique(data.sentence1, data.sentence2)
-    vectors, record = _with_derived(encoder, encoder.encode(texts), derivations,
+    vectors, record = _with_derived(encoder, encoder.encode(texts), derivations, data.name, save_dir,
                                     fit_label=f"{data.name}/{data.split} sentences")
     out = []
     for variant, m in vectors.items():
@@ -97,7 +101,8 @@ def evaluate_sts(encoder: TextEncoder, data: StsData, derivations: Derivations |
 
 
 def evaluate_retrieval(encoder: TextEncoder, data: BeirData, derivations: Derivations | None = None, *,
-                       query_template: str | None = None, doc_template: str | None = None) -> list[dict]:
+                       query_template: str | None = None, doc_template: str | None = None,
+                       save_dir: str | Path | None = None) -> list[dict]:
     """nDCG@10, Recall@100 and MRR@10 (x100) by exact cosine search, for every variant (and derived one).
 
     With ``query_template`` and ``doc_template`` (template names of the encoder's variants),
@@ -105,8 +110,8 @@ def evaluate_retrieval(encoder: TextEncoder, data: BeirData, derivations: Deriva
     ``QUERY~DOC`` of the same layer and pooling (E5-Mistral / GTE-Qwen2 style instructions).
     """
     texts, (doc_rows, query_rows) = _unique(data.doc_texts, data.query_texts)
-    vectors, record = _with_derived(encoder, encoder.encode(texts), derivations, fit_rows=doc_rows,
-                                    fit_label=f"{data.name} corpus documents")
+    vectors, record = _with_derived(encoder, encoder.encode(texts), derivations, data.name, save_dir,
+                                    fit_rows=doc_rows, fit_label=f"{data.name} corpus documents")
     pairs = {v: (v, v) for v in vectors}
     if query_template or doc_template:
         q_t, d_t = query_template or "plain", doc_template or "plain"
@@ -209,7 +214,7 @@ def eval_sts(data: StsData | str | Path, out_dir: str | Path, encoder: TextEncod
              derivations: Derivations | None = None) -> list[dict]:
     """Evaluate on STS pairs and merge the rows into ``out_dir/eval/results.json``."""
     data = data if isinstance(data, StsData) else load_sts(data)
-    rows = evaluate_sts(encoder, data, derivations)
+    rows = evaluate_sts(encoder, data, derivations, save_dir=out_dir)
     merge_results(out_dir, rows)
     return rows
 
@@ -220,7 +225,8 @@ def eval_retrieval(data: BeirData | str | Path, out_dir: str | Path, encoder: Te
                    doc_template: str | None = None) -> list[dict]:
     """Evaluate on a BEIR set (or a subset) and merge the rows into ``out_dir/eval/results.json``."""
     data = load_retrieval(data, split=split, max_queries=max_queries, max_docs=max_docs)
-    rows = evaluate_retrieval(encoder, data, derivations, query_template=query_template, doc_template=doc_template)
+    rows = evaluate_retrieval(encoder, data, derivations, query_template=query_template, doc_template=doc_template,
+                              save_dir=out_dir)
     merge_results(out_dir, rows)
     return rows
 

@@ -52,18 +52,21 @@ class LearnedMix:
     weights: list[float]
     fitted_on: dict = field(default_factory=dict)  # task, data, split, pairs/queries, loss, steps
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"layers": self.layers, "weights": self.weights, "fitted_on": self.fitted_on},
-                                  indent=1) + "\n")
+        fitted = self.fitted_on
+        tmp.write_text(json.dumps({**(extra or {}), "layers": self.layers, "weights": self.weights,
+                                   "fitted_on": f"{fitted.get('data')}/{fitted.get('split')}, {fitted.get('pairs')} "
+                                                f"labelled pairs ({fitted.get('task')})" if fitted else "",
+                                   "fit": fitted}, indent=1) + "\n")
         tmp.replace(path)
 
     @classmethod
     def load(cls, path: str | Path) -> "LearnedMix":
         d = json.loads(Path(path).read_text())
-        return cls(list(d["layers"]), list(d["weights"]), d.get("fitted_on", {}))
+        return cls(list(d["layers"]), list(d["weights"]), d.get("fit", {}))
 
 
 def _stack(per_layer: Sequence[np.ndarray]):

@@ -111,18 +111,23 @@ class Transform:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {"mean": self.mean} | ({"basis": self.basis} if self.basis is not None else {})
-        tmp = path.with_name(path.name + ".tmp.npz")
+        tmp = _with(path, ".tmp.npz")
         np.savez(tmp, **arrays)
-        tmp.replace(path.with_suffix(".npz"))
+        tmp.replace(_with(path, ".npz"))
         meta = {"name": self.name, "dim": int(self.mean.shape[0]), "fitted_on": self.fitted_on}
-        path.with_suffix(".json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        _with(path, ".json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "Transform":
         path = Path(path)
-        meta = json.loads(path.with_suffix(".json").read_text())
-        with np.load(path.with_suffix(".npz")) as z:
+        meta = json.loads(_with(path, ".json").read_text())
+        with np.load(_with(path, ".npz")) as z:
             return cls(meta["name"], z["mean"], z["basis"] if "basis" in z else None, meta.get("fitted_on", {}))
+
+
+def _with(path: Path, suffix: str) -> Path:
+    """``path`` + suffix (variant names contain dots, so ``with_suffix`` would cut them)."""
+    return path.with_name(path.name + suffix)
 
 
 def check_fit_size(name: str, n: int, dim: int) -> None:

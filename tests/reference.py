@@ -78,7 +78,7 @@ def save_tiny_model_dir(path, n_layers: int = 4, seed: int = 0):
 
 
 _REQUEST_KEYS = {"model", "layers", "poolings", "max_length", "dtype", "normalize", "batch_tokens", "output_format",
-                 "trust_remote_code", "allow_pickle"}
+                 "trust_remote_code", "allow_pickle", "templates", "append_eos"}
 _RESOURCE_KEYS = {"actors", "gpus_per_actor", "ray_address"}
 
 

@@ -68,3 +68,28 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "sts", "x", "--output", "o", "--engine", "spark"])
     assert "invalid choice: 'spark'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--transforms", "center,pca3"], "unknown transform 'pca3'"),
+    (["--transforms", "whiten30"], "fitted on 12 texts, fewer than k+1=31"),
+    (["--mixes", "0:4", "--layers", "2:4"], "needs layers 0..4, but layers [0, 1] are not embedded"),
+    (["--mixes", "learned:2:4", "--layers", "2:4"], "a learned mix needs training labels (--mix-labels"),
+    (["--templates", "Summarise this"], "has no {text} slot"),
+    (["--templates", "{text} and {text} and {text}"], "has 3 {text} slots"),
+    (["--templates", "echo", "--max-length", "6"], "leaves no room for the text"),
+])
+def test_derived_variant_errors_are_one_line_before_any_forward_pass(model_dir, tmp_path, capsys, monkeypatch,
+                                                                    extra, message):
+    import pipeline.encoder
+
+    def never(*a, **k):
+        raise AssertionError("a forward pass ran")
+
+    monkeypatch.setattr(pipeline.encoder.Encoder, "encode_tokenized", never)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"sentence1": f"first text {i}", "sentence2": f"second text {i}",
+                                         "score": i % 3}) + "\n" for i in range(6)))
+    assert main(["eval", "sts", str(pairs), "--output", str(tmp_path / "o"), "--model", model_dir, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import data_file
 
-from pipeline import Encoder, resolve
+from pipeline import Encoder, Variant, resolve
 from pipeline.cli import main
 from pipeline.evaldata import BeirData, StsData
 from pipeline.evaluate import RayEncoder, eval_retrieval, eval_sts, evaluate_retrieval, evaluate_sts
@@ -115,3 +115,46 @@ def test_cli_eval_index_report_round_trip(ray_local, model_dir, tmp_path, capsys
     assert got == [[ids[j] for j in row] for row in want]
     np.testing.assert_allclose(scores, np.take_along_axis(x[:5] @ x.T, want, axis=1), atol=1e-5)
     capsys.readouterr()
+
+
+def test_derived_variants_score_like_an_independent_reference(model_dir, tmp_path):
+    """Transforms fitted on the evaluated texts (no labels) and mixes, scored beside the raw grid;
+    the whitened score equals numpy + scipy written plainly; learned weights come from train only."""
+    from scipy.stats import spearmanr
+
+    from pipeline.derive import Derivations
+    from pipeline.report import write_report
+    from pipeline.variants import parse_mixes
+
+    request = resolve(model_dir, layers="1:4", poolings="mean,last")
+    enc = Encoder.from_request(request)
+    test, train = _pairs(40, seed=0), _pairs(60, seed=7)
+    train.name, train.split = "pairs-train", "train"
+    d = Derivations(mixes=parse_mixes("1:4,learned:1:4", 4), transforms=("none", "center", "whiten8"),
+                    mix_labels=train)
+    rows = eval_sts(test, tmp_path, enc, d)
+    spearman = {(r["layer"], r["pooling"], r["mix"], r["transform"]): r for r in rows
+                if r["metric"] == "cosine_spearman"}
+    assert len(spearman) == (8 + 2 + 2) * 3  # (raw + uniform + learned) x (none, center, whiten8)
+    # independent reference for L2.mean|whiten8: numpy eigh on the test sentences' vectors
+    texts = list(dict.fromkeys(test.sentence1 + test.sentence2))
+    x = enc.encode(texts)[Variant(2, "mean")].astype(np.float64)
+    mu = x.mean(0)
+    vals, vecs = np.linalg.eigh(np.cov(x - mu, rowvar=False, bias=True))
+    w = vecs[:, ::-1][:, :8] / np.sqrt(vals[::-1][:8])
+    at = {t: i for i, t in enumerate(texts)}
+    a = (x[[at[t] for t in test.sentence1]] - mu) @ w
+    b = (x[[at[t] for t in test.sentence2]] - mu) @ w
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    row = spearman[(2, "mean", None, "whiten8")]
+    assert row["score"] == pytest.approx(100 * spearmanr(cos, test.scores).statistic, abs=1e-3)
+    assert "transform fitted on pairs/test sentences" in row["fitted_on"] and "no labels" in row["fitted_on"]
+    learned = spearman[(4, "mean", "learned:1-4", "none")]
+    assert "mix weights fitted on pairs-train/train (60 labelled pairs)" in learned["fitted_on"]
+    mix_file = json.loads((tmp_path / "mixes" / "pairs.W1-4.mean.json").read_text())
+    assert len(mix_file["weights"]) == 4 and abs(sum(mix_file["weights"]) - 1) < 1e-6
+    assert (tmp_path / "transforms" / "pairs" / "L2.mean_whiten8.json").is_file()
+    report = (tmp_path / "report.md").exists() or write_report(rows, tmp_path, 4)
+    md = (tmp_path / "report.md").read_text()
+    assert "| best learned mix | `W1-4." in md and "| best uniform mix | `M1-4." in md and report
+    assert "![weights of W1-4.mean]" in md

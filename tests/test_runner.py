@@ -277,3 +277,25 @@ def test_output_of_the_previous_layout_is_read_and_resumed(ray_local, model_dir,
     for v in ref:
         got = np.stack(table.column(v.column).to_numpy(zero_copy_only=False))
         np.testing.assert_allclose(got, ref[v], rtol=1e-5, atol=1e-6)
+
+
+def test_templates_through_ray_equal_the_encoder(ray_local, model_dir, corpus, tmp_path):
+    """One forward pass per template in the actors; columns emb_{layer}_{pooling}__{template}."""
+    ids, texts = corpus
+    ids, texts = ids[:60], texts[:60]
+    write_shards(tmp_path / "in", ids, texts, k=2)
+    opts = dict(layers="2,-1", poolings="mean_nosink,last", templates=["plain", "echo"], max_length=96,
+                id_column="id", progress=False)
+    summary = embed(str(tmp_path / "in"), str(tmp_path / "out"), model=model_dir, **opts)
+    assert summary.rows == 60 and summary.rows_rejected == 0
+    m = manifest(tmp_path / "out")
+    assert [v["column"] for v in m["variants"]][-2:] == ["emb_4_mean_nosink__echo", "emb_4_last__echo"]
+    assert m["signature"]["templates"]["echo"].startswith("Rewrite the sentence: {text}")
+    table = read_embeddings(str(tmp_path / "out"))
+    ref = Encoder.load(model_dir, layers="2,-1", poolings="mean_nosink,last", templates=["plain", "echo"],
+                       max_length=96).encode(texts)
+    order = {i: k for k, i in enumerate(ids)}
+    idx = np.array([order[i] for i in table.column("id").to_pylist()])
+    for v in ref:
+        got = np.stack(table.column(v.column).to_numpy(zero_copy_only=False))
+        np.testing.assert_allclose(got, ref[v][idx], rtol=1e-4, atol=1e-4 * np.abs(ref[v]).max())
