@@ -135,6 +135,9 @@ def cmd_eval(args) -> int:
         pair = [parse_template(t or "plain") for t in (args.query_template, args.doc_template)]
         base = [args.templates] if "{text}" in args.templates else args.templates.split(",")
         args.templates = list(dict.fromkeys([*base, *(t.text if t.name.startswith("t_") else t.name for t in pair)]))
+    if pair and pair[0].name != pair[1].name and args.transforms.strip() != "none":
+        raise ValueError("--transforms with different query and document templates: not supported (a transform "
+                         "is fitted once and applied to both sides, which have different templates here)")
     request = request_from_args(args, digest=engine == "ray")
     derivations = derivations_from_args(args, data, request.model.n_layers, request.variants, request.model.dim)
     encoder = make_encoder(request, engine, args.output, force=args.force, progress=not args.quiet)

@@ -15,7 +15,7 @@ and returns the derived ones, with a record of what each fitted piece saw:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -80,49 +80,45 @@ def learn_mix(encoder, variant: Variant, labels: StsData | BeirData) -> tuple[np
 
 def derive(encoder, vectors: Mapping[Variant, np.ndarray], derivations: Derivations, *,
            fit_rows: np.ndarray | None = None, fit_label: str = "the evaluated texts"
-           ) -> tuple[dict[Variant, np.ndarray], dict[Variant, dict], dict[Variant, Transform | LearnedMix]]:
-    """Derived vectors of the same texts as ``vectors``; per derived variant, what it was fitted on;
-    and the fitted pieces themselves (to be stored beside the results).
+           ) -> Iterator[tuple[Variant, np.ndarray, dict, Transform | LearnedMix | None]]:
+    """Derived vectors of the same texts as ``vectors``, one variant at a time (so memory holds one
+    derived matrix, not all of them): (variant, vectors, what its fitted pieces saw, the piece).
 
     ``fit_rows`` selects the rows of ``vectors`` that transforms are fitted on (for retrieval:
     the documents); ``derivations.fit_texts`` replaces them with other texts' vectors.
     """
     raw = [v for v in vectors if v.is_raw]
-    out: dict[Variant, np.ndarray] = {}
+    base: dict[Variant, np.ndarray] = {v: vectors[v] for v in raw}
+    weights_of: dict[Variant, np.ndarray] = {}
     record: dict[Variant, dict] = {}
-    fitted: dict[Variant, Transform | LearnedMix] = {}
     for v in mix_variants(raw, derivations.mixes):
-        weights = None
+        piece = None
         if v.mix_range[0] == "learned":
             weights, seen = learn_mix(encoder, v, derivations.mix_labels)
             record[v] = {"mix": seen}
-            fitted[v] = LearnedMix(seen["layers"], seen["weights"], {k: seen[k] for k in ("task", "data", "split",
-                                                                                           "pairs")})
+            piece = LearnedMix(seen["layers"], seen["weights"], {k: seen[k] for k in ("task", "data", "split",
+                                                                                       "pairs")})
         else:
             weights = np.full(len(v.sources), 1.0 / len(v.sources))
-        out[v] = apply_mix([vectors[s] for s in v.sources], weights)
+        weights_of[v] = weights
+        base[v] = apply_mix([vectors[s] for s in v.sources], weights)
+        yield v, base[v], record.get(v, {}), piece
     transforms = [t for t in derivations.transforms if t != "none"]
     if not transforms:
-        return out, record, fitted
-    base = {**{v: vectors[v] for v in raw}, **out}
-    fit_vectors = None
-    if derivations.fit_texts is not None:
-        fit_vectors = encoder.encode(list(derivations.fit_texts))
+        return
+    fit_vectors = encoder.encode(list(derivations.fit_texts)) if derivations.fit_texts is not None else None
     for b, x in base.items():
         if fit_vectors is not None:
-            sample = apply_mix([fit_vectors[s] for s in b.sources], record_weights(record, b, len(b.sources))) \
-                if b.mix is not None else fit_vectors[b]
+            sample = apply_mix([fit_vectors[s] for s in b.sources], weights_of[b]) if b.mix is not None \
+                else fit_vectors[b]
             label = derivations.fit_source or f"{len(derivations.fit_texts)} texts given by --fit-on"
         else:
             sample = x if fit_rows is None else x[fit_rows]
             label = fit_label
         for name in transforms:
             t = fit_transform(name, [np.asarray(sample, dtype=np.float32)], fitted_on={"source": label})
-            v = Variant(b.layer, b.pooling, b.template, b.mix, name)
-            out[v] = t.apply(x)
-            record[v] = {**record.get(b, {}), "transform": t.fitted_on}
-            fitted[v] = t
-    return out, record, fitted
+            yield (Variant(b.layer, b.pooling, b.template, b.mix, name), t.apply(x),
+                   {**record.get(b, {}), "transform": t.fitted_on}, t)
 
 
 def check_fit(derivations: Derivations, n_texts: int, dim: int) -> None:
@@ -133,22 +129,15 @@ def check_fit(derivations: Derivations, n_texts: int, dim: int) -> None:
         check_fit_size(name, n_texts, dim)
 
 
-def save_fitted(out_dir, dataset: str, fitted: Mapping[Variant, Transform | LearnedMix]) -> None:
-    """Store fitted pieces beside the results: ``mixes/{dataset}.{variant}.json`` (weights, what they
-    were fitted on; the report draws them) and ``transforms/{dataset}/{variant}.npz|.json``."""
+def save_fitted(out_dir, dataset: str, v: Variant, piece: Transform | LearnedMix) -> None:
+    """Store a fitted piece beside the results: ``mixes/{dataset}.{variant}.json`` (weights, what they
+    were fitted on; the report draws them) or ``transforms/{dataset}/{variant}.npz|.json``."""
     from pathlib import Path
 
     from .storage import safe_name
 
-    for v, piece in fitted.items():
-        if isinstance(piece, LearnedMix):
-            piece.save(Path(out_dir) / "mixes" / f"{safe_name(dataset)}.{safe_name(v.name)}.json",
-                       extra={"variant": v.name, "dataset": dataset})
-        else:
-            piece.save(Path(out_dir) / "transforms" / safe_name(dataset) / safe_name(v.name))
-
-
-def record_weights(record: dict[Variant, dict], v: Variant, n: int) -> np.ndarray:
-    """The weights a mix variant was built with (uniform unless a learned record says otherwise)."""
-    seen = record.get(v, {}).get("mix")
-    return np.asarray(seen["weights"]) if seen else np.full(n, 1.0 / n)
+    if isinstance(piece, LearnedMix):
+        piece.save(Path(out_dir) / "mixes" / f"{safe_name(dataset)}.{safe_name(v.name)}.json",
+                   extra={"variant": v.name, "dataset": dataset})
+    else:
+        piece.save(Path(out_dir) / "transforms" / safe_name(dataset) / safe_name(v.name))

@@ -75,15 +75,18 @@ def fitted_on_text(record: dict) -> str:
     return "; ".join(parts)
 
 
-def _with_derived(encoder: TextEncoder, vectors, derivations: Derivations | None, dataset: str,
-                  save_dir: str | Path | None, fit_rows=None, fit_label: str = "the evaluated texts"):
+def _scored(encoder: TextEncoder, vectors, derivations: Derivations | None, dataset: str,
+            save_dir: str | Path | None, fit_rows=None, fit_label: str = "the evaluated texts"):
+    """(variant, vectors, record) for every raw variant, then every derived one as it is made."""
     vectors = {v: np.asarray(m, dtype=np.float32) for v, m in vectors.items()}
+    for v, m in vectors.items():
+        yield v, m, None
     if derivations is None or derivations.empty:
-        return vectors, {}
-    derived, record, fitted = derive(encoder, vectors, derivations, fit_rows=fit_rows, fit_label=fit_label)
-    if save_dir is not None:
-        save_fitted(save_dir, dataset, fitted)
-    return {**vectors, **derived}, record
+        return
+    for v, m, record, piece in derive(encoder, vectors, derivations, fit_rows=fit_rows, fit_label=fit_label):
+        if save_dir is not None and piece is not None:
+            save_fitted(save_dir, dataset, v, piece)
+        yield v, m, record
 
 
 def evaluate_sts(encoder: TextEncoder, data: StsData, derivations: Derivations | None = None, *,
@@ -91,12 +94,10 @@ def evaluate_sts(encoder: TextEncoder, data: StsData, derivations: Derivations |
     """Spearman and Pearson (x100) of cosine similarity vs gold, for every variant (and derived one).
     Fitted pieces (learned mix weights, transforms) are stored under ``save_dir`` when given."""
     texts, (rows1, rows2) = _unique(data.sentence1, data.sentence2)
-    vectors, record = _with_derived(encoder, encoder.encode(texts), derivations, data.name, save_dir,
-                                    fit_label=f"{data.name}/{data.split} sentences")
     out = []
-    for variant, m in vectors.items():
-        out += _rows("sts", data.name, data.split, variant, sts_scores(m[rows1], m[rows2], data.scores),
-                     record.get(variant))
+    for variant, m, record in _scored(encoder, encoder.encode(texts), derivations, data.name, save_dir,
+                                      fit_label=f"{data.name}/{data.split} sentences"):
+        out += _rows("sts", data.name, data.split, variant, sts_scores(m[rows1], m[rows2], data.scores), record)
     return out
 
 
@@ -110,24 +111,31 @@ def evaluate_retrieval(encoder: TextEncoder, data: BeirData, derivations: Deriva
     ``QUERY~DOC`` of the same layer and pooling (E5-Mistral / GTE-Qwen2 style instructions).
     """
     texts, (doc_rows, query_rows) = _unique(data.doc_texts, data.query_texts)
-    vectors, record = _with_derived(encoder, encoder.encode(texts), derivations, data.name, save_dir,
-                                    fit_rows=doc_rows, fit_label=f"{data.name} corpus documents")
-    pairs = {v: (v, v) for v in vectors}
-    if query_template or doc_template:
-        q_t, d_t = query_template or "plain", doc_template or "plain"
-        pairs = {}
-        for v in vectors:
-            if v.template == d_t:
-                qv = Variant(v.layer, v.pooling, q_t, v.mix, v.transform)
-                if qv not in vectors:
-                    raise SpecError(f"query template {q_t!r} has no variant {qv.name}: embed it with --templates")
-                name = v if q_t == d_t else Variant(v.layer, v.pooling, f"{q_t}~{d_t}", v.mix, v.transform)
-                pairs[name] = (qv, v)
-    out = []
-    for variant, (qv, dv) in pairs.items():
-        scores = retrieval_scores(vectors[qv][query_rows], vectors[dv][doc_rows], data.query_ids, data.doc_ids,
-                                  data.qrels)
-        out += _rows("retrieval", data.name, data.split, variant, scores, record.get(dv))
+    q_t, d_t = query_template or "plain", doc_template or "plain"
+    asymmetric = (query_template or doc_template) and q_t != d_t
+    out, waiting = [], {}  # asymmetric: a variant's query side waits for its document side, or back
+    for v, m, record in _scored(encoder, encoder.encode(texts), derivations, data.name, save_dir,
+                                fit_rows=doc_rows, fit_label=f"{data.name} corpus documents"):
+        if not asymmetric:
+            q, d, name = m, m, v
+        elif v.template not in (q_t, d_t):
+            continue
+        else:
+            key = (v.layer, v.pooling, v.mix, v.transform)
+            side = "q" if v.template == q_t else "d"
+            other = waiting.pop((key, "d" if side == "q" else "q"), None)
+            if other is None:
+                waiting[(key, side)] = (m, record)
+                continue
+            q, d = (m, other[0]) if side == "q" else (other[0], m)
+            record = record if side == "d" else other[1]
+            name = Variant(v.layer, v.pooling, f"{q_t}~{d_t}", v.mix, v.transform)
+        scores = retrieval_scores(q[query_rows], d[doc_rows], data.query_ids, data.doc_ids, data.qrels)
+        out += _rows("retrieval", data.name, data.split, name, scores, record)
+    if asymmetric and waiting and not out:
+        (key, side), _ = next(iter(waiting.items()))
+        raise SpecError(f"no variant of template {q_t if side == 'd' else d_t!r} to pair with: embed both the query "
+                        f"and the document template (--templates)")
     return out
 
 
