@@ -65,9 +65,20 @@ def cmd_encode(args) -> int:
 def cmd_embed(args) -> int:
     from .runner import embed
 
-    summary = embed(request_from_args(args), args.input, args.output, text_column=args.text_column,
-                    id_column=args.id_column, force=args.force, progress=not args.quiet)
+    from .derive import add_to_output
+    from .transforms import parse_transforms
+    from .variants import mix_variants, parse_mixes
+
+    request = request_from_args(args)
+    transforms = parse_transforms(args.transforms)  # bad names refused before any work
+    mix_variants(request.variants, parse_mixes(args.mixes, request.model.n_layers))
+    summary = embed(request, args.input, args.output, text_column=args.text_column, id_column=args.id_column,
+                    force=args.force, progress=not args.quiet)
     print(summary.line())
+    if args.mixes or set(transforms) != {"none"}:
+        derived = add_to_output(args.output, args.mixes, transforms)
+        print(f"derived variants ({len(derived)}): {', '.join(list(derived)[:8])}"
+              + (" …" if len(derived) > 8 else "") + "; transforms fitted on this output's rows")
     return 0
 
 
@@ -198,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id-column", default=None, help="default: ids derived from shard path and row number")
     add_ray_options(p)
     p.add_argument("--format", choices=["parquet", "arrow"], default="parquet", help="embedding file format")
+    p.add_argument("--transforms", default="none",
+                   help="fit these on the output's own rows after embedding (none, center, abtt{k}, whiten{k}); "
+                        "`strata index` then indexes e.g. 'L15.mean|whiten256'")
+    p.add_argument("--mixes", default=None, help="uniform layer mixes to define ('a:b', 'all'), e.g. 'M8-16.mean'")
     p.add_argument("--force", action="store_true", help="replace an output made with other settings")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_embed)

@@ -141,3 +141,121 @@ def save_fitted(out_dir, dataset: str, v: Variant, piece: Transform | LearnedMix
                    extra={"variant": v.name, "dataset": dataset})
     else:
         piece.save(Path(out_dir) / "transforms" / safe_name(dataset) / safe_name(v.name))
+
+
+# --------------------------------------------------------------------------- derived variants of an output
+DERIVED = "derived"  # the manifest key: {variant name: {"sources": [...], "weights": [...], "transform": ...}}
+TRANSFORMS_DIR = "transforms"
+
+
+@dataclass(frozen=True)
+class Reader:
+    """How a derived variant's vectors are made from an output's stored columns: a mix, then a transform."""
+
+    variant: Variant
+    columns: tuple[str, ...]
+    weights: tuple[float, ...] | None = None
+    transform: Transform | None = None
+
+    def apply(self, mats: Sequence[np.ndarray]) -> np.ndarray:
+        x = apply_mix(mats, self.weights) if self.weights is not None else np.asarray(mats[0], dtype=np.float32)
+        return self.transform.apply(x) if self.transform is not None else x
+
+    def dim(self, source_dim: int) -> int:
+        if self.transform is not None and self.transform.basis is not None and self.variant.transform.startswith(
+                "whiten"):
+            return int(self.transform.basis.shape[1])
+        return source_dim
+
+
+def fit_output(out_dir, manifest: dict, mixes, transforms: Sequence[str]) -> dict:
+    """Fit transforms on an output's own committed rows (streamed: per base variant one d x d matrix)
+    and store them under ``transforms/``; returns the manifest's ``derived`` entries (uniform mixes
+    need nothing fitted, only their definition). Local outputs only."""
+    from pathlib import Path
+
+    from .storage import Output, read_part, safe_name
+    from .transforms import Moments, check_fit_size, from_moments
+
+    out = Output(str(out_dir))
+    raw = [Variant.from_row(v) for v in manifest["variants"]]
+    dim = int(manifest["variants"][0]["dim"])
+    bases = [*raw, *mix_variants(raw, mixes)]
+    if any(kind == "learned" for kind, _, _ in mixes):
+        raise SpecError("learned mixes are fitted by `strata eval --mixes learned:… --mix-labels …`, which needs "
+                        "labels; an embedding output has none")
+    entries: dict[str, dict] = {}
+    for b in bases:
+        if b.mix is not None:
+            entries[b.name] = {"sources": [s.column for s in b.sources],
+                               "weights": [1.0 / len(b.sources)] * len(b.sources)}
+    todo = [t for t in transforms if t != "none"]
+    if not todo:
+        return entries
+    moments = {b: Moments() for b in bases}
+    columns = sorted({s.column for b in bases for s in b.sources})
+    n = 0
+    for f in out.embedding_files(manifest):
+        part = read_part(out.fs, f, columns)
+        mats = {c: part.column(c).combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+                for c in columns}
+        n += part.num_rows
+        for b in bases:
+            x = [mats[s.column] for s in b.sources]
+            moments[b].add(apply_mix(x, np.full(len(x), 1.0 / len(x))) if b.mix is not None else x[0])
+    for name in todo:
+        check_fit_size(name, n, dim)
+    for b, m in moments.items():
+        for name in todo:
+            t = from_moments(name, m, {"source": "this output's committed rows",
+                                       "files": len(out.embedding_files(manifest))})
+            v = Variant(b.layer, b.pooling, b.template, b.mix, name)
+            t.save(Path(out.root) / TRANSFORMS_DIR / safe_name(v.name))
+            entries[v.name] = {"sources": [s.column for s in b.sources],
+                               **({"weights": entries[b.name]["weights"]} if b.mix is not None else {}),
+                               "transform": f"{TRANSFORMS_DIR}/{safe_name(v.name)}", "fitted_on": t.fitted_on}
+    return entries
+
+
+def reader(out_dir, manifest: dict, variant: Variant) -> str | Reader:
+    """The column of a raw variant, or the Reader of a derived one recorded in the manifest."""
+    from pathlib import Path
+
+    if variant.is_raw:
+        return variant.column
+    entry = manifest.get(DERIVED, {}).get(variant.name)
+    if entry is None:
+        raise SpecError(f"{variant.name} is not in this output; derived variants are made with `strata embed "
+                        f"--mixes/--transforms`")
+    transform = Transform.load(Path(out_dir) / entry["transform"]) if entry.get("transform") else None
+    weights = tuple(entry["weights"]) if entry.get("weights") else None
+    return Reader(variant, tuple(entry["sources"]), weights, transform)
+
+
+def add_to_output(output: str, mixes_spec, transforms_spec) -> dict:
+    """``strata embed --mixes/--transforms``: define uniform mixes and fit transforms on the output's
+    own rows, under the output's lock; recorded in the manifest's ``derived``."""
+    from .storage import Output
+    from .transforms import parse_transforms
+    from .variants import parse_mixes
+
+    out = Output(output)
+    with out.lock():
+        manifest = out.read_manifest()
+        if not manifest:
+            raise FileNotFoundError(f"{output}: no manifest.json (nothing embedded yet)")
+        n_layers = manifest.get("model", {}).get("n_layers") or max(v["layer"] for v in manifest["variants"])
+        entries = fit_output(out.root, manifest, parse_mixes(mixes_spec, n_layers), parse_transforms(transforms_spec))
+        manifest[DERIVED] = entries
+        out.write_manifest(manifest)
+    return entries
+
+
+def vectors_for(out_dir, manifest: dict, variant: Variant, encoded: Mapping[Variant, np.ndarray]) -> np.ndarray:
+    """A variant's vectors for new texts (queries) from an Encoder's raw output, made exactly as the
+    output's documents were: the same mix weights, the same fitted transform."""
+    r = reader(out_dir, manifest, variant)
+    if isinstance(r, str):
+        return np.asarray(encoded[variant], dtype=np.float32)
+    by_column = {v.column: m for v, m in encoded.items() if v.is_raw}
+    return r.apply([by_column[c] for c in r.columns])

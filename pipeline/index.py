@@ -98,15 +98,21 @@ def _rows(path: Path) -> int:
     return sum(b.num_rows for b in reader)
 
 
-def _batches(path: Path, column: str, chunk_rows: int) -> Iterator[pa.RecordBatch]:
+def _columns(source) -> list[str]:
+    """The stored columns a source reads: a raw variant's column, or a derived variant's sources."""
+    return [source] if isinstance(source, str) else list(source.columns)
+
+
+def _batches(path: Path, source, chunk_rows: int) -> Iterator[pa.RecordBatch]:
+    columns = _columns(source)
     if _is_parquet(path):
-        yield from pq.ParquetFile(path).iter_batches(columns=["id", column], batch_size=chunk_rows)
+        yield from pq.ParquetFile(path).iter_batches(columns=["id", *columns], batch_size=chunk_rows)
         return
     reader = _ipc_reader(path)
     batches = (reader.get_batch(i) for i in range(reader.num_record_batches)) \
         if isinstance(reader, pa.ipc.RecordBatchFileReader) else iter(reader)
     for batch in batches:
-        batch = batch.select(["id", column])
+        batch = batch.select(["id", *columns])
         for start in range(0, batch.num_rows, chunk_rows):
             yield batch.slice(start, chunk_rows)
 
@@ -129,24 +135,37 @@ def _to_matrix(path: Path, batch: pa.RecordBatch, column: str, dim: int) -> np.n
     return np.ascontiguousarray(values.to_numpy(zero_copy_only=False).reshape(-1, dim), dtype=np.float32)
 
 
-def _chunks(files: Sequence[Path], column: str, dim: int, chunk_rows: int):
+def _matrix(path: Path, batch: pa.RecordBatch, source, source_dim: int) -> np.ndarray:
+    """A chunk's vectors: the raw column, or the derived variant made from its source columns."""
+    if isinstance(source, str):
+        return _to_matrix(path, batch, source, source_dim)
+    return np.ascontiguousarray(source.apply([_to_matrix(path, batch, c, source_dim) for c in source.columns]),
+                                dtype=np.float32)
+
+
+def _chunks(files: Sequence[Path], column, dim: int, chunk_rows: int, source_dim: int | None = None):
     """(ids, normalised float32 vectors) per chunk, in file order then row order."""
+    source_dim = dim if source_dim is None else source_dim
     for path in files:
         for batch in _batches(path, column, chunk_rows):
             if batch.column("id").null_count:
                 raise IndexBuildError(f"{path}: null id")
-            x = _to_matrix(path, batch, column, dim)
+            x = _matrix(path, batch, column, source_dim)
             if x.shape[1] != dim:
                 raise IndexBuildError(f"{path}: {column} has dim {x.shape[1]}, other files have {dim}")
             faiss.normalize_L2(x)
             yield [str(v) for v in batch.column("id").to_pylist()], x
 
 
-def _survey(files: Sequence[Path], column: str, chunk_rows: int) -> tuple[int, int]:
-    """Total rows and the common vector dim, checked before any work is done."""
+def _survey(files: Sequence[Path], source, chunk_rows: int) -> tuple[int, int]:
+    """Total rows and the common vector dim of the stored column(s), checked before any work is done."""
+    column = _columns(source)[0]
     dims, rows = set(), 0
     for path in files:
-        dim = _vector_dim(path, _schema(path), column)
+        schema = _schema(path)
+        for c in _columns(source)[1:]:
+            _vector_dim(path, schema, c)
+        dim = _vector_dim(path, schema, column)
         if dim < 0:  # variable list type: read one chunk to learn the dim
             first = next(_batches(path, column, chunk_rows), None)
             dim = _to_matrix(path, first, column, -1).shape[1] if first is not None and first.num_rows else -1
@@ -176,22 +195,25 @@ def _sidecars(out_path: Path) -> tuple[Path, Path]:
     return out_path.with_suffix(".ids.parquet"), out_path.with_suffix(".json")
 
 
-def _training_sample(files, column, dim, chunk_rows, rows, n, seed) -> np.ndarray:
+def _training_sample(files, column, dim, chunk_rows, rows, n, seed, source_dim) -> np.ndarray:
     """n rows drawn uniformly without replacement, gathered in one streaming pass."""
     wanted = np.sort(np.random.default_rng(seed).choice(rows, size=n, replace=False))
     sample, start = [], 0
-    for _, x in _chunks(files, column, dim, chunk_rows):
+    for _, x in _chunks(files, column, dim, chunk_rows, source_dim):
         lo, hi = np.searchsorted(wanted, [start, start + len(x)])
         sample.append(x[wanted[lo:hi] - start])
         start += len(x)
     return np.concatenate(sample)
 
 
-def build_index(embedding_files: Sequence[str | Path], column: str, out_path: str | Path, kind: str = "auto", *,
+def build_index(embedding_files: Sequence[str | Path], column, out_path: str | Path, kind: str = "auto", *,
                 chunk_rows: int = 65536, hnsw_m: int = 32, ef_construction: int = 200, ef_search: int = 128,
                 nlist: int | None = None, m: int | None = None, nbits: int = 8, nprobe: int | None = None,
                 rerank: int = 4, train_rows: int | None = None, seed: int = 0) -> dict:
     """Build one cosine index over ``column`` of the files; returns the parameters written to JSON.
+
+    ``column`` is a raw variant's column, or a ``derive.Reader`` that makes a derived variant
+    (a mix, a fitted transform) from its source columns chunk by chunk.
 
     Memory is bounded by ``chunk_rows`` vectors for reading (plus, for ``ivfpq``, a training
     sample of ``train_rows``), on top of the index itself. Index order is file order, then
@@ -207,9 +229,12 @@ def build_index(embedding_files: Sequence[str | Path], column: str, out_path: st
     out_path = Path(out_path)
     if out_path.suffix != ".faiss":
         raise IndexBuildError(f"{out_path}: an index path must end in .faiss (e.g. indexes/L15.mean.faiss)")
-    rows, dim = _survey(files, column, chunk_rows)
+    rows, source_dim = _survey(files, column, chunk_rows)
+    dim = source_dim if isinstance(column, str) else column.dim(source_dim)
     kind = choose_kind(rows) if kind == "auto" else kind
-    params = {"kind": kind, "metric": "cosine", "column": column, "rows": rows, "dim": dim,
+    params = {"kind": kind, "metric": "cosine", "column": column if isinstance(column, str) else None,
+              "variant": None if isinstance(column, str) else column.variant.name,
+              "source_columns": _columns(column), "rows": rows, "dim": dim,
               "files": [str(f) for f in files], "hnsw_M": None, "efConstruction": None, "efSearch": None,
               "nlist": None, "m": None, "nbits": None, "nprobe": None, "rerank": None, "train_rows": None,
               "faiss_version": faiss.__version__}
@@ -235,7 +260,7 @@ def build_index(embedding_files: Sequence[str | Path], column: str, out_path: st
         ivf.nprobe = nprobe
         index = faiss.IndexRefineFlat(ivf)
         index.k_factor = float(rerank)
-        index.train(_training_sample(files, column, dim, chunk_rows, rows, n_train, seed))
+        index.train(_training_sample(files, column, dim, chunk_rows, rows, n_train, seed, source_dim))
         params.update(nlist=nlist, m=m, nbits=nbits, nprobe=nprobe, rerank=rerank, train_rows=n_train)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -243,7 +268,7 @@ def build_index(embedding_files: Sequence[str | Path], column: str, out_path: st
     tmp_index, tmp_ids, tmp_json = (p.with_name(p.name + ".tmp") for p in (out_path, ids_path, json_path))
     added = 0
     with pq.ParquetWriter(tmp_ids, pa.schema([("id", pa.string())])) as writer:
-        for ids, x in _chunks(files, column, dim, chunk_rows):
+        for ids, x in _chunks(files, column, dim, chunk_rows, source_dim):
             index.add(x)
             writer.write_table(pa.table({"id": pa.array(ids, pa.string())}))
             added += len(ids)
@@ -327,7 +352,10 @@ def committed_files(manifest: dict) -> list[str]:
 
 
 def _wanted(manifest: dict, variants: Sequence[Variant | str] | None, where: str) -> list[Variant]:
+    from .derive import DERIVED
+
     known = [Variant.from_row(v) for v in manifest.get("variants", [])]
+    known += [Variant.parse(name) for name in manifest.get(DERIVED, {})]
     if variants is None:
         return known
     wanted = [Variant.parse(v) for v in variants]
@@ -371,6 +399,7 @@ def build_indexes(out_dir: str | Path, variants: Sequence[Variant | str] | None 
     leaves the record stale, never wrong). ``on_built(variant, params, seconds)`` is called
     after each one.
     """
+    from .derive import reader
     from .storage import Output
 
     out_dir = Path(out_dir)
@@ -388,7 +417,8 @@ def build_indexes(out_dir: str | Path, variants: Sequence[Variant | str] | None 
     built = {}
     for v in wanted:
         t0 = time.perf_counter()
-        params = build_index([out_dir / f for f in files], v.column, index_path(out_dir, v), kind, **options)
+        params = build_index([out_dir / f for f in files], reader(out_dir, manifest, v), index_path(out_dir, v), kind,
+                             **options)
         built[v] = params
         built_rec[v.name] = {"files": files, "kind": kind, "built_kind": params["kind"], "rows": params["rows"],
                              "built_at": utc_now()}

@@ -145,10 +145,15 @@ def check_fit_size(name: str, n: int, dim: int) -> None:
 
 def fit(name: str, chunks: Iterable[np.ndarray], *, fitted_on: dict | None = None) -> Transform:
     """Fit a transform on unlabelled vectors given as chunks (streamed: one d x d matrix in memory)."""
-    name = parse_transform(name)
     m = Moments()
     for chunk in chunks:
         m.add(chunk)
+    return from_moments(name, m, fitted_on)
+
+
+def from_moments(name: str, m: Moments, fitted_on: dict | None = None) -> Transform:
+    """A transform from accumulated moments (fitting streams; this is the closed form at the end)."""
+    name = parse_transform(name)
     if m.n == 0:
         raise SpecError(f"transform {name}: no vectors to fit on")
     dim = m.mean.shape[0]

@@ -93,3 +93,44 @@ def test_derived_variant_errors_are_one_line_before_any_forward_pass(model_dir, 
     assert main(["eval", "sts", str(pairs), "--output", str(tmp_path / "o"), "--model", model_dir, *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err, err
+
+
+def test_embed_fits_transforms_on_its_rows_and_index_and_queries_use_them(ray_local, model_dir, tmp_path, capsys):
+    """`embed --transforms --mixes`: fitted on the output's rows (streamed), stored, indexed, and applied
+    identically to queries through the library; equal to numpy on the whole matrix."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.derive import vectors_for
+    from pipeline.index import load_index
+    from pipeline.runner import read_embeddings
+    from pipeline.storage import Output
+
+    texts = [f"document {i} on " + " ".join(["rivers", "stones", "clouds", "trees"][: 1 + i % 4]) for i in range(40)]
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(40)], "text": texts}), tmp_path / "in" / "a.parquet")
+    out = tmp_path / "out"
+    assert main(["embed", str(tmp_path / "in"), str(out), "--model", model_dir, "--layers", "2:4", "--poolings",
+                 "mean", "--id-column", "id", "--transforms", "whiten8", "--mixes", "2:4", "-q"]) == 0
+    assert "derived variants (5)" in capsys.readouterr().out  # M2-4.mean, and 4 whitened
+    assert main(["index", str(out), "--variants", "L3.mean|whiten8,M2-4.mean|whiten8", "--kind", "flat"]) == 0
+    manifest = Output(str(out)).read_manifest()
+    table = read_embeddings(str(out))
+    x = np.stack(table.column("emb_3_mean").to_numpy(zero_copy_only=False)).astype(np.float64)
+    mu = x.mean(0)
+    vals, vecs = np.linalg.eigh(np.cov(x - mu, rowvar=False, bias=True))
+    docs = (x - mu) @ (vecs[:, ::-1][:, :8] / np.sqrt(vals[::-1][:8]))
+    queries = ["rivers and stones", "document 7"]
+    enc = Encoder.load(model_dir, layers="2:4", poolings="mean").encode(queries)
+    v = Variant.parse("L3.mean|whiten8")
+    q = vectors_for(out, manifest, v, enc)
+    want_q = (enc[Variant(3, "mean")].astype(np.float64) - mu) @ (vecs[:, ::-1][:, :8] / np.sqrt(vals[::-1][:8]))
+    signs = np.sign((q * want_q).sum(0))  # principal directions are defined up to sign
+    np.testing.assert_allclose(q, want_q * signs, rtol=1e-4, atol=1e-4)
+    scores, ids = load_index(out / "indexes" / "L3.mean_whiten8.faiss").search(q, 3)
+    d = docs * signs
+    cos = (want_q * signs) @ d.T / np.linalg.norm(want_q, axis=1)[:, None] / np.linalg.norm(d, axis=1)[None]
+    ids_all = table.column("id").to_pylist()
+    assert ids == [[ids_all[j] for j in np.argsort(-row)[:3]] for row in cos]
+    assert manifest["derived"]["L3.mean|whiten8"]["fitted_on"] == {"source": "this output's committed rows",
+                                                                   "files": 1, "texts": 40}
