@@ -94,6 +94,21 @@ class Job:
     def variant_names(self) -> list[str]:
         return [v.name for v in self.variants]
 
+    def derivations(self):
+        """The spec's mixes and transforms, for the evaluations (learned mixes need their labels)."""
+        from ..derive import Derivations
+        from ..evaldata import load_beir, load_sts
+        from ..transforms import parse_transforms
+        from ..variants import parse_mixes
+
+        v = self.spec.variants
+        labels = None
+        if v.mix_labels:
+            p = Path(_local(v.mix_labels))
+            labels = load_beir(p, split="train") if p.is_dir() else load_sts(p)
+        return Derivations(mixes=parse_mixes(v.mixes, self.n_layers), transforms=parse_transforms(v.transforms),
+                           mix_labels=labels)
+
 
 def version_id(key: dict) -> str:
     blob = json.dumps(key, sort_keys=True, separators=(",", ":")).encode()
@@ -115,8 +130,9 @@ def resolve_job(spec: JobSpec) -> Job:
         e = spec.embedding
         request = resolve(spec.model.spec, layers=spec.variants.layers, poolings=spec.variants.poolings,
                           max_length=e.max_length, dtype=e.dtype, normalize=e.normalize, batch_tokens=e.batch_tokens,
-                          output_format=e.format, resources=_resources(spec),
-                          trust_remote_code=spec.model.trust_remote_code, allow_pickle=spec.model.allow_pickle)
+                          output_format=e.format, resources=_resources(spec), templates=spec.variants.templates,
+                          append_eos=e.append_eos, trust_remote_code=spec.model.trust_remote_code,
+                          allow_pickle=spec.model.allow_pickle)
     except _Problem as p:
         raise JobSpecError(_line(spec.source, p.loc, p.message)) from None
     except (models.ModelError, OSError) as e:

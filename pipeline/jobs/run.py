@@ -95,14 +95,18 @@ def run_evaluations(job: Job, ws: Workspace, progress: bool, say) -> list[dict]:
 
     # The Ray pipeline with a cache in the version folder: a re-run embeds no text twice.
     encoder = RayEncoder(job.request, ws.dir / EVAL_CACHE, progress=progress)
+    derivations = job.derivations()
     rows: list[dict] = []
     for ev in job.spec.evaluations:
         t0 = time.perf_counter()
         if ev.task == "sts":
-            got = evaluate_sts(encoder, load_sts(_local(ev.data)))
+            got = evaluate_sts(encoder, load_sts(_local(ev.data)), derivations, save_dir=ws.dir)
         else:
+            names = {t.text: t.name for t in job.request.templates} | {t.name: t.name for t in job.request.templates}
             got = evaluate_retrieval(encoder, load_retrieval(_local(ev.data), split=ev.split,
-                                                             max_queries=ev.max_queries, max_docs=ev.max_docs))
+                                                             max_queries=ev.max_queries, max_docs=ev.max_docs),
+                                     derivations, query_template=names.get(ev.query_template),
+                                     doc_template=names.get(ev.doc_template), save_dir=ws.dir)
         rows += got
         say(f"  eval {ev.task} {ev.data}: {len(got)} rows in {time.perf_counter() - t0:.1f}s")
     ws.fetch("eval/results.json", refresh=True)  # merge with what earlier runs wrote
@@ -167,6 +171,12 @@ def run_job(spec_path: str | os.PathLike, dry_run: bool = False, *, progress: bo
         summary["embed"] = es.as_dict()
         changed = bool(es.shards_embedded or es.shards_dropped)
         say(f"  embed: {es.line()}")
+        uniform = [m for m in spec.variants.mixes if not m.startswith("learned:")]
+        if uniform or set(spec.variants.transforms) != {"none"}:
+            from ..derive import add_to_output
+
+            derived = add_to_output(job.version_url, uniform, spec.variants.transforms)
+            say(f"  derived: {len(derived)} variant(s), transforms fitted on the corpus rows")
 
     if spec.indexes is not None:
         manifest = ws.out.read_manifest() or {}

@@ -21,7 +21,9 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 from .. import models
 from ..models import DEFAULT_MODEL
 from ..storage import safe_name
-from ..variants import POOLINGS, SpecError, Variant, make_variants, parse_layers
+from ..templates import parse_templates
+from ..transforms import parse_transforms
+from ..variants import POOLINGS, SpecError, Variant, make_variants, mix_variants, parse_layers, parse_mixes
 
 
 class JobSpecError(ValueError):
@@ -112,6 +114,35 @@ def _non_empty(value: str) -> str:
 
 
 PoolingName = Annotated[str, AfterValidator(_check_pooling)]
+def _as_list(value: Any) -> Any:
+    return [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) and "{text}" not in value \
+        else [value] if isinstance(value, str) else value
+
+
+def _check_templates(items: list[str]) -> list[str]:
+    try:
+        parse_templates(items)
+    except SpecError as e:
+        raise ValueError(str(e)) from None
+    return items
+
+
+def _check_transforms(items: list[str]) -> list[str]:
+    try:
+        parse_transforms(items)
+    except SpecError as e:
+        raise ValueError(str(e)) from None
+    return items
+
+
+def _check_mixes(items: list[str]) -> list[str]:
+    try:
+        parse_mixes(items, 10**6)  # syntax only; ranges are checked once the depth is known
+    except SpecError as e:
+        raise ValueError(str(e)) from None
+    return items
+
+
 VariantName = Annotated[str, AfterValidator(_check_variant)]
 LocalPath = Annotated[str, AfterValidator(_non_empty), AfterValidator(_check_local_path)]
 Location = Annotated[str, AfterValidator(_non_empty)]
@@ -140,6 +171,12 @@ class ModelSpec(_Section):
 class VariantsSpec(_Section):
     layers: Annotated[str, BeforeValidator(_normalize_layers)] = "-1"
     poolings: Annotated[list[PoolingName], BeforeValidator(_expand_poolings), Field(min_length=1)] = ["mean"]
+    templates: Annotated[list[str], BeforeValidator(_as_list), AfterValidator(_check_templates),
+                         Field(min_length=1)] = ["plain"]
+    transforms: Annotated[list[str], BeforeValidator(_as_list), AfterValidator(_check_transforms),
+                          Field(min_length=1)] = ["none"]
+    mixes: Annotated[list[str], BeforeValidator(_as_list), AfterValidator(_check_mixes)] = []
+    mix_labels: LocalPath | None = None  # training labels of learned mixes (STS pairs or a BEIR folder)
 
 
 class EmbeddingSpec(_Section):
@@ -148,6 +185,7 @@ class EmbeddingSpec(_Section):
     normalize: bool = False
     batch_tokens: PositiveInt | None = None  # None: the encoder's default for the device
     format: Literal["parquet", "arrow"] = "parquet"
+    append_eos: bool = False
 
 
 class ResourcesSpec(_Section):
@@ -172,6 +210,8 @@ class RetrievalEval(_Section):
     split: str = "test"
     max_queries: PositiveInt | None = None
     max_docs: PositiveInt | None = None
+    query_template: str | None = None  # a template name of variants.templates (or a template string)
+    doc_template: str | None = None
 
 
 Evaluation = Annotated[StsEval | RetrievalEval, Field(discriminator="task")]
@@ -376,12 +416,34 @@ def _cross_checks(spec: JobSpec) -> None:
 
 def check_variants(spec: JobSpec, depth: int) -> tuple[Variant, ...]:
     """The spec's variant grid for a model of ``depth`` blocks; layer and index names checked."""
+    templates = [t.name for t in parse_templates(spec.variants.templates)]
     try:
-        variants = make_variants(spec.variants.layers, spec.variants.poolings, depth)
+        variants = make_variants(spec.variants.layers, spec.variants.poolings, depth, templates)
     except SpecError as e:
         raise _Problem("variants.layers", f"{e} (model {spec.model.spec})") from None
+    try:
+        mixes = parse_mixes(spec.variants.mixes, depth)
+        derived = mix_variants(variants, mixes)
+    except SpecError as e:
+        raise _Problem("variants.mixes", f"{e} (model {spec.model.spec})") from None
+    if any(kind == "learned" for kind, _, _ in mixes) and not spec.variants.mix_labels:
+        raise _Problem("variants.mix_labels", "a learned mix needs training labels (STS pairs or a BEIR folder)")
+    transforms = parse_transforms(spec.variants.transforms)
+    for i, ev in enumerate(spec.evaluations):
+        for key in ("query_template", "doc_template"):
+            given = getattr(ev, key, None)
+            if given is not None:
+                try:
+                    name = parse_templates([given])[0].name
+                except SpecError as e:
+                    raise _Problem(f"evaluations[{i}].{key}", str(e)) from None
+                if name not in templates:
+                    raise _Problem(f"evaluations[{i}].{key}", f"{given!r} is not one of variants.templates "
+                                                             f"({', '.join(templates)})")
     if spec.indexes and spec.indexes.variants:
         names = [v.name for v in variants]
+        names += [Variant(b.layer, b.pooling, b.template, b.mix, t).name for b in (*variants, *derived)
+                  for t in transforms if t != "none" or b.mix is not None and b.mix.startswith("uniform")]
         for i, name in enumerate(spec.indexes.variants):
             if name not in names:
                 raise _Problem(f"indexes.variants[{i}]", f"{name} is not one of the job's variants "
