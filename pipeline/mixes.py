@@ -75,28 +75,38 @@ def _stack(per_layer: Sequence[np.ndarray]):
     return torch.from_numpy(np.stack([normalize(v) for v in per_layer]))  # (L, n, d)
 
 
+def _fit(per_layer: Sequence[np.ndarray], loss, n: int, steps: int, seed: int) -> np.ndarray:
+    """Adam on softmax layer logits; ``loss(mixed, batch_rows)`` scores one sampled batch of rows."""
+    import torch
+
+    x = _stack(per_layer)
+    logits = torch.zeros(x.shape[0], requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=LEARNING_RATE)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randperm(n, generator=gen)[:BATCH]
+        w = torch.softmax(logits, 0)
+        value = loss(lambda rows: torch.einsum("l,lnd->nd", w, x[:, rows]), idx)
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+    return torch.softmax(logits, 0).detach().numpy().astype(np.float64)
+
+
 def fit_sts(per_layer: Sequence[np.ndarray], rows1: np.ndarray, rows2: np.ndarray, gold: np.ndarray, *,
             steps: int = STEPS, seed: int = 0) -> np.ndarray:
     """Softmax layer weights maximising cosine agreement with gold scores on training pairs."""
     import torch
 
-    x = _stack(per_layer)
     g = np.asarray(gold, dtype=np.float64)
     target = torch.from_numpy(((g - g.min()) / max(g.max() - g.min(), 1e-12)).astype(np.float32))
     r1, r2 = torch.from_numpy(np.asarray(rows1)), torch.from_numpy(np.asarray(rows2))
-    logits = torch.zeros(x.shape[0], requires_grad=True)
-    opt = torch.optim.Adam([logits], lr=LEARNING_RATE)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randperm(len(r1), generator=gen)[:BATCH]
-        w = torch.softmax(logits, 0)
-        a = torch.einsum("l,lnd->nd", w, x[:, r1[idx]])
-        b = torch.einsum("l,lnd->nd", w, x[:, r2[idx]])
-        loss = ((torch.nn.functional.cosine_similarity(a, b) - target[idx]) ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return torch.softmax(logits, 0).detach().numpy().astype(np.float64)
+
+    def loss(mixed, idx):
+        cos = torch.nn.functional.cosine_similarity(mixed(r1[idx]), mixed(r2[idx]))
+        return ((cos - target[idx]) ** 2).mean()
+
+    return _fit(per_layer, loss, len(r1), steps, seed)
 
 
 def fit_retrieval(per_layer: Sequence[np.ndarray], query_rows: np.ndarray, doc_rows: np.ndarray, *,
@@ -104,19 +114,11 @@ def fit_retrieval(per_layer: Sequence[np.ndarray], query_rows: np.ndarray, doc_r
     """Softmax layer weights from (query, relevant document) training pairs, in-batch negatives."""
     import torch
 
-    x = _stack(per_layer)
     q, d = torch.from_numpy(np.asarray(query_rows)), torch.from_numpy(np.asarray(doc_rows))
-    logits = torch.zeros(x.shape[0], requires_grad=True)
-    opt = torch.optim.Adam([logits], lr=LEARNING_RATE)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randperm(len(q), generator=gen)[:BATCH]
-        w = torch.softmax(logits, 0)
-        a = torch.nn.functional.normalize(torch.einsum("l,lnd->nd", w, x[:, q[idx]]), dim=-1)
-        b = torch.nn.functional.normalize(torch.einsum("l,lnd->nd", w, x[:, d[idx]]), dim=-1)
-        scores = CONTRASTIVE_SCALE * a @ b.T
-        loss = torch.nn.functional.cross_entropy(scores, torch.arange(len(idx)))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return torch.softmax(logits, 0).detach().numpy().astype(np.float64)
+
+    def loss(mixed, idx):
+        a = torch.nn.functional.normalize(mixed(q[idx]), dim=-1)
+        b = torch.nn.functional.normalize(mixed(d[idx]), dim=-1)
+        return torch.nn.functional.cross_entropy(CONTRASTIVE_SCALE * a @ b.T, torch.arange(len(idx)))
+
+    return _fit(per_layer, loss, len(q), steps, seed)

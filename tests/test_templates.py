@@ -131,3 +131,25 @@ def test_settings_carry_append_eos(model_dir):
     enc = Encoder.load(model_dir, layers="-1", poolings="last", append_eos=True)
     tok = enc.tokenize_templates(["hello there"])["plain"]
     assert tok.ids[0][-1] == enc.tokenizer.eos_token_id and isinstance(enc.settings, EncodeSettings)
+
+
+def test_learned_mix_finds_the_informative_layer():
+    """Synthetic layers: only layer 2 carries the similarity; the learned weights must find it,
+    for the STS loss and for the contrastive retrieval loss."""
+    from pipeline.mixes import fit_retrieval, fit_sts
+
+    rng = np.random.default_rng(0)
+    n, d = 400, 16
+    signal = rng.normal(size=(n, d))
+    noise = [rng.normal(size=(2 * n, d)) for _ in range(4)]
+    per_layer = [z.copy() for z in noise]
+    per_layer[2][:n] = signal
+    per_layer[2][n:] = signal + 0.3 * rng.normal(size=(n, d))  # row i and n+i are a similar pair
+    gold = np.ones(n)
+    r1, r2 = np.arange(n), np.arange(n) + n
+    r2[: n // 2] = rng.permutation(np.arange(n, 2 * n))[: n // 2]  # half the pairs are random: gold 0
+    gold[: n // 2] = 0.0
+    w = fit_sts(per_layer, r1, r2, gold)
+    assert w.argmax() == 2 and w[2] > 0.5 and abs(w.sum() - 1) < 1e-6
+    w = fit_retrieval(per_layer, np.arange(n), np.arange(n) + n)
+    assert w.argmax() == 2 and w[2] > 0.5

@@ -119,28 +119,20 @@ def _as_list(value: Any) -> Any:
         else [value] if isinstance(value, str) else value
 
 
-def _check_templates(items: list[str]) -> list[str]:
-    try:
-        parse_templates(items)
-    except SpecError as e:
-        raise ValueError(str(e)) from None
-    return items
+def _checked_by(parse, *args):
+    """A pydantic validator from a parser that raises SpecError: the list is kept as written."""
+    def check(items: list[str]) -> list[str]:
+        try:
+            parse(items, *args)
+        except SpecError as e:
+            raise ValueError(str(e)) from None
+        return items
+    return check
 
 
-def _check_transforms(items: list[str]) -> list[str]:
-    try:
-        parse_transforms(items)
-    except SpecError as e:
-        raise ValueError(str(e)) from None
-    return items
-
-
-def _check_mixes(items: list[str]) -> list[str]:
-    try:
-        parse_mixes(items, 10**6)  # syntax only; ranges are checked once the depth is known
-    except SpecError as e:
-        raise ValueError(str(e)) from None
-    return items
+_check_templates = _checked_by(parse_templates)
+_check_transforms = _checked_by(parse_transforms)
+_check_mixes = _checked_by(parse_mixes, 10**6)  # syntax only; ranges are checked once the depth is known
 
 
 VariantName = Annotated[str, AfterValidator(_check_variant)]
