@@ -100,11 +100,15 @@ def add_ray_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_index(args) -> int:
-    from .index import build_indexes
+    from .derive import add_to_output
+    from .index import build_indexes, index_path
 
+    if args.mixes or args.transforms != "none":  # fitted on this output's rows, then indexed too
+        add_to_output(args.output, args.mixes, args.transforms)
     variants = [v for v in (args.variants or "").split(",") if v] or None
     for v, params in build_indexes(args.output, variants, args.kind).items():
-        print(f"{v.name}: {params['kind']} index of {params['rows']:,} x {params['dim']} -> indexes/{v.name}.faiss")
+        print(f"{v.name}: {params['kind']} index of {params['rows']:,} x {params['dim']} -> "
+              f"indexes/{index_path('', v).name}")
     return 0
 
 
@@ -233,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="an output directory written by `strata embed`")
     p.add_argument("--variants", default=None, help="comma-separated variant names (default: all)")
     p.add_argument("--kind", choices=["auto", "flat", "hnsw", "ivfpq"], default="auto")
+    p.add_argument("--transforms", default="none",
+                   help="first fit these on the output's rows (none, center, abtt{k}, whiten{k}); indexed as "
+                        "e.g. 'L15.mean|whiten256'")
+    p.add_argument("--mixes", default=None, help="first define uniform layer mixes ('a:b', 'all')")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("eval", help="evaluate every variant on STS (Spearman) or BEIR retrieval (nDCG@10)")

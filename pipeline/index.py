@@ -1,5 +1,9 @@
 """FAISS indexes per variant, built by streaming the embedding files in bounded chunks.
 
+One idea despite its length: an index's life cycle (read the committed vectors in chunks, choose
+and build the FAISS kind, record what it was built from, load and search it). Reading is here,
+not in storage, because it is the index's own streaming and validation of vectors.
+
 Every index searches by cosine similarity: vectors are L2-normalised and compared by inner
 product, both when added and when queried, so scores are cosines whatever the index kind.
 An index ``indexes/{variant}.faiss`` comes with ``{variant}.ids.parquet`` (the string ids

@@ -36,7 +36,7 @@ _COLUMN = re.compile(r"emb_(?P<l>\d+)_(?P<p>" + _POOL + r")(?:__(?P<t>[a-z][a-z0
 MIX_KINDS = {"M": "uniform", "W": "learned"}
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Variant:
     """One embedding: a pooling of one layer (or a mix of layers) under a prompt template, with an
     optional fitted transform. Defaults are today's raw grid cell, whose names never change.
