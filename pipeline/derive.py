@@ -246,7 +246,7 @@ def add_to_output(output: str, mixes_spec, transforms_spec) -> dict:
             raise FileNotFoundError(f"{output}: no manifest.json (nothing embedded yet)")
         n_layers = manifest.get("model", {}).get("n_layers") or max(v["layer"] for v in manifest["variants"])
         entries = fit_output(out.root, manifest, parse_mixes(mixes_spec, n_layers), parse_transforms(transforms_spec))
-        manifest[DERIVED] = entries
+        manifest[DERIVED] = {**manifest.get(DERIVED, {}), **entries}  # earlier fits stay unless refitted
         out.write_manifest(manifest)
     return entries
 
