@@ -122,6 +122,11 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
             if summary.duplicate_ids:
                 log.warning("%d duplicate id(s) in column %r (e.g. %s): every row is kept and embedded",
                             summary.duplicate_ids, id_column, ", ".join(examples))
+        if (summary.shards_embedded or summary.shards_dropped) and manifest.get("derived"):
+            # transforms fitted on the previous rows no longer describe this output
+            log.warning("%s: %d derived variant(s) were fitted on the rows before this run and are dropped; "
+                        "refit them with --transforms/--mixes", redact(output), len(manifest["derived"]))
+            manifest.pop("derived")
         summary.seconds = time.perf_counter() - t_start
         manifest["last_run"] = summary.as_dict()
         out.write_manifest(manifest)
