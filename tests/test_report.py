@@ -3,7 +3,7 @@ import struct
 
 import pytest
 
-from pipeline.report import ResultsError, best_variants, load_results, write_report
+from pipeline.report import ResultsError, best_variants, families, load_results, validate_rows, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -92,3 +92,32 @@ def test_bad_rows_name_the_problem(tmp_path):
     (tmp_path / "r.json").write_text('{"not": "a list"}')
     with pytest.raises(ResultsError, match="expected a list"):
         load_results(tmp_path / "r.json")
+
+
+def test_families_table_picks_each_familys_best_and_its_gains(tmp_path):
+    base = {"task": "sts", "dataset": "d", "split": "test", "metric": "cosine_spearman"}
+    rows = [
+        {**base, "layer": 4, "pooling": "last", "score": 20.0},  # the default L4.last
+        {**base, "layer": 2, "pooling": "mean", "score": 50.0},  # best raw cell
+        {**base, "layer": 3, "pooling": "mean", "score": 45.0},
+        {**base, "layer": 2, "pooling": "mean", "transform": "whiten8", "score": 61.0,
+         "fitted_on": "transform fitted on d/test sentences (40 texts, no labels)"},
+        {**base, "layer": 4, "pooling": "mean", "mix": "uniform:1-4", "score": 55.0},
+        {**base, "layer": 4, "pooling": "mean", "mix": "learned:1-4", "score": 58.0,
+         "fitted_on": "mix weights fitted on d-train/train (60 labelled pairs)"},
+        {**base, "layer": 3, "pooling": "last", "template": "prompteol", "score": 52.0},
+    ]
+    fams = {f["family"]: f for f in families(validate_rows(rows), "cosine_spearman", 20.0)}
+    assert [(k, f["variant"], f["gain_default"], f["gain_raw"]) for k, f in fams.items()] == [
+        ("best raw cell", "L2.mean", 30.0, 0.0),
+        ("best with post-processing", "L2.mean|whiten8", 41.0, 11.0),
+        ("best uniform mix", "M1-4.mean", 35.0, 5.0),
+        ("best learned mix", "W1-4.mean", 38.0, 8.0),
+        ("best with template prompteol", "prompteol/L3.last", 32.0, 2.0)]
+    assert fams["best learned mix"]["fitted_on"].startswith("mix weights fitted on d-train/train")
+    best = best_variants(rows, n_layers=4)["d"]
+    assert best["variant"] == "L2.mean|whiten8" and best["gain"] == 41.0 and best["default"] == "L4.last"
+    write_report(rows, tmp_path, n_layers=4)
+    md = (tmp_path / "report.md").read_text()
+    assert "| best with post-processing | `L2.mean|whiten8` | 61.00 | +41.00 | +11.00 | transform fitted on" in md
+    assert (tmp_path / "heatmap_d_prompteol.png").is_file() and (tmp_path / "heatmap_d.png").is_file()
