@@ -259,6 +259,11 @@ def plot_heatmap(rows: list[dict], metric: str, title: str, path: str | Path, be
 MIXES = "mixes"  # learned mix weights, one JSON per variant and dataset (written by the evaluators)
 
 
+def md_cell(text: str) -> str:
+    """Text for a Markdown table cell: a transform's ``|`` would end the cell."""
+    return text.replace("|", "\\|")
+
+
 def _families_table(fams: list[dict], b: dict) -> list[str]:
     def gain(x):
         return "–" if x is None else f"{x:+.2f}"
@@ -266,7 +271,8 @@ def _families_table(fams: list[dict], b: dict) -> list[str]:
     lines = [f"| family | variant | {b['metric']} | vs `{b['default']}` | vs best raw cell | fitted on |",
              "|---|---|---:|---:|---:|---|"]
     for f in fams:
-        lines.append(f"| {f['family']} | `{f['variant']}` | {f['score']:.2f} | {gain(f['gain_default'])} | "
+        lines.append(f"| {f['family']} | `{md_cell(f['variant'])}` | {f['score']:.2f} | "
+                     f"{gain(f['gain_default'])} | "
                      f"{gain(f['gain_raw'])} | {f['fitted_on']} |")
     return lines + [""]
 
@@ -311,7 +317,7 @@ def write_report(rows: Iterable[dict], out_dir: str | Path, n_layers: int | None
         for label, b in bests.items():
             gain = "–" if b["gain"] is None else f"{b['gain']:+.2f}"
             default = "–" if b["default_score"] is None else f"{b['default_score']:.2f}"
-            md.append(f"| {label} | {b['metric']} | `{b['variant']}` | {b['score']:.2f} | "
+            md.append(f"| {label} | {b['metric']} | `{md_cell(b['variant'])}` | {b['score']:.2f} | "
                       f"`{b['default']}` {default} | {gain} |")
         md.append("")
     heatmaps = []

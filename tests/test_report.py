@@ -119,5 +119,5 @@ def test_families_table_picks_each_familys_best_and_its_gains(tmp_path):
     assert best["variant"] == "L2.mean|whiten8" and best["gain"] == 41.0 and best["default"] == "L4.last"
     write_report(rows, tmp_path, n_layers=4)
     md = (tmp_path / "report.md").read_text()
-    assert "| best with post-processing | `L2.mean|whiten8` | 61.00 | +41.00 | +11.00 | transform fitted on" in md
+    assert "| best with post-processing | `L2.mean\\|whiten8` | 61.00 | +41.00 | +11.00 | transform fitted on" in md
     assert (tmp_path / "heatmap_d_prompteol.png").is_file() and (tmp_path / "heatmap_d.png").is_file()

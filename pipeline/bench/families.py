@@ -31,7 +31,7 @@ from ..encoder import Encoder
 from ..evaldata import BeirData, StsData, default_data_dir, load_beir, load_sts
 from ..evaluate import evaluate_retrieval, evaluate_sts
 from ..metrics import retrieval_scores
-from ..report import FAMILIES, _best, main_metric, validate_rows
+from ..report import FAMILIES, _best, main_metric, md_cell, validate_rows
 from ..request import resolve
 from ..transforms import parse_transforms
 from ..variants import Variant, parse_mixes
@@ -177,8 +177,9 @@ def to_markdown(result: dict) -> str:
         for f in fams:
             raw = "–" if f["vs_raw"] is None else f"{f['vs_raw']:+.2f}"
             dflt = "–" if f["vs_default"] is None else f"{f['vs_default']:+.2f}"
-            lines.append(f"| {f['family']} | `{f['variant']}` | {f['select_score']:.2f} | {f['test_score']:.2f} | "
-                         f"{dflt} | {raw} | `{f['oracle_variant']}` {f['oracle_score']:.2f} | {f['fitted_on']} |")
+            lines.append(f"| {f['family']} | `{md_cell(f['variant'])}` | {f['select_score']:.2f} | "
+                         f"{f['test_score']:.2f} | {dflt} | {raw} | `{md_cell(f['oracle_variant'])}` "
+                         f"{f['oracle_score']:.2f} | {f['fitted_on']} |")
         lines.append("")
     return "\n".join(lines)
 
