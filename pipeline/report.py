@@ -168,11 +168,20 @@ FAMILIES = (
 )
 
 
+def family_rules(rows: list[dict]) -> list[tuple]:
+    """(label, membership test) of every family present: FAMILIES, then one per template other than
+    plain (a query~document pair included), its raw cells only."""
+    def of_template(t):
+        return lambda r: r["template"] == t and r["mix"] is None and r["transform"] == "none"
+
+    templates = sorted({r["template"] for r in rows if r["template"] != "plain"})
+    return list(FAMILIES) + [(f"best with template {t}", of_template(t)) for t in templates]
+
+
 def families(rows: list[dict], metric: str, default: float | None) -> list[dict]:
     """The best of each family of variants, with its gain over the default and over the best raw cell."""
     rows = [r for r in rows if r["metric"] == metric and math.isfinite(r["score"])]
-    fams = list(FAMILIES) + [(f"best with template {t}", lambda r, t=t: _is_raw(r) and r["template"] == t)
-                             for t in sorted({r["template"] for r in rows if _is_raw(r) and r["template"] != "plain"})]
+    fams = family_rules(rows)
     raw = [r for r in rows if FAMILIES[0][1](r)]
     raw_best = _best(raw)["score"] if raw else None
     out = []

@@ -31,7 +31,7 @@ from ..encoder import Encoder
 from ..evaldata import BeirData, StsData, default_data_dir, load_beir, load_sts
 from ..evaluate import evaluate_retrieval, evaluate_sts
 from ..metrics import retrieval_scores
-from ..report import FAMILIES, _best, main_metric, md_cell, validate_rows
+from ..report import _best, family_rules, main_metric, md_cell, validate_rows
 from ..request import resolve
 from ..transforms import parse_transforms
 from ..variants import Variant, parse_mixes
@@ -82,15 +82,9 @@ def choose(select_rows: list[dict], score_rows: list[dict], n_layers: int) -> li
     sel = [r for r in select_rows if r["metric"] == metric and np.isfinite(r["score"])]
     test = {Variant.from_row(r): r for r in score_rows if r["metric"] == metric}
     default = test.get(Variant(n_layers, "last"))
-    templates = sorted({r["template"] for r in sel if r["template"] != "plain"})
-
-    def of_template(t):
-        return lambda r: r["template"] == t and r["mix"] is None and r["transform"] == "none"
-
-    fams = list(FAMILIES) + [(f"best with template {t}", of_template(t)) for t in templates]
     raw_pick = None
     out = []
-    for label, member in fams:
+    for label, member in family_rules(sel):
         cands = [r for r in sel if member(r)]
         if not cands:
             continue
