@@ -81,12 +81,16 @@ def cmd_embed(args) -> int:
 
     request = request_from_args(args)
     transforms = parse_transforms(args.transforms)  # bad names refused before any work
-    mix_variants(request.variants, parse_mixes(args.mixes, request.model.n_layers))
+    mixes = parse_mixes(args.mixes, request.model.n_layers)
+    mix_variants(request.variants, mixes)
+    labels = _mix_labels(args)
+    if any(kind == "learned" for kind, _, _ in mixes) and labels is None:
+        raise ValueError("a learned mix needs training labels (--mix-labels: STS pairs or a BEIR folder)")
     summary = embed(request, args.input, args.output, text_column=args.text_column, id_column=args.id_column,
                     force=args.force, progress=not args.quiet)
     print(summary.line())
     if args.mixes or set(transforms) != {"none"}:
-        derived = add_to_output(args.output, args.mixes, transforms)
+        derived = add_to_output(args.output, args.mixes, transforms, request=request, mix_labels=labels)
         print(f"derived variants ({len(derived)}): {', '.join(list(derived)[:8])}"
               + (" …" if len(derived) > 8 else "") + "; transforms fitted on this output's rows")
     return 0
@@ -112,19 +116,26 @@ def cmd_index(args) -> int:
     return 0
 
 
+def _mix_labels(args):
+    """The training labels of learned mixes (--mix-labels), or None."""
+    from .evaldata import load_beir, load_sts
+
+    if not getattr(args, "mix_labels", None):
+        return None
+    p = Path(args.mix_labels)
+    return load_beir(p, split=args.mix_labels_split) if p.is_dir() else load_sts(p)
+
+
 def derivations_from_args(args, data, n_layers: int, raw_variants, dim: int):
     """Mixes and transforms of ``strata eval``, checked before any forward pass."""
     from .derive import Derivations, check_fit
-    from .evaldata import load_beir, load_sts, read_texts
+    from .evaldata import read_texts
     from .transforms import parse_transforms
     from .variants import mix_variants, parse_mixes
 
     mixes = parse_mixes(args.mixes, n_layers)
     mix_variants(raw_variants, mixes)  # a mix over layers that were not embedded: refused here
-    labels = None
-    if args.mix_labels:
-        p = Path(args.mix_labels)
-        labels = load_beir(p, split=args.mix_labels_split) if p.is_dir() else load_sts(p)
+    labels = _mix_labels(args)
     fit_texts = tuple(read_texts(args.fit_on)) if args.fit_on else None
     d = Derivations(mixes=mixes, transforms=parse_transforms(args.transforms), mix_labels=labels,
                     fit_texts=fit_texts, fit_source=args.fit_on or "")
@@ -228,7 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transforms", default="none",
                    help="fit these on the output's own rows after embedding (none, center, abtt{k}, whiten{k}); "
                         "`strata index` then indexes e.g. 'L15.mean|whiten256'")
-    p.add_argument("--mixes", default=None, help="uniform layer mixes to define ('a:b', 'all'), e.g. 'M8-16.mean'")
+    p.add_argument("--mixes", default=None, help="layer mixes to define: 'a:b', 'all' (uniform, e.g. 'M8-16.mean'), "
+                                                "'learned:a:b' (fitted on --mix-labels)")
+    p.add_argument("--mix-labels", default=None,
+                   help="training labels for learned mixes: STS pairs, or a BEIR folder (its --mix-labels-split qrels)")
+    p.add_argument("--mix-labels-split", default="train", help="BEIR qrels split for learned mixes (default: train)")
     p.add_argument("--force", action="store_true", help="replace an output made with other settings")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_embed)

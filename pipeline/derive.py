@@ -168,7 +168,8 @@ class Reader:
         return source_dim
 
 
-def fit_output(out_dir, manifest: dict, mixes, transforms: Sequence[str]) -> dict:
+def fit_output(out_dir, manifest: dict, mixes, transforms: Sequence[str],
+               learned: Mapping[Variant, tuple[np.ndarray, dict]] | None = None) -> dict:
     """Fit transforms on an output's own committed rows (streamed: per base variant one d x d matrix)
     and store them under ``transforms/``; returns the manifest's ``derived`` entries (uniform mixes
     need nothing fitted, only their definition). Local outputs only."""
@@ -181,14 +182,20 @@ def fit_output(out_dir, manifest: dict, mixes, transforms: Sequence[str]) -> dic
     raw = [Variant.from_row(v) for v in manifest["variants"]]
     dim = int(manifest["variants"][0]["dim"])
     bases = [*raw, *mix_variants(raw, mixes)]
-    if any(kind == "learned" for kind, _, _ in mixes):
-        raise SpecError("learned mixes are fitted by `strata eval --mixes learned:… --mix-labels …`, which needs "
-                        "labels; an embedding output has none")
+    learned = learned or {}
     entries: dict[str, dict] = {}
+    weights: dict[Variant, np.ndarray] = {}
     for b in bases:
         if b.mix is not None:
-            entries[b.name] = {"sources": [s.column for s in b.sources],
-                               "weights": [1.0 / len(b.sources)] * len(b.sources)}
+            if b.mix.startswith("learned:"):
+                if b not in learned:
+                    raise SpecError(f"{b.name}: a learned mix needs training labels (--mix-labels)")
+                weights[b], seen = learned[b]
+                extra = {"fitted_on": {"mix": seen}}
+            else:
+                weights[b], extra = np.full(len(b.sources), 1.0 / len(b.sources)), {}
+            entries[b.name] = {"sources": [s.column for s in b.sources], "weights": [float(w) for w in weights[b]],
+                               **extra}
     todo = [t for t in transforms if t != "none"]
     if not todo:
         return entries
@@ -202,7 +209,7 @@ def fit_output(out_dir, manifest: dict, mixes, transforms: Sequence[str]) -> dic
         n += part.num_rows
         for b in bases:
             x = [mats[s.column] for s in b.sources]
-            moments[b].add(apply_mix(x, np.full(len(x), 1.0 / len(x))) if b.mix is not None else x[0])
+            moments[b].add(apply_mix(x, weights[b]) if b.mix is not None else x[0])
     for name in todo:
         check_fit_size(name, n, dim)
     for b, m in moments.items():
@@ -213,7 +220,8 @@ def fit_output(out_dir, manifest: dict, mixes, transforms: Sequence[str]) -> dic
             t.save(Path(out.root) / TRANSFORMS_DIR / safe_name(v.name))
             entries[v.name] = {"sources": [s.column for s in b.sources],
                                **({"weights": entries[b.name]["weights"]} if b.mix is not None else {}),
-                               "transform": f"{TRANSFORMS_DIR}/{safe_name(v.name)}", "fitted_on": t.fitted_on}
+                               "transform": f"{TRANSFORMS_DIR}/{safe_name(v.name)}",
+                               "fitted_on": {**entries.get(b.name, {}).get("fitted_on", {}), **t.fitted_on}}
     return entries
 
 
@@ -232,9 +240,11 @@ def reader(out_dir, manifest: dict, variant: Variant) -> str | Reader:
     return Reader(variant, tuple(entry["sources"]), weights, transform)
 
 
-def add_to_output(output: str, mixes_spec, transforms_spec) -> dict:
-    """``strata embed --mixes/--transforms``: define uniform mixes and fit transforms on the output's
-    own rows, under the output's lock; recorded in the manifest's ``derived``."""
+def add_to_output(output: str, mixes_spec, transforms_spec, *, request=None,
+                  mix_labels: StsData | BeirData | None = None) -> dict:
+    """``strata embed --mixes/--transforms``: define mixes and fit transforms on the output's own rows,
+    under the output's lock; recorded in the manifest's ``derived``. A learned mix is fitted on
+    ``mix_labels`` (a training set), its texts embedded in-process with ``request``."""
     from .storage import Output
     from .transforms import parse_transforms
     from .variants import parse_mixes
@@ -245,7 +255,18 @@ def add_to_output(output: str, mixes_spec, transforms_spec) -> dict:
         if not manifest:
             raise FileNotFoundError(f"{output}: no manifest.json (nothing embedded yet)")
         n_layers = manifest.get("model", {}).get("n_layers") or max(v["layer"] for v in manifest["variants"])
-        entries = fit_output(out.root, manifest, parse_mixes(mixes_spec, n_layers), parse_transforms(transforms_spec))
+        mixes = parse_mixes(mixes_spec, n_layers)
+        learned = {}
+        wanted = [v for v in mix_variants([Variant.from_row(r) for r in manifest["variants"]], mixes)
+                  if v.mix.startswith("learned:")]
+        if wanted:
+            if mix_labels is None or request is None:
+                raise SpecError("a learned mix needs training labels (--mix-labels: STS pairs or a BEIR folder)")
+            from .encoder import Encoder
+
+            encoder = Encoder.from_request(request)
+            learned = {v: learn_mix(encoder, v, mix_labels) for v in wanted}
+        entries = fit_output(out.root, manifest, mixes, parse_transforms(transforms_spec), learned)
         manifest[DERIVED] = {**manifest.get(DERIVED, {}), **entries}  # earlier fits stay unless refitted
         out.write_manifest(manifest)
     return entries

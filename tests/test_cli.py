@@ -110,9 +110,13 @@ def test_embed_fits_transforms_on_its_rows_and_index_and_queries_use_them(ray_lo
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"id": [f"d{i}" for i in range(40)], "text": texts}), tmp_path / "in" / "a.parquet")
     out = tmp_path / "out"
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"sentence1": texts[i], "sentence2": texts[(i * 7) % 40],
+                                         "score": float(i % 4)}) + "\n" for i in range(40)))
     assert main(["embed", str(tmp_path / "in"), str(out), "--model", model_dir, "--layers", "2:4", "--poolings",
-                 "mean", "--id-column", "id", "--transforms", "whiten8", "--mixes", "2:4", "-q"]) == 0
-    assert "derived variants (5)" in capsys.readouterr().out  # M2-4.mean, and 4 whitened
+                 "mean", "--id-column", "id", "--transforms", "whiten8", "--mixes", "2:4,learned:2:4",
+                 "--mix-labels", str(train), "-q"]) == 0
+    assert "derived variants (7)" in capsys.readouterr().out  # M2-4.mean, W2-4.mean, and 5 whitened
     assert main(["index", str(out), "--variants", "L3.mean|whiten8,M2-4.mean|whiten8", "--kind", "flat"]) == 0
     manifest = Output(str(out)).read_manifest()
     table = read_embeddings(str(out))
@@ -134,3 +138,6 @@ def test_embed_fits_transforms_on_its_rows_and_index_and_queries_use_them(ray_lo
     assert ids == [[ids_all[j] for j in np.argsort(-row)[:3]] for row in cos]
     assert manifest["derived"]["L3.mean|whiten8"]["fitted_on"] == {"source": "this output's committed rows",
                                                                    "files": 1, "texts": 40}
+    learned = manifest["derived"]["W2-4.mean"]
+    assert learned["fitted_on"]["mix"]["data"] == "train" and len(learned["weights"]) == 3
+    assert abs(sum(learned["weights"]) - 1) < 1e-5 and "W2-4.mean|whiten8" in manifest["derived"]

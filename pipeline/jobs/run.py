@@ -171,11 +171,11 @@ def run_job(spec_path: str | os.PathLike, dry_run: bool = False, *, progress: bo
         summary["embed"] = es.as_dict()
         changed = bool(es.shards_embedded or es.shards_dropped)
         say(f"  embed: {es.line()}")
-        uniform = [m for m in spec.variants.mixes if not m.startswith("learned:")]
-        if uniform or set(spec.variants.transforms) != {"none"}:
+        if spec.variants.mixes or set(spec.variants.transforms) != {"none"}:
             from ..derive import add_to_output
 
-            derived = add_to_output(job.version_url, uniform, spec.variants.transforms)
+            derived = add_to_output(job.version_url, spec.variants.mixes, spec.variants.transforms,
+                                    request=job.request, mix_labels=job.derivations().mix_labels)
             say(f"  derived: {len(derived)} variant(s), transforms fitted on the corpus rows")
 
     if spec.indexes is not None:
