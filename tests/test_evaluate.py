@@ -79,7 +79,9 @@ def test_scifact_anchor(ray_local, minilm_dir, minilm_ray):
     assert {r["metric"] for r in rows} == {"ndcg_at_10", "recall_at_100", "mrr_at_10"}
     results = json.loads((minilm_dir / "eval" / "results.json").read_text())
     assert {r["dataset"] for r in results} == {"stsb", "scifact"}
-    assert all(set(r) == {"task", "dataset", "split", "metric", "layer", "pooling", "score"} for r in results)
+    assert all(set(r) == {"task", "dataset", "split", "metric", "layer", "pooling", "template", "mix", "transform",
+                          "score"} for r in results)
+    assert all((r["template"], r["mix"], r["transform"]) == ("plain", None, "none") for r in results)
 
 
 def test_cli_eval_index_report_round_trip(ray_local, model_dir, tmp_path, capsys):
