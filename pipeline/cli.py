@@ -164,6 +164,8 @@ def cmd_eval(args) -> int:
         data = load_retrieval(args.data, split=args.split, max_queries=args.max_queries, max_docs=args.max_docs)
         n_texts = retrieval_texts(data)
     engine = choose_engine(args.engine, n_texts)
+    if args.recipe:
+        return eval_recipe(args, data, engine)
     pair = None
     if args.task == "retrieval" and (args.query_template or args.doc_template):
         from .templates import parse_template
@@ -191,6 +193,61 @@ def cmd_eval(args) -> int:
         print(f"{dataset}: best {best['variant']} {best['metric']} = {best['score']:.2f}{fitted}")
     print(f"results: {args.output}/eval/results.json")
     return 0
+
+
+def eval_recipe(args, data, engine: str) -> int:
+    """``strata eval ... --recipe probe.json [--top K]``: exactly the probe's variant(s), pieces included."""
+    from .evaldata import StsData
+    from .evaluate import evaluate_retrieval, evaluate_sts, make_encoder
+    from .probe import Recipe, RecipeEncoder
+    from .report import merge_results
+
+    recipe = Recipe.load(args.recipe, top=args.top)
+    request = recipe.request(digest=True)
+    encoder = RecipeEncoder(recipe, make_encoder(request, engine, args.output, force=args.force,
+                                                 progress=not args.quiet))
+    rows = evaluate_sts(encoder, data) if isinstance(data, StsData) else evaluate_retrieval(encoder, data)
+    fitted = {e["variant"]: recipe.fitted_on(e) for e in recipe.entries}
+    for r in rows:
+        from .variants import Variant
+
+        note = fitted.get(Variant.from_row(r).name)
+        if note:
+            r["fitted_on"] = note + f" (recipe {recipe.path})"
+    merge_results(args.output, rows)
+    metric = "cosine_spearman" if isinstance(data, StsData) else "ndcg_at_10"
+    for r in rows:
+        if r["metric"] == metric:
+            print(f"{data.name}/{data.split}: {Variant.from_row(r).name} {metric} = {r['score']:.2f}")
+    print(f"results: {args.output}/eval/results.json")
+    return 0
+
+
+def cmd_probe(args) -> int:
+    from .evaldata import load_beir, load_sts
+    from .probe import Budget, run_probe, summary_lines
+    from .transforms import parse_transforms
+
+    labels = load_beir(args.labels, split=args.split) if Path(args.labels).is_dir() else load_sts(args.labels)
+    result = run_probe(args.model, labels, args.output, budget=Budget.parse(args.budget), corpus=args.corpus,
+                       templates=[t.strip() for t in args.templates.split(",")] if "{text}" not in args.templates
+                       else [args.templates], poolings=args.poolings,
+                       transforms=[t for t in parse_transforms(args.transforms) if t != "none"],
+                       mixes=None if args.mixes == "none" else args.mixes, max_length=args.max_length,
+                       max_docs=args.max_docs, folds=args.folds, resamples=args.resamples, top=args.top,
+                       seed=args.seed, say=_say(args.quiet))
+    for line in summary_lines(result):
+        print(line)
+    print(f"probe: {args.output}/probe.json, {args.output}/report.md; corpus job: {args.output}/job.yaml")
+    return 0
+
+
+def _say(quiet: bool):
+    def say(text: str = "", end: str = "\n") -> None:
+        if quiet and end == "\r":
+            return
+        print(text, end=end, file=sys.stderr, flush=True)
+    return say
 
 
 def cmd_report(args) -> int:
@@ -285,9 +342,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--doc-template", default=None, help="retrieval: the documents' template (name or string)")
     add_model_options(p)
     add_ray_options(p)
+    p.add_argument("--recipe", default=None, help="evaluate exactly the variant(s) of a probe.json (strata probe), "
+                                                  "its fitted pieces included; replaces the model options")
+    p.add_argument("--top", type=int, default=1, help="with --recipe: the first K variants of the recipe")
     p.add_argument("--force", action="store_true", help="replace cached embeddings made with other settings")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_eval)
+
+    from . import probe as pr
+
+    p = sub.add_parser("probe", help="choose the best embedding on a labelled sample, with intervals; write a recipe "
+                                     "and a corpus job for it",
+                       description=pr.__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="alias, HF directory or .gguf file (default: the bundled model)")
+    p.add_argument("--labels", required=True, help="STS pairs (csv/tsv/jsonl/parquet) or a BEIR folder")
+    p.add_argument("--split", default="test", help="BEIR qrels split to probe on (default: %(default)s)")
+    p.add_argument("--corpus", default=None, help="unlabelled sample of your corpus (Parquet with a 'text' column, "
+                                                  "or one text per line): transforms are fitted and label-free "
+                                                  "signals computed on it")
+    p.add_argument("--budget", default=None, help=f"labelled items to sample (default {pr.DEFAULT_ITEMS}) or a time "
+                                                  "for the forward passes (5m, 90s)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--templates", default=",".join(pr.TEMPLATES), help="default: %(default)s")
+    p.add_argument("--poolings", default=pr.POOLINGS, help="default: %(default)s")
+    p.add_argument("--transforms", default=",".join(pr.TRANSFORMS), help="default: %(default)s ('none' for none)")
+    p.add_argument("--mixes", default=pr.MIXES, help="default: %(default)s ('none' for none)")
+    p.add_argument("--max-length", type=int, default=128, help="default: %(default)s")
+    p.add_argument("--max-docs", type=int, default=pr.DEFAULT_DOCS,
+                   help="retrieval: corpus documents in the sample (judged ones first; default: %(default)s)")
+    p.add_argument("--folds", type=int, default=pr.FOLDS, help="cross-fitting folds (default: %(default)s)")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
+    p.add_argument("--top", type=int, default=3, help="variants in the recipe (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("report", help="results table, best variant and layer x pooling heatmaps of an output")
     p.add_argument("dir")

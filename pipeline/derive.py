@@ -272,6 +272,47 @@ def add_to_output(output: str, mixes_spec, transforms_spec, *, request=None,
     return entries
 
 
+def add_recipe(output: str, recipe) -> list[str]:
+    """Record a probe recipe's variants in an output's ``derived`` (its mix weights and a copy of its
+    fitted transform, nothing refitted) and the probe it came from in the manifest's ``probe``."""
+    import shutil
+    from pathlib import Path
+
+    from .storage import Output, safe_name
+
+    out = Output(output)
+    with out.lock():
+        manifest = out.read_manifest()
+        if not manifest:
+            raise FileNotFoundError(f"{output}: no manifest.json (nothing embedded yet)")
+        entries, made = {}, []
+        for e, r in zip(recipe.entries, recipe.readers()):
+            v = r.variant
+            made.append(v.name)
+            if v.is_raw:
+                continue
+            columns = [Variant.parse(s).column for s in e["sources"]]
+            entry = {"sources": columns, **({"weights": list(r.weights)} if r.weights is not None else {})}
+            fitted = {}
+            if e.get("mix_fitted_on"):
+                fitted["mix"] = e["mix_fitted_on"]
+            if r.transform is not None:
+                dest = Path(out.root) / TRANSFORMS_DIR / safe_name(v.name)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                src = recipe.path.parent / e["transform_path"]
+                for suffix in (".npz", ".json"):
+                    shutil.copyfile(f"{src}{suffix}", f"{dest}{suffix}")
+                entry["transform"] = f"{TRANSFORMS_DIR}/{safe_name(v.name)}"
+                fitted.update(e.get("transform_fitted_on", {}))
+            entry["fitted_on"] = {**fitted, "probe": str(recipe.path)}
+            entries[v.name] = entry
+        manifest[DERIVED] = {**manifest.get(DERIVED, {}), **entries}
+        manifest["probe"] = {"path": str(recipe.path), "sha256": recipe.probe_sha256, "variants": made,
+                             "model": recipe.model.get("name")}
+        out.write_manifest(manifest)
+    return made
+
+
 def vectors_for(out_dir, manifest: dict, variant: Variant, encoded: Mapping[Variant, np.ndarray]) -> np.ndarray:
     """A variant's vectors for new texts (queries) from an Encoder's raw output, made exactly as the
     output's documents were: the same mix weights, the same fitted transform."""

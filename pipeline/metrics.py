@@ -97,13 +97,10 @@ def trec_order(doc_scores: dict[str, float]) -> list[tuple[str, float]]:
     return sorted(doc_scores.items(), key=lambda item: (item[1], item[0]), reverse=True)
 
 
-def retrieval_scores_from_run(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]],
-                              *, ignore_identical_ids: bool = False) -> dict[str, float]:
-    """nDCG@10, Recall@100 and MRR@10 (x100), averaged over every query in ``qrels``.
-
-    ``run`` maps query id -> {doc id: score}; queries absent from it score 0 and queries
-    absent from ``qrels`` are ignored.
-    """
+def per_query_scores(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]],
+                     *, ignore_identical_ids: bool = False) -> dict[str, np.ndarray]:
+    """nDCG@10, Recall@100 and MRR@10 (x100) of every query in ``qrels``, in sorted query-id order
+    (``sorted(qrels)``); a query absent from ``run`` scores 0. The means are the reported scores."""
     if not qrels:
         raise ValueError("qrels is empty: nothing to evaluate")
     qrels = {str(q): {str(d): int(r) for d, r in docs.items()} for q, docs in qrels.items()}
@@ -112,17 +109,29 @@ def retrieval_scores_from_run(run: dict[str, dict[str, float]], qrels: dict[str,
     main = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100"}).evaluate(run)
     top10 = {q: dict(trec_order(docs)[:10]) for q, docs in run.items()}
     rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10)
-    n = len(qrels)
+    order = sorted(qrels)
+    empty = {"ndcg_cut_10": 0.0, "recall_100": 0.0, "recip_rank": 0.0}
     return {
-        "ndcg_at_10": 100.0 * sum(m["ndcg_cut_10"] for m in main.values()) / n,
-        "recall_at_100": 100.0 * sum(m["recall_100"] for m in main.values()) / n,
-        "mrr_at_10": 100.0 * sum(m["recip_rank"] for m in rr.values()) / n,
+        "ndcg_at_10": 100.0 * np.array([main.get(q, empty)["ndcg_cut_10"] for q in order]),
+        "recall_at_100": 100.0 * np.array([main.get(q, empty)["recall_100"] for q in order]),
+        "mrr_at_10": 100.0 * np.array([rr.get(q, empty)["recip_rank"] for q in order]),
     }
 
 
-def retrieval_scores(query_emb, doc_emb, query_ids, doc_ids, qrels: dict[str, dict[str, int]],
-                     k_max: int = 100, *, ignore_identical_ids: bool = False) -> dict[str, float]:
-    """Exact cosine search of every query over every document, scored against ``qrels``."""
+def retrieval_scores_from_run(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]],
+                              *, ignore_identical_ids: bool = False) -> dict[str, float]:
+    """nDCG@10, Recall@100 and MRR@10 (x100), averaged over every query in ``qrels``.
+
+    ``run`` maps query id -> {doc id: score}; queries absent from it score 0 and queries
+    absent from ``qrels`` are ignored.
+    """
+    per_query = per_query_scores(run, qrels, ignore_identical_ids=ignore_identical_ids)
+    return {metric: float(v.sum() / len(v)) for metric, v in per_query.items()}
+
+
+def search_run(query_emb, doc_emb, query_ids, doc_ids, k_max: int = 100, *,
+               ignore_identical_ids: bool = False) -> dict[str, dict[str, float]]:
+    """Exact cosine search of every query over every document: query id -> {doc id: score}."""
     query_ids, doc_ids = [str(q) for q in query_ids], [str(d) for d in doc_ids]
     if len(query_ids) != len(query_emb) or len(doc_ids) != len(doc_emb):
         raise ValueError(f"ids and embeddings differ in length: {len(query_ids)} query ids for "
@@ -134,4 +143,11 @@ def retrieval_scores(query_emb, doc_emb, query_ids, doc_ids, qrels: dict[str, di
         hits = [(doc_ids[i], float(s)) for i, s in zip(row_i, row_s)
                 if not (ignore_identical_ids and doc_ids[i] == q)]
         run[q] = dict(hits[:k_max])
+    return run
+
+
+def retrieval_scores(query_emb, doc_emb, query_ids, doc_ids, qrels: dict[str, dict[str, int]],
+                     k_max: int = 100, *, ignore_identical_ids: bool = False) -> dict[str, float]:
+    """Exact cosine search of every query over every document, scored against ``qrels``."""
+    run = search_run(query_emb, doc_emb, query_ids, doc_ids, k_max, ignore_identical_ids=ignore_identical_ids)
     return retrieval_scores_from_run(run, qrels)

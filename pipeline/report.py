@@ -231,8 +231,9 @@ def _safe(name: str) -> str:
 
 
 def plot_heatmap(rows: list[dict], metric: str, title: str, path: str | Path, best: dict | None = None,
-                 template: str = "plain") -> Path:
-    """Layers down, poolings across, every cell annotated, the best one outlined (one template's raw cells)."""
+                 template: str = "plain", marked: set[tuple[int, str]] | None = None) -> Path:
+    """Layers down, poolings across, every cell annotated, the best one outlined (one template's raw cells);
+    ``marked`` (layer, pooling) cells get a dot (the probe: intervals overlapping the chosen one's)."""
     layers, pools, grid = _grid(rows, metric, template)
     fig = Figure(figsize=(2.6 + 0.95 * len(pools), 1.6 + 0.34 * len(layers)), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
@@ -252,8 +253,10 @@ def plot_heatmap(rows: list[dict], metric: str, title: str, path: str | Path, be
                 ax.text(j, i, "–", ha="center", va="center", fontsize=8, color="#555555")
                 continue
             r, g, b, _ = cmap(im.norm(v))
-            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8,
-                    color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")
+            color = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8, color=color)
+            if marked and (layers[i], pools[j]) in marked:
+                ax.plot(j + 0.36, i - 0.22, marker="o", markersize=3.5, color=color)
     if best and best["layer"] in layers and best["pooling"] in pools and \
             _is_best_cell(best, metric, template, best["layer"], best["pooling"]):
         i, j = layers.index(best["layer"]), pools.index(best["pooling"])

@@ -89,6 +89,7 @@ class Job:
     version: str | None = None
     version_url: str = ""
     version_key: dict = field(default_factory=dict)
+    recipe: Any = None  # probe.Recipe: derived variants made with the probe's own pieces
 
     @property
     def variant_names(self) -> list[str]:
@@ -137,13 +138,34 @@ def resolve_job(spec: JobSpec) -> Job:
         raise JobSpecError(_line(spec.source, p.loc, p.message)) from None
     except (models.ModelError, OSError) as e:
         raise JobSpecError(_line(spec.source, "model.spec", str(e))) from None
+    recipe = _recipe(spec, request)
     inp = spec.input
     key = request.signature(inp.text_column if inp else "text", inp.id_column if inp else None)
+    if recipe is not None:  # other pieces, other vectors: another version
+        key = {**key, "recipe": recipe.probe_sha256[:16]}
     job_url = _join(_local(spec.output), spec.name)
     version = version_id(key)
     return Job(spec=spec, variants=request.variants, n_layers=request.model.n_layers, model_ref=request.model.name,
                weights_digest=request.model.weights_digest, request=request, job_url=job_url, version=version,
-               version_url=_join(job_url, version), version_key=key)
+               version_url=_join(job_url, version), version_key=key, recipe=recipe)
+
+
+def _recipe(spec: JobSpec, request: Request):
+    """The spec's probe recipe, checked against the request: same weights, every source embedded."""
+    if not spec.variants.recipe:
+        return None
+    from ..probe import ProbeError, Recipe
+
+    try:
+        recipe = Recipe.load(_local(spec.variants.recipe), top=spec.variants.recipe_top)
+        recipe.check_model(request)
+    except ProbeError as e:
+        raise JobSpecError(_line(spec.source, "variants.recipe", str(e))) from None
+    missing = [s.name for s in recipe.sources() if s not in request.variants]
+    if missing:
+        raise JobSpecError(_line(spec.source, "variants.recipe", f"the recipe needs {', '.join(missing)}, which "
+                                 f"variants.layers/poolings/templates do not embed"))
+    return recipe
 
 
 def _resolve_existing(spec: JobSpec) -> Job:
@@ -202,7 +224,9 @@ def preflight(job: Job) -> None:
 def index_targets(job: Job) -> list[Variant]:
     if job.spec.indexes is None:
         return []
-    return [Variant.parse(n) for n in job.spec.indexes.variants] if job.spec.indexes.variants else list(job.variants)
+    if job.spec.indexes.variants:
+        return [Variant.parse(n) for n in job.spec.indexes.variants]
+    return job.recipe.variants if job.recipe is not None else list(job.variants)
 
 
 def index_status(job: Job, manifest: dict | None) -> tuple[list[Variant], list[Variant]]:

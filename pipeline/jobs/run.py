@@ -177,6 +177,11 @@ def run_job(spec_path: str | os.PathLike, dry_run: bool = False, *, progress: bo
             derived = add_to_output(job.version_url, spec.variants.mixes, spec.variants.transforms,
                                     request=job.request, mix_labels=job.derivations().mix_labels)
             say(f"  derived: {len(derived)} variant(s), transforms fitted on the corpus rows")
+        if job.recipe is not None:
+            from ..derive import add_recipe
+
+            made = add_recipe(job.version_url, job.recipe)
+            say(f"  from the probe recipe: {', '.join(made)}")
 
     if spec.indexes is not None:
         manifest = ws.out.read_manifest() or {}

@@ -169,6 +169,8 @@ class VariantsSpec(_Section):
                           Field(min_length=1)] = ["none"]
     mixes: Annotated[list[str], BeforeValidator(_as_list), AfterValidator(_check_mixes)] = []
     mix_labels: LocalPath | None = None  # training labels of learned mixes (STS pairs or a BEIR folder)
+    recipe: LocalPath | None = None  # a probe.json (strata probe): its variants' mix weights and fitted transforms
+    recipe_top: PositiveInt = 1  # how many of the recipe's variants
 
 
 class EmbeddingSpec(_Section):
