@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import time
 from dataclasses import dataclass
@@ -41,9 +40,9 @@ import numpy as np
 
 from . import stats
 from .derive import Reader, learn_mix
-from .evaldata import BeirData, EvalDataError, StsData
+from .evaldata import BeirData, StsData
 from .metrics import l2_normalize, per_query_scores, search_run
-from .mixes import LearnedMix, apply_mix
+from .mixes import apply_mix
 from .signals import EXPECTED_SIGN, SIGNALS, signals
 from .transforms import Transform, check_fit_size
 from .transforms import fit as fit_transform
@@ -169,6 +168,8 @@ class StsTask:
 def _spearman(sims: np.ndarray, gold: np.ndarray) -> float:
     from scipy import stats as st
 
+    if np.ptp(sims) == 0 or np.ptp(gold) == 0:
+        return float("nan")  # constant similarities (e.g. the last token of a template at layer 0)
     return 100.0 * float(st.spearmanr(gold, sims).statistic)
 
 
@@ -325,8 +326,11 @@ class Scored:
         return (self.depth, TEMPLATE_COST.get(v.template, 3), fitted, int(bool(v.mix)), -self.score)
 
     def row(self) -> dict:
-        return {"variant": self.variant.name, **self.variant.row_fields, "score": round(self.score, 4),
-                "low": round(self.low, 4), "high": round(self.high, 4), "depth": self.depth,
+        def num(x):
+            return round(float(x), 4) if np.isfinite(x) else None  # undefined: constant similarities
+
+        return {"variant": self.variant.name, **self.variant.row_fields, "score": num(self.score),
+                "low": num(self.low), "high": num(self.high), "depth": self.depth,
                 "fitted_on": self.fitted_on or "nothing fitted"}
 
 
@@ -360,8 +364,7 @@ def score_variants(task, vectors: dict[Variant, np.ndarray], *, n_layers: int, m
     for v in raw:
         by_template.setdefault(v.template, []).append(v)
     mix_specs = parse_mixes(mixes, n_layers) if mixes else ()
-    bases: list[Variant] = sorted((s for s in out), key=lambda s: -s.score)
-    bases = [s.variant for s in bases[:shortlist]]
+    top_raw = _ranked(out)[0].variant
     enc = _Vectors(task.texts, vectors)
     learned_weights: dict[tuple[Variant, int], np.ndarray] = {}
 
@@ -375,7 +378,10 @@ def score_variants(task, vectors: dict[Variant, np.ndarray], *, n_layers: int, m
             learned_weights[key], _ = learn_mix(enc, b, task.labels(all_items if train is None else train))
         return apply_mix([vectors[s] for s in b.sources], learned_weights[key])
 
-    mixed = [m for t in by_template.values() for m in mix_variants(t, mix_specs)]
+    # uniform mixes for every template and pooling (nothing to fit); learned ones (seconds per fit and
+    # fold) for the template and pooling of the best raw cell only
+    mixed = [m for t in by_template.values() for m in mix_variants(t, mix_specs)
+             if m.mix.startswith("uniform") or (m.template, m.pooling) == (top_raw.template, top_raw.pooling)]
     for b in mixed:
         if b.mix.startswith("uniform"):
             add(b, task.per_item(base_matrix(b, None), all_items))
@@ -388,6 +394,7 @@ def score_variants(task, vectors: dict[Variant, np.ndarray], *, n_layers: int, m
     if not todo:
         return out
     dim = next(iter(vectors.values())).shape[1]
+    bases = [s.variant for s in _ranked(out)[:shortlist]]  # transforms: on the best raw cells and mixes
     n_fit = min(len(task.fit_rows(all_items[fold != k])) for k in range(folds)) if fit_vectors is None else \
         len(next(iter(fit_vectors.values())))
     fittable = []
@@ -397,7 +404,7 @@ def score_variants(task, vectors: dict[Variant, np.ndarray], *, n_layers: int, m
             fittable.append(name)
         except SpecError as e:
             say(f"  skipped {name}: {e}")
-    for b in [*bases, *mixed]:
+    for b in bases:
         for name in fittable:
             v = Variant(b.layer, b.pooling, b.template, b.mix, name)
             if fit_vectors is not None:
@@ -424,8 +431,13 @@ def score_variants(task, vectors: dict[Variant, np.ndarray], *, n_layers: int, m
             if b.mix and b.mix.startswith("learned"):
                 where += "; mix weights cross-fitted on the other folds' labels"
             add(v, crossfit(task.n, fold, score_fold, log), where)
-    say(f"  scored transforms {', '.join(fittable)} of {len(bases) + len(mixed)} bases")
+    say(f"  scored transforms {', '.join(fittable)} of the {len(bases)} best bases")
     return out
+
+
+def _ranked(scored: list[Scored]) -> list[Scored]:
+    """Best first; a variant whose score is undefined (constant vectors: NaN) goes last."""
+    return sorted(scored, key=lambda s: (not np.isfinite(s.score), -s.score if np.isfinite(s.score) else 0.0))
 
 
 @dataclass
@@ -442,7 +454,9 @@ class Choice:
 
 def choose(scored: list[Scored], n_layers: int) -> Choice:
     """The top variant, those statistically tied with it, and the cheapest of those."""
-    ranked = sorted(scored, key=lambda s: -s.score)
+    ranked = [s for s in _ranked(scored) if np.isfinite(s.score)]
+    if not ranked:
+        raise ProbeError("no variant has a defined score on this sample (every similarity is constant)")
     top = ranked[0]
     tied = [s for s in ranked if s is top or not stats.paired(top.samples, s.samples)["significant"]]
     chosen = min(tied, key=lambda s: s.cost)
@@ -731,7 +745,7 @@ def run_probe(model: str, labels, output: str | Path, *, budget: Budget | None =
     say("label-free signals")
     table = signal_table(signal_vectors, seed)
     agreement = signal_agreement(table, scored)
-    ranked = sorted(scored, key=lambda s: -s.score)
+    ranked = _ranked(scored)
     picks = [choice.chosen] + [s for s in ranked if s is not choice.chosen][: max(0, top - 1)]
     out.mkdir(parents=True, exist_ok=True)
     recipe = [refit(s.variant, task, vectors, out, fit_vectors, fit_source) for s in picks]
@@ -847,7 +861,7 @@ def write_probe_report(result: dict, scored: list[Scored], choice: Choice, out: 
     c = result["chosen"]
     lines += ["## Ranking (top 20)", "",
               "| rank | variant | score | 95% interval | depth | fitted on |", "|---:|---|---:|---|---:|---|"]
-    for i, r in enumerate(result["ranked"][:20], 1):
+    for i, r in enumerate([r for r in result["ranked"] if r["score"] is not None][:20], 1):
         mark = " (chosen)" if r["variant"] == c["variant"] else ""
         lines.append(f"| {i} | `{md_cell(r['variant'])}`{mark} | {r['score']:.2f} | [{r['low']:.2f}, {r['high']:.2f}] "
                      f"| {r['depth']} | {md_cell(r['fitted_on'])} |")

@@ -1,0 +1,115 @@
+"""``python -m pipeline.bench.probe_curve``: how big must a probe sample be?
+
+Embeds the whole labelled set once (every template x layer x pooling), then draws seeded
+subsamples of 100 / 300 / 1,000 labelled items (STS pairs or queries; retrieval keeps the
+whole sampled corpus) and, per size, measures against the full set:
+
+- how often the subsample's winner is the full set's winner, and how often it is one of the
+  variants statistically tied with it on the full set (paired bootstrap);
+- Kendall's tau between the subsample's ranking of every variant and the full set's;
+- the regret: full-set score of the full winner minus that of the subsample's winner.
+
+The variants are the raw cells and the uniform mixes: nothing fitted, so a subsample's scores
+are the per-item scores of the full pass restricted to it (fitted variants would need a refit
+per draw). The probe's default sample size (``probe.DEFAULT_ITEMS``) is read off this curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import stats as st
+
+from .. import stats
+from ..encoder import Encoder
+from ..evaldata import load_beir, load_sts
+from ..probe import POOLINGS, TEMPLATES, _encode_with_progress, choose, make_task, sample_labels, score_variants
+from ..request import resolve
+
+SIZES = (100, 300, 1000)
+
+
+def curve(task, per_item: dict, draws: int, seed: int = 0, full_tied: set | None = None) -> list[dict]:
+    names = list(per_item)
+    full = np.array([task.score(per_item[v]) for v in names])
+    best = names[int(np.argmax(full))]
+    rows = []
+    rng = np.random.default_rng(seed)
+    for size in [s for s in SIZES if s < task.n] + [task.n]:
+        same, tied, taus, regrets = [], [], [], []
+        for _ in range(draws if size < task.n else 1):
+            idx = np.sort(rng.choice(task.n, size=size, replace=False))
+            sub = np.array([task.score(per_item[v], idx) for v in names])
+            win = names[int(np.nanargmax(sub))]
+            same.append(win == best)
+            tied.append(win in (full_tied or {best}))
+            ok = np.isfinite(sub)
+            taus.append(st.kendalltau(sub[ok], full[ok]).statistic)
+            regrets.append(full.max() - full[names.index(win)])
+        rows.append({"items": size, "draws": len(same), "same_winner": float(np.mean(same)),
+                     "winner_in_full_tie": float(np.mean(tied)), "kendall_tau_median": float(np.median(taus)),
+                     "kendall_tau_p10": float(np.quantile(taus, 0.1)), "regret_median": float(np.median(regrets)),
+                     "regret_p90": float(np.quantile(regrets, 0.9))})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.bench.probe_curve", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--labels", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--templates", default=",".join(TEMPLATES))
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-docs", type=int, default=1000)
+    p.add_argument("--draws", type=int, default=50)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    labels = load_beir(args.labels, split=args.split) if Path(args.labels).is_dir() else load_sts(args.labels)
+    n_all = len(labels) if hasattr(labels, "scores") else len(labels.qrels)
+    data = sample_labels(labels, n_all, args.max_docs)
+    task = make_task(data)
+    request = resolve(args.model, layers="all", poolings=POOLINGS, templates=args.templates.split(","),
+                      max_length=args.max_length, digest=False)
+    encoder = Encoder.from_request(request)
+    n_layers = request.model.n_layers
+    vectors = _encode_with_progress(encoder, task.texts, print, f"{data.name}/{data.split}")
+    scored = score_variants(task, vectors, n_layers=n_layers, mixes="all,50%:100%", transforms=(), say=print)
+    choice = choose(scored, n_layers)
+    from ..mixes import apply_mix
+
+    all_items = np.arange(task.n)
+    per_item = {}
+    for s in scored:
+        v = s.variant
+        m = vectors[v] if v.is_raw else apply_mix([vectors[x] for x in v.sources], np.full(len(v.sources),
+                                                                                          1 / len(v.sources)))
+        per_item[v.name] = task.per_item(m, all_items)
+    rows = curve(task, per_item, args.draws, full_tied={s.variant.name for s in choice.tied})
+    result = {"model": request.model.name, "data": data.name, "split": data.split, "items": task.n,
+              "texts": len(task.texts), "subset": getattr(data, "subset_note", None), "variants": len(per_item),
+              "full_winner": choice.top.variant.name, "full_tied": len(choice.tied), "curve": rows,
+              "resamples": stats.RESAMPLES, "seconds": round(time.perf_counter() - t0, 1)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"curve-{data.name}-{data.split}.json").write_text(json.dumps(result, indent=1))
+    lines = [f"{data.name}/{data.split}: {task.n} labelled items, {len(per_item)} variants; full-set winner "
+             f"{result['full_winner']} ({result['full_tied']} tied with it)", "",
+             "| items | draws | same winner | winner tied on full set | Kendall tau (median, p10) | regret (median, p90) |",
+             "|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['items']} | {r['draws']} | {r['same_winner']:.2f} | {r['winner_in_full_tie']:.2f} | "
+                     f"{r['kendall_tau_median']:.3f}, {r['kendall_tau_p10']:.3f} | {r['regret_median']:.2f}, "
+                     f"{r['regret_p90']:.2f} |")
+    md = "\n".join(lines) + "\n"
+    (out / f"curve-{data.name}-{data.split}.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

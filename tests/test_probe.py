@@ -1,0 +1,349 @@
+"""strata probe: bootstrap statistics, cross-fitting, choice, signals, recipes."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as st
+
+from pipeline import probe, stats
+from pipeline.evaldata import BeirData, StsData
+from pipeline.metrics import per_query_scores, retrieval_scores_from_run
+from pipeline.signals import anisotropy, entropy, uniformity
+from pipeline.variants import Variant
+
+
+# --------------------------------------------------------------------------- bootstrap
+def test_resampled_spearman_equals_scipy_on_the_explicit_resample():
+    rng = np.random.default_rng(3)
+    n = 120
+    gold = np.round(rng.uniform(0, 5, n), 1)  # many ties, as STS gold has
+    sims = gold + rng.normal(0, 1.5, n)
+    sims[10] = sims[11]  # a tie on the other side too
+    counts = stats.resample_counts(n, 40, seed=1)
+    fast = stats.StsBootstrap(gold, counts)(sims)
+    for row, got in zip(counts, fast):
+        idx = np.repeat(np.arange(n), row.astype(int))
+        assert got == pytest.approx(100 * st.spearmanr(gold[idx], sims[idx]).statistic, abs=1e-9)
+
+
+def test_resample_counts_are_multinomial_rows():
+    c = stats.resample_counts(50, 30, seed=0)
+    assert c.shape == (30, 50) and (c.sum(axis=1) == 50).all() and (c >= 0).all()
+    with pytest.raises(ValueError, match="at least 2"):
+        stats.resample_counts(1)
+
+
+def test_sts_intervals_cover_the_true_spearman_at_about_the_nominal_rate():
+    # bivariate normal with correlation r: Spearman's rho is (6/pi) asin(r/2)
+    r, n, reps = 0.6, 200, 200
+    truth = 100 * 6 / math.pi * math.asin(r / 2)
+    rng = np.random.default_rng(0)
+    hits = 0
+    for i in range(reps):
+        x = rng.normal(size=n)
+        y = r * x + math.sqrt(1 - r * r) * rng.normal(size=n)
+        lo, hi = stats.interval(stats.StsBootstrap(x, stats.resample_counts(n, 400, seed=i))(y))
+        hits += lo <= truth <= hi
+    assert 0.88 <= hits / reps <= 0.99, hits / reps
+
+
+def test_mean_intervals_cover_the_true_mean_at_about_the_nominal_rate():
+    a, b, n, reps = 0.7, 1.3, 150, 300  # per-query scores in [0, 100] from a Beta: known mean
+    truth = 100 * a / (a + b)
+    rng = np.random.default_rng(1)
+    hits = 0
+    for i in range(reps):
+        per_query = 100 * rng.beta(a, b, size=n)
+        lo, hi = stats.interval(stats.mean_bootstrap(per_query, stats.resample_counts(n, 400, seed=i)))
+        hits += lo <= truth <= hi
+    assert 0.90 <= hits / reps <= 0.985, hits / reps
+
+
+def test_paired_difference_detects_a_real_gap_and_not_a_null_one():
+    rng = np.random.default_rng(2)
+    n = 300
+    gold = rng.normal(size=n)
+    good = gold + rng.normal(0, 0.5, n)
+    bad = gold + rng.normal(0, 2.0, n)
+    twin = good + rng.normal(0, 1e-3, n)
+    boot = stats.StsBootstrap(gold, stats.resample_counts(n, 500, seed=0))
+    assert stats.paired(boot(good), boot(bad))["significant"]
+    assert not stats.paired(boot(good), boot(twin))["significant"]
+
+
+def test_per_query_scores_average_to_the_reported_scores():
+    qrels = {"q1": {"d1": 1}, "q2": {"d2": 2, "d3": 1}, "q3": {"d9": 1}}
+    run = {"q1": {"d1": 0.9, "d2": 0.1}, "q2": {"d3": 0.8, "d2": 0.7, "d1": 0.2}}  # q3 absent: scores 0
+    per = per_query_scores(run, qrels)
+    means = retrieval_scores_from_run(run, qrels)
+    assert per["ndcg_at_10"][2] == 0.0 and per["ndcg_at_10"][0] == pytest.approx(100.0)
+    for metric, values in per.items():
+        assert values.mean() == pytest.approx(means[metric])
+
+
+# --------------------------------------------------------------------------- cross-fitting
+def _sts(n_pairs=60, seed=0, shared=True) -> StsData:
+    rng = np.random.default_rng(seed)
+    s1 = [f"sentence {i}" for i in range(n_pairs)]
+    s2 = [f"other {i}" for i in range(n_pairs)]
+    if shared:  # pairs sharing a sentence must land in one fold
+        for i in range(0, n_pairs - 1, 7):
+            s2[i + 1] = s1[i]
+    return StsData("syn", s1, s2, rng.uniform(0, 5, n_pairs), split="dev")
+
+
+def _vectors(task, n_layers=3, dim=8, seed=0):
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(len(task.texts), dim))
+    return {Variant(layer, p): base + rng.normal(0, 0.5 + layer, size=base.shape)
+            for layer in range(n_layers + 1) for p in ("mean", "last")}
+
+
+def test_folds_keep_groups_together_and_are_balanced():
+    groups = np.array([0, 0, 0, 1, 2, 2, 3, 4, 5, 6, 7, 7, 8, 9, 9, 9])
+    f = probe.fold_ids(groups, 4, seed=0)
+    for g in np.unique(groups):
+        assert len(set(f[groups == g])) == 1
+    sizes = np.bincount(f, minlength=4)
+    assert sizes.max() - sizes.min() <= 3 and sizes.sum() == len(groups)
+
+
+def test_crossfitting_never_lets_a_fitted_piece_see_its_scoring_fold(monkeypatch):
+    data = _sts()
+    task = probe.make_task(data)
+    vectors = _vectors(task)
+    seen_train, seen_pairs, fits = [], [], []
+    real_fit_rows, real_learn, real_fit = task.fit_rows, probe.learn_mix, probe.fit_transform
+
+    def spy_fit_rows(items):
+        seen_train.append(np.asarray(items))
+        return real_fit_rows(items)
+
+    def spy_learn(encoder, variant, labels):
+        seen_pairs.append(set(zip(labels.sentence1, labels.sentence2)))
+        return real_learn(encoder, variant, labels)
+
+    def spy_fit(name, chunks, **kw):
+        fits.append(sum(len(c) for c in chunks))
+        return real_fit(name, chunks, **kw)
+
+    task.fit_rows = spy_fit_rows
+    monkeypatch.setattr(probe, "fit_transform", spy_fit)
+    monkeypatch.setattr(probe, "learn_mix", spy_learn)
+    log: list[probe.Fit] = []
+    scored = probe.score_variants(task, vectors, n_layers=3, mixes="all,learned:all", transforms=("center", "abtt1"),
+                                  folds=5, resamples=50, log=log, say=lambda *a, **k: None)
+    assert log and seen_pairs
+    for fit in log:  # indices: the fitted items and the scored items never meet, and the folds cover everything
+        assert not set(fit.fitted) & set(fit.scored)
+        assert sorted([*fit.fitted, *fit.scored]) == list(range(task.n))
+    scored_sets = [set(f.scored) for f in log]
+    assert sorted(i for s in scored_sets[:5] for i in s) == list(range(task.n))
+    # the learned mixes' labels: every fit saw exactly the pairs outside one scoring fold
+    folds = {frozenset(f.scored) for f in log}
+    all_pairs = list(zip(data.sentence1, data.sentence2))
+    for pairs in seen_pairs:
+        held = [i for i, p in enumerate(all_pairs) if p not in pairs]
+        assert frozenset(held) in folds
+    # the transforms: fitted only on texts of training folds, none of them a scoring-fold sentence
+    assert fits and seen_train
+    for train in seen_train:
+        held = np.setdiff1d(np.arange(task.n), train)
+        assert frozenset(held) in folds
+        assert not set(real_fit_rows(train)) & (set(task.rows1[held]) | set(task.rows2[held]))
+    fitted = [s for s in scored if s.variant.transform != "none" or (s.variant.mix or "").startswith("learned")]
+    assert fitted and all("cross-fitted" in s.fitted_on for s in fitted)
+
+
+def test_transform_fit_rows_exclude_the_scoring_fold():
+    task = probe.make_task(_sts())
+    fold = probe.fold_ids(task.groups, 5)
+    for k in range(5):
+        train, test = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
+        scored_texts = set(task.rows1[test]) | set(task.rows2[test])
+        assert not set(task.fit_rows(train)) & scored_texts
+
+
+def test_uniform_and_raw_scores_equal_the_plain_spearman():
+    data = _sts(shared=False)
+    task = probe.make_task(data)
+    vectors = _vectors(task)
+    scored = {s.variant: s for s in probe.score_variants(task, vectors, n_layers=3, mixes="all", transforms=(),
+                                                          resamples=20, say=lambda *a, **k: None)}
+    v = Variant(2, "mean")
+    m = vectors[v]
+    cos = [a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(m[task.rows1], m[task.rows2])]
+    assert scored[v].score == pytest.approx(100 * st.spearmanr(data.scores, cos).statistic)
+    assert scored[v].low <= scored[v].score <= scored[v].high
+
+
+# --------------------------------------------------------------------------- choice
+def _scored(name, score, samples):
+    return probe.Scored(Variant.parse(name), score, *stats.interval(samples), samples)
+
+
+def test_a_statistical_tie_is_resolved_towards_the_shallowest_layer():
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 1, 500)
+    deep = _scored("L30.mean", 60.0, 60 + noise)
+    shallow = _scored("L6.mean", 59.8, 59.8 + noise + rng.normal(0, 0.5, 500))
+    default = _scored("L30.last", 30.0, 30 + noise)
+    c = probe.choose([deep, shallow, default], n_layers=30)
+    assert c.top is deep and c.chosen is shallow and len(c.tied) == 2
+    assert c.vs_default["significant"] and not c.vs_top["significant"]
+
+
+def test_a_clear_winner_is_chosen_even_when_deeper():
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 1, 500)
+    c = probe.choose([_scored("L30.mean", 70.0, 70 + noise), _scored("L2.mean", 50.0, 50 + noise)], n_layers=30)
+    assert c.chosen.variant.name == "L30.mean" and len(c.tied) == 1
+
+
+# --------------------------------------------------------------------------- signals
+def test_signals_match_plain_pairwise_loops():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 6)) + 0.5
+    z = x / np.linalg.norm(x, axis=1, keepdims=True)
+    pairs = [(i, j) for i in range(40) for j in range(40) if i != j]
+    assert anisotropy(x) == pytest.approx(np.mean([z[i] @ z[j] for i, j in pairs]))
+    assert uniformity(x) == pytest.approx(np.log(np.mean([np.exp(-2 * np.sum((z[i] - z[j]) ** 2)) for i, j in pairs])))
+    lam = np.linalg.eigvalsh(z @ z.T)
+    p = np.clip(lam, 0, None) / np.clip(lam, 0, None).sum()
+    p = p[p > 1e-15]
+    assert entropy(x) == pytest.approx(-(p * np.log(p)).sum() / np.log(6), rel=1e-6)
+
+
+def test_signals_order_a_collapsed_space_below_an_isotropic_one():
+    rng = np.random.default_rng(0)
+    iso = rng.normal(size=(200, 16))
+    collapsed = rng.normal(size=(200, 16)) * 0.05 + np.r_[10.0, np.zeros(15)]
+    assert anisotropy(collapsed) > 0.9 > 0.2 > anisotropy(iso)
+    assert entropy(iso) > 0.9 > 0.5 > entropy(collapsed)
+    assert uniformity(iso) < uniformity(collapsed)
+
+
+# --------------------------------------------------------------------------- bad input
+def test_budget_parsing():
+    assert probe.Budget.parse("300") == probe.Budget(items=300)
+    assert probe.Budget.parse("5m") == probe.Budget(seconds=300.0)
+    assert probe.Budget.parse("90s") == probe.Budget(seconds=90.0)
+    assert probe.Budget.parse(None).items == probe.DEFAULT_ITEMS
+    for bad in ("0", "-3", "five", "0m"):
+        with pytest.raises(probe.ProbeError, match="budget"):
+            probe.Budget.parse(bad)
+
+
+def test_labels_too_few_for_the_folds_name_the_minimum():
+    with pytest.raises(probe.ProbeError, match=r"12 labelled pairs.*at least 50"):
+        probe.check_labels(_sts(12), 5)
+
+
+def test_labels_with_missing_texts_are_refused():
+    d = _sts(60)
+    d.sentence2[4] = "  "
+    with pytest.raises(probe.ProbeError, match=r"1 labelled pair\(s\) have an empty sentence \(first: pair 5\)"):
+        probe.check_labels(d, 5)
+    beir = BeirData("b", ["d1"], ["doc"], ["q1", "q2"], ["query", "other"], {"q1": {"d1": 1}, "q2": {"d7": 1}})
+    with pytest.raises(probe.ProbeError, match=r"no relevant document in the corpus \(first: 'q2'\)"):
+        probe.check_labels(beir, 5)
+
+
+# --------------------------------------------------------------------------- end to end, tiny model
+@pytest.fixture(scope="module")
+def sts_file(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    words = "the cat dog sat on mat ran fast slow red blue green big small house tree car".split()
+    rows = [f"{' '.join(rng.choice(words, 6))}\t{' '.join(rng.choice(words, 5))}\t{rng.uniform(0, 5):.2f}"
+            for _ in range(80)]
+    path = tmp_path_factory.mktemp("labels") / "pairs.tsv"
+    path.write_text("sentence1\tsentence2\tscore\n" + "\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def probed(model_dir, sts_file, tmp_path_factory):
+    from pipeline.cli import main
+
+    out = tmp_path_factory.mktemp("probe")
+    rc = main(["probe", "--model", str(model_dir), "--labels", str(sts_file), "--output", str(out), "-q",
+               "--templates", "plain,prompteol", "--transforms", "center,abtt1", "--mixes", "all,learned:all",
+               "--resamples", "200", "--top", "40"])
+    assert rc == 0
+    return out, json.loads((out / "probe.json").read_text())
+
+
+def test_probe_writes_a_ranked_recipe_a_report_and_a_job(probed):
+    out, result = probed
+    ranked = [r for r in result["ranked"] if r["score"] is not None]  # undefined (constant) scores come last
+    assert result["ranked"][:len(ranked)] == ranked
+    assert [r["score"] for r in ranked] == sorted((r["score"] for r in ranked), reverse=True)
+    assert all(r["low"] <= r["score"] <= r["high"] for r in ranked)
+    assert len(ranked) == len({r["variant"] for r in ranked})
+    assert result["chosen"]["variant"] == result["recipe"][0]["variant"]
+    assert result["chosen"]["variant"] in result["chosen"]["tied"]
+    assert set(result["signals"]["agreement"]) == {"anisotropy", "entropy", "uniformity"}
+    assert (out / "report.md").read_text().count("![") == 2
+    job = (out / "job.yaml").read_text()
+    assert "recipe:" in job and str(out / "probe.json") in job
+
+
+def test_recipe_evaluation_gives_the_probes_scores_on_the_same_data(probed, sts_file, tmp_path):
+    from pipeline.cli import main
+
+    out, result = probed
+    raw = [e for e in result["recipe"] if Variant.parse(e["variant"]).is_raw]
+    assert raw
+    top = result["recipe"].index(raw[-1]) + 1
+    assert main(["eval", "sts", str(sts_file), "--recipe", str(out / "probe.json"), "--top", str(top),
+                 "--output", str(tmp_path), "-q"]) == 0
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())
+    got = {Variant.from_row(r).name: r["score"] for r in rows if r["metric"] == "cosine_spearman"}
+    probed_scores = {r["variant"]: r["score"] for r in result["ranked"]}
+    assert set(got) == {e["variant"] for e in result["recipe"][:top]}
+    for e in raw:
+        assert got[e["variant"]] == pytest.approx(probed_scores[e["variant"]], abs=1e-3)
+
+
+def test_recipe_pieces_are_applied_as_recorded(probed, sts_file):
+    from pipeline.encoder import Encoder
+    from pipeline.evaldata import load_sts
+    from pipeline.mixes import apply_mix
+    from pipeline.transforms import Transform
+
+    out, result = probed
+    fitted = [e for e in result["recipe"] if e.get("transform_path") or e.get("weights")]
+    assert fitted, "the recipe should hold a fitted variant with --top 40"
+    recipe = probe.Recipe.load(out / "probe.json", top=len(result["recipe"]))
+    enc = Encoder.from_request(recipe.request(digest=False))
+    texts = load_sts(sts_file).sentence1[:10]
+    got = probe.RecipeEncoder(recipe, enc).encode(texts)
+    raw = {v.name: m for v, m in enc.encode(texts).items()}
+    for e in fitted:
+        x = apply_mix([raw[s] for s in e["sources"]], e["weights"]) if e.get("weights") else raw[e["sources"][0]]
+        if e.get("transform_path"):
+            x = Transform.load(out / e["transform_path"]).apply(x)
+        np.testing.assert_allclose(got[Variant.parse(e["variant"])], x, rtol=1e-5, atol=1e-6)
+
+
+def test_a_recipe_of_other_weights_or_contract_is_refused(probed, tmp_path):
+    out, result = probed
+    other = dict(result, model={**result["model"], "weights_digest": "sha256:" + "0" * 64})
+    (tmp_path / "probe.json").write_text(json.dumps(other))
+    with pytest.raises(probe.ProbeError, match="probed on model"):
+        probe.Recipe.load(tmp_path / "probe.json").request(digest=True)
+    (tmp_path / "probe.json").write_text(json.dumps(dict(result, contract=1)))
+    with pytest.raises(probe.ProbeError, match="naming contract 1"):
+        probe.Recipe.load(tmp_path / "probe.json")
+    with pytest.raises(probe.ProbeError, match="--top 99"):
+        probe.Recipe.load(out / "probe.json", top=99)
+
+
+def test_a_budget_that_fits_nothing_says_what_would(model_dir, sts_file, tmp_path):
+    from pipeline.evaldata import load_sts
+
+    with pytest.raises(probe.ProbeError, match=r"fits about \d+ labelled items .* needs about [\d.]+ min"):
+        probe.run_probe(str(model_dir), load_sts(sts_file), tmp_path, budget=probe.Budget(seconds=0.001),
+                        templates=("plain",), say=lambda *a, **k: None)
