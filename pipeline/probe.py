@@ -460,7 +460,9 @@ def choose(scored: list[Scored], n_layers: int) -> Choice:
     top = ranked[0]
     tied = [s for s in ranked if s is top or not stats.paired(top.samples, s.samples)["significant"]]
     chosen = min(tied, key=lambda s: s.cost)
-    others = [s for s in ranked if s is not chosen]
+    # the runner-up: the best other variant that is not the same embedding under another name
+    # (echo's mean and mean_nosink, say, pool the same span)
+    others = [s for s in ranked if s is not chosen and not np.array_equal(s.samples, chosen.samples)]
     runner_up = others[0] if others else None
     default = next((s for s in scored if s.variant == Variant(n_layers, "last")), None)
     return Choice(top, chosen, runner_up, default, tied,
@@ -493,8 +495,18 @@ def signal_agreement(table: dict[Variant, dict[str, float]], scored: list[Scored
         pick = cells[int(np.nanargmax(np.where(ok, x, -np.inf)))]
         best_layer = _best_layer_by(lambda v: score[v], cells)
         sig_layer = _best_layer_by(lambda v: EXPECTED_SIGN[name] * table[v][name], cells)
+        within = []  # per (template, pooling): rank correlation across layers
+        for key in best_layer:
+            vs = [v for v in cells if f"{v.template}/{v.pooling}" == key and np.isfinite(score[v])]
+            a = np.array([EXPECTED_SIGN[name] * table[v][name] for v in vs])
+            b = np.array([score[v] for v in vs])
+            if len(vs) > 2 and np.ptp(a) > 0 and np.ptp(b) > 0:
+                within.append(st.spearmanr(a, b).statistic)
         out[name] = {"spearman_x100": round(100 * rho, 2), "pick": pick.name, "pick_score": round(score[pick], 4),
                      "pick_rank": cells.index(pick) + 1, "of": len(cells),
+                     "within_curves_spearman_x100": round(100 * float(np.mean(within)), 2) if within else None,
+                     "same_best_layer": sum(sig_layer.get(k) == lay for k, lay in best_layer.items()),
+                     "curves": len(best_layer),
                      "best_layer_by_signal": sig_layer, "best_layer_by_labels": best_layer}
     return out
 
@@ -879,10 +891,12 @@ def write_probe_report(result: dict, scored: list[Scored], choice: Choice, out: 
         lines.append(f"![{template}]({path.name})")
     lines += ["", "## Label-free signals", "", f"Computed on {result['signals']['on']}. Spearman x100 between "
               "the signal (signed so that higher should be better) and the labelled score across the raw cells.", "",
-              "| signal | Spearman x100 | the signal's pick | its score | its rank |", "|---|---:|---|---:|---:|"]
+              "| signal | Spearman x100, all cells | mean Spearman x100 along each layer curve | best layer right "
+              "| the signal's pick | its score | its rank |", "|---|---:|---:|---:|---|---:|---:|"]
     for name, a in result["signals"]["agreement"].items():
-        lines.append(f"| {name} | {a['spearman_x100']:.1f} | `{md_cell(a['pick'])}` | {a['pick_score']:.2f} | "
-                     f"{a['pick_rank']} of {a['of']} |")
+        within = "–" if a["within_curves_spearman_x100"] is None else f"{a['within_curves_spearman_x100']:.1f}"
+        lines.append(f"| {name} | {a['spearman_x100']:.1f} | {within} | {a['same_best_layer']} of {a['curves']} | "
+                     f"`{md_cell(a['pick'])}` | {a['pick_score']:.2f} | {a['pick_rank']} of {a['of']} |")
     lines += ["", "## What each piece saw", "",
               f"- Labels: {result['labels']['items']:,} of {result['labels']['of']:,} items of "
               f"{result['labels']['data']}/{result['labels']['split']}, {result['settings']['folds']}-fold "

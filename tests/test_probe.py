@@ -1,6 +1,7 @@
 """strata probe: bootstrap statistics, cross-fitting, choice, signals, recipes."""
 
 import json
+import re
 import math
 
 import numpy as np
@@ -347,3 +348,40 @@ def test_a_budget_that_fits_nothing_says_what_would(model_dir, sts_file, tmp_pat
     with pytest.raises(probe.ProbeError, match=r"fits about \d+ labelled items .* needs about [\d.]+ min"):
         probe.run_probe(str(model_dir), load_sts(sts_file), tmp_path, budget=probe.Budget(seconds=0.001),
                         templates=("plain",), say=lambda *a, **k: None)
+
+
+def test_a_corpus_job_from_the_recipe_uses_the_probed_pieces_and_records_the_probe(ray_local, probed, tmp_path):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.jobs import run_job
+    from pipeline.storage import Output
+    from pipeline.transforms import Transform
+
+    out, result = probed
+    first_fitted = next(i for i, e in enumerate(result["recipe"]) if e.get("transform_path"))
+    entry = result["recipe"][first_fitted]
+    (tmp_path / "corpus").mkdir()
+    texts = [f"the red car number {i} ran fast" for i in range(30)]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "corpus" / "a.parquet")
+    spec = (out / "job.yaml").read_text().replace("CORPUS_URL  # the Parquet corpus to embed",
+                                                  str(tmp_path / "corpus"))
+    spec = spec.replace("output: out/jobs", f"output: {tmp_path / 'jobs'}")
+    spec = spec.replace("  recipe:", f"  recipe_top: {first_fitted + 1}\n  recipe:")
+
+    spec = re.sub(r"  layers: .*", "  layers: all", spec)  # the grid the probe saw covers every recipe source
+    spec = re.sub(r"  poolings: .*", "  poolings: [last, mean, wmean, mean_nosink, wmean_nosink]", spec)
+    spec = re.sub(r"  templates: .*", "  templates: [plain, prompteol]", spec)
+    (tmp_path / "job.yaml").write_text(spec)
+    summary = run_job(str(tmp_path / "job.yaml"), progress=False, stream=io.StringIO())
+    root = next((tmp_path / "jobs").glob("*/v-*"))
+    manifest = Output(str(root)).read_manifest()
+    assert manifest["probe"]["sha256"] and manifest["probe"]["variants"][-1] == entry["variant"]
+    derived = manifest["derived"][entry["variant"]]
+    got = Transform.load(root / derived["transform"])
+    want = Transform.load(out / entry["transform_path"])
+    np.testing.assert_array_equal(got.mean, want.mean)
+    assert "probe" in derived["fitted_on"]
+    assert entry["variant"] in str(summary["indexes"]["built"])
