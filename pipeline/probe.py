@@ -626,8 +626,7 @@ class Recipe:
         """The request that embeds exactly the recipe's sources (truncated at its deepest layer)."""
         from .request import resolve
 
-        model = self.model.get("path") if Path(str(self.model.get("path", ""))).exists() else self.model["name"]
-        req = resolve(model, layers=",".join(map(str, self.layers())), poolings=",".join(self.poolings()),
+        req = resolve(self.model["name"], layers=",".join(map(str, self.layers())), poolings=",".join(self.poolings()),
                       templates=self.template_specs(),
                       max_length=self.settings["max_length"], append_eos=self.settings.get("append_eos", False),
                       digest=digest, **kw)
@@ -681,7 +680,7 @@ def _encode_with_progress(encoder, texts: list[str], say, label: str) -> dict[Va
     return {v: np.concatenate([p[v] for p in parts]) for v in parts[0]}
 
 
-def _sample_size(budget: Budget, data, encoder, say) -> int:
+def _sample_size(budget: Budget, data, encoder, say, max_docs: int | None = DEFAULT_DOCS) -> int:
     """Items that fit the budget: measured tokens/s on a warm-up, exact token counts per item."""
     n_all = len(data) if isinstance(data, StsData) else len(data.qrels)
     if budget.seconds is None:
@@ -698,7 +697,7 @@ def _sample_size(budget: Budget, data, encoder, say) -> int:
     texts_per_item = len(task.texts) / n_all
     if isinstance(data, BeirData):  # the corpus is embedded whatever the number of queries
         docs = len(data.doc_ids)
-        room = budget.seconds * 0.8 * rate / per_text - min(docs, DEFAULT_DOCS)
+        room = budget.seconds * 0.8 * rate / per_text - min(docs, max_docs or docs)
         items = int(room / max(texts_per_item - docs / n_all, 1.0))
     else:
         items = int(budget.seconds * 0.8 * rate / (per_text * texts_per_item))
@@ -728,7 +727,7 @@ def run_probe(model: str, labels, output: str | Path, *, budget: Budget | None =
     request = resolve(model, layers="all", poolings=poolings, templates=list(templates), max_length=max_length)
     encoder = Encoder.from_request(request)
     n_layers = request.model.n_layers
-    items = _sample_size(budget, labels, encoder, say)
+    items = _sample_size(budget, labels, encoder, say, max_docs)
     data = sample_labels(labels, items, max_docs, seed)
     check_labels(data, folds)
     task = make_task(data)

@@ -36,7 +36,7 @@ SIZES = (100, 300, 1000)
 def curve(task, per_item: dict, draws: int, seed: int = 0, full_tied: set | None = None) -> list[dict]:
     names = list(per_item)
     full = np.array([task.score(per_item[v]) for v in names])
-    best = names[int(np.argmax(full))]
+    best = names[int(np.nanargmax(full))]  # undefined (constant) scores are NaN
     rows = []
     rng = np.random.default_rng(seed)
     for size in [s for s in SIZES if s < task.n] + [task.n]:
@@ -47,9 +47,9 @@ def curve(task, per_item: dict, draws: int, seed: int = 0, full_tied: set | None
             win = names[int(np.nanargmax(sub))]
             same.append(win == best)
             tied.append(win in (full_tied or {best}))
-            ok = np.isfinite(sub)
+            ok = np.isfinite(sub) & np.isfinite(full)
             taus.append(st.kendalltau(sub[ok], full[ok]).statistic)
-            regrets.append(full.max() - full[names.index(win)])
+            regrets.append(np.nanmax(full) - full[names.index(win)])
         rows.append({"items": size, "draws": len(same), "same_winner": float(np.mean(same)),
                      "winner_in_full_tie": float(np.mean(tied)), "kendall_tau_median": float(np.median(taus)),
                      "kendall_tau_p10": float(np.quantile(taus, 0.1)), "regret_median": float(np.median(regrets)),
