@@ -266,7 +266,9 @@ def cmd_report(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(args.output, quick=args.quick, data=Path(args.data))
+    from .demo import DEMO_DATA
+
+    return run_demo(args.output, quick=args.quick, data=Path(args.data) if args.data else DEMO_DATA)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -384,10 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the default model on STS-B test and a SciFact subset: report + heatmaps")
     p.add_argument("--output", default="demo-output")
     p.add_argument("--quick", action="store_true", help="fewer texts, for a smoke test")
-    from .evaldata import default_data_dir
-
-    p.add_argument("--data", default=str(default_data_dir()),
-                   help="evaluation data folder with stsb/ and scifact/ (default: %(default)s)")
+    p.add_argument("--data", default=None,
+                   help="evaluation data folder with stsb/sts-test.csv and scifact/ (default: the demo data "
+                        "vendored in the package, pipeline/demo_data)")
     p.set_defaults(func=cmd_demo)
 
     from .bench import add_arguments as add_bench_arguments, run as cmd_bench

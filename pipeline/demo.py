@@ -19,6 +19,8 @@ DEMO_OPTIONS = dict(layers="all", poolings="last,mean,wmean,mean_nosink,wmean_no
                     dtype="float16")
 DEMO_MODEL = "smollm2-135m"
 SCIFACT_SUBSET = dict(max_queries=60, max_docs=400)  # a subset: scores are not comparable to published ones
+# STS-B test and exactly that SciFact subset, vendored with their licences (demo_data/README.md)
+DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
 
 
 def run_demo(output: str | Path, *, quick: bool, data: Path, model: str = DEMO_MODEL) -> int:

@@ -39,3 +39,31 @@ def test_demo_reports_the_bests_it_prints(ray_local, model_dir, tmp_path, capsys
         assert f"{dataset}: best {best['variant']} {best['metric']} = {best['score']:.2f} (L4.last: " in printed
         assert (out / f"heatmap_{dataset}.png").read_bytes()[:4] == b"\x89PNG"
         assert f"Best: **`{best['variant']}`**" in (out / "report.md").read_text()
+
+
+def test_vendored_demo_data_is_the_demo_subset_of_the_full_sets():
+    """The demo runs from the package's own copy (with its licences); it is exactly what it read from
+    the full sets (next test, where they are at hand)."""
+    from pipeline.demo import DEMO_DATA
+    from pipeline.evaldata import load_beir, load_sts
+
+    vendored = load_beir(DEMO_DATA / "scifact", split="test")
+    assert (len(vendored.query_ids), len(vendored.doc_ids)) == (60, 400)
+    assert len(load_sts(DEMO_DATA / "stsb" / "sts-test.csv")) == 1379
+    for licence in ("stsb/LICENSE.txt", "scifact/NOTICE.md", "README.md"):
+        assert (DEMO_DATA / licence).stat().st_size > 500
+
+
+def test_vendored_demo_data_equals_the_subset_of_the_full_sets():
+    from conftest import data_file
+
+    from pipeline.demo import DEMO_DATA, SCIFACT_SUBSET
+    from pipeline.evaldata import load_beir
+
+    vendored = load_beir(DEMO_DATA / "scifact", split="test")
+    n, docs = SCIFACT_SUBSET["max_queries"], SCIFACT_SUBSET["max_docs"]
+    full = load_beir(data_file("scifact"), split="test").subset(n, docs)
+    again = vendored.subset(n, docs)
+    assert (again.query_ids, again.doc_ids, again.doc_texts, again.qrels) == \
+        (full.query_ids, full.doc_ids, full.doc_texts, full.qrels)
+    assert data_file("stsb", "sts-test.csv").read_bytes() == (DEMO_DATA / "stsb" / "sts-test.csv").read_bytes()
