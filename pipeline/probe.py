@@ -538,7 +538,8 @@ def refit(variant: Variant, task, vectors: dict[Variant, np.ndarray], out_dir: P
             weights = np.full(len(variant.sources), 1.0 / len(variant.sources))
         entry["weights"] = [float(w) for w in weights]
     if variant.transform != "none":
-        src = fit_vectors if fit_vectors is not None else {v: m[task.fit_rows(all_items)] for v, m in vectors.items()}
+        rows = task.fit_rows(all_items)
+        src = fit_vectors if fit_vectors is not None else {v: vectors[v][rows] for v in variant.sources}
         x = apply_mix([src[s] for s in variant.sources], weights) if weights is not None else src[variant.sources[0]]
         t = fit_transform(variant.transform, [x], fitted_on={
             "source": fit_source if fit_vectors is not None else task.fit_label.replace(" of the training folds", "")})

@@ -1,7 +1,7 @@
 """``python -m pipeline.bench.probe_curve``: how big must a probe sample be?
 
 Embeds the whole labelled set once (every template x layer x pooling), then draws seeded
-subsamples of 100 / 300 / 1,000 labelled items (STS pairs or queries; retrieval keeps the
+subsamples of 100 / 300 / 500 / 1,000 labelled items (STS pairs or queries; retrieval keeps the
 whole sampled corpus) and, per size, measures against the full set:
 
 - how often the subsample's winner is the full set's winner, and how often it is one of the
@@ -30,7 +30,7 @@ from ..evaldata import load_beir, load_sts
 from ..probe import POOLINGS, TEMPLATES, _encode_with_progress, choose, make_task, sample_labels, score_variants
 from ..request import resolve
 
-SIZES = (100, 300, 1000)
+SIZES = (100, 300, 500, 1000)  # 500: the probe's default
 
 
 def curve(task, per_item: dict, draws: int, seed: int = 0, full_tied: set | None = None) -> list[dict]:
