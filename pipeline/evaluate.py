@@ -47,7 +47,7 @@ def text_id(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:24]
 
 
-def _unique(*parts: Sequence[str]) -> tuple[list[str], list[np.ndarray]]:
+def unique_texts(*parts: Sequence[str]) -> tuple[list[str], list[np.ndarray]]:
     """The unique texts of ``parts`` and, per part, each text's row in that list."""
     where: dict[str, int] = {}
     for part in parts:
@@ -93,7 +93,7 @@ def evaluate_sts(encoder: TextEncoder, data: StsData, derivations: Derivations |
                  save_dir: str | Path | None = None) -> list[dict]:
     """Spearman and Pearson (x100) of cosine similarity vs gold, for every variant (and derived one).
     Fitted pieces (learned mix weights, transforms) are stored under ``save_dir`` when given."""
-    texts, (rows1, rows2) = _unique(data.sentence1, data.sentence2)
+    texts, (rows1, rows2) = unique_texts(data.sentence1, data.sentence2)
     out = []
     for variant, m, record in _scored(encoder, encoder.encode(texts), derivations, data.name, save_dir,
                                       fit_label=f"{data.name}/{data.split} sentences"):
@@ -110,7 +110,7 @@ def evaluate_retrieval(encoder: TextEncoder, data: BeirData, derivations: Deriva
     queries and documents are embedded under their own templates and every variant is the pair
     ``QUERY~DOC`` of the same layer and pooling (E5-Mistral / GTE-Qwen2 style instructions).
     """
-    texts, (doc_rows, query_rows) = _unique(data.doc_texts, data.query_texts)
+    texts, (doc_rows, query_rows) = unique_texts(data.doc_texts, data.query_texts)
     q_t, d_t = query_template or "plain", doc_template or "plain"
     asymmetric = (query_template or doc_template) and q_t != d_t
     out, waiting = [], {}  # asymmetric: a variant's query side waits for its document side, or back

@@ -41,6 +41,7 @@ import numpy as np
 from . import stats
 from .derive import Reader, learn_mix
 from .evaldata import BeirData, StsData
+from .evaluate import unique_texts
 from .metrics import l2_normalize, per_query_scores, search_run
 from .mixes import apply_mix
 from .signals import EXPECTED_SIGN, SIGNALS, signals
@@ -128,12 +129,8 @@ class StsTask:
     kind, metric = "sts", "cosine_spearman"
 
     def __init__(self, data: StsData):
-        where: dict[str, int] = {}
-        for t in [*data.sentence1, *data.sentence2]:
-            where.setdefault(t, len(where))
-        self.data, self.texts = data, list(where)
-        self.rows1 = np.array([where[t] for t in data.sentence1])
-        self.rows2 = np.array([where[t] for t in data.sentence2])
+        self.data = data
+        self.texts, (self.rows1, self.rows2) = unique_texts(data.sentence1, data.sentence2)
         self.gold = np.asarray(data.scores, dtype=np.float64)
         self.n = len(data)
         self.groups = _components(self.rows1, self.rows2, len(self.texts))
@@ -177,14 +174,11 @@ class RetrievalTask:
     kind, metric = "retrieval", "ndcg_at_10"
 
     def __init__(self, data: BeirData):
-        where: dict[str, int] = {}
-        for t in [*data.doc_texts, *data.query_texts]:
-            where.setdefault(t, len(where))
-        self.data, self.texts = data, list(where)
-        self.doc_rows = np.array([where[t] for t in data.doc_texts])
-        qtext = dict(zip(data.query_ids, data.query_texts))
+        self.data = data
+        self.texts, (self.doc_rows, query_rows) = unique_texts(data.doc_texts, data.query_texts)
+        row_of = dict(zip(data.query_ids, query_rows))
         self.query_ids = sorted(data.qrels)  # items, in per_query_scores' order
-        self.query_rows = np.array([where[qtext[q]] for q in self.query_ids])
+        self.query_rows = np.array([row_of[q] for q in self.query_ids])
         self.n = len(self.query_ids)
         self.groups = np.arange(self.n)
 
