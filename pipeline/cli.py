@@ -230,6 +230,7 @@ def cmd_probe(args) -> int:
 
     labels = load_beir(args.labels, split=args.split) if Path(args.labels).is_dir() else load_sts(args.labels)
     result = run_probe(args.model, labels, args.output, budget=Budget.parse(args.budget), corpus=args.corpus,
+                       text_column=args.text_column,
                        templates=[t.strip() for t in args.templates.split(",")] if "{text}" not in args.templates
                        else [args.templates], poolings=args.poolings,
                        transforms=[t for t in parse_transforms(args.transforms) if t != "none"],
@@ -362,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", default=None, help="unlabelled sample of your corpus (Parquet with a 'text' column, "
                                                   "or one text per line): transforms are fitted and label-free "
                                                   "signals computed on it")
+    p.add_argument("--text-column", default="text", help="the --corpus Parquet file's text column (default: "
+                                                         "%(default)s); also written into job.yaml")
     p.add_argument("--budget", default=None, help=f"labelled items to sample (default {pr.DEFAULT_ITEMS}) or a time "
                                                   "for the forward passes (5m, 90s)")
     p.add_argument("--output", required=True)

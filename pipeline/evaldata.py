@@ -93,17 +93,17 @@ class BeirData:
         )
 
 
-def read_texts(path: str | Path) -> list[str]:
-    """Unlabelled texts: a Parquet file's ``text`` column, or a text file with one text per line."""
+def read_texts(path: str | Path, column: str = "text") -> list[str]:
+    """Unlabelled texts: a Parquet file's ``column``, or a text file with one text per line."""
     path = Path(path)
     if path.suffix.lower() == ".parquet":
         try:
-            table = pq.read_table(path, columns=["text"])
+            table = pq.read_table(path, columns=[column])
         except FileNotFoundError:
             raise EvalDataError(f"{path}: file not found") from None
         except (KeyError, ValueError) as e:
-            raise EvalDataError(f"{path}: no 'text' column ({e})") from None
-        texts = [t for t in table.column("text").to_pylist() if t and t.strip()]
+            raise EvalDataError(f"{path}: no {column!r} column ({e})") from None
+        texts = [t for t in table.column(column).to_pylist() if t and t.strip()]
     else:
         texts = [line for _, line in _read_lines(path)]
     if not texts:

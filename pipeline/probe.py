@@ -735,7 +735,7 @@ def run_probe(model: str, labels, output: str | Path, *, budget: Budget | None =
     if corpus:
         from .evaldata import read_texts
 
-        texts = list(dict.fromkeys(t for t in read_texts(corpus) if t.strip()))
+        texts = list(dict.fromkeys(t for t in read_texts(corpus, text_column) if t.strip()))
         rng = np.random.default_rng(seed)
         texts = [texts[i] for i in np.sort(rng.choice(len(texts), size=min(len(texts), SIGNAL_TEXTS),
                                                         replace=False))]

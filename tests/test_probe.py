@@ -385,3 +385,20 @@ def test_a_corpus_job_from_the_recipe_uses_the_probed_pieces_and_records_the_pro
     np.testing.assert_array_equal(got.mean, want.mean)
     assert "probe" in derived["fitted_on"]
     assert entry["variant"] in str(summary["indexes"]["built"])
+
+
+def test_a_corpus_sample_fits_the_transforms_and_carries_the_signals(model_dir, sts_file, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.evaldata import load_sts
+
+    corpus = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"body": [f"a blue house with {i} green trees" for i in range(40)] + ["", "  "]}), corpus)
+    result = probe.run_probe(str(model_dir), load_sts(sts_file), tmp_path / "out", corpus=str(corpus),
+                             text_column="body", templates=("plain",), transforms=("center",),
+                             mixes="all,learned:all", resamples=100, say=lambda *a, **k: None)
+    fitted = [r for r in result["ranked"] if r["transform"] == "center"]
+    assert fitted and all("40 texts sampled from" in r["fitted_on"] for r in fitted)
+    assert result["signals"]["on"].startswith("40 texts sampled from")
+    assert "text_column: body" in (tmp_path / "out" / "job.yaml").read_text()
