@@ -34,7 +34,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -180,7 +180,7 @@ class RetrievalTask:
         self.query_ids = sorted(data.qrels)  # items, in per_query_scores' order
         self.query_rows = np.array([row_of[q] for q in self.query_ids])
         self.n = len(self.query_ids)
-        self.groups = np.arange(self.n)
+        self.groups = self.query_rows  # queries with the same text stay in one fold
 
     def per_item(self, m: np.ndarray, idx: np.ndarray) -> np.ndarray:
         """nDCG@10 (x100) of each query in ``idx`` (sorted) by exact search over every document."""
@@ -238,6 +238,9 @@ def check_labels(data: StsData | BeirData, folds: int) -> None:
             raise ProbeError(f"{data.name}: {len(unjudged)} quer(y/ies) have no relevant document in the corpus (first:"
                              f" {unjudged[0]!r}); their texts are missing from corpus.jsonl")
         n, unit = len(data.qrels), "queries"
+    if folds < 2:
+        raise ProbeError(f"--folds {folds}: cross-fitting needs at least 2 folds (each fitted piece is scored on "
+                         f"the fold it did not see)")
     need = max(folds * MIN_PER_FOLD, 2 * MIN_PER_FOLD)
     if n < need:
         raise ProbeError(f"{data.name}: {n} labelled {unit}, too few for {folds}-fold cross-fitting and the "
@@ -294,9 +297,24 @@ class _Vectors:
         self.row = {t: i for i, t in enumerate(texts)}
         self.vectors = vectors
 
-    def encode(self, texts: Sequence[str]) -> dict[Variant, np.ndarray]:
-        idx = np.array([self.row[t] for t in texts])
-        return {v: m[idx] for v, m in self.vectors.items()}
+    def encode(self, texts: Sequence[str]) -> "_Rows":
+        return _Rows(self.vectors, np.array([self.row[t] for t in texts], dtype=np.int64))
+
+
+class _Rows(Mapping):
+    """{variant: its vectors of some rows}, sliced only when a variant is read (a mix reads its layers)."""
+
+    def __init__(self, vectors: dict[Variant, np.ndarray], idx: np.ndarray):
+        self.vectors, self.idx = vectors, idx
+
+    def __getitem__(self, v: Variant) -> np.ndarray:
+        return self.vectors[v][self.idx]
+
+    def __iter__(self):
+        return iter(self.vectors)
+
+    def __len__(self) -> int:
+        return len(self.vectors)
 
 
 # --------------------------------------------------------------------------- the probe
@@ -340,6 +358,12 @@ def score_variants(task, vectors: dict[Variant, np.ndarray], *, n_layers: int, m
     counts = stats.resample_counts(task.n, resamples, seed)
     boot = task.bootstrap(counts)
     fold = fold_ids(task.groups, folds, seed)
+    sizes = np.bincount(fold, minlength=folds)
+    if (task.n - sizes.max()) < MIN_PER_FOLD or (sizes == 0).any():
+        largest = int(np.bincount(np.unique(task.groups, return_inverse=True)[1]).max())
+        raise ProbeError(f"{folds} folds of {task.n} labelled items leave a fold empty or too little to fit on "
+                         f"(fold sizes {sizes.tolist()}); items sharing a text stay together and the largest such "
+                         f"group has {largest}: use fewer folds or labels whose pairs share fewer sentences")
     all_items = np.arange(task.n)
     out: list[Scored] = []
 
@@ -479,7 +503,7 @@ def signal_agreement(table: dict[Variant, dict[str, float]], scored: list[Scored
     from scipy import stats as st
 
     score = {s.variant: s.score for s in scored if s.variant in table}
-    cells = sorted(score, key=lambda v: -score[v])
+    cells = [s.variant for s in _ranked([s for s in scored if s.variant in table])]  # undefined scores last
     out = {}
     for name in SIGNALS:
         x = np.array([EXPECTED_SIGN[name] * table[v][name] for v in cells])
@@ -496,7 +520,7 @@ def signal_agreement(table: dict[Variant, dict[str, float]], scored: list[Scored
             b = np.array([score[v] for v in vs])
             if len(vs) > 2 and np.ptp(a) > 0 and np.ptp(b) > 0:
                 within.append(st.spearmanr(a, b).statistic)
-        out[name] = {"spearman_x100": round(100 * rho, 2), "pick": pick.name, "pick_score": round(score[pick], 4),
+        out[name] = {"spearman_x100": round(100 * rho, 2) if np.isfinite(rho) else None, "pick": pick.name, "pick_score": round(score[pick], 4),
                      "pick_rank": cells.index(pick) + 1, "of": len(cells),
                      "within_curves_spearman_x100": round(100 * float(np.mean(within)), 2) if within else None,
                      "same_best_layer": sum(sig_layer.get(k) == lay for k, lay in best_layer.items()),
@@ -774,7 +798,7 @@ def run_probe(model: str, labels, output: str | Path, *, budget: Budget | None =
         "ranked": [s.row() for s in ranked],
     }
     _write_json(out / "probe.json", result)
-    (out / "job.yaml").write_text(job_yaml(result, out / "probe.json", corpus, text_column))
+    (out / "job.yaml").write_text(job_yaml(result, out / "probe.json", text_column))
     write_probe_report(result, scored, choice, out)
     result["seconds"]["total"] = round(time.perf_counter() - t0, 1)
     _write_json(out / "probe.json", result)
@@ -799,7 +823,7 @@ def _write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
-def job_yaml(result: dict, probe_path: Path, corpus: str | None, text_column: str) -> str:
+def job_yaml(result: dict, probe_path: Path, text_column: str) -> str:
     """A ``strata run`` spec embedding the recipe's variants over a corpus."""
     r = Recipe.load(probe_path, top=1)
     templates = r.template_specs()
@@ -809,7 +833,7 @@ def job_yaml(result: dict, probe_path: Path, corpus: str | None, text_column: st
         "#   strata run job.yaml --dry-run && strata run job.yaml",
         f"name: {_safe(Path(result['model']['name']).name).strip('_.').lower() or 'model'}-probe-winner",
         "input:",
-        f"  location: {json.dumps(corpus) if corpus else 'CORPUS_URL  # the Parquet corpus to embed'}",
+        "  location: CORPUS_URL  # the Parquet corpus to embed (any fsspec URL)",
         f"  text_column: {text_column}",
         f"model: {json.dumps(result['model']['name'])}",
         "variants:",
@@ -889,7 +913,8 @@ def write_probe_report(result: dict, scored: list[Scored], choice: Choice, out: 
               "| the signal's pick | its score | its rank |", "|---|---:|---:|---:|---|---:|---:|"]
     for name, a in result["signals"]["agreement"].items():
         within = "–" if a["within_curves_spearman_x100"] is None else f"{a['within_curves_spearman_x100']:.1f}"
-        lines.append(f"| {name} | {a['spearman_x100']:.1f} | {within} | {a['same_best_layer']} of {a['curves']} | "
+        rho = "–" if a["spearman_x100"] is None else f"{a['spearman_x100']:.1f}"
+        lines.append(f"| {name} | {rho} | {within} | {a['same_best_layer']} of {a['curves']} | "
                      f"`{md_cell(a['pick'])}` | {a['pick_score']:.2f} | {a['pick_rank']} of {a['of']} |")
     lines += ["", "## What each piece saw", "",
               f"- Labels: {result['labels']['items']:,} of {result['labels']['of']:,} items of "

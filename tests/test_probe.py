@@ -240,6 +240,18 @@ def test_budget_parsing():
 def test_labels_too_few_for_the_folds_name_the_minimum():
     with pytest.raises(probe.ProbeError, match=r"12 labelled pairs.*at least 50"):
         probe.check_labels(_sts(12), 5)
+    with pytest.raises(probe.ProbeError, match="at least 2 folds"):
+        probe.check_labels(_sts(60), 1)
+
+
+def test_folds_that_cannot_be_formed_are_refused_naming_the_largest_group():
+    n = 60  # every pair shares its first sentence: one group, so one fold would hold everything
+    data = StsData("hub", ["the same anchor"] * n, [f"candidate {i}" for i in range(n)],
+                   np.random.default_rng(0).uniform(0, 5, n))
+    task = probe.make_task(data)
+    with pytest.raises(probe.ProbeError, match=r"largest such group has 60"):
+        probe.score_variants(task, _vectors(task), n_layers=3, mixes="", transforms=(), resamples=20,
+                             say=lambda *a, **k: None)
 
 
 def test_labels_with_missing_texts_are_refused():
@@ -366,7 +378,7 @@ def test_a_corpus_job_from_the_recipe_uses_the_probed_pieces_and_records_the_pro
     (tmp_path / "corpus").mkdir()
     texts = [f"the red car number {i} ran fast" for i in range(30)]
     pq.write_table(pa.table({"text": texts}), tmp_path / "corpus" / "a.parquet")
-    spec = (out / "job.yaml").read_text().replace("CORPUS_URL  # the Parquet corpus to embed",
+    spec = (out / "job.yaml").read_text().replace("CORPUS_URL  # the Parquet corpus to embed (any fsspec URL)",
                                                   str(tmp_path / "corpus"))
     spec = spec.replace("output: out/jobs", f"output: {tmp_path / 'jobs'}")
     spec = spec.replace("  recipe:", f"  recipe_top: {first_fitted + 1}\n  recipe:")
