@@ -120,9 +120,18 @@ def test_the_example_jobs_do_what_their_comments_say():
 
 def test_demo_data_paths_exist_relative_to_the_project_root(monkeypatch):
     monkeypatch.chdir(ROOT)  # relative paths in specs resolve against the working directory
+    shared = (ROOT.parent / "shared").exists()
+    unchecked = []
     for path in JOBS:
         for ev in load_spec(path).evaluations:
+            if ev.data.startswith("../shared/") and not shared:
+                unchecked.append(f"{path.name}: {ev.data}")
+                continue
             assert Path(ev.data).exists(), f"{path.name}: {ev.data}"
+    assert any("demo_data" in str(ev.data) for ev in load_spec(ROOT / "jobs" / "demo.yaml").evaluations)
+    if unchecked:
+        pytest.skip(f"no ../shared beside the checkout: {len(unchecked)} path(s) into it unchecked "
+                    f"({unchecked[0]}, ...)")
 
 
 # --------------------------------------------------------------------------- KubeRay
