@@ -201,6 +201,7 @@ def eval_recipe(args, data, engine: str) -> int:
     from .evaluate import evaluate_retrieval, evaluate_sts, make_encoder
     from .probe import Recipe, RecipeEncoder
     from .report import merge_results
+    from .variants import Variant
 
     recipe = Recipe.load(args.recipe, top=args.top)
     request = recipe.request(digest=True)
@@ -209,8 +210,6 @@ def eval_recipe(args, data, engine: str) -> int:
     rows = evaluate_sts(encoder, data) if isinstance(data, StsData) else evaluate_retrieval(encoder, data)
     fitted = {e["variant"]: recipe.fitted_on(e) for e in recipe.entries}
     for r in rows:
-        from .variants import Variant
-
         note = fitted.get(Variant.from_row(r).name)
         if note:
             r["fitted_on"] = note + f" (recipe {recipe.path})"
