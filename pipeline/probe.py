@@ -45,6 +45,7 @@ from .evaluate import unique_texts
 from .metrics import l2_normalize, per_query_scores, search_run
 from .mixes import apply_mix
 from .signals import EXPECTED_SIGN, SIGNALS, signals
+from .storage import safe_name
 from .transforms import Transform, check_fit_size
 from .transforms import fit as fit_transform
 from .variants import SpecError, Variant, mix_variants, parse_mixes
@@ -329,7 +330,7 @@ class Scored:
 
     @property
     def depth(self) -> int:
-        return max(s.layer for s in self.variant.sources) if self.variant.mix else self.variant.layer
+        return self.variant.layer  # a mix's layer is its deepest source (variants.py): where the pass stops
 
     @property
     def cost(self) -> tuple:
@@ -561,15 +562,11 @@ def refit(variant: Variant, task, vectors: dict[Variant, np.ndarray], out_dir: P
         x = apply_mix([src[s] for s in variant.sources], weights) if weights is not None else src[variant.sources[0]]
         t = fit_transform(variant.transform, [x], fitted_on={
             "source": fit_source if fit_vectors is not None else task.fit_label.replace(" of the training folds", "")})
-        path = Path("pieces") / _safe(variant.name)
+        path = Path("pieces") / safe_name(variant.name)
         t.save(out_dir / path)
         entry["transform_path"] = str(path)
         entry["transform_fitted_on"] = t.fitted_on
     return entry
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
 @dataclass
@@ -831,7 +828,7 @@ def job_yaml(result: dict, probe_path: Path, text_column: str) -> str:
         f"# Written by strata probe: the chosen variant {result['chosen']['variant']} of {result['model']['name']}",
         f"# (score {result['chosen']['score']:.2f} on the probe sample). Set input.location to the corpus, then",
         "#   strata run job.yaml --dry-run && strata run job.yaml",
-        f"name: {_safe(Path(result['model']['name']).name).strip('_.').lower() or 'model'}-probe-winner",
+        f"name: {safe_name(Path(result['model']['name']).name).lower()}-probe-winner",
         "input:",
         "  location: CORPUS_URL  # the Parquet corpus to embed (any fsspec URL)",
         f"  text_column: {text_column}",
@@ -905,7 +902,7 @@ def write_probe_report(result: dict, scored: list[Scored], choice: Choice, out: 
         if choice.chosen.variant.is_raw and choice.chosen.variant.template == template:
             best = {"metric": metric, **choice.chosen.variant.row_fields}
         path = plot_heatmap(rows, metric, f"{result['model']['name']} / {result['labels']['data']} ({template})",
-                            out / f"heatmap_{_safe(template)}.png", best, template, marked=marked)
+                            out / f"heatmap_{safe_name(template)}.png", best, template, marked=marked)
         lines.append(f"![{template}]({path.name})")
     lines += ["", "## Label-free signals", "", f"Computed on {result['signals']['on']}. Spearman x100 between "
               "the signal (signed so that higher should be better) and the labelled score across the raw cells.", "",
