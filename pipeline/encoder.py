@@ -95,7 +95,56 @@ def find_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
     for _, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == n:
             return module
-    raise ValueError(f"cannot find the {n} transformer blocks of {type(model).__name__}")
+    raise models.ModelError(f"Strata cannot truncate {type(model).__name__}: no list of its {n} transformer blocks "
+                            "was found, so a layer's output cannot be captured safely")
+
+
+# Relative error allowed between a captured layer and the full model's hidden_states[i] in the
+# load-time check: both passes run the same operations, so only the last layer (read from the
+# model's output either way) and low-precision kernels may differ at all.
+TRUNCATION_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
+
+
+@torch.inference_mode()
+def check_truncation(encoder: "Encoder") -> None:
+    """Refuse a model whose captured layers are not its ``hidden_states[i]``.
+
+    Runs two short rows (one padded) through the full model with ``output_hidden_states`` and
+    through Strata's hooks, and compares every layer 0..N on the real tokens. Families differ in
+    where they scale embeddings, apply final norms or keep their blocks; this check finds out
+    per model instead of trusting a list.
+    """
+    model, n = encoder.model, encoder.n_layers
+    name = type(model).__name__
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    if vocab < 8:
+        raise models.ModelError(f"Strata cannot check truncation of {name}: config has no usable vocab_size")
+    ids = torch.tensor([[3, 5, 7, 4, 6, 2], [4, 7, 3, 0, 0, 0]], dtype=torch.long) % vocab
+    mask = torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0]], dtype=torch.long)
+    ids, mask = ids.to(encoder.device), mask.to(encoder.device)
+    position_ids = (mask.cumsum(dim=1) - 1).clamp_min(0)
+    try:
+        full = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                     output_hidden_states=True).hidden_states
+        got = encoder.hidden_states(ids, mask, range(n + 1))
+    except Exception as e:  # an architecture whose forward Strata cannot drive
+        raise models.ModelError(f"Strata cannot run {name} layer by layer: {type(e).__name__}: {e}") from None
+    if full is None or len(full) != n + 1:
+        raise models.ModelError(f"Strata cannot truncate {name}: it does not report {n + 1} hidden states")
+    tol = TRUNCATION_TOLERANCE.get(next(model.parameters()).dtype, 2e-2)
+    real = mask.bool()
+    for layer in range(n + 1):
+        a, b = got.get(layer), full[layer]
+        if a is None or a.shape != b.shape:
+            raise models.ModelError(
+                f"Strata cannot truncate {name} safely: its layer {layer} cannot be captured with the shape of "
+                f"hidden_states[{layer}]; this architecture is not supported")
+        a, b = a[real].double(), b[real].double()
+        err = float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+        if err > tol:
+            raise models.ModelError(
+                f"Strata cannot truncate {name} safely: its captured layer {layer} differs from the full model's "
+                f"hidden_states[{layer}] (relative error {err:.1e}); this architecture is not supported")
 
 
 def pick_device(device: str | None = "auto") -> torch.device:
@@ -146,6 +195,7 @@ class Encoder:
                 for layer in sorted({v.layer for v in self.variants if v.template == t})}
             for t in self.templates}
         self.blocks = find_blocks(model)
+        check_truncation(self)
         pad = tokenizer.pad_token_id
         if pad is None:
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0

