@@ -28,8 +28,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="prompt templates: built-in names (plain, prompteol, echo) comma-separated, or one template "
                         "string with a {text} slot (default: %(default)s)")
     g.add_argument("--append-eos", action="store_true", help="end every sequence with the EOS token")
-    g.add_argument("--max-length", type=int, default=512)
-    g.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="output dtype")
+    g.add_argument("--max-length", type=int, default=None,
+                   help="tokens per text (default: the model's own: sentence_bert_config.json, else the tokenizer's "
+                        "model_max_length, else 512)")
+    g.add_argument("--dtype", choices=["float32", "float16", "int8", "binary"], default="float32",
+                   help="output dtype; int8 (per-dimension ranges) and binary (sign bits) are quantised: README "
+                        "'Quantised outputs' (default: %(default)s)")
     g.add_argument("--normalize", action="store_true", help="L2-normalise every embedding")
     g.add_argument("--batch-tokens", type=int, default=None,
                    help="padded tokens per forward pass (default: 4096 on CPU, 16384 on GPU)")
@@ -43,11 +47,13 @@ def request_from_args(args, *, digest: bool = True):
 
     resources = Resources(actors=getattr(args, "actors", None), gpus_per_actor=getattr(args, "gpus_per_actor", None),
                           ray_address=getattr(args, "ray_address", None))
-    return resolve(args.model, layers=args.layers, poolings=args.poolings, max_length=args.max_length,
-                   dtype=args.dtype, normalize=args.normalize, batch_tokens=args.batch_tokens,
-                   output_format=getattr(args, "format", "parquet"), resources=resources,
-                   trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, digest=digest,
-                   templates=args.templates, append_eos=args.append_eos)
+    request = resolve(args.model, layers=args.layers, poolings=args.poolings, max_length=args.max_length,
+                      dtype=args.dtype, normalize=args.normalize, batch_tokens=args.batch_tokens,
+                      output_format=getattr(args, "format", "parquet"), resources=resources,
+                      trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, digest=digest,
+                      templates=args.templates, append_eos=args.append_eos)
+    print(f"{request.model.name}: {request.max_length_line()}")
+    return request
 
 
 def cmd_encode(args) -> int:
@@ -58,6 +64,8 @@ def cmd_encode(args) -> int:
     from .variants import mix_variants, parse_mixes
 
     texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if args.dtype in ("int8", "binary"):
+        raise ValueError(f"strata encode prints float vectors; --dtype {args.dtype} applies to embed, eval and run")
     request = request_from_args(args, digest=False)
     mixes = parse_mixes(args.mixes, request.model.n_layers)
     mix_variants(request.variants, mixes)
@@ -81,13 +89,17 @@ def cmd_embed(args) -> int:
 
     request = request_from_args(args)
     transforms = parse_transforms(args.transforms)  # bad names refused before any work
+    if args.dtype in ("int8", "binary") and (args.mixes or set(transforms) != {"none"}):
+        raise ValueError(f"--dtype {args.dtype}: derived variants (--mixes, --transforms) are computed from float "
+                         "columns; embed with --dtype float32 or float16 to derive them")
     mixes = parse_mixes(args.mixes, request.model.n_layers)
     mix_variants(request.variants, mixes)
     labels = _mix_labels(args)
     if any(kind == "learned" for kind, _, _ in mixes) and labels is None:
         raise ValueError("a learned mix needs training labels (--mix-labels: STS pairs or a BEIR folder)")
     summary = embed(request, args.input, args.output, text_column=args.text_column, id_column=args.id_column,
-                    force=args.force, progress=not args.quiet)
+                    force=args.force, progress=not args.quiet, calibration_rows=args.calibration_rows,
+                    int8_ranges=args.int8_ranges)
     print(summary.line())
     if args.mixes or set(transforms) != {"none"}:
         derived = add_to_output(args.output, args.mixes, transforms, request=request, mix_labels=labels)
@@ -110,8 +122,9 @@ def cmd_index(args) -> int:
     if args.mixes or args.transforms != "none":  # fitted on this output's rows, then indexed too
         add_to_output(args.output, args.mixes, args.transforms)
     variants = [v for v in (args.variants or "").split(",") if v] or None
-    for v, params in build_indexes(args.output, variants, args.kind).items():
-        print(f"{v.name}: {params['kind']} index of {params['rows']:,} x {params['dim']} -> "
+    for v, params in build_indexes(args.output, variants, args.kind, rescore=args.rescore).items():
+        quantized = f" {params['dtype']}" if params.get("rescore") is not None else ""
+        print(f"{v.name}: {params['kind']}{quantized} index of {params['rows']:,} x {params['dim']} -> "
               f"indexes/{index_path('', v).name}")
     return 0
 
@@ -178,13 +191,14 @@ def cmd_eval(args) -> int:
                          "is fitted once and applied to both sides, which have different templates here)")
     request = request_from_args(args, digest=engine == "ray")
     derivations = derivations_from_args(args, data, request.model.n_layers, request.variants, request.model.dim)
+    quantized = _quantized(args)
     encoder = make_encoder(request, engine, args.output, force=args.force, progress=not args.quiet)
     t0 = time.perf_counter()
     if args.task == "sts":
-        rows = eval_sts(data, args.output, encoder, derivations)
+        rows = eval_sts(data, args.output, encoder, derivations, quantized=quantized)
     else:
         rows = eval_retrieval(data, args.output, encoder, derivations, query_template=pair and pair[0].name,
-                              doc_template=pair and pair[1].name)
+                              doc_template=pair and pair[1].name, quantized=quantized)
     print(f"{data.name}: {n_texts:,} unique texts, {len(request.variants)} embedded variants, "
           f"{len({(r['layer'], r['pooling'], r['template'], r['mix'], r['transform']) for r in rows})} scored, "
           f"engine {engine}, {time.perf_counter() - t0:.1f}s")
@@ -193,6 +207,17 @@ def cmd_eval(args) -> int:
         print(f"{dataset}: best {best['variant']} {best['metric']} = {best['score']:.2f}{fitted}")
     print(f"results: {args.output}/eval/results.json")
     return 0
+
+
+def _quantized(args):
+    """``strata eval --dtype int8|binary``: score as a quantised output's index would (else None)."""
+    from .quantize import Quantized, is_quantized
+
+    if not is_quantized(args.dtype):
+        if args.rescore:
+            raise ValueError("--rescore re-scores a quantised index's candidates: use it with --dtype int8 or binary")
+        return None
+    return Quantized(args.dtype, rescore=args.rescore, calibration_rows=args.calibration_rows)
 
 
 def eval_recipe(args, data, engine: str) -> int:
@@ -207,7 +232,9 @@ def eval_recipe(args, data, engine: str) -> int:
     request = recipe.request(digest=True)
     encoder = RecipeEncoder(recipe, make_encoder(request, engine, args.output, force=args.force,
                                                  progress=not args.quiet))
-    rows = evaluate_sts(encoder, data) if isinstance(data, StsData) else evaluate_retrieval(encoder, data)
+    quantized = _quantized(args)
+    rows = evaluate_sts(encoder, data, quantized=quantized) if isinstance(data, StsData) else \
+        evaluate_retrieval(encoder, data, quantized=quantized)
     fitted = {e["variant"]: recipe.fitted_on(e) for e in recipe.entries}
     for r in rows:
         note = fitted.get(Variant.from_row(r).name)
@@ -248,6 +275,16 @@ def _say(quiet: bool):
             return
         print(text, end=end, file=sys.stderr, flush=True)
     return say
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    record = export(args.source, args.variant, args.dir, force=args.force)
+    print(f"exported {record['variant']} of {record['model']} ({record['blocks_kept']} of {record['n_layers']} blocks, "
+          f"{record['dim']} dims) to {args.dir}")
+    print(f"serve: SentenceTransformer({str(args.dir)!r}, trust_remote_code=True).encode(texts)")
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -295,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id-column", default=None, help="default: ids derived from shard path and row number")
     add_ray_options(p)
     p.add_argument("--format", choices=["parquet", "arrow"], default="parquet", help="embedding file format")
+    p.add_argument("--calibration-rows", type=int, default=1000,
+                   help="--dtype int8: calibrate the per-dimension ranges on the input's first N texts (default: "
+                        "%(default)s); a resumed output keeps its ranges")
+    p.add_argument("--int8-ranges", default=None,
+                   help="--dtype int8: take the ranges of an earlier output (or its quantization/int8_ranges.parquet) "
+                        "instead of calibrating, so the codes stay comparable with that output's index")
     p.add_argument("--transforms", default="none",
                    help="fit these on the output's own rows after embedding (none, center, abtt{k}, whiten{k}); "
                         "`strata index` then indexes e.g. 'L15.mean|whiten256'")
@@ -315,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first fit these on the output's rows (none, center, abtt{k}, whiten{k}); indexed as "
                         "e.g. 'L15.mean|whiten256'")
     p.add_argument("--mixes", default=None, help="first define uniform layer mixes ('a:b', 'all')")
+    p.add_argument("--rescore", type=int, default=0, metavar="M",
+                   help="int8/binary outputs: searches re-score M x k candidates with the float query (recorded in "
+                        "the index's JSON; 0: off)")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("eval", help="evaluate every variant on STS (Spearman) or BEIR retrieval (nDCG@10)")
@@ -342,6 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mix-labels-split", default="train", help="BEIR qrels split for learned mixes (default: train)")
     g.add_argument("--query-template", default=None, help="retrieval: the queries' template (name or string)")
     g.add_argument("--doc-template", default=None, help="retrieval: the documents' template (name or string)")
+    g = p.add_argument_group("quantised scoring (--dtype int8|binary: as the output's index would answer)")
+    g.add_argument("--rescore", type=int, default=0, metavar="M",
+                   help="retrieval: re-score M x k candidates with the float query (default: off)")
+    g.add_argument("--calibration-rows", type=int, default=1000,
+                   help="int8 ranges from the first N documents (STS: sentences) (default: %(default)s)")
     add_model_options(p)
     add_ray_options(p)
     p.add_argument("--recipe", default=None, help="evaluate exactly the variant(s) of a probe.json (strata probe), "
@@ -380,6 +431,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("export", help="write one variant as a sentence-transformers model folder",
+                       description="Write VARIANT of an embed output or a probe recipe to DIR as a sentence-transformers "
+                                   "model: the model truncated to the blocks it needs, the template, the pooling, "
+                                   "the normalisation, the mix and the fitted transform as recorded. Needs "
+                                   "sentence-transformers (pip install 'strata[serve]').")
+    p.add_argument("source", help="an embed output directory (manifest.json) or a probe recipe (probe.json or its "
+                                  "folder)")
+    p.add_argument("variant", help="e.g. L15.mean_nosink, prompteol/L30.last, L15.mean|whiten128")
+    p.add_argument("dir", help="the folder to write")
+    p.add_argument("--force", action="store_true", help="replace DIR when it holds a previous export")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="results table, best variant and layer x pooling heatmaps of an output")
     p.add_argument("dir")

@@ -213,6 +213,50 @@ def check_weight_format(src: ModelSource, where, allow_pickle: bool) -> None:
                          "run arbitrary code when loaded; convert them to safetensors or opt in with allow_pickle")
 
 
+MAX_LENGTH_FALLBACK = 512
+SANE_MODEL_MAX_LENGTH = 1_000_000  # tokenizers without a limit report ~1e30 (transformers' "very large")
+
+
+def _local_dir(where) -> Path | None:
+    p = Path(str(where))
+    if p.is_dir():
+        return p
+    try:  # an offline hub id: its cached snapshot
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(where), local_files_only=True))
+    except Exception:
+        return None
+
+
+def _json_int(path: Path, key: str) -> int | None:
+    try:
+        value = json.loads(path.read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def default_max_length(where) -> tuple[int, str]:
+    """The model's own maximum sequence length when the user gives none, and where it came from:
+    sentence-transformers' ``sentence_bert_config.json`` (``max_seq_length``, what MTEB's numbers
+    use), else the tokenizer's ``model_max_length`` when it is a real limit, else 512. Never more
+    than the config's ``max_position_embeddings``."""
+    d = _local_dir(where)
+    found = None
+    if d is not None:
+        if (n := _json_int(d / "sentence_bert_config.json", "max_seq_length")) is not None:
+            found = (n, "sentence_bert_config.json max_seq_length")
+        elif (n := _json_int(d / "tokenizer_config.json", "model_max_length")) is not None \
+                and n <= SANE_MODEL_MAX_LENGTH:
+            found = (n, "tokenizer model_max_length")
+    value, source = found or (MAX_LENGTH_FALLBACK, "Strata's default; the model names no limit")
+    limit = _json_int(d / "config.json", "max_position_embeddings") if d is not None else None
+    if limit is not None and value > limit:
+        value, source = limit, f"{source}, capped at config max_position_embeddings"
+    return value, source
+
+
 def depth(spec: str | None, *, trust_remote_code: bool = False, load: bool = True) -> int | None:
     """Number of blocks of a model: from the alias table or a directory's config.json when that
     is enough; otherwise (``load``) from the materialised model's config (a GGUF file is

@@ -18,7 +18,7 @@ from . import models
 from .templates import SLOT, Template, check_fits, parse_templates
 from .variants import Variant, make_variants
 
-OUTPUT_DTYPES = ("float32", "float16")
+OUTPUT_DTYPES = ("float32", "float16", "int8", "binary")  # int8/binary: quantised outputs (pipeline/quantize.py)
 OUTPUT_FORMATS = ("parquet", "arrow")
 # Padded tokens per forward pass when none is given. CPU: 4096 was the fastest of 4096-32768 in
 # two runs of `strata bench` (3-7% over 16384; BENCHMARKS.md). CUDA: larger batches keep the GPU
@@ -85,6 +85,7 @@ class Request:
     output_format: str = "parquet"
     resources: Resources = field(default_factory=Resources)
     templates: tuple[Template, ...] = (Template("plain", SLOT),)  # every template a variant names
+    max_length_source: str = "given"  # or where the model's own limit was read (models.default_max_length)
 
     def __post_init__(self):
         if not self.variants:
@@ -97,6 +98,10 @@ class Request:
             raise ValueError(f"output format {self.output_format!r}: choose {' or '.join(map(repr, OUTPUT_FORMATS))}")
         if self.settings.batch_tokens is None:
             raise ValueError("a resolved request has a concrete batch_tokens (use request.resolve)")
+        if self.settings.dtype == "binary":
+            from .quantize import check_dim
+
+            check_dim("binary", self.model.dim)  # one line naming the dim, before any work
 
     @property
     def layers(self) -> list[int]:
@@ -107,6 +112,10 @@ class Request:
         return [{"name": v.name, "column": v.column, "layer": v.layer, "pooling": v.pooling,
                  **({"template": v.template} if v.template != "plain" else {}), "dim": self.model.dim,
                  "dtype": self.settings.dtype, "normalized": self.settings.normalize} for v in self.variants]
+
+    def max_length_line(self) -> str:
+        """How long a text may be, and why: printed by the commands and kept in the manifest."""
+        return f"max length {self.settings.max_length} tokens ({self.max_length_source})"
 
     def template_texts(self) -> dict[str, str]:
         return {t.name: t.text for t in self.templates}
@@ -144,7 +153,7 @@ def device_type(device: str | None = "auto") -> str:
     return str(device).split(":")[0]
 
 
-def resolve(model: str | None = None, *, layers="-1", poolings="mean", max_length: int = 512,
+def resolve(model: str | None = None, *, layers="-1", poolings="mean", max_length: int | None = None,
             dtype: str = "float32", normalize: bool = False, batch_tokens: int | None = None,
             max_batch_rows: int = 256, output_format: str = "parquet", resources: Resources | None = None,
             device: str | None = "auto", trust_remote_code: bool = False, allow_pickle: bool = False,
@@ -153,20 +162,25 @@ def resolve(model: str | None = None, *, layers="-1", poolings="mean", max_lengt
 
     Loads the model's config only (and its tokenizer where a template must be checked against
     ``max_length``; a GGUF model is converted once into the cache), never its weights.
+    ``max_length`` None takes the model's own (``models.default_max_length``); the request's
+    ``max_length_source`` says where the value came from.
     ``templates``: built-in names or template strings (``pipeline.templates``), default plain. ``digest`` hashes the weight files (needed for manifests and job versions, not
     for in-process encoding). ``device`` picks the default batch budget: with no GPU here and
     GPU workers in a cluster, pass ``device='cuda'`` or a budget.
     """
     from transformers import AutoConfig
 
+    src = models.resolve(model)
+    where = str(models.materialize(src))
+    source = "given"
+    if max_length is None:
+        max_length, source = models.default_max_length(where)
     settings = EncodeSettings(max_length=max_length, dtype=dtype, normalize=normalize, batch_tokens=batch_tokens,
                               max_batch_rows=max_batch_rows, append_eos=append_eos, padding_side=padding_side)
     templates = parse_templates(templates)
     resources = resources or Resources()
     if resources.gpus_per_actor == 0:
         device = "cpu"
-    src = models.resolve(model)
-    where = str(models.materialize(src))
     models.check_weight_format(src, where, allow_pickle)  # here, not deep inside an actor
     try:
         cfg = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
@@ -183,4 +197,5 @@ def resolve(model: str | None = None, *, layers="-1", poolings="mean", max_lengt
         for t in templates:  # a template that leaves no room for the text: refused before any work
             check_fits(t, tokenizer, max_length, append_eos)
     return Request(model=info, variants=variants, settings=settings.for_device(device_type(device)),
-                   output_format=output_format, resources=resources, templates=templates)
+                   output_format=output_format, resources=resources, templates=templates,
+                   max_length_source=source)

@@ -72,8 +72,9 @@ def test_weights_digest_changes_with_weights(tmp_path):
 
 @pytest.mark.parametrize("spec, fragment", [("no-such-model", "unknown model"), ("./missing/dir", "unknown model")])
 def test_unknown_model_is_named(spec, fragment):
-    with pytest.raises(models.ModelError, match=fragment):
+    with pytest.raises(models.ModelError, match=fragment) as e:
         models.resolve(spec)
+    assert all(alias in str(e.value) for alias in models.ALIASES)  # the known aliases are listed
 
 
 def test_file_that_is_not_gguf(tmp_path):
@@ -81,3 +82,39 @@ def test_file_that_is_not_gguf(tmp_path):
     f.write_text("x")
     with pytest.raises(models.ModelError, match="not a .gguf"):
         models.resolve(str(f))
+
+
+def _model_dir(path, **files):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"max_position_embeddings": 2048}))
+    for name, content in files.items():
+        (path / f"{name}.json").write_text(json.dumps(content))
+    return path
+
+
+@pytest.mark.parametrize("files, expected, source", [
+    # sentence-transformers' own setting wins over the tokenizer's
+    (dict(sentence_bert_config={"max_seq_length": 256}, tokenizer_config={"model_max_length": 512}), 256,
+     "sentence_bert_config.json max_seq_length"),
+    (dict(tokenizer_config={"model_max_length": 1024}), 1024, "tokenizer model_max_length"),
+    # transformers' "no limit" placeholder is not a limit
+    (dict(tokenizer_config={"model_max_length": 1000000000000000019884624838656}), 512, "Strata's default"),
+    (dict(), 512, "Strata's default"),
+    # never past the position embeddings
+    (dict(tokenizer_config={"model_max_length": 4096}), 2048, "capped at config max_position_embeddings"),
+])
+def test_default_max_length_is_the_models_own(tmp_path, files, expected, source):
+    value, where = models.default_max_length(_model_dir(tmp_path / "m", **files))
+    assert value == expected
+    assert source in where
+
+
+def test_request_takes_the_models_max_length_unless_given():
+    from pipeline.request import resolve
+
+    minilm = resolve("all-minilm-l6-v2", digest=False)
+    assert minilm.settings.max_length == 256  # its sentence_bert_config.json, as MTEB runs it
+    assert "sentence_bert_config.json" in minilm.max_length_line()
+    given = resolve("all-minilm-l6-v2", max_length=100, digest=False)
+    assert (given.settings.max_length, given.max_length_source) == (100, "given")
+    assert resolve("smollm2-135m", digest=False).settings.max_length == 512  # its GGUF tokenizer names no limit

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeFloat, PositiveInt,
-                      PrivateAttr, ValidationError)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeFloat, NonNegativeInt,
+                      PositiveInt, PrivateAttr, ValidationError)
 
 from .. import models
 from ..models import DEFAULT_MODEL
@@ -174,8 +174,9 @@ class VariantsSpec(_Section):
 
 
 class EmbeddingSpec(_Section):
-    max_length: PositiveInt = 512
-    dtype: Literal["float32", "float16"] = "float32"
+    max_length: PositiveInt | None = None  # None: the model's own (models.default_max_length)
+    dtype: Literal["float32", "float16", "int8", "binary"] = "float32"  # int8/binary: quantised (pipeline/quantize.py)
+    calibration_rows: PositiveInt = 1000  # int8: ranges calibrated on the input's first rows
     normalize: bool = False
     batch_tokens: PositiveInt | None = None  # None: the encoder's default for the device
     format: Literal["parquet", "arrow"] = "parquet"
@@ -191,6 +192,7 @@ class ResourcesSpec(_Section):
 class IndexSpec(_Section):
     variants: Annotated[list[VariantName] | None, BeforeValidator(_all_to_none)] = None  # None = all
     kind: Literal["auto", "flat", "hnsw", "ivfpq"] = "auto"
+    rescore: NonNegativeInt = 0  # quantised outputs: re-score rescore x k candidates with float queries
 
 
 class StsEval(_Section):
@@ -402,6 +404,10 @@ def _cross_checks(spec: JobSpec) -> None:
             raise _Problem("indexes", "`input: null` means evaluation only: there is no corpus to index")
         if not spec.evaluations:
             raise _Problem("evaluations", "`input: null` (evaluation only) needs at least one evaluation")
+    if spec.embedding.dtype in ("int8", "binary") and (spec.variants.mixes or spec.variants.recipe
+                                                         or set(spec.variants.transforms) != {"none"}):
+        raise _Problem("embedding.dtype", f"{spec.embedding.dtype}: derived variants (variants.mixes, transforms, "
+                                          "recipe) are computed from float columns; use float32 or float16")
     if spec.report and not spec.evaluations:
         raise _Problem("report", "true needs at least one evaluation to report on")
     if spec.mode == "existing" and spec.indexes is None and not spec.evaluations:

@@ -27,10 +27,11 @@ import uuid
 import numpy as np
 import pyarrow as pa
 
+from .. import quantize
 from ..request import Request, signature_difference
 from ..storage import STAGING, Output, read_part, redact
 from .commit import Committer, EmbedError, EmbedSummary, _commit, _Pending
-from .shards import UNIT_ROWS, Shard, inspect_shards, list_shards, plan, work_units
+from .shards import UNIT_ROWS, Shard, first_texts, inspect_shards, list_shards, plan, work_units
 from .stages import EMBED_BATCH_ROWS, EmbedActor, read_and_tokenize, write_parts
 
 log = logging.getLogger(__name__)
@@ -64,11 +65,17 @@ def _resources(ray, actors: int | None, gpus_per_actor: float | None) -> tuple[i
 
 def embed(request: Request, input: str, output: str, *, text_column: str = "text", id_column: str | None = None,
           force: bool = False, progress: bool = True, stall_timeout_s: float = 600.0,
-          unit_rows: int = UNIT_ROWS) -> EmbedSummary:
+          unit_rows: int = UNIT_ROWS, calibration_rows: int = quantize.DEFAULT_CALIBRATION_ROWS,
+          int8_ranges: str | None = None) -> EmbedSummary:
     """Embed every row of the Parquet shards at ``input`` into ``output`` (see module doc).
 
     ``request`` (``pipeline.request.resolve``) fixes the model, the variants, the settings and
     the resources; nothing is resolved again here or in the actors.
+
+    ``--dtype int8``: the ranges are those the output already has (resume, incremental), else
+    those of ``int8_ranges`` (an earlier output, or its ranges file), else calibrated on the
+    input's first ``calibration_rows`` texts, embedded here on the driver before Ray starts
+    (``pipeline/quantize.py``).
     """
     t_start = time.perf_counter()
     if not os.path.isdir(request.model.path):
@@ -93,7 +100,13 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
         manifest = manifest or {"signature": signature,
                                 "model": {"name": request.model.name, "weights_digest": request.model.weights_digest,
                                           "n_layers": request.model.n_layers},
+                                "max_length": {"tokens": request.settings.max_length,
+                                               "source": request.max_length_source},
                                 "variants": request.manifest_variants(), "input": redact(input), "shards": []}
+        for entry in manifest["variants"]:
+            q = quantize.manifest_entry(request.settings.dtype, request.model.dim)
+            if q:
+                entry["quantization"] = q
         out.sweep(manifest)
 
         todo, keep, drop = plan(manifest, shards)
@@ -113,9 +126,13 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
         for s in empty:  # an empty shard is done at once: nothing to embed, nothing lost
             _commit(out, manifest, s, _Pending(s, np.zeros(0, dtype=bool)), None)
             summary.shards_embedded += 1
+        ranges = None
+        if todo and request.settings.dtype == "int8":
+            ranges = _int8_ranges(request, out, manifest, fs, shards, text_column, calibration_rows, int8_ranges)
         if todo:
             _run_ray(request, out, manifest, todo, summary, fs=fs, text_column=text_column, id_column=id_column,
-                     progress=progress, stall_timeout_s=stall_timeout_s, unit_rows=unit_rows, t_start=t_start)
+                     progress=progress, stall_timeout_s=stall_timeout_s, unit_rows=unit_rows, t_start=t_start,
+                     ranges=ranges)
         if id_column:
             summary.duplicate_ids, examples = _duplicate_ids(out, manifest)
             manifest["duplicate_ids"] = {"count": summary.duplicate_ids, "examples": examples}
@@ -137,6 +154,48 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
         return summary
 
 
+def _int8_ranges(request: Request, out: Output, manifest: dict, fs, shards: list[Shard], text_column: str,
+                 calibration_rows: int, source: str | None) -> dict[str, np.ndarray]:
+    """The output's int8 ranges per variant name: kept, copied from ``source``, or calibrated here."""
+    names = [v.name for v in request.variants]
+    have = manifest.get("calibration")
+    if have:  # committed shards were coded with these: every later shard must be too
+        ranges, _ = quantize.read_ranges(out.url)
+        ranges = quantize.ranges_for(ranges, names, request.model.dim, redact(out.url))
+        if source:
+            other, _ = quantize.read_ranges(source)
+            if any(n not in other or not np.array_equal(other[n], ranges[n]) for n in names):
+                raise quantize.QuantizationError(f"{redact(out.url)} already holds int8 codes made with other ranges "
+                                                 f"than {redact(source)}'s; use a new output, or --force")
+        return ranges
+    if source:
+        other, calibration = quantize.read_ranges(source)
+        ranges = quantize.ranges_for(other, names, request.model.dim, redact(source))
+        record = {"source": f"the ranges of {redact(source)}", "rows": calibration.get("rows"), "from": calibration}
+    else:
+        if calibration_rows < quantize.MIN_CALIBRATION_ROWS:
+            raise quantize.QuantizationError(f"--calibration-rows {calibration_rows}: int8 calibration needs at least "
+                                             f"{quantize.MIN_CALIBRATION_ROWS} rows")
+        t0 = time.perf_counter()
+        texts = first_texts(fs, shards, text_column, calibration_rows)
+        if len(texts) < quantize.MIN_CALIBRATION_ROWS:
+            raise quantize.QuantizationError(f"int8 calibration needs at least {quantize.MIN_CALIBRATION_ROWS} "
+                                             f"non-empty texts; the input has {len(texts)}")
+        from ..encoder import Encoder
+
+        encoder = Encoder.from_request(quantize.float_request(request))  # in-process, before Ray starts
+        vectors = encoder.encode(texts)
+        del encoder
+        ranges = {v.name: quantize.calibrate(vectors[v]) for v in request.variants}
+        record = {"source": f"the first {len(texts)} non-empty texts of the input", "rows": len(texts),
+                  "seconds": round(time.perf_counter() - t0, 3)}
+        log.info("int8 ranges calibrated on %d texts in %.1fs", len(texts), record["seconds"])
+    quantize.write_ranges(out, ranges, {v.name: v.column for v in request.variants}, record)
+    manifest["calibration"] = {**record, "ranges": quantize.RANGES_FILE}
+    out.write_manifest(manifest)  # the ranges are part of the output before any code is written with them
+    return ranges
+
+
 def _duplicate_ids(out: Output, manifest: dict) -> tuple[int, list[str]]:
     """Rows whose id appears more than once across all committed shards (ids column only)."""
     import pyarrow.compute as pc
@@ -153,7 +212,7 @@ def _duplicate_ids(out: Output, manifest: dict) -> tuple[int, list[str]]:
 
 def _run_ray(request: Request, out: Output, manifest: dict, todo: list[Shard], summary: EmbedSummary, *, fs,
              text_column: str, id_column: str | None, progress: bool, stall_timeout_s: float, unit_rows: int,
-             t_start: float) -> None:
+             t_start: float, ranges: dict[str, np.ndarray] | None = None) -> None:
     t0 = time.perf_counter()
     res = request.resources
     ray = _ray_init(res.ray_address)
@@ -182,7 +241,7 @@ def _run_ray(request: Request, out: Output, manifest: dict, todo: list[Shard], s
     ds = ds.repartition(target_num_rows_per_block=EMBED_BATCH_ROWS)
     ds = ds.map_batches(EmbedActor, batch_size=EMBED_BATCH_ROWS, batch_format="pyarrow",
                         compute=ActorPoolStrategy(size=n_actors), num_cpus=cpus, num_gpus=gpus or None,
-                        fn_constructor_kwargs=dict(request=request, threads=threads))
+                        fn_constructor_kwargs=dict(request=request, threads=threads, ranges=ranges))
     ds = ds.map_batches(write_parts, batch_size=None, batch_format="pyarrow", num_cpus=0.5,
                         fn_kwargs=dict(output_url=out.url, run_id=run_id, keys=[s.key for s in todo],
                                        columns=[v.column for v in request.variants], fmt=request.output_format))
