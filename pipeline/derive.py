@@ -240,6 +240,14 @@ def reader(out_dir, manifest: dict, variant: Variant) -> str | Reader:
     return Reader(variant, tuple(entry["sources"]), weights, transform)
 
 
+def check_float_output(manifest: dict, output: str) -> None:
+    """Refuse derived variants on a quantised output: they are computed from float columns."""
+    dtype = manifest.get("signature", {}).get("dtype")
+    if dtype in ("int8", "binary"):
+        raise SpecError(f"{output} stores {dtype} codes: derived variants (mixes, transforms) are computed from "
+                        f"float columns; embed with --dtype float32 or float16 to derive them")
+
+
 def add_to_output(output: str, mixes_spec, transforms_spec, *, request=None,
                   mix_labels: StsData | BeirData | None = None) -> dict:
     """``strata embed --mixes/--transforms``: define mixes and fit transforms on the output's own rows,
@@ -254,6 +262,7 @@ def add_to_output(output: str, mixes_spec, transforms_spec, *, request=None,
         manifest = out.read_manifest()
         if not manifest:
             raise FileNotFoundError(f"{output}: no manifest.json (nothing embedded yet)")
+        check_float_output(manifest, output)
         n_layers = manifest.get("model", {}).get("n_layers") or max(v["layer"] for v in manifest["variants"])
         mixes = parse_mixes(mixes_spec, n_layers)
         learned = {}
@@ -291,6 +300,7 @@ def add_recipe(output: str, recipe) -> list[str]:
             made.append(v.name)
             if v.is_raw:
                 continue
+            check_float_output(manifest, output)
             columns = [Variant.parse(s).column for s in e["sources"]]
             entry = {"sources": columns, **({"weights": list(r.weights)} if r.weights is not None else {})}
             fitted = {}

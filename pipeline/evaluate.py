@@ -9,7 +9,9 @@ Two implement it:
   are read back by id. Only texts the cache lacks are staged, so evaluating again re-embeds
   nothing and a new dataset embeds only its new texts.
 
-``evaluate_sts`` / ``evaluate_retrieval`` take either. ``eval_sts`` / ``eval_retrieval`` are
+``evaluate_sts`` / ``evaluate_retrieval`` take either, and a ``quantize.Quantized`` to score an
+int8 or binary output as its index would (rows then carry ``quantization``; the encoders always
+give floats, ``quantize.float_request``). ``eval_sts`` / ``eval_retrieval`` are
 the command's entry points: they load the data, choose the engine (``auto``: in-process up to
 ``LOCAL_MAX_TEXTS`` unique texts, Ray above), and merge the rows into ``DIR/eval/results.json``.
 """
@@ -24,9 +26,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import quantize
 from .derive import Derivations, derive, save_fitted
 from .evaldata import BeirData, StsData, load_beir, load_sts
-from .metrics import retrieval_scores, sts_scores
+from .metrics import retrieval_scores, retrieval_scores_from_run, sts_scores
 from .report import merge_results
 from .request import Request, signature_difference
 from .storage import Output
@@ -57,8 +60,10 @@ def unique_texts(*parts: Sequence[str]) -> tuple[list[str], list[np.ndarray]]:
 
 
 def _rows(task: str, dataset: str, split: str, variant: Variant, scores: dict[str, float],
-          fitted: dict | None = None) -> list[dict]:
+          fitted: dict | None = None, quantized: quantize.Quantized | None = None) -> list[dict]:
     extra = {"fitted_on": fitted_on_text(fitted)} if fitted else {}
+    if quantized is not None:
+        extra["quantization"] = quantized.label(task)
     return [{"task": task, "dataset": dataset, "split": split, "metric": metric, **variant.row_fields,
              "score": float(score), **extra} for metric, score in scores.items()]
 
@@ -90,21 +95,42 @@ def _scored(encoder: TextEncoder, vectors, derivations: Derivations | None, data
 
 
 def evaluate_sts(encoder: TextEncoder, data: StsData, derivations: Derivations | None = None, *,
-                 save_dir: str | Path | None = None) -> list[dict]:
+                 save_dir: str | Path | None = None, quantized: quantize.Quantized | None = None) -> list[dict]:
     """Spearman and Pearson (x100) of cosine similarity vs gold, for every variant (and derived one).
-    Fitted pieces (learned mix weights, transforms) are stored under ``save_dir`` when given."""
+    Fitted pieces (learned mix weights, transforms) are stored under ``save_dir`` when given.
+    ``quantized``: every variant's vectors quantised and decoded first (``quantize.Quantized``)."""
     texts, (rows1, rows2) = unique_texts(data.sentence1, data.sentence2)
     out = []
     for variant, m, record in _scored(encoder, encoder.encode(texts), derivations, data.name, save_dir,
                                       fit_label=f"{data.name}/{data.split} sentences"):
-        out += _rows("sts", data.name, data.split, variant, sts_scores(m[rows1], m[rows2], data.scores), record)
+        if quantized is not None:
+            ranges = quantized.ranges(m)
+            m = quantize.decode(quantized.dtype, quantize.quantize(quantized.dtype, m, ranges), ranges)
+        out += _rows("sts", data.name, data.split, variant, sts_scores(m[rows1], m[rows2], data.scores), record,
+                     quantized)
     return out
+
+
+def quantized_run(query_emb, doc_emb, query_ids, doc_ids, quantized: quantize.Quantized,
+                  k_max: int = 100) -> dict[str, dict[str, float]]:
+    """The run an index of ``quantized.dtype`` over the documents gives the float queries:
+    query id -> {doc id: score} (``quantize.Quantized``; ``index.memory_index``)."""
+    from .index import memory_index
+
+    doc_emb = np.asarray(doc_emb, dtype=np.float32)
+    ranges = quantized.ranges(doc_emb)
+    index = memory_index([str(d) for d in doc_ids], quantize.quantize(quantized.dtype, doc_emb, ranges),
+                         quantized.dtype, ranges, kind="flat", rescore=quantized.rescore)
+    scores, ids = index.search(query_emb, k_max)
+    return {str(q): {d: float(s) for d, s in zip(row_ids, row_s) if d is not None}
+            for q, row_s, row_ids in zip(query_ids, scores, ids)}
 
 
 def evaluate_retrieval(encoder: TextEncoder, data: BeirData, derivations: Derivations | None = None, *,
                        query_template: str | None = None, doc_template: str | None = None,
-                       save_dir: str | Path | None = None) -> list[dict]:
+                       save_dir: str | Path | None = None, quantized: quantize.Quantized | None = None) -> list[dict]:
     """nDCG@10, Recall@100 and MRR@10 (x100) by exact cosine search, for every variant (and derived one).
+    ``quantized``: the documents quantised and searched as their index would (``quantized_run``).
 
     With ``query_template`` and ``doc_template`` (template names of the encoder's variants),
     queries and documents are embedded under their own templates and every variant is the pair
@@ -130,8 +156,12 @@ def evaluate_retrieval(encoder: TextEncoder, data: BeirData, derivations: Deriva
             q, d = (m, other[0]) if side == "q" else (other[0], m)
             record = record if side == "d" else other[1]
             name = Variant(v.layer, v.pooling, f"{q_t}~{d_t}", v.mix, v.transform)
-        scores = retrieval_scores(q[query_rows], d[doc_rows], data.query_ids, data.doc_ids, data.qrels)
-        out += _rows("retrieval", data.name, data.split, name, scores, record)
+        if quantized is None:
+            scores = retrieval_scores(q[query_rows], d[doc_rows], data.query_ids, data.doc_ids, data.qrels)
+        else:
+            scores = retrieval_scores_from_run(quantized_run(q[query_rows], d[doc_rows], data.query_ids, data.doc_ids,
+                                                             quantized), data.qrels)
+        out += _rows("retrieval", data.name, data.split, name, scores, record, quantized)
     if asymmetric and waiting and not out:
         (key, side), _ = next(iter(waiting.items()))
         raise SpecError(f"no variant of template {q_t if side == 'd' else d_t!r} to pair with: embed both the query "
@@ -143,6 +173,8 @@ class RayEncoder:
     """``encode(texts)`` through the Ray pipeline, cached in an output directory (see module doc)."""
 
     def __init__(self, request: Request, cache_dir: str | Path, *, force: bool = False, progress: bool = True):
+        # the cache holds floats: quantised evaluations quantise at scoring time (``quantize.Quantized``)
+        request = quantize.float_request(request)
         self.request, self.dir, self.force, self.progress = request, Path(cache_dir), force, progress
         self.variants = request.variants
 
@@ -206,7 +238,7 @@ def make_encoder(request: Request, engine: str, out_dir: str | Path, *, force: b
     if engine == "local":
         from .encoder import Encoder
 
-        return Encoder.from_request(request)
+        return Encoder.from_request(quantize.float_request(request))
     return RayEncoder(request, out_dir, force=force, progress=progress)
 
 
@@ -219,10 +251,10 @@ def retrieval_texts(data: BeirData) -> int:
 
 
 def eval_sts(data: StsData | str | Path, out_dir: str | Path, encoder: TextEncoder,
-             derivations: Derivations | None = None) -> list[dict]:
+             derivations: Derivations | None = None, *, quantized: quantize.Quantized | None = None) -> list[dict]:
     """Evaluate on STS pairs and merge the rows into ``out_dir/eval/results.json``."""
     data = data if isinstance(data, StsData) else load_sts(data)
-    rows = evaluate_sts(encoder, data, derivations, save_dir=out_dir)
+    rows = evaluate_sts(encoder, data, derivations, save_dir=out_dir, quantized=quantized)
     merge_results(out_dir, rows)
     return rows
 
@@ -230,11 +262,11 @@ def eval_sts(data: StsData | str | Path, out_dir: str | Path, encoder: TextEncod
 def eval_retrieval(data: BeirData | str | Path, out_dir: str | Path, encoder: TextEncoder,
                    derivations: Derivations | None = None, *, split: str = "test", max_queries: int | None = None,
                    max_docs: int | None = None, query_template: str | None = None,
-                   doc_template: str | None = None) -> list[dict]:
+                   doc_template: str | None = None, quantized: quantize.Quantized | None = None) -> list[dict]:
     """Evaluate on a BEIR set (or a subset) and merge the rows into ``out_dir/eval/results.json``."""
     data = load_retrieval(data, split=split, max_queries=max_queries, max_docs=max_docs)
     rows = evaluate_retrieval(encoder, data, derivations, query_template=query_template, doc_template=doc_template,
-                              save_dir=out_dir)
+                              save_dir=out_dir, quantized=quantized)
     merge_results(out_dir, rows)
     return rows
 

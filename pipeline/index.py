@@ -24,6 +24,24 @@ index" (github.com/facebookresearch/faiss/wiki/Guidelines-to-choose-an-index):
   cost of keeping the full vectors on disk next to the codes).
 
 The 100k and 1M thresholds are this project's reading of the wiki, not numbers it states.
+
+Quantised outputs (``--dtype int8|binary``, ``pipeline/quantize.py``) keep their compression in
+the index:
+
+- int8: a FAISS ``QT_8bit`` scalar quantiser given the output's own ranges (``flat``:
+  ``IndexScalarQuantizer``, ``hnsw``: ``IndexHNSWSQ``, ``ivfpq``: ``IndexIVFScalarQuantizer``,
+  no PQ on top). It stores the output's codes unchanged, 1 byte per dimension, and decodes them
+  to the same bucket centres as ``quantize.dequantize_int8``; queries stay float (L2-normalised)
+  and are scored by inner product against the decoded documents, which are unit vectors up to
+  the quantisation error, so scores are (nearly) cosines. ``QT_8bit_direct_signed`` would store
+  the same bytes but decode them to the bare codes: fine for a flat scan with rescaled queries,
+  but an HNSW graph or IVF lists would then be built in the codes' distorted geometry.
+- binary: ``IndexBinaryFlat`` / ``IndexBinaryHNSW`` / ``IndexBinaryIVF`` by Hamming distance;
+  queries are binarised (``x > 0``); scores are ``1 - 2 * hamming / dim`` (the cosine of sign vectors).
+- ``rescore`` (the JSON's default, or ``search(..., rescore=M)``): fetch ``M x k`` candidates,
+  re-score them by the cosine of the float query with the stored document vectors (decoded
+  int8, or sign vectors), keep the best ``k`` (sentence-transformers' ``semantic_search_faiss(
+  rescore=True, rescore_multiplier=M)``; the documents are reconstructed from the index).
 """
 
 from __future__ import annotations
@@ -43,6 +61,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from . import quantize
 from .storage import safe_name, utc_now, write_atomic
 from .variants import Variant
 
@@ -86,7 +105,8 @@ def _vector_dim(path: Path, schema: pa.Schema, column: str) -> int:
         found = ", ".join(n for n in schema.names if n.startswith("emb_")) or "none"
         raise IndexBuildError(f"{path}: no column {column!r} (embedding columns: {found})")
     t = schema.field(column).type
-    if pa.types.is_fixed_size_list(t) and t.value_type in (pa.float32(), pa.float16(), pa.float64()):
+    if pa.types.is_fixed_size_list(t) and t.value_type in (pa.float32(), pa.float16(), pa.float64(), pa.int8(),
+                                                           pa.uint8()):
         return t.list_size
     if (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_floating(t.value_type):
         return -1  # variable list (e.g. Ray's tensor type read back by plain pyarrow): checked per chunk
@@ -121,8 +141,9 @@ def _batches(path: Path, source, chunk_rows: int) -> Iterator[pa.RecordBatch]:
             yield batch.slice(start, chunk_rows)
 
 
-def _to_matrix(path: Path, batch: pa.RecordBatch, column: str, dim: int) -> np.ndarray:
-    """The column as a float32 (rows, dim) array; null or ragged vectors are errors."""
+def _to_matrix(path: Path, batch: pa.RecordBatch, column: str, dim: int, raw: bool = False) -> np.ndarray:
+    """The column as a float32 (rows, dim) array (``raw``: in its stored type, for quantised columns);
+    null or ragged vectors are errors."""
     arr = batch.column(column)
     if arr.null_count:
         bad = batch.column("id")[pc.index(pc.is_null(arr), True).as_py()].as_py()
@@ -136,7 +157,8 @@ def _to_matrix(path: Path, batch: pa.RecordBatch, column: str, dim: int) -> np.n
     values = arr.flatten()
     if values.null_count:
         raise IndexBuildError(f"{path}: column {column} has null values inside vectors")
-    return np.ascontiguousarray(values.to_numpy(zero_copy_only=False).reshape(-1, dim), dtype=np.float32)
+    x = values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+    return np.ascontiguousarray(x) if raw else np.ascontiguousarray(x, dtype=np.float32)
 
 
 def _matrix(path: Path, batch: pa.RecordBatch, source, source_dim: int) -> np.ndarray:
@@ -147,17 +169,21 @@ def _matrix(path: Path, batch: pa.RecordBatch, source, source_dim: int) -> np.nd
                                 dtype=np.float32)
 
 
-def _chunks(files: Sequence[Path], column, dim: int, chunk_rows: int, source_dim: int | None = None):
-    """(ids, normalised float32 vectors) per chunk, in file order then row order."""
+def _chunks(files: Sequence[Path], column, dim: int, chunk_rows: int, source_dim: int | None = None,
+            raw: bool = False):
+    """(ids, normalised float32 vectors) per chunk, in file order then row order (``raw``: the stored
+    values of a quantised column, as they are)."""
     source_dim = dim if source_dim is None else source_dim
     for path in files:
         for batch in _batches(path, column, chunk_rows):
             if batch.column("id").null_count:
                 raise IndexBuildError(f"{path}: null id")
-            x = _matrix(path, batch, column, source_dim)
+            x = _to_matrix(path, batch, column, source_dim, raw=True) if raw else _matrix(path, batch, column,
+                                                                                              source_dim)
             if x.shape[1] != dim:
                 raise IndexBuildError(f"{path}: {column} has dim {x.shape[1]}, other files have {dim}")
-            faiss.normalize_L2(x)
+            if not raw:
+                faiss.normalize_L2(x)
             yield [str(v) for v in batch.column("id").to_pylist()], x
 
 
@@ -199,25 +225,124 @@ def _sidecars(out_path: Path) -> tuple[Path, Path]:
     return out_path.with_suffix(".ids.parquet"), out_path.with_suffix(".json")
 
 
-def _training_sample(files, column, dim, chunk_rows, rows, n, seed, source_dim) -> np.ndarray:
+def _training_sample(files, column, dim, chunk_rows, rows, n, seed, source_dim, raw=False) -> np.ndarray:
     """n rows drawn uniformly without replacement, gathered in one streaming pass."""
     wanted = np.sort(np.random.default_rng(seed).choice(rows, size=n, replace=False))
     sample, start = [], 0
-    for _, x in _chunks(files, column, dim, chunk_rows, source_dim):
+    for _, x in _chunks(files, column, dim, chunk_rows, source_dim, raw):
         lo, hi = np.searchsorted(wanted, [start, start + len(x)])
         sample.append(x[wanted[lo:hi] - start])
         start += len(x)
     return np.concatenate(sample)
 
 
+def _sq_trained(ranges) -> np.ndarray:
+    """FAISS ``QT_8bit`` parameters (vmin, then vdiff per dimension) that code exactly as ``quantize.quantize_int8``."""
+    r = np.asarray(ranges, dtype=np.float32)
+    diff = r[1] - r[0]
+    diff = np.where(diff == 0, np.float32(quantize.LEVELS), diff)  # quantize's step 1 where max == min
+    return np.concatenate([r[0], diff]).astype(np.float32)
+
+
+def _set_sq(index, ranges) -> None:
+    faiss.copy_array_to_vector(_sq_trained(ranges), index.sq.trained)
+    index.is_trained = True
+
+
+def _make_index(kind: str, dim: int, rows: int, dtype: str, ranges, sample, *, hnsw_m: int, ef_construction: int,
+                ef_search: int, nlist: int | None, m: int | None, nbits: int, nprobe: int | None, rerank: int,
+                train_rows: int | None) -> tuple[object, dict]:
+    """A new, trained, empty FAISS index of a kind and dtype, and the parameters to record.
+
+    ``sample(n)`` returns n training rows (normalised floats, or a quantised column's stored values).
+    """
+    params: dict = {}
+    ivf = nlist or max(1, min(int(4 * math.sqrt(rows)), rows // _MIN_POINTS_PER_CENTROID))
+    if kind in ("hnsw",):
+        params.update(hnsw_M=hnsw_m, efConstruction=ef_construction, efSearch=ef_search)
+    if dtype == "binary":
+        if kind == "flat":
+            return faiss.IndexBinaryFlat(dim), params
+        if kind == "hnsw":
+            index = faiss.IndexBinaryHNSW(dim, hnsw_m)
+            index.hnsw.efConstruction, index.hnsw.efSearch = ef_construction, ef_search
+            return index, params
+        n_train = min(rows, train_rows or min(64 * ivf, 500_000))
+        if n_train < ivf:
+            raise IndexBuildError(f"{n_train} training vectors for nlist={ivf}: need at least one per list")
+        index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(dim), dim, ivf)
+        index.train(sample(n_train))
+        index.nprobe = min(ivf, nprobe or max(8, ivf // 16))
+        return index, dict(params, kind="ivf", nlist=ivf, nprobe=index.nprobe, train_rows=n_train)
+    if dtype == "int8":
+        qt = faiss.ScalarQuantizer.QT_8bit
+        if kind == "flat":
+            index = faiss.IndexScalarQuantizer(dim, qt, faiss.METRIC_INNER_PRODUCT)
+            _set_sq(index, ranges)
+            return index, params
+        if kind == "hnsw":
+            index = faiss.IndexHNSWSQ(dim, qt, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            _set_sq(faiss.downcast_index(index.storage), ranges)
+            index.is_trained = True
+            index.hnsw.efConstruction, index.hnsw.efSearch = ef_construction, ef_search
+            return index, params
+        n_train = min(rows, train_rows or min(64 * ivf, 500_000))
+        if n_train < ivf:
+            raise IndexBuildError(f"{n_train} training vectors for nlist={ivf}: need at least one per list")
+        index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, ivf, qt, faiss.METRIC_INNER_PRODUCT, False)
+        index.train(quantize.dequantize_int8(sample(n_train), ranges))  # the lists; the codes' ranges are ours:
+        _set_sq(index, ranges)
+        index.nprobe = min(ivf, nprobe or max(8, ivf // 16))
+        return index, dict(params, kind="ivf", nlist=ivf, nprobe=index.nprobe, train_rows=n_train)
+    if kind == "flat":
+        return faiss.IndexFlatIP(dim), params
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction, index.hnsw.efSearch = ef_construction, ef_search
+        return index, params
+    m = m or _pq_m(dim)
+    if dim % m:
+        raise IndexBuildError(f"PQ m={m} must divide the dim {dim}")
+    n_train = min(rows, train_rows or min(64 * max(ivf, 2 ** nbits), 500_000))
+    if n_train < ivf:
+        raise IndexBuildError(f"{n_train} training vectors for nlist={ivf}: need at least one per list")
+    # A PQ codebook of 2**nbits centroids needs ~39 points each; shrink it for small sets.
+    nbits = max(1, min(nbits, int(math.log2(max(2, n_train // _MIN_POINTS_PER_CENTROID)))))
+    nprobe = min(ivf, nprobe or max(8, ivf // 16))
+    pq_index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, ivf, m, nbits, faiss.METRIC_INNER_PRODUCT)
+    pq_index.nprobe = nprobe
+    index = faiss.IndexRefineFlat(pq_index)
+    index.k_factor = float(rerank)
+    index.train(sample(n_train))
+    return index, dict(params, nlist=ivf, m=m, nbits=nbits, nprobe=nprobe, rerank=rerank, train_rows=n_train)
+
+
+def _add(index, dtype: str, ranges, x: np.ndarray) -> None:
+    """Add a chunk: normalised floats and packed bits as they are; int8 codes as their bucket centres,
+    which the index's ``QT_8bit`` quantiser codes back to the same bytes."""
+    index.add(quantize.dequantize_int8(x, ranges) if dtype == "int8" else x)
+
+
+def _base_params(kind: str, dtype: str, rows: int, dim: int, rescore: int) -> dict:
+    quantized = quantize.is_quantized(dtype)
+    return {"kind": kind, "metric": "hamming" if dtype == "binary" else "cosine", "dtype": dtype, "rows": rows,
+            "dim": dim, "hnsw_M": None, "efConstruction": None, "efSearch": None, "nlist": None, "m": None,
+            "nbits": None, "nprobe": None, "rerank": None, "train_rows": None,
+            "rescore": int(rescore) if quantized else None, "faiss_version": faiss.__version__}
+
+
 def build_index(embedding_files: Sequence[str | Path], column, out_path: str | Path, kind: str = "auto", *,
                 chunk_rows: int = 65536, hnsw_m: int = 32, ef_construction: int = 200, ef_search: int = 128,
                 nlist: int | None = None, m: int | None = None, nbits: int = 8, nprobe: int | None = None,
-                rerank: int = 4, train_rows: int | None = None, seed: int = 0) -> dict:
+                rerank: int = 4, train_rows: int | None = None, seed: int = 0, dtype: str = "float32",
+                ranges=None, rescore: int = 0) -> dict:
     """Build one cosine index over ``column`` of the files; returns the parameters written to JSON.
 
     ``column`` is a raw variant's column, or a ``derive.Reader`` that makes a derived variant
     (a mix, a fitted transform) from its source columns chunk by chunk.
+
+    ``dtype`` ``int8`` or ``binary``: the column holds a quantised output's codes (``ranges``: its
+    int8 ranges), indexed as the module doc says; ``rescore`` is the multiplier searches use by default.
 
     Memory is bounded by ``chunk_rows`` vectors for reading (plus, for ``ivfpq``, a training
     sample of ``train_rows``), on top of the index itself. Index order is file order, then
@@ -233,57 +358,75 @@ def build_index(embedding_files: Sequence[str | Path], column, out_path: str | P
     out_path = Path(out_path)
     if out_path.suffix != ".faiss":
         raise IndexBuildError(f"{out_path}: an index path must end in .faiss (e.g. indexes/L15.mean.faiss)")
+    raw = quantize.is_quantized(dtype)
+    if raw and not isinstance(column, str):
+        raise IndexBuildError(f"{column.variant.name}: derived variants (mixes, transforms) are made from float "
+                              f"columns; a {dtype} output has none")
     rows, source_dim = _survey(files, column, chunk_rows)
-    dim = source_dim if isinstance(column, str) else column.dim(source_dim)
-    kind = choose_kind(rows) if kind == "auto" else kind
-    params = {"kind": kind, "metric": "cosine", "column": column if isinstance(column, str) else None,
-              "variant": None if isinstance(column, str) else column.variant.name,
-              "source_columns": _columns(column), "rows": rows, "dim": dim,
-              "files": [str(f) for f in files], "hnsw_M": None, "efConstruction": None, "efSearch": None,
-              "nlist": None, "m": None, "nbits": None, "nprobe": None, "rerank": None, "train_rows": None,
-              "faiss_version": faiss.__version__}
-
-    if kind == "flat":
-        index = faiss.IndexFlatIP(dim)
-    elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction, index.hnsw.efSearch = ef_construction, ef_search
-        params.update(hnsw_M=hnsw_m, efConstruction=ef_construction, efSearch=ef_search)
+    if raw:
+        dim = source_dim * 8 if dtype == "binary" else source_dim
+        if dtype == "int8":
+            ranges = np.asarray(ranges, dtype=np.float32) if ranges is not None else None
+            if ranges is None or ranges.shape != (2, dim):
+                raise IndexBuildError(f"{column}: int8 codes of dim {dim} need ranges of shape (2, {dim}), got "
+                                      f"{None if ranges is None else ranges.shape}")
     else:
-        nlist = nlist or max(1, min(int(4 * math.sqrt(rows)), rows // _MIN_POINTS_PER_CENTROID))
-        m = m or _pq_m(dim)
-        if dim % m:
-            raise IndexBuildError(f"PQ m={m} must divide the dim {dim}")
-        n_train = min(rows, train_rows or min(64 * max(nlist, 2 ** nbits), 500_000))
-        if n_train < nlist:
-            raise IndexBuildError(f"{n_train} training vectors for nlist={nlist}: need at least one per list")
-        # A PQ codebook of 2**nbits centroids needs ~39 points each; shrink it for small sets.
-        nbits = max(1, min(nbits, int(math.log2(max(2, n_train // _MIN_POINTS_PER_CENTROID)))))
-        nprobe = min(nlist, nprobe or max(8, nlist // 16))
-        ivf = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
-        ivf.nprobe = nprobe
-        index = faiss.IndexRefineFlat(ivf)
-        index.k_factor = float(rerank)
-        index.train(_training_sample(files, column, dim, chunk_rows, rows, n_train, seed, source_dim))
-        params.update(nlist=nlist, m=m, nbits=nbits, nprobe=nprobe, rerank=rerank, train_rows=n_train)
+        dim = source_dim if isinstance(column, str) else column.dim(source_dim)
+    kind = choose_kind(rows) if kind == "auto" else kind
+    params = {**_base_params(kind, dtype, rows, dim, rescore),
+              "column": column if isinstance(column, str) else None,
+              "variant": None if isinstance(column, str) else column.variant.name,
+              "source_columns": _columns(column), "files": [str(f) for f in files]}
+
+    def sample(n: int) -> np.ndarray:
+        return _training_sample(files, column, source_dim if raw else dim, chunk_rows, rows, n, seed, source_dim,
+                                raw)
+
+    index, extra = _make_index(kind, dim, rows, dtype, ranges, sample, hnsw_m=hnsw_m, ef_construction=ef_construction,
+                               ef_search=ef_search, nlist=nlist, m=m, nbits=nbits, nprobe=nprobe, rerank=rerank,
+                               train_rows=train_rows)
+    params.update(extra)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     ids_path, json_path = _sidecars(out_path)
     tmp_index, tmp_ids, tmp_json = (p.with_name(p.name + ".tmp") for p in (out_path, ids_path, json_path))
     added = 0
     with pq.ParquetWriter(tmp_ids, pa.schema([("id", pa.string())])) as writer:
-        for ids, x in _chunks(files, column, dim, chunk_rows, source_dim):
-            index.add(x)
+        for ids, x in _chunks(files, column, source_dim if raw else dim, chunk_rows, source_dim, raw):
+            _add(index, dtype, ranges, x)
             writer.write_table(pa.table({"id": pa.array(ids, pa.string())}))
             added += len(ids)
     if added != rows or index.ntotal != rows:
         raise IndexBuildError(f"read {added} rows but the files declare {rows}; were they modified during the build?")
-    faiss.write_index(index, str(tmp_index))
+    (faiss.write_index_binary if dtype == "binary" else faiss.write_index)(index, str(tmp_index))
     tmp_json.write_text(json.dumps(params, indent=2) + "\n")
     os.replace(tmp_index, out_path)
     os.replace(tmp_ids, ids_path)
     os.replace(tmp_json, json_path)
     return params
+
+
+def memory_index(ids: Sequence[str], stored: np.ndarray, dtype: str = "float32", ranges=None, kind: str = "flat",
+                 rescore: int = 0, seed: int = 0, **options) -> "LoadedIndex":
+    """The index ``build_index`` would build over these stored vectors, in memory (the evaluators'
+    search, so that a quantised variant is scored exactly as its index would answer)."""
+    raw = quantize.is_quantized(dtype)
+    x = np.ascontiguousarray(stored) if raw else np.array(stored, dtype=np.float32, order="C", copy=True)
+    if not raw:
+        faiss.normalize_L2(x)
+    dim = x.shape[1] * 8 if dtype == "binary" else x.shape[1]
+    rows = len(x)
+    kind = choose_kind(rows) if kind == "auto" else kind
+    defaults = dict(hnsw_m=32, ef_construction=200, ef_search=128, nlist=None, m=None, nbits=8, nprobe=None,
+                    rerank=4, train_rows=None)
+    rng = np.random.default_rng(seed)
+    index, extra = _make_index(kind, dim, rows, dtype, ranges,
+                               lambda n: x[np.sort(rng.choice(rows, size=n, replace=False))], **{**defaults, **options})
+    _add(index, dtype, ranges, x)
+    params = {**_base_params(kind, dtype, rows, dim, rescore), **extra}
+    if params["kind"] == "ivf":  # rescoring reconstructs documents by id
+        (index if dtype == "binary" else faiss.extract_index_ivf(index)).make_direct_map()
+    return LoadedIndex(index=index, ids=np.array(list(ids), dtype=object), params=params)
 
 
 # --------------------------------------------------------------------------- searching
@@ -295,24 +438,70 @@ class LoadedIndex:
     ids: np.ndarray  # object array of str, position = FAISS row
     params: dict
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str | None]]]:
+    @property
+    def dtype(self) -> str:
+        return self.params.get("dtype") or "float32"  # indexes built before quantised outputs are float
+
+    def search(self, queries: np.ndarray, k: int, *, rescore: int | None = None
+               ) -> tuple[np.ndarray, list[list[str | None]]]:
         """Top-k by cosine: scores (n, min(k, rows)) and ids, best first.
 
         Queries are normalised here, so raw model outputs can be passed. A slot FAISS could
         not fill (possible with approximate kinds) has id None and score NaN.
+
+        Quantised indexes (module doc): an int8 index scores the float query against the decoded
+        documents; a binary one binarises the query and scores ``1 - 2 * hamming / dim``.
+        ``rescore`` (default: the JSON's) > 1 re-scores ``rescore x k`` candidates by the cosine of
+        the float query with the stored document vectors; 0 or 1 turns it off.
         """
         q = np.array(queries, dtype=np.float32, ndmin=2, copy=True, order="C")
         if q.shape[1] != self.index.d:
             raise ValueError(f"queries have dim {q.shape[1]}, the index has {self.index.d}")
         faiss.normalize_L2(q)
-        scores, labels = self.index.search(q, min(k, self.index.ntotal))
+        k = min(k, self.index.ntotal)
+        mult = int((self.params.get("rescore") or 0) if rescore is None else rescore)
+        if not quantize.is_quantized(self.dtype):
+            mult = 0  # float vectors: the index's scores are the float cosines already
+        fetch = min(k * mult, self.index.ntotal) if mult > 1 else k
+        if self.dtype == "binary":
+            dist, labels = self.index.search(quantize.binarize(q), fetch)
+            scores = 1.0 - 2.0 * dist.astype(np.float32) / self.index.d
+        else:
+            scores, labels = self.index.search(q, fetch)
+        if mult > 1:
+            scores, labels = self._rescore(q, labels, k)
+        scores = np.asarray(scores, dtype=np.float32)
         scores[labels < 0] = np.nan
         ids = [[self.ids[i] if i >= 0 else None for i in row] for row in labels]
         return scores, ids
 
+    def _stored(self, keys: np.ndarray) -> np.ndarray:
+        """Documents as float32 unit vectors (decoded int8, or sign vectors), reconstructed from the index."""
+        if self.dtype == "binary":
+            if getattr(self, "_codes", None) is None:  # flat and HNSW keep the codes in one array
+                flat = self.index if isinstance(self.index, faiss.IndexBinaryFlat) else (
+                    faiss.downcast_IndexBinary(self.index.storage) if hasattr(self.index, "storage") else None)
+                self._codes = (faiss.vector_to_array(flat.xb).reshape(-1, self.index.d // 8)
+                               if isinstance(flat, faiss.IndexBinaryFlat) else False)
+            if self._codes is not False:
+                codes = self._codes[keys]
+            else:
+                codes = np.stack([self.index.reconstruct(int(i)) for i in keys]) if len(keys) else \
+                    np.zeros((0, self.index.d // 8), dtype=np.uint8)
+            return quantize.sign_vectors(codes)
+        x = self.index.reconstruct_batch(keys) if len(keys) else np.zeros((0, self.index.d), dtype=np.float32)
+        return quantize.unit_rows(x)
+
+    def _rescore(self, q: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        docs = self._stored(np.where(labels >= 0, labels, 0).ravel().astype(np.int64)).reshape(*labels.shape, -1)
+        scores = np.einsum("ij,ikj->ik", q, docs)
+        scores[labels < 0] = -np.inf
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(labels, order, axis=1)
+
 
 def load_index(path: str | Path, *, ef_search: int | None = None, nprobe: int | None = None,
-               rerank: int | None = None) -> LoadedIndex:
+               rerank: int | None = None, rescore: int | None = None) -> LoadedIndex:
     """Open an index written by ``build_index``; search-time knobs default to the JSON's values."""
     path = Path(path)
     ids_path, json_path = _sidecars(path)
@@ -320,7 +509,8 @@ def load_index(path: str | Path, *, ef_search: int | None = None, nprobe: int | 
         if not p.is_file():
             raise FileNotFoundError(f"{p}: missing (an index is the .faiss file plus .ids.parquet and .json)")
     params = json.loads(json_path.read_text())
-    index = faiss.read_index(str(path))
+    binary = params.get("dtype") == "binary"
+    index = (faiss.read_index_binary if binary else faiss.read_index)(str(path))
     ids = np.array(pq.read_table(ids_path, columns=["id"]).column("id").to_pylist(), dtype=object)
     if len(ids) != index.ntotal:
         raise IndexBuildError(f"{ids_path}: {len(ids)} ids for {index.ntotal} vectors in {path}")
@@ -329,6 +519,12 @@ def load_index(path: str | Path, *, ef_search: int | None = None, nprobe: int | 
     elif params["kind"] == "ivfpq":
         faiss.extract_index_ivf(index).nprobe = nprobe or params["nprobe"]
         index.k_factor = float(rerank or params["rerank"])
+    elif params["kind"] == "ivf":  # a quantised output's IVF (no PQ): reconstructing for rescoring needs the map
+        ivf = index if binary else faiss.extract_index_ivf(index)
+        ivf.nprobe = nprobe or params["nprobe"]
+        ivf.make_direct_map()
+    if rescore is not None:
+        params = {**params, "rescore": rescore}
     return LoadedIndex(index=index, ids=ids, params=params)
 
 
@@ -418,11 +614,13 @@ def build_indexes(out_dir: str | Path, variants: Sequence[Variant | str] | None 
     if missing:
         raise FileNotFoundError(f"{out_dir / missing[0]}: listed in the manifest but missing")
     built_rec = Output(str(out_dir)).read_json(f"{INDEXES}/{BUILT_FILE}") or {}
+    dtype = manifest.get("signature", {}).get("dtype") or "float32"
+    ranges = quantize.read_ranges(str(out_dir))[0] if dtype == "int8" else {}
     built = {}
     for v in wanted:
         t0 = time.perf_counter()
         params = build_index([out_dir / f for f in files], reader(out_dir, manifest, v), index_path(out_dir, v), kind,
-                             **options)
+                             dtype=dtype, ranges=ranges.get(v.name), **options)
         built[v] = params
         built_rec[v.name] = {"files": files, "kind": kind, "built_kind": params["kind"], "rows": params["rows"],
                              "built_at": utc_now()}

@@ -39,7 +39,8 @@ def _pooling_rank(name: str) -> tuple[int, str]:
 
 
 def _row_key(r: dict) -> tuple:
-    return (r["task"], r["dataset"], r["split"], r["metric"], r["template"] != "plain", r["template"],
+    return (r["task"], r["dataset"], r["split"], r.get("quantization") or "", r["metric"], r["template"] != "plain",
+            r["template"],
             r["mix"] is not None, r["mix"] or "", r["transform"] != "none", r["transform"], r["layer"],
             _pooling_rank(r["pooling"]))
 
@@ -67,6 +68,8 @@ def validate_rows(rows: Iterable[dict]) -> list[dict]:
                                f"number ({e}): {row}") from None
         if row.get("fitted_on"):
             r["fitted_on"] = str(row["fitted_on"])
+        if row.get("quantization"):  # scored as a quantised (int8/binary) output: its own group
+            r["quantization"] = str(row["quantization"])
         key = _row_key(r)
         if key in seen:
             raise ResultsError(f"results row {i} repeats {r['dataset']}/{r['split']} {r['metric']} "
@@ -113,15 +116,20 @@ def main_metric(task: str, metrics: Iterable[str] = ()) -> str | None:
 
 
 def _groups(rows: list[dict]) -> dict[str, list[dict]]:
-    """Rows per (task, dataset, split), labelled by dataset alone unless it has several splits."""
-    keys = sorted({(r["task"], r["dataset"], r["split"]) for r in rows})
-    splits: dict[str, int] = {}
-    for _, dataset, _ in keys:
-        splits[dataset] = splits.get(dataset, 0) + 1
-    label = {k: k[1] if splits[k[1]] == 1 else f"{k[1]}/{k[2]}" for k in keys}
+    """Rows per (task, dataset, split, quantisation), labelled by dataset alone unless it has several
+    splits; quantised scores (``quantization``: int8, binary, ...) are a group of their own, ``dataset [int8]``."""
+    def key(r):
+        return r["task"], r["dataset"], r["split"], r.get("quantization") or ""
+
+    keys = sorted({key(r) for r in rows})
+    splits: dict[str, set] = {}
+    for _, dataset, split, _ in keys:
+        splits.setdefault(dataset, set()).add(split)
+    label = {k: (k[1] if len(splits[k[1]]) == 1 else f"{k[1]}/{k[2]}") + (f" [{k[3]}]" if k[3] else "")
+             for k in keys}
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        groups.setdefault(label[(r["task"], r["dataset"], r["split"])], []).append(r)
+        groups.setdefault(label[key(r)], []).append(r)
     return groups
 
 

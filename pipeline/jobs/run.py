@@ -82,7 +82,7 @@ def build_indexes(job: Job, ws: Workspace, variants: list, manifest: dict, say) 
         done.append({"variant": v.name, "kind": params["kind"], "rows": params["rows"], "seconds": round(seconds, 3)})
         say(f"  index {v.name}: {params['kind']}, {params['rows']:,} vectors")
 
-    build(ws.dir, variants, job.spec.indexes.kind, manifest=manifest, on_built=built)
+    build(ws.dir, variants, job.spec.indexes.kind, manifest=manifest, on_built=built, rescore=job.spec.indexes.rescore)
     if not ws.is_local:
         shutil.rmtree(ws.dir / "embeddings", ignore_errors=True)  # downloaded only to build from
     return done
@@ -91,22 +91,27 @@ def build_indexes(job: Job, ws: Workspace, variants: list, manifest: dict, say) 
 def run_evaluations(job: Job, ws: Workspace, progress: bool, say) -> list[dict]:
     from ..evaldata import load_sts
     from ..evaluate import RayEncoder, evaluate_retrieval, evaluate_sts, load_retrieval
+    from ..quantize import Quantized, is_quantized
     from ..report import merge_results
 
     # The Ray pipeline with a cache in the version folder: a re-run embeds no text twice.
     encoder = RayEncoder(job.request, ws.dir / EVAL_CACHE, progress=progress)
     derivations = job.derivations()
+    dtype = job.request.settings.dtype
+    # a quantised job is scored as its indexes answer: documents quantised, its rescore multiplier
+    quantized = Quantized(dtype, rescore=job.spec.indexes.rescore if job.spec.indexes else 0,
+                          calibration_rows=job.spec.embedding.calibration_rows) if is_quantized(dtype) else None
     rows: list[dict] = []
     for ev in job.spec.evaluations:
         t0 = time.perf_counter()
         if ev.task == "sts":
-            got = evaluate_sts(encoder, load_sts(_local(ev.data)), derivations, save_dir=ws.dir)
+            got = evaluate_sts(encoder, load_sts(_local(ev.data)), derivations, save_dir=ws.dir, quantized=quantized)
         else:
             names = {t.text: t.name for t in job.request.templates} | {t.name: t.name for t in job.request.templates}
             got = evaluate_retrieval(encoder, load_retrieval(_local(ev.data), split=ev.split,
                                                              max_queries=ev.max_queries, max_docs=ev.max_docs),
                                      derivations, query_template=names.get(ev.query_template),
-                                     doc_template=names.get(ev.doc_template), save_dir=ws.dir)
+                                     doc_template=names.get(ev.doc_template), save_dir=ws.dir, quantized=quantized)
         rows += got
         say(f"  eval {ev.task} {ev.data}: {len(got)} rows in {time.perf_counter() - t0:.1f}s")
     ws.fetch("eval/results.json", refresh=True)  # merge with what earlier runs wrote
@@ -167,7 +172,8 @@ def run_job(spec_path: str | os.PathLike, dry_run: bool = False, *, progress: bo
         from ..runner import embed
 
         es = embed(job.request, _local(spec.input.location), job.version_url, text_column=spec.input.text_column,
-                   id_column=spec.input.id_column, progress=progress)
+                   id_column=spec.input.id_column, progress=progress,
+                   calibration_rows=spec.embedding.calibration_rows)
         summary["embed"] = es.as_dict()
         changed = bool(es.shards_embedded or es.shards_dropped)
         say(f"  embed: {es.line()}")

@@ -107,3 +107,20 @@ def plan(manifest: dict | None, shards: list[Shard]) -> tuple[list[Shard], list[
     return todo, keep, drop
 
 
+
+
+def first_texts(fs, shards: list[Shard], text_column: str, n: int) -> list[str]:
+    """The first ``n`` non-empty texts of the input, in shard then row order (int8 calibration)."""
+    out: list[str] = []
+    for s in shards:
+        if s.error or not s.rows:
+            continue
+        with fs.open(s.path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            for rg in range(pf.num_row_groups):
+                for t in pf.read_row_group(rg, columns=[text_column]).column(text_column).to_pylist():
+                    if t is not None and t.strip():
+                        out.append(t)
+                        if len(out) >= n:
+                            return out
+    return out

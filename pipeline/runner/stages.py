@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import quantize
 from ..encoder import Encoder
 from ..request import Request
 from ..templates import Tokenized, tokenize
@@ -118,19 +119,21 @@ class EmbedActor:
     """The Ray actor: a thin shell around Encoder. Rows it cannot embed pass through as nulls.
 
     It embeds exactly ``request.variants`` and types its columns from the same request, so the
-    writer's columns and the data in them come from one resolution on the driver.
+    writer's columns and the data in them come from one resolution on the driver. Quantised
+    dtypes are coded here from float32 vectors (``ranges``: int8 ranges per variant name,
+    calibrated on the driver).
     """
 
-    def __init__(self, request: Request, threads: int | None):
+    def __init__(self, request: Request, threads: int | None, ranges: dict | None = None):
         if threads:
             import torch
 
             torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in workers
-        self.encoder = Encoder.from_request(request, device="auto")
+        self.encoder = Encoder.from_request(quantize.float_request(request), device="auto")
         self.templates = [t.name for t in request.templates]
         self.dim = request.model.dim
-        value = pa.float16() if request.settings.dtype == "float16" else pa.float32()
-        self.type = {v: pa.list_(value, self.dim) for v in request.variants}
+        self.dtype, self.ranges = request.settings.dtype, ranges or {}
+        self.type = {v: quantize.arrow_type(self.dtype, self.dim) for v in request.variants}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import pyarrow.compute as pc
@@ -155,12 +158,14 @@ class EmbedActor:
         out = out.append_column("_padded", pa.array(padded))
         for v, typ in self.type.items():
             arr = res[v] if res is not None else np.zeros((0, self.dim), dtype=np.float32)
-            full = np.zeros((n, self.dim), dtype=arr.dtype)
+            arr = quantize.quantize(self.dtype, arr, self.ranges.get(v.name))
+            full = np.zeros((n, typ.list_size), dtype=arr.dtype)
             full[ok] = arr
             mask = np.ones(n, dtype=bool)
             mask[ok] = False
             values = pa.array(full.reshape(-1), type=typ.value_type)
-            out = out.append_column(v.column, pa.FixedSizeListArray.from_arrays(values, self.dim, mask=pa.array(mask)))
+            out = out.append_column(v.column, pa.FixedSizeListArray.from_arrays(values, typ.list_size,
+                                                                                mask=pa.array(mask)))
         return out
 
 
