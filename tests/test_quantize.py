@@ -428,3 +428,39 @@ def test_cli_binary_dim_error_and_refusals(tmp_path, capsys):
                "--transforms", "center", "-q"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "derived variants" in err[0]
+
+
+def test_job_with_int8_embeds_indexes_and_scores_quantised(ray_local, model_dir, tmp_path, monkeypatch):
+    from pipeline.jobs import JobSpecError, load_spec, run_job
+
+    monkeypatch.chdir(tmp_path)
+    corpus = texts(80, seed=3)
+    write_texts(tmp_path / "in", [[(f"t{i}", t) for i, t in enumerate(corpus[:40])],
+                                  [(f"t{i}", t) for i, t in enumerate(corpus[40:], 40)]])
+    with open(tmp_path / "pairs.jsonl", "w") as f:
+        for i in range(12):
+            f.write(json.dumps({"sentence1": corpus[i], "sentence2": corpus[i + 1], "score": float(i % 5)}) + "\n")
+    spec = tmp_path / "job.yaml"
+    spec.write_text(f"""
+name: q
+input: {{location: in, id_column: id}}
+model: {model_dir}
+variants: {{layers: "1", poolings: [mean]}}
+embedding: {{max_length: 64, dtype: int8, calibration_rows: 30}}
+resources: {{actors: 1}}
+output: out
+indexes: {{kind: flat, rescore: 2}}
+evaluations:
+  - {{task: sts, data: pairs.jsonl}}
+""")
+    summary = run_job(spec, progress=False, stream=open(tmp_path / "log.txt", "w"))
+    version = Path(summary["version_path"])
+    manifest = json.loads((version / "manifest.json").read_text())
+    assert manifest["signature"]["dtype"] == "int8" and manifest["calibration"]["rows"] == 30
+    params = json.loads((version / "indexes" / "L1.mean.json").read_text())
+    assert params["dtype"] == "int8" and params["rescore"] == 2 and params["rows"] == 80
+    rows = json.loads((version / "eval" / "results.json").read_text())
+    assert rows and {r.get("quantization") for r in rows} == {"int8"}
+    spec.write_text(spec.read_text().replace("poolings: [mean]}", "poolings: [mean], transforms: [center]}"))
+    with pytest.raises(JobSpecError, match="embedding.dtype: int8: derived variants"):
+        load_spec(spec)
