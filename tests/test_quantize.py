@@ -464,3 +464,42 @@ evaluations:
     spec.write_text(spec.read_text().replace("poolings: [mean]}", "poolings: [mean], transforms: [center]}"))
     with pytest.raises(JobSpecError, match="embedding.dtype: int8: derived variants"):
         load_spec(spec)
+
+
+def test_index_only_job_on_an_object_store_int8_output(tmp_path, monkeypatch):
+    """The local mirror of a remote int8 output fetches its ranges too."""
+    import io
+    import os
+
+    import fsspec
+
+    from pipeline.jobs import run_job
+    from pipeline.storage import Output
+
+    monkeypatch.setenv("STRATA_CACHE", str(tmp_path / "cache"))
+    fs = fsspec.filesystem("memory")
+    root = f"/strata-q-{os.getpid()}/out"
+    x = vectors(40, 16)
+    ranges = qz.calibrate(x[:20])
+    with fs.open(f"{root}/embeddings/a-1/part-0.parquet", "wb") as f:
+        pq.write_table(pa.table({"id": [f"d{i}" for i in range(40)],
+                                 "emb_2_mean": qz.to_arrow(qz.quantize_int8(x, ranges))}), f)
+    qz.write_ranges(Output(f"memory://{root}"), {"L2.mean": ranges}, {"L2.mean": "emb_2_mean"}, {"rows": 20})
+    manifest = {"signature": {"model": "some-model", "weights_digest": "sha256:0", "variants": ["L2.mean"],
+                              "max_length": 64, "dtype": "int8", "normalize": False, "format": "parquet"},
+                "variants": [{"name": "L2.mean", "column": "emb_2_mean", "layer": 2, "pooling": "mean", "dim": 16,
+                              "dtype": "int8", "quantization": qz.manifest_entry("int8", 16)}],
+                "calibration": {"rows": 20, "ranges": qz.RANGES_FILE},
+                "shards": [{"path": "in/a.parquet", "rel": "a.parquet", "output": "embeddings/a-1",
+                            "files": ["part-0.parquet"]}]}
+    with fs.open(f"{root}/manifest.json", "wb") as f:
+        f.write(json.dumps(manifest).encode())
+    spec = tmp_path / "index-only.yaml"
+    spec.write_text(f"name: idx\ninput: {{embeddings: 'memory://{root}'}}\nindexes: {{kind: flat, rescore: 3}}\n")
+    summary = run_job(spec, progress=False, stream=io.StringIO())
+    assert [i["variant"] for i in summary["indexes"]["built"]] == ["L2.mean"]
+    assert fs.exists(f"{root}/indexes/L2.mean.faiss")
+    local = idx.load_index(tmp_path / "cache" / "jobs" / "idx" / "out" / "indexes" / "L2.mean.faiss")
+    assert local.params["dtype"] == "int8" and local.params["rescore"] == 3
+    assert [row[0] for row in local.search(x[:3], 1)[1]] == ["d0", "d1", "d2"]
+    fs.rm(f"/strata-q-{os.getpid()}", recursive=True)

@@ -75,6 +75,8 @@ def build_indexes(job: Job, ws: Workspace, variants: list, manifest: dict, say) 
         if ws.fetch(f) is None:
             raise FileNotFoundError(f"{redact(job.version_url)}/{f}: listed in the manifest but missing")
     ws.fetch("indexes/_built.json", refresh=True)
+    if manifest.get("calibration"):  # an int8 output: its indexes code with its ranges
+        ws.fetch(manifest["calibration"]["ranges"], refresh=True)
     done = []
 
     def built(v, params, seconds):
