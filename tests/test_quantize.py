@@ -503,3 +503,19 @@ def test_index_only_job_on_an_object_store_int8_output(tmp_path, monkeypatch):
     assert local.params["dtype"] == "int8" and local.params["rescore"] == 3
     assert [row[0] for row in local.search(x[:3], 1)[1]] == ["d0", "d1", "d2"]
     fs.rm(f"/strata-q-{os.getpid()}", recursive=True)
+
+
+def test_cli_eval_scores_a_quantised_variant(model_dir, tmp_path, capsys):
+    from pipeline.cli import main
+    from pipeline.demo import DEMO_DATA
+
+    base = ["eval", "retrieval", str(DEMO_DATA / "scifact"), "--output", str(tmp_path / "ev"), "--model", model_dir,
+            "--layers", "1", "--engine", "local", "--max-queries", "10", "--max-docs", "120", "--max-length", "64"]
+    assert main(base + ["--dtype", "binary", "--rescore", "4"]) == 0
+    assert main(base + ["--dtype", "int8", "--calibration-rows", "50"]) == 0
+    assert main(base) == 0
+    rows = json.loads((tmp_path / "ev" / "eval" / "results.json").read_text())
+    assert {r.get("quantization") for r in rows} == {None, "int8", "binary+rescore4"}
+    capsys.readouterr()
+    assert main(base + ["--rescore", "4"]) == 2
+    assert "--rescore re-scores a quantised index" in capsys.readouterr().err
