@@ -52,7 +52,7 @@ def request_from_args(args, *, digest: bool = True):
                       output_format=getattr(args, "format", "parquet"), resources=resources,
                       trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, digest=digest,
                       templates=args.templates, append_eos=args.append_eos)
-    print(f"{request.model.name}: {request.max_length_line()}")
+    print(f"{request.model.name}: {request.max_length_line()}", file=sys.stderr)  # stdout stays the results
     return request
 
 

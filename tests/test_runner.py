@@ -266,13 +266,14 @@ def test_output_of_the_previous_layout_is_read_and_resumed(ray_local, model_dir,
     (entry,) = old["shards"]
     stamp = float(entry["fingerprint"].split("stamp=")[1])
     os.utime(inp / "shard.parquet", (stamp, stamp))  # the same file, as far as the fingerprint can tell
+    # made when 512 was every model's default; this tiny model's own limit is now its 256 positions
     summary = embed(str(inp), str(out), model=model_dir, layers="1,-1", poolings="mean,last", id_column="id",
-                    progress=False)
+                    max_length=512, progress=False)
     assert (summary.shards_skipped, summary.shards_embedded, summary.rows) == (1, 0, 0)
     assert manifest(out)["shards"] == old["shards"]  # nothing re-embedded or rewritten
     table = read_embeddings(str(out))
     texts = pq.read_table(inp / "shard.parquet").column("text").to_pylist()
-    ref = Encoder.load(model_dir, layers="1,-1", poolings="mean,last").encode(texts)
+    ref = Encoder.load(model_dir, layers="1,-1", poolings="mean,last", max_length=512).encode(texts)
     assert table.column("id").to_pylist() == [f"t{i}" for i in range(20)]
     for v in ref:
         got = np.stack(table.column(v.column).to_numpy(zero_copy_only=False))
@@ -299,3 +300,18 @@ def test_templates_through_ray_equal_the_encoder(ray_local, model_dir, corpus, t
     for v in ref:
         got = np.stack(table.column(v.column).to_numpy(zero_copy_only=False))
         np.testing.assert_allclose(got, ref[v][idx], rtol=1e-4, atol=1e-4 * np.abs(ref[v]).max())
+
+
+def test_an_output_made_at_another_max_length_says_how_to_match_it(ray_local, model_dir, tmp_path):
+    """Resuming without --max-length, where the model's own limit differs from the one the output
+    was made with: refused before any work, naming both values and the option that matches."""
+    import shutil
+
+    fixture = Path(__file__).parent / "fixtures" / "v1-output"
+    out, inp = tmp_path / "out", tmp_path / "in"
+    shutil.copytree(fixture / "output", out)
+    shutil.copytree(fixture / "input", inp)
+    with pytest.raises(ValueError, match=r"different max_length \(it was made with max length 512; without "
+                                         r"--max-length this model now gets its own 256"):
+        embed(str(inp), str(out), model=model_dir, layers="1,-1", poolings="mean,last", id_column="id",
+              progress=False)

@@ -91,7 +91,12 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
         diff = signature_difference(manifest.get("signature", {}), signature) if manifest else []
         if diff:
             if not force:
-                raise ValueError(f"{redact(output)} holds embeddings made with a different {', '.join(diff)}; "
+                hint = ""
+                if "max_length" in diff and request.max_length_source != "given":
+                    hint = (f" (it was made with max length {manifest['signature'].get('max_length')}; without "
+                            f"--max-length this model now gets its own {request.settings.max_length}, from "
+                            f"{request.max_length_source}: pass --max-length to match)")
+                raise ValueError(f"{redact(output)} holds embeddings made with a different {', '.join(diff)}{hint}; "
                                  "use a new output location, or --force to replace them")
             log.warning("replacing %s: settings changed and --force given", redact(output))
             for s in manifest.get("shards", []):
