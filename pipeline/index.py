@@ -510,15 +510,19 @@ def load_index(path: str | Path, *, ef_search: int | None = None, nprobe: int | 
             raise FileNotFoundError(f"{p}: missing (an index is the .faiss file plus .ids.parquet and .json)")
     params = json.loads(json_path.read_text())
     binary = params.get("dtype") == "binary"
-    index = (faiss.read_index_binary if binary else faiss.read_index)(str(path))
+    ondisk = bool(params.get("ondisk"))  # an IVF-PQ built on Ray (index_ray.py): lists memory-mapped from .ivfdata
+    index = faiss.read_index_binary(str(path)) if binary else \
+        faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR if ondisk else 0)
     ids = np.array(pq.read_table(ids_path, columns=["id"]).column("id").to_pylist(), dtype=object)
-    if len(ids) != index.ntotal:
-        raise IndexBuildError(f"{ids_path}: {len(ids)} ids for {index.ntotal} vectors in {path}")
+    present = int(sum(i is not None for i in ids)) if ondisk else len(ids)  # ondisk: indexed by label, holes null
+    if present != index.ntotal:
+        raise IndexBuildError(f"{ids_path}: {present} ids for {index.ntotal} vectors in {path}")
     if params["kind"] == "hnsw":
         index.hnsw.efSearch = ef_search or params["efSearch"]
     elif params["kind"] == "ivfpq":
         faiss.extract_index_ivf(index).nprobe = nprobe or params["nprobe"]
-        index.k_factor = float(rerank or params["rerank"])
+        if params.get("rerank"):
+            index.k_factor = float(rerank or params["rerank"])
     elif params["kind"] == "ivf":  # a quantised output's IVF (no PQ): reconstructing for rescoring needs the map
         ivf = index if binary else faiss.extract_index_ivf(index)
         ivf.nprobe = nprobe or params["nprobe"]

@@ -1,0 +1,210 @@
+"""Distributed IVF-PQ builds (pipeline/index_ray.py) on a 3-node ray.cluster_utils.Cluster.
+
+Small on purpose (24k x 32 clustered vectors, 4 shards, nodes of 1 CPU, tasks of 0.5 CPU):
+the module-scoped cluster is started once and every test shares it.
+"""
+
+import json
+import os
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import index_ray as ir
+from pipeline.index import IndexBuildError, load_index, recall_at_k
+from pipeline.variants import Variant
+
+V = Variant(3, "mean")
+COL = V.column
+DIM = 32
+OPTS = dict(nlist=64, m=16, task_cpus=0.5, threads=1, chunk_rows=2000)
+
+
+def clustered(n, dim=DIM, clusters=60, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim))
+    return (centres[rng.integers(clusters, size=n)] + 0.3 * rng.normal(size=(n, dim))).astype(np.float32)
+
+
+def _write_part(path, ids, x):
+    values = pa.array(x.ravel(), pa.float32())
+    pq.write_table(pa.table({"id": ids, COL: pa.FixedSizeListArray.from_arrays(values, x.shape[1])}), path,
+                   row_group_size=1500)
+
+
+def make_output(root, x, parts=4, prefix="doc"):
+    """A minimal committed output: manifest.json + one part per shard."""
+    shards, ids = [], [f"{prefix}-{i}" for i in range(len(x))]
+    for p, rows in enumerate(np.array_split(np.arange(len(x)), parts)):
+        folder = root / "embeddings" / f"s{p}-c0"
+        folder.mkdir(parents=True)
+        _write_part(folder / "part-0.parquet", [ids[i] for i in rows], x[rows])
+        shards.append({"path": f"in/s{p}.parquet", "output": f"embeddings/s{p}-c0", "files": ["part-0.parquet"],
+                       "rows": len(rows)})
+    manifest = {"signature": {"dtype": "float32"}, "shards": shards,
+                "variants": [{"name": V.name, "column": COL, "layer": 3, "pooling": "mean", "dim": x.shape[1],
+                              "dtype": "float32"}]}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return ids
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    faiss.omp_set_num_threads(1)
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    nodes = [c.add_node(num_cpus=1) for _ in range(2)]
+    ray.init(address=c.address, logging_level="WARNING")
+    c.wait_for_nodes()
+    yield c, nodes
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data():
+    return clustered(24_000), clustered(100, seed=1)
+
+
+def reference(out, x, rec):
+    """The single-process build: the same trained quantiser, every vector added in one process."""
+    trained = faiss.read_index(str(ir.parts_dir(out, V) / ir.TRAINED))
+    labels = np.concatenate([np.arange(r["offset"], r["offset"] + r["rows"]) for r in
+                             sorted(rec["shards"].values(), key=lambda r: r["fingerprint"]["rel"])])
+    trained.add_with_ids(np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True)), labels)
+    trained.nprobe = rec["options"]["nprobe"]
+    return trained
+
+
+def exact(x, q, ids, k=10):
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    return [[ids[i] for i in row] for row in np.argsort(-(qn @ xn.T), axis=1)[:, :k]]
+
+
+def test_distributed_equals_single_process_ids_exact_and_recall(tmp_path, cluster, data):
+    x, q = data
+    ids = make_output(tmp_path, x)
+    built = ir.build_ivfpq_ray(tmp_path, **OPTS)[V]
+    assert built["rows"] == len(x) and built["shards"] == 4 and len(built["encoded"]) == 4
+    rec = ir.read_build_record(tmp_path, V)
+
+    # the quantiser trained on a Ray worker is the one trained in-process on the same seeded sample
+    shards = ir.shards_of(tmp_path, json.loads((tmp_path / "manifest.json").read_text()))
+    local = ir.train_ivfpq(str(tmp_path), [s.rel for s in shards], [s.rows for s in shards], COL, DIM, DIM,
+                           rec["options"], 0, 2000)
+    assert bytes(local) == (ir.parts_dir(tmp_path, V) / ir.TRAINED).read_bytes()
+
+    loaded = load_index(tmp_path / "indexes" / "L3.mean.faiss")
+    assert loaded.params["ondisk"] and loaded.index.ntotal == len(x)
+    # ids exact: every document once, at the label its shard's range gives it
+    assert sorted(i for i in loaded.ids if i is not None) == sorted(ids)
+    assert list(loaded.ids) == ids  # no holes on a first build, labels in manifest order
+
+    ref = reference(tmp_path, x, rec)
+    qn = np.ascontiguousarray(q / np.linalg.norm(q, axis=1, keepdims=True))
+    ref_scores, ref_labels = ref.search(qn, 10)
+    scores, got = loaded.search(q, 10)
+    assert got == [[ids[i] for i in row] for row in ref_labels]
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-6)
+
+    truth = exact(x, q, ids)
+    r_default = recall_at_k(got, truth, 10)
+    _, wide = load_index(tmp_path / "indexes" / "L3.mean.faiss", nprobe=32).search(q, 10)
+    assert recall_at_k(wide, truth, 10) >= r_default >= 0.7
+    print(f"recall@10 vs flat: nprobe {rec['options']['nprobe']} {r_default:.3f}, nprobe 32 "
+          f"{recall_at_k(wide, truth, 10):.3f}; peak rss per task (MB): "
+          f"{[r['peak_rss_mb'] for r in rec['shards'].values()]}")
+    built_rec = json.loads((tmp_path / "indexes" / "_built.json").read_text())
+    assert built_rec[V.name]["engine"] == "ray"
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def test_resume_after_a_kill_reencodes_only_unrecorded_shards(tmp_path, cluster, data):
+    x, q = data
+    ids = make_output(tmp_path, x)
+    seen = []
+
+    def kill_after_two(v, key, result):
+        seen.append(key)
+        if len(seen) == 2:
+            raise Killed("simulated kill")
+
+    with pytest.raises(Killed):
+        ir.build_ivfpq_ray(tmp_path, on_shard=kill_after_two, **OPTS)
+    rec = ir.read_build_record(tmp_path, V)
+    assert sorted(rec["shards"]) == sorted(seen)
+    trained_mtime = os.stat(ir.parts_dir(tmp_path, V) / ir.TRAINED).st_mtime_ns
+    parts_mtime = {k: os.stat(ir.parts_dir(tmp_path, V) / r["part"]).st_mtime_ns for k, r in rec["shards"].items()}
+    assert not (tmp_path / "indexes" / "L3.mean.faiss").exists()
+
+    built = ir.build_ivfpq_ray(tmp_path, **OPTS)[V]
+    assert sorted(built["reused"]) == sorted(seen) and len(built["encoded"]) == 2
+    assert not set(built["encoded"]) & set(seen)
+    assert os.stat(ir.parts_dir(tmp_path, V) / ir.TRAINED).st_mtime_ns == trained_mtime  # quantiser reused
+    for k, t in parts_mtime.items():
+        assert os.stat(ir.parts_dir(tmp_path, V) / f"{k}.faiss").st_mtime_ns == t  # recorded shards untouched
+
+    loaded = load_index(tmp_path / "indexes" / "L3.mean.faiss")
+    assert sorted(i for i in loaded.ids if i is not None) == sorted(ids)
+    ref_scores, ref_labels = reference(tmp_path, x, ir.read_build_record(tmp_path, V)).search(
+        np.ascontiguousarray(q / np.linalg.norm(q, axis=1, keepdims=True)), 10)
+    id_of = {lab: i for lab, i in enumerate(loaded.ids)}
+    _, got = loaded.search(q, 10)
+    assert got == [[id_of[i] for i in row] for row in ref_labels]
+
+
+def test_a_changed_shard_invalidates_only_its_own_lists(tmp_path, cluster, data):
+    x, q = data
+    ids = make_output(tmp_path, x)
+    first = ir.build_ivfpq_ray(tmp_path, **OPTS)[V]
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    shards = ir.shards_of(tmp_path, manifest)
+    changed = shards[1]
+    rows = np.array_split(np.arange(len(x)), 4)[1]
+    x2 = x.copy()
+    x2[rows] = x[rows[::-1]]  # the same shard, rows reordered under new ids
+    new_ids = [f"new-{i}" for i in range(len(rows))]
+    _write_part(tmp_path / changed.rel, new_ids, x2[rows])
+
+    again = ir.build_ivfpq_ray(tmp_path, **OPTS)[V]
+    assert again["encoded"] == [changed.key]
+    assert sorted(again["reused"]) == sorted(s.key for s in shards if s.key != changed.key)
+    loaded = load_index(tmp_path / "indexes" / "L3.mean.faiss")
+    want = [i for j, i in enumerate(ids) if j not in set(rows.tolist())] + new_ids
+    present = [i for i in loaded.ids if i is not None]
+    assert sorted(present) == sorted(want) and len(present) == len(set(present))  # none lost or duplicated
+    assert len(loaded.ids) == len(x) + len(rows)  # the changed shard took a new label range
+    # a new row's vector finds its new id (labels of the new range map to the new ids)
+    _, got = load_index(tmp_path / "indexes" / "L3.mean.faiss", nprobe=64).search(x2[rows[:20]], 10)
+    assert sum(new_ids[i] in g for i, g in enumerate(got)) >= 19
+    assert first["nlist"] == again["nlist"]
+
+
+def test_bad_input_is_named(tmp_path, cluster, data):
+    x, _ = data
+    make_output(tmp_path / "a", x[:2000], parts=2)
+    with pytest.raises(IndexBuildError, match=r"L9.mean not in .*; it has L3.mean"):
+        ir.build_ivfpq_ray(tmp_path / "a", ["L9.mean"], **OPTS)
+    with pytest.raises(IndexBuildError, match=r"too few to train nlist=64 lists.*2,496"):
+        ir.build_ivfpq_ray(tmp_path / "a", **OPTS)
+
+    bad = x[:4000].copy()
+    bad[2500, 3] = np.nan
+    make_output(tmp_path / "b", bad, parts=2)
+    with pytest.raises(IndexBuildError, match=r"shard embeddings/s1-c0/part-0.parquet: 1 .*NaN or Inf.*doc-2500"):
+        ir.build_ivfpq_ray(tmp_path / "b", nlist=16, train_rows=1000, task_cpus=0.5, chunk_rows=2000)
+
+    make_output(tmp_path / "c", x[:3000], parts=2)
+    _write_part(tmp_path / "c" / "embeddings/s1-c0/part-0.parquet", ["z"], np.ones((1, 16), np.float32))
+    with pytest.raises(IndexBuildError, match=r"dim 32 in embeddings/s0-c0/part-0.parquet but 16 in "
+                                              r"embeddings/s1-c0"):
+        ir.build_ivfpq_ray(tmp_path / "c", **OPTS)
