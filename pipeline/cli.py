@@ -122,11 +122,48 @@ def cmd_index(args) -> int:
     if args.mixes or args.transforms != "none":  # fitted on this output's rows, then indexed too
         add_to_output(args.output, args.mixes, args.transforms)
     variants = [v for v in (args.variants or "").split(",") if v] or None
-    for v, params in build_indexes(args.output, variants, args.kind, rescore=args.rescore).items():
+    engine = _index_engine(args)
+    if engine == "ray":
+        from .index_ray import build_ivfpq_ray
+
+        built = build_ivfpq_ray(args.output, variants, ray_address=args.ray_address, nprobe=args.nprobe)
+    else:
+        built = build_indexes(args.output, variants, args.kind, rescore=args.rescore)
+    for v, params in built.items():
         quantized = f" {params['dtype']}" if params.get("rescore") is not None else ""
+        if engine == "ray":
+            quantized = (f" on-disk (engine ray: {len(params['encoded'])} shard(s) encoded, "
+                         f"{len(params['reused'])} reused)")
         print(f"{v.name}: {params['kind']}{quantized} index of {params['rows']:,} x {params['dim']} -> "
               f"indexes/{index_path('', v).name}")
     return 0
+
+
+def cmd_search(args) -> int:
+    from .search import search_output
+
+    table = search_output(args.output, args.variant, args.queries, args.k, args.out, text_column=args.text_column,
+                          id_column=args.id_column, nprobe=args.nprobe)
+    print(f"{args.variant}: {len(set(table.column('query_id').to_pylist())):,} queries, {table.num_rows:,} results "
+          f"-> {args.out}")
+    return 0
+
+
+def _index_engine(args) -> str:
+    """``strata index --engine``: ray builds ivfpq only; auto picks ray above index_ray.RAY_MIN_ROWS rows
+    (or with --ray-address) when the kind allows it."""
+    from .index_ray import RAY_MIN_ROWS, choose_engine, output_rows
+    from .storage import Output
+
+    if args.engine == "local" or (args.engine == "auto" and args.kind in ("flat", "hnsw")):
+        return "local"
+    if args.engine == "ray" and args.kind in ("flat", "hnsw"):
+        raise ValueError(f"--engine ray builds ivfpq indexes only (got --kind {args.kind}); use --engine local")
+    manifest = Output(args.output).read_manifest() or {}
+    if args.engine == "auto" and (manifest.get("signature", {}).get("dtype") in ("int8", "binary")):
+        return "local"
+    rows = output_rows(args.output, manifest) if manifest.get("shards") and not args.ray_address else RAY_MIN_ROWS
+    return choose_engine(args.engine, rows, args.ray_address)
 
 
 def _mix_labels(args):
@@ -360,7 +397,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rescore", type=int, default=0, metavar="M",
                    help="int8/binary outputs: searches re-score M x k candidates with the float query (recorded in "
                         "the index's JSON; 0: off)")
+    p.add_argument("--engine", choices=["auto", "local", "ray"], default="auto",
+                   help="local: this process; ray: IVF-PQ trained on one worker, shards encoded in parallel Ray "
+                        "tasks, lists merged on disk, resumable (README 'Indexes'); auto: ray above 1,000,000 rows "
+                        "or with --ray-address (default: %(default)s)")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: RAY_ADDRESS or a local one)")
+    p.add_argument("--nprobe", type=int, default=None, help="--engine ray: lists searched by default (recorded)")
     p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="search a variant's index with query texts embedded as the output's documents",
+                       description="Embed the queries in-process with the output's model and settings (and, for a "
+                                   "derived variant, its recorded mix and transform), search the variant's index "
+                                   "(any kind, any engine), write (query_id, rank, doc_id, score) rows.")
+    p.add_argument("output", help="an output directory with an index (`strata index`)")
+    p.add_argument("variant", help="e.g. L15.mean, L15.mean|whiten256")
+    p.add_argument("--queries", required=True, help="Parquet file with a text column and an id column")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--id-column", default=None, help="default: query_id, id or _id, else the row number")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--nprobe", type=int, default=None, help="IVF indexes: lists to search (default: the recorded one)")
+    p.add_argument("--out", required=True, help="results Parquet file")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("eval", help="evaluate every variant on STS (Spearman) or BEIR retrieval (nDCG@10)")
     p.add_argument("task", choices=["sts", "retrieval"])

@@ -208,3 +208,61 @@ def test_bad_input_is_named(tmp_path, cluster, data):
     with pytest.raises(IndexBuildError, match=r"dim 32 in embeddings/s0-c0/part-0.parquet but 16 in "
                                               r"embeddings/s1-c0"):
         ir.build_ivfpq_ray(tmp_path / "c", **OPTS)
+
+
+def test_cli_index_engines_and_search_through_the_index(tmp_path, cluster, model_dir, capsys):
+    """`strata index --engine local|ray` then `strata search`: queries embedded in-process with the output's
+    model and settings; flat results equal brute-force cosine; a derived variant (uniform mix) searched through
+    the Ray-built on-disk IVF-PQ index answers as LoadedIndex.search on the same query vectors."""
+    from pipeline.cli import main
+    from pipeline.derive import vectors_for
+    from pipeline.encoder import Encoder
+    from pipeline.request import resolve
+    from pipeline.storage import Output
+
+    request = resolve(model_dir, layers="2:3", poolings="mean", max_length=32)
+    enc = Encoder.from_request(request)
+    texts = [f"document {i} about " + ["rivers", "stones", "clouds", "trees", "birds"][i % 5] * (1 + i % 3)
+             for i in range(120)]
+    vecs = enc.encode(texts)
+    out = tmp_path / "out"
+    (out / "embeddings" / "s0-c0").mkdir(parents=True)
+    doc_ids = [f"d{i}" for i in range(len(texts))]
+    pq.write_table(pa.table({"id": doc_ids, **{v.column: pa.FixedSizeListArray.from_arrays(
+        pa.array(vecs[v].ravel(), pa.float32()), vecs[v].shape[1]) for v in request.variants}}),
+        out / "embeddings" / "s0-c0" / "part-0.parquet")
+    Output(str(out)).write_manifest({"signature": request.signature("text", "id"),
+                                     "model": {"name": request.model.name, "n_layers": 4},
+                                     "variants": request.manifest_variants(),
+                                     "shards": [{"path": "a.parquet", "output": "embeddings/s0-c0",
+                                                 "files": ["part-0.parquet"]}]})
+    queries = ["rivers rivers", "document 7 about trees", "birds"]
+    pq.write_table(pa.table({"query_id": ["q0", "q1", "q2"], "text": queries}), tmp_path / "q.parquet")
+
+    assert main(["index", str(out), "--variants", "L3.mean", "--kind", "flat", "--engine", "local"]) == 0
+    assert main(["search", str(out), "L3.mean", "--queries", str(tmp_path / "q.parquet"), "--k", "5",
+                 "--out", str(tmp_path / "r.parquet")]) == 0
+    got = pq.read_table(tmp_path / "r.parquet").to_pylist()
+    qv = Encoder.from_request(request).encode(queries)[Variant(3, "mean")]
+    want = exact(vecs[Variant(3, "mean")], qv, doc_ids, k=5)
+    assert [[r["doc_id"] for r in got if r["query_id"] == q] for q in ("q0", "q1", "q2")] == want
+    assert [r["rank"] for r in got[:5]] == [1, 2, 3, 4, 5]
+
+    assert main(["index", str(out), "--mixes", "2:3", "--variants", "M2-3.mean", "--engine", "ray"]) == 0
+    assert "engine ray: 1 shard(s) encoded, 0 reused" in capsys.readouterr().out
+    assert main(["search", str(out), "M2-3.mean", "--queries", str(tmp_path / "q.parquet"), "--k", "4",
+                 "--out", str(tmp_path / "r2.parquet")]) == 0
+    got = pq.read_table(tmp_path / "r2.parquet").to_pylist()
+    manifest = Output(str(out)).read_manifest()
+    loaded = load_index(out / "indexes" / "M2-3.mean.faiss")
+    assert loaded.params["engine"] == "ray"
+    _, want = loaded.search(vectors_for(out, manifest, Variant.parse("M2-3.mean"),
+                                        Encoder.from_request(request).encode(queries)), 4)
+    assert [[r["doc_id"] for r in got if r["query_id"] == q] for q in ("q0", "q1", "q2")] == want
+
+    assert main(["search", str(out), "L9.mean", "--queries", str(tmp_path / "q.parquet"), "--out",
+                 str(tmp_path / "x.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert "L9.mean not in" in err and "it has L2.mean, L3.mean, M2-3.mean" in err
+    assert main(["index", str(out), "--kind", "hnsw", "--engine", "ray"]) == 2
+    assert "--engine ray builds ivfpq indexes only" in capsys.readouterr().err
