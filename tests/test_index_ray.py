@@ -266,3 +266,43 @@ def test_cli_index_engines_and_search_through_the_index(tmp_path, cluster, model
     assert "L9.mean not in" in err and "it has L2.mean, L3.mean, M2-3.mean" in err
     assert main(["index", str(out), "--kind", "hnsw", "--engine", "ray"]) == 2
     assert "--engine ray builds ivfpq indexes only" in capsys.readouterr().err
+
+
+def test_a_node_removed_mid_build_loses_nothing(tmp_path, cluster, data):
+    """A worker node dies while shard tasks run: Ray retries its tasks elsewhere; every id is indexed once
+    and the result equals the single-process build. Two variants build side by side."""
+    c, nodes = cluster
+    x, q = data
+    ids = make_output(tmp_path, x[:16_000], parts=8)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())  # a second variant: the same vectors reversed
+    for s in manifest["shards"]:
+        part = tmp_path / s["output"] / "part-0.parquet"
+        t = pq.read_table(part)
+        pq.write_table(t.append_column("emb_2_mean", t.column(COL)), part)
+    manifest["variants"].append(dict(manifest["variants"][0], name="L2.mean", column="emb_2_mean", layer=2))
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    removed = []
+
+    def remove_a_node(v, key, result):
+        if not removed:
+            removed.append(nodes[0])
+            c.remove_node(nodes[0])
+
+    try:
+        built = ir.build_ivfpq_ray(tmp_path, on_shard=remove_a_node, **dict(OPTS, chunk_rows=500))
+    finally:
+        if removed:
+            nodes[0] = c.add_node(num_cpus=1)
+    assert removed and set(built) == {V, Variant(2, "mean")}
+    for v, params in built.items():
+        assert len(params["encoded"]) == 8
+        loaded = load_index(tmp_path / "indexes" / f"{v.name}.faiss")
+        assert list(loaded.ids) == ids
+        rec = ir.read_build_record(tmp_path, v)
+        trained = faiss.read_index(str(ir.parts_dir(tmp_path, v) / ir.TRAINED))
+        xs = x[:16_000]
+        trained.add_with_ids(np.ascontiguousarray(xs / np.linalg.norm(xs, axis=1, keepdims=True)),
+                             np.arange(len(xs)))
+        trained.nprobe = rec["options"]["nprobe"]
+        _, labels = trained.search(np.ascontiguousarray(q / np.linalg.norm(q, axis=1, keepdims=True)), 10)
+        assert loaded.search(q, 10)[1] == [[ids[i] for i in row] for row in labels]
