@@ -214,6 +214,8 @@ def cmd_eval(args) -> int:
         data = load_retrieval(args.data, split=args.split, max_queries=args.max_queries, max_docs=args.max_docs)
         n_texts = retrieval_texts(data)
     engine = choose_engine(args.engine, n_texts)
+    if args.index and (args.task != "retrieval" or args.recipe):
+        raise ValueError("--index scores retrieval through an index: use it with `eval retrieval`, without --recipe")
     if args.recipe:
         return eval_recipe(args, data, engine)
     pair = None
@@ -235,7 +237,7 @@ def cmd_eval(args) -> int:
         rows = eval_sts(data, args.output, encoder, derivations, quantized=quantized)
     else:
         rows = eval_retrieval(data, args.output, encoder, derivations, query_template=pair and pair[0].name,
-                              doc_template=pair and pair[1].name, quantized=quantized)
+                              doc_template=pair and pair[1].name, quantized=quantized, index=args.index)
     print(f"{data.name}: {n_texts:,} unique texts, {len(request.variants)} embedded variants, "
           f"{len({(r['layer'], r['pooling'], r['template'], r['mix'], r['transform']) for r in rows})} scored, "
           f"engine {engine}, {time.perf_counter() - t0:.1f}s")
@@ -445,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--query-template", default=None, help="retrieval: the queries' template (name or string)")
     g.add_argument("--doc-template", default=None, help="retrieval: the documents' template (name or string)")
     g = p.add_argument_group("quantised scoring (--dtype int8|binary: as the output's index would answer)")
+    g.add_argument("--index", choices=["flat", "hnsw", "ivfpq", "auto"], default=None,
+                   help="retrieval: search through this kind of index (built in memory as `strata index --kind` "
+                        "would) instead of exactly; rows are grouped as 'index:KIND' (default: exact search)")
     g.add_argument("--rescore", type=int, default=0, metavar="M",
                    help="retrieval: re-score M x k candidates with the float query (default: off)")
     g.add_argument("--calibration-rows", type=int, default=1000,

@@ -60,10 +60,12 @@ def unique_texts(*parts: Sequence[str]) -> tuple[list[str], list[np.ndarray]]:
 
 
 def _rows(task: str, dataset: str, split: str, variant: Variant, scores: dict[str, float],
-          fitted: dict | None = None, quantized: quantize.Quantized | None = None) -> list[dict]:
+          fitted: dict | None = None, quantized: quantize.Quantized | None = None,
+          index: str | None = None) -> list[dict]:
     extra = {"fitted_on": fitted_on_text(fitted)} if fitted else {}
-    if quantized is not None:
-        extra["quantization"] = quantized.label(task)
+    if quantized is not None or index:  # scored through an index: a group of its own (``index:hnsw``, ...)
+        extra["quantization"] = "+".join(([quantized.label(task)] if quantized is not None else [])
+                                         + ([f"index:{index}"] if index else []))
     return [{"task": task, "dataset": dataset, "split": split, "metric": metric, **variant.row_fields,
              "score": float(score), **extra} for metric, score in scores.items()]
 
@@ -111,16 +113,19 @@ def evaluate_sts(encoder: TextEncoder, data: StsData, derivations: Derivations |
     return out
 
 
-def quantized_run(query_emb, doc_emb, query_ids, doc_ids, quantized: quantize.Quantized,
-                  k_max: int = 100) -> dict[str, dict[str, float]]:
-    """The run an index of ``quantized.dtype`` over the documents gives the float queries:
-    query id -> {doc id: score} (``quantize.Quantized``; ``index.memory_index``)."""
+def quantized_run(query_emb, doc_emb, query_ids, doc_ids, quantized: quantize.Quantized | None,
+                  k_max: int = 100, kind: str = "flat") -> dict[str, dict[str, float]]:
+    """The run an index of ``quantized.dtype`` (None: float) and ``kind`` over the documents gives the
+    float queries: query id -> {doc id: score} (``quantize.Quantized``; ``index.memory_index``)."""
     from .index import memory_index
 
     doc_emb = np.asarray(doc_emb, dtype=np.float32)
-    ranges = quantized.ranges(doc_emb)
-    index = memory_index([str(d) for d in doc_ids], quantize.quantize(quantized.dtype, doc_emb, ranges),
-                         quantized.dtype, ranges, kind="flat", rescore=quantized.rescore)
+    if quantized is None:
+        index = memory_index([str(d) for d in doc_ids], doc_emb, "float32", kind=kind)
+    else:
+        ranges = quantized.ranges(doc_emb)
+        index = memory_index([str(d) for d in doc_ids], quantize.quantize(quantized.dtype, doc_emb, ranges),
+                             quantized.dtype, ranges, kind=kind, rescore=quantized.rescore)
     scores, ids = index.search(query_emb, k_max)
     return {str(q): {d: float(s) for d, s in zip(row_ids, row_s) if d is not None}
             for q, row_s, row_ids in zip(query_ids, scores, ids)}
@@ -128,9 +133,12 @@ def quantized_run(query_emb, doc_emb, query_ids, doc_ids, quantized: quantize.Qu
 
 def evaluate_retrieval(encoder: TextEncoder, data: BeirData, derivations: Derivations | None = None, *,
                        query_template: str | None = None, doc_template: str | None = None,
-                       save_dir: str | Path | None = None, quantized: quantize.Quantized | None = None) -> list[dict]:
+                       save_dir: str | Path | None = None, quantized: quantize.Quantized | None = None,
+                       index: str | None = None) -> list[dict]:
     """nDCG@10, Recall@100 and MRR@10 (x100) by exact cosine search, for every variant (and derived one).
     ``quantized``: the documents quantised and searched as their index would (``quantized_run``).
+    ``index`` (flat, hnsw, ivfpq, auto): searched through that kind of index, built in memory as
+    ``strata index`` would build it, instead of exactly (rows: ``quantization`` ``index:{kind}``).
 
     With ``query_template`` and ``doc_template`` (template names of the encoder's variants),
     queries and documents are embedded under their own templates and every variant is the pair
@@ -156,12 +164,12 @@ def evaluate_retrieval(encoder: TextEncoder, data: BeirData, derivations: Deriva
             q, d = (m, other[0]) if side == "q" else (other[0], m)
             record = record if side == "d" else other[1]
             name = Variant(v.layer, v.pooling, f"{q_t}~{d_t}", v.mix, v.transform)
-        if quantized is None:
+        if quantized is None and not index:
             scores = retrieval_scores(q[query_rows], d[doc_rows], data.query_ids, data.doc_ids, data.qrels)
         else:
             scores = retrieval_scores_from_run(quantized_run(q[query_rows], d[doc_rows], data.query_ids, data.doc_ids,
-                                                             quantized), data.qrels)
-        out += _rows("retrieval", data.name, data.split, name, scores, record, quantized)
+                                                             quantized, kind=index or "flat"), data.qrels)
+        out += _rows("retrieval", data.name, data.split, name, scores, record, quantized, index)
     if asymmetric and waiting and not out:
         (key, side), _ = next(iter(waiting.items()))
         raise SpecError(f"no variant of template {q_t if side == 'd' else d_t!r} to pair with: embed both the query "
@@ -262,11 +270,12 @@ def eval_sts(data: StsData | str | Path, out_dir: str | Path, encoder: TextEncod
 def eval_retrieval(data: BeirData | str | Path, out_dir: str | Path, encoder: TextEncoder,
                    derivations: Derivations | None = None, *, split: str = "test", max_queries: int | None = None,
                    max_docs: int | None = None, query_template: str | None = None,
-                   doc_template: str | None = None, quantized: quantize.Quantized | None = None) -> list[dict]:
+                   doc_template: str | None = None, quantized: quantize.Quantized | None = None,
+                   index: str | None = None) -> list[dict]:
     """Evaluate on a BEIR set (or a subset) and merge the rows into ``out_dir/eval/results.json``."""
     data = load_retrieval(data, split=split, max_queries=max_queries, max_docs=max_docs)
     rows = evaluate_retrieval(encoder, data, derivations, query_template=query_template, doc_template=doc_template,
-                              save_dir=out_dir, quantized=quantized)
+                              save_dir=out_dir, quantized=quantized, index=index)
     merge_results(out_dir, rows)
     return rows
 

@@ -306,3 +306,36 @@ def test_a_node_removed_mid_build_loses_nothing(tmp_path, cluster, data):
         trained.nprobe = rec["options"]["nprobe"]
         _, labels = trained.search(np.ascontiguousarray(q / np.linalg.norm(q, axis=1, keepdims=True)), 10)
         assert loaded.search(q, 10)[1] == [[ids[i] for i in row] for row in labels]
+
+
+def test_eval_retrieval_through_an_index(tmp_path):
+    """`eval retrieval --index KIND`: scores through an in-memory index of that kind; flat equals exact."""
+    from pipeline.evaldata import BeirData
+    from pipeline.evaluate import evaluate_retrieval
+
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(30, 16))
+    docs = [f"doc {i}" for i in range(600)]
+    queries = [f"query {i}" for i in range(40)]
+    vec = {t: centres[i % 30] + 0.2 * rng.normal(size=16) for i, t in enumerate(docs)}
+    vec.update({t: centres[i % 30] + 0.2 * rng.normal(size=16) for i, t in enumerate(queries)})
+
+    class Fake:
+        def encode(self, texts):
+            return {V: np.stack([vec[t] for t in texts]).astype(np.float32)}
+
+    data = BeirData(name="toy", split="test", doc_ids=[f"d{i}" for i in range(600)], doc_texts=docs,
+                    query_ids=[f"q{i}" for i in range(40)], query_texts=queries,
+                    qrels={f"q{i}": {f"d{j}": 1 for j in range(i % 30, 600, 30)[:3]} for i in range(40)})
+    exact_rows = {r["metric"]: r["score"] for r in evaluate_retrieval(Fake(), data)}
+    flat = evaluate_retrieval(Fake(), data, index="flat")
+    assert {r["metric"]: r["score"] for r in flat} == pytest.approx(exact_rows, abs=1e-6)
+    assert {r["quantization"] for r in flat} == {"index:flat"}
+    hnsw = {r["metric"]: r["score"] for r in evaluate_retrieval(Fake(), data, index="hnsw")}
+    assert hnsw["ndcg_at_10"] == pytest.approx(exact_rows["ndcg_at_10"], abs=2.0)
+    from pipeline.cli import main
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"sentence1": f"a {i}", "sentence2": f"b {i}", "score": i % 3}) + "\n"
+                             for i in range(4)))
+    assert main(["eval", "sts", str(pairs), "--output", str(tmp_path / "o"), "--index", "hnsw"]) == 2
