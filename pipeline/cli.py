@@ -540,16 +540,39 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from . import errors
+
+    level = logging.INFO if args.verbose else logging.WARNING
+    log = errors.LogFile(args.command)
+    if not args.verbose:  # Ray's native notices (core_worker.cc ...) go to the log file; -v shows them
+        errors.route_native_stderr(log)
+    errors.CliLogHandler(log, level).install(level)
+    errors.install_sigterm()
     from .runner import EmbedError
     from .storage import OutputInUse
 
     try:
         return args.func(args)
-    except (*EXPECTED_ERRORS, EmbedError, OutputInUse) as e:
-        print(f"strata {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"strata {args.command}: interrupted", file=sys.stderr)
         return 130
+    except errors.Terminated:
+        print(f"strata {args.command}: terminated", file=sys.stderr)
+        return 143
+    except Exception as e:  # noqa: BLE001 - every error is one line; the traceback goes to the log file
+        cause = errors.unwrap(e)
+        expected = isinstance(cause, (*EXPECTED_ERRORS, EmbedError, OutputInUse))
+        full = errors.redact_text(errors.describe(cause, expected=expected))
+        line = errors.bound(full)
+        path = log.exception(e)
+        if path is not None:
+            log.write(f"error: {full}")
+        if (not expected or line != " ".join(full.split())) and path is not None:
+            line += f" (details: {path})"
+        if args.verbose:
+            import traceback
+
+            print(errors.redact_text("".join(traceback.format_exception(type(e), e, e.__traceback__))),
+                  end="", file=sys.stderr)
+        print(f"strata {args.command}: error: {line}", file=sys.stderr)
+        return 2

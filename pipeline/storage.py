@@ -53,6 +53,10 @@ class OutputInUse(RuntimeError):
 
 def redact(url: str) -> str:
     """A URL safe to log: no user:password@ and no secret-looking query parameters."""
+    if "://" not in url:  # a scheme-less path (``key:secret@bucket/x``, as fsspec strips it) or plain text
+        from .errors import redact_text
+
+        return redact_text(url)
     try:
         parts = urlsplit(url)
     except ValueError:

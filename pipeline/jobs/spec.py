@@ -353,6 +353,43 @@ def parse_spec(data: Any, source: str = "<spec>", *, check_model: bool = True) -
     return spec
 
 
+MAX_SPEC_BYTES = 1 << 20  # a job spec is a page of YAML
+MAX_NODES = 100_000  # values once aliases are expanded
+MAX_ALIASES = 100  # anchors are handy; thousands of aliases are an alias bomb ("billion laughs")
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` (no ``!!python`` tags) that refuses alias bombs: more than MAX_ALIASES aliases, or
+    more than MAX_NODES values once they are expanded."""
+
+    aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                raise yaml.composer.ComposerError(None, None, f"more than {MAX_ALIASES} aliases (*name): refused",
+                                                  self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+    def compose_document(self):
+        node = super().compose_document()
+        sizes: dict[int, int] = {}
+
+        def size(n) -> int:  # nodes once aliases are expanded; each shared node counted per use
+            if id(n) not in sizes:
+                sizes[id(n)] = 1  # a recursive alias counts once
+                kids = [x for kv in n.value for x in kv] if isinstance(n, yaml.MappingNode) else (
+                    n.value if isinstance(n, yaml.SequenceNode) else [])
+                sizes[id(n)] = min(1 + sum(size(k) for k in kids), MAX_NODES + 1)
+            return sizes[id(n)]
+
+        if node is not None and size(node) > MAX_NODES:
+            raise yaml.composer.ComposerError(None, None, f"more than {MAX_NODES:,} values once its aliases "
+                                              "(*name) are expanded: refused (an alias bomb?)", node.start_mark)
+        return node
+
+
 def load_spec(path: str | os.PathLike, *, check_model: bool = True) -> JobSpec:
     """Read and validate a job spec file.
 
@@ -366,8 +403,10 @@ def load_spec(path: str | os.PathLike, *, check_model: bool = True) -> JobSpec:
         raise JobSpecError(f"{source}: job spec not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise JobSpecError(f"{source}: cannot read the job spec ({e})") from None
+    if len(text) > MAX_SPEC_BYTES:
+        raise JobSpecError(f"{source}: job spec of {len(text):,} characters refused (at most {MAX_SPEC_BYTES:,})")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(top level)"

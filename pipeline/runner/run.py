@@ -44,6 +44,9 @@ def _ray_init(ray_address: str | None):
         address = ray_address or os.environ.get("RAY_ADDRESS") or None
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
                  log_to_driver=True, configure_logging=True, ignore_reinit_error=True)
+        from ..errors import reinstall_sigterm
+
+        reinstall_sigterm()  # ray.init replaced the CLI's SIGTERM handler (clean stop, exit 143)
     return ray
 
 
@@ -251,6 +254,7 @@ def _run_ray(request: Request, out: Output, manifest: dict, todo: list[Shard], s
                         fn_kwargs=dict(output_url=out.url, run_id=run_id, keys=[s.key for s in todo],
                                        columns=[v.column for v in request.variants], fmt=request.output_format))
     committer = Committer(out, manifest, todo, summary, run_id)
+    before = summary.shards_embedded  # empty shards committed already: not among ``todo``
     total_rows = sum(s.rows for s in todo)
     last_print, first_batch, first_tokens = 0.0, None, 0
     try:
@@ -265,7 +269,7 @@ def _run_ray(request: Request, out: Output, manifest: dict, todo: list[Shard], s
             if progress and now - last_print > 2.0:
                 last_print = now
                 rate = summary.tokens / (now - t_start)
-                print(f"\r[strata] {summary.shards_embedded}/{len(todo)} shards committed, "
+                print(f"\r[strata] {summary.shards_embedded - before}/{len(todo)} shards committed, "
                       f"{committer.rows_seen:,}/{total_rows:,} rows, {rate:,.0f} tok/s",
                       end="", file=sys.stderr, flush=True)
     except Exception as e:

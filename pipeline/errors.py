@@ -1,0 +1,283 @@
+"""What reaches the user when a command fails: one bounded, redacted line; the rest in a log file.
+
+- ``redact_text``: credentials out of any free text (``scheme://user:secret@``, ``user:secret@host``
+  without a scheme, secret-looking query parameters).
+- ``bound``: one line of at most ``MAX_MESSAGE`` characters, saying how long the full text was.
+- ``describe``: the cause of an exception as one line: Ray's wrapped task errors unwrapped to their
+  cause, storage libraries' errors (missing credentials, missing s3fs) turned into the fix.
+- ``LogFile``: ``$STRATA_LOG_DIR`` (default ``~/.cache/strata/logs``)/strata-<time>-<pid>.log, made
+  on first use; every line written to it is redacted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import traceback
+from pathlib import Path
+
+MAX_MESSAGE = 500
+MAX_LOG_ENTRY = 1 << 20
+
+_SCHEME_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s/@'\"<>]+@")
+_BARE_USERINFO = re.compile(r"(?<![\w.+-])[^\s/@:'\"<>()\[\]{},;=]+:[^\s/@'\"<>]+@(?=[\w.-])")
+_SECRET_QUERY = re.compile(
+    r"([?&][^=&\s'\"#]*(?:token|secret|key|signature|sig|password|credential|auth)[^=&\s'\"#]*=)[^&\s'\"#]+", re.I)
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every URL credential replaced by ``***``."""
+    text = _SCHEME_USERINFO.sub(r"\1***@", text)
+    text = _BARE_USERINFO.sub("***@", text)
+    return _SECRET_QUERY.sub(r"\1***", text)
+
+
+def bound(text: str, limit: int = MAX_MESSAGE) -> str:
+    """One line of at most ``limit`` characters (plus the note of how long the whole was)."""
+    one = " ".join(text.split())
+    if len(one) <= limit:
+        return one
+    return f"{one[:limit]}… ({len(one)} chars)"
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt is for SIGINT."""
+
+
+def _sigterm(signum, frame):
+    raise Terminated()
+
+
+_sigterm_installed = False
+
+
+def install_sigterm() -> None:
+    """SIGTERM stops the command like Ctrl-C does (the CLI prints "terminated", exits 143)."""
+    global _sigterm_installed
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm)
+        _sigterm_installed = True
+
+
+def reinstall_sigterm() -> None:
+    """After ``ray.init`` (which sets its own SIGTERM handler): the CLI's again, if it had one."""
+    if _sigterm_installed:
+        install_sigterm()
+
+
+def unwrap(e: BaseException) -> BaseException:
+    """The real cause of a Ray task/actor error (``RayTaskError(ValueError)`` -> the ValueError)."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        name = type(e).__name__
+        if name.startswith("RayTaskError") or name in ("RayActorError", "UserCodeException"):
+            cause = getattr(e, "cause", None) or e.__cause__
+            if isinstance(cause, BaseException):
+                e = cause
+                continue
+        break
+    return e
+
+
+def _object(e: BaseException) -> str | None:
+    for attr in ("filename", "url", "path"):
+        v = getattr(e, attr, None)
+        if isinstance(v, (str, os.PathLike)) and str(v):
+            return str(v)
+    return None
+
+
+_PACKAGE = str(Path(__file__).resolve().parent)
+_OBJECT_NAMES = ("url", "path", "source", "input", "output", "location", "where")
+
+
+def object_of(e: BaseException) -> str | None:
+    """The file or URL a failure was about, read from the innermost frame of this package that names one."""
+    frames = []
+    tb = e.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        if not frame.f_code.co_filename.startswith(_PACKAGE):
+            continue
+        loc = frame.f_locals
+        owner = loc.get("self")
+        if isinstance(getattr(owner, "url", None), str):
+            return owner.url
+        for name in _OBJECT_NAMES:
+            v = loc.get(name)
+            if isinstance(v, (str, os.PathLike)) and str(v):
+                return str(v)
+    return None
+
+
+def describe(e: BaseException, url: str | None = None, *, expected: bool = False) -> str:
+    """One line naming the cause (and the object, where known) of ``e``; an ``expected`` error (the
+    CLI's own kinds: its message is written for the user) keeps its message as it is."""
+    e = unwrap(e)
+    url = url or _object(e) or object_of(e)
+    name = type(e).__name__
+    text = str(e)
+    chain = [e]
+    c = e.__cause__ or e.__context__
+    while c is not None and len(chain) < 8:
+        chain.append(c)
+        c = c.__cause__ or c.__context__
+    names = {type(x).__name__ for x in chain}
+    where = f" ({url})" if url else ""
+    if names & {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}:
+        return (f"no cloud credentials found{where}: configure them (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                "AWS_PROFILE or ~/.aws/credentials) and run again")
+    if isinstance(e, ImportError) and re.search(r"install (s3fs|gcsfs|adlfs)", text, re.I):
+        pkg = re.search(r"(s3fs|gcsfs|adlfs)", text, re.I).group(1).lower()
+        extra = {"s3fs": "s3", "gcsfs": "gcs", "adlfs": "azure"}[pkg]
+        return f"{pkg} is not installed{where}: pip install 'strata[{extra}]' (or pip install {pkg})"
+    if "UnpicklingError" in names or "Weights only load failed" in text:
+        return (f"torch refused to unpickle the weights{where} (weights_only): the file needs code that is not "
+                "allowed to run; convert it to safetensors, or load it only if you trust it and its source")
+    if expected and text:
+        return text
+    obj = _object(e) or url
+    if obj and obj not in text:
+        text = f"{obj}: {text}"
+    return f"{name}: {text}" if text else name
+
+
+class LogFile:
+    """The per-invocation log file: made on first write, path printed by the CLI."""
+
+    def __init__(self, command: str):
+        root = Path(os.environ.get("STRATA_LOG_DIR") or Path.home() / ".cache" / "strata" / "logs")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.path = root / f"strata-{stamp}-{os.getpid()}.log"
+        self.command = command
+
+    def write(self, text: str) -> Path | None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8", errors="replace") as f:
+                if len(text) > MAX_LOG_ENTRY:
+                    text = f"{text[:MAX_LOG_ENTRY]}… ({len(text)} chars)\n"
+                f.write(redact_text(text))
+                if not text.endswith("\n"):
+                    f.write("\n")
+            return self.path
+        except OSError:
+            return None
+
+    def exception(self, e: BaseException) -> Path | None:
+        tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+        return self.write(f"strata {self.command}: {time.strftime('%Y-%m-%dT%H:%M:%S')}\n{tb}")
+
+
+class CliLogHandler:
+    """Logging handlers for the CLI: stderr gets each record redacted and bounded to one line (the log
+    file gets the full text of any record that was cut); Ray's loggers ("ray", "ray.data") write to the
+    log file, and only their errors reach stderr, as one line each."""
+
+    def __init__(self, log: LogFile, level: int):
+        import logging
+
+        fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        log_file = log
+
+        class _Stderr(logging.StreamHandler):
+            brief = False  # message only: Ray's own stack traces stay in the log file
+
+            def format(self, record):
+                if self.brief:
+                    full = redact_text(f"{record.levelname} {record.name}: {record.getMessage()}")
+                else:
+                    full = redact_text(fmt.format(record))
+                short = bound(full)
+                if short != " ".join(full.split()):
+                    path = log_file.write(full)
+                    short += f" (full text: {path})" if path else ""
+                return short
+
+        class _File(logging.Handler):
+            def emit(self, record):
+                try:
+                    log_file.write(fmt.format(record))
+                except Exception:  # noqa: BLE001 - logging must never raise
+                    pass
+
+        self.stderr = _Stderr()
+        self.stderr.setLevel(level)
+        self.ray_stderr = _Stderr()
+        self.ray_stderr.brief = True
+        self.ray_stderr.setLevel(logging.ERROR if level > logging.INFO else level)
+        self.file = _File()
+        self.file.setLevel(min(level, logging.WARNING))
+        for h in (self.stderr, self.ray_stderr, self.file):
+            h._strata = True
+
+    def install(self, level: int) -> None:
+        import logging
+
+        root = logging.getLogger()
+        for h in list(root.handlers):
+            if getattr(h, "_strata", False):  # an earlier main() in this process
+                root.removeHandler(h)
+        root.addHandler(self.stderr)
+        root.setLevel(level)
+        ours = [self.ray_stderr, self.file]
+        for name in ("ray", "ray.data"):
+            logger = logging.getLogger(name)
+
+            def add(h, logger=logger):
+                # `import ray` and Ray Data's logging setup add console handlers later: ours stand in
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) \
+                        and not getattr(h, "_strata", False):
+                    h = None
+                for x in [h] if h is not None else ours:
+                    if x not in logger.handlers:
+                        logging.Logger.addHandler(logger, x)
+
+            logger.addHandler = add
+            for h in list(logger.handlers):
+                logger.removeHandler(h)
+                if not getattr(h, "_strata", False):
+                    add(h)
+            for h in ours:
+                add(h)
+            logger.propagate = False
+        logging.getLogger("ray").setLevel(min(level, logging.WARNING))
+
+
+def route_native_stderr(log: LogFile) -> bool:
+    """Send what is written to file descriptor 2 by native code (Ray's core worker: ``core_worker.cc ...``
+    notices) to the log file, while Python's ``sys.stderr`` keeps the terminal. Only when sys.stderr is fd 2.
+    The log file is removed at exit if nothing was written to it."""
+    import atexit
+    import sys
+
+    try:
+        if sys.stderr is None or sys.stderr.fileno() != 2:
+            return False
+        log.path.parent.mkdir(parents=True, exist_ok=True)
+        target = os.open(log.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except (OSError, ValueError, AttributeError):
+        return False
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    os.set_inheritable(terminal, False)
+    sys.stderr = os.fdopen(terminal, "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
+    os.dup2(target, 2)
+    os.close(target)
+
+    def _tidy():
+        try:
+            if log.path.stat().st_size == 0:
+                log.path.unlink()
+        except OSError:
+            pass
+
+    atexit.register(_tidy)
+    return True
