@@ -250,3 +250,27 @@ def test_embed_keeps_ray_notices_and_secrets_off_the_terminal(model_dir, tmp_pat
     manifest = (tmp_path / "out" / "manifest.json").read_text()
     assert [s["path"].split("/")[-3] for s in json.loads(manifest)["shards"]] == ["***@host"] * 3
     _no_secret(p.stdout, p.stderr, manifest, _logs(logs))
+
+
+def test_sigterm_during_a_ray_embed_stops_cleanly(model_dir, tmp_path):
+    """Ray sets its own SIGTERM handler in ray.init (which ended in a native abort, rc 134): the CLI's
+    is put back, so the run stops like Ctrl-C: "terminated", exit 143, no stack dump."""
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    for i in range(3):
+        pq.write_table(pa.table({"text": [f"text number {i} {j} " * 20 for j in range(1000)]}), corpus / f"{i}.parquet")
+    env = {**os.environ, "STRATA_LOG_DIR": str(tmp_path / "logs"), "RAY_ADDRESS": "local"}
+    err_path = tmp_path / "stderr"
+    with open(err_path, "w") as err_file:
+        p = subprocess.Popen([sys.executable, "-m", "pipeline", "embed", str(corpus), str(tmp_path / "out"), "--model",
+                              model_dir, "--actors", "1"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=err_file, text=True)
+        deadline = time.time() + 300
+        while time.time() < deadline and p.poll() is None and "shards committed" not in err_path.read_text():
+            time.sleep(0.5)
+        assert p.poll() is None, err_path.read_text()[-3000:]
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=120)
+    err = err_path.read_text()
+    assert p.returncode == 143, err[-3000:]
+    assert err.rstrip().endswith("strata embed: terminated") and "Traceback" not in err and "*** " not in err
