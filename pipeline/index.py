@@ -511,8 +511,10 @@ def load_index(path: str | Path, *, ef_search: int | None = None, nprobe: int | 
     params = json.loads(json_path.read_text())
     binary = params.get("dtype") == "binary"
     ondisk = bool(params.get("ondisk"))  # an IVF-PQ built on Ray (index_ray.py): lists memory-mapped from .ivfdata
+    # IO_FLAG_ONDISK_SAME_DIR only where the output moved since the build (FAISS prints a line when it re-points)
+    moved = ondisk and params.get("ondisk_path") != str((path.parent / params["ondisk"]).resolve())
     index = faiss.read_index_binary(str(path)) if binary else \
-        faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR if ondisk else 0)
+        faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR if moved else 0)
     ids = np.array(pq.read_table(ids_path, columns=["id"]).column("id").to_pylist(), dtype=object)
     present = int(sum(i is not None for i in ids)) if ondisk else len(ids)  # ondisk: indexed by label, holes null
     if present != index.ntotal:
@@ -617,6 +619,7 @@ def build_indexes(out_dir: str | Path, variants: Sequence[Variant | str] | None 
     missing = [f for f in files if not (out_dir / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{out_dir / missing[0]}: listed in the manifest but missing")
+    Output(str(out_dir)).check_parts(manifest)  # a damaged part is named (DamagedOutput), never read
     built_rec = Output(str(out_dir)).read_json(f"{INDEXES}/{BUILT_FILE}") or {}
     dtype = manifest.get("signature", {}).get("dtype") or "float32"
     ranges = quantize.read_ranges(str(out_dir))[0] if dtype == "int8" else {}

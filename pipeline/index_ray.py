@@ -349,7 +349,9 @@ def build_ivfpq_ray(out_dir: str | Path, variants: Sequence[Variant | str] | Non
             offset = p.record["next_offset"]
             p.record["next_offset"] = offset + s.rows  # a new label range; a changed shard's old one is given up
             p.record["shards"].pop(s.key, None)
-            part = p.parts / f"{s.key}.faiss"
+            # one file per attempt (its label offset in the name): a task left running by a killed build
+            # can never overwrite the part a later build records
+            part = p.parts / f"{s.key}.{offset}.faiss"
             ref = encode_task.remote(out_str, s.rel, p.source, p.dim, p.source_dim, trained, offset, str(part),
                                      chunk_rows, threads)
             jobs[ref] = (p, s, offset)
@@ -368,7 +370,7 @@ def build_ivfpq_ray(out_dir: str | Path, variants: Sequence[Variant | str] | Non
                 raise IndexBuildError(f"shard {s.rel}: read {result['rows']} rows, the file declares {s.rows}; "
                                       f"was it modified during the build?")
             p.record["shards"][s.key] = {"fingerprint": s.fingerprint, "offset": offset, "rows": s.rows,
-                                         "part": f"{s.key}.faiss", "encoded_at": utc_now(),
+                                         "part": f"{s.key}.{offset}.faiss", "encoded_at": utc_now(),
                                          "seconds": result["seconds"], "peak_rss_mb": result["peak_rss_mb"]}
             _write_json(build_record_path(out_dir, p.variant), p.record)
             report[p.variant]["encoded"].append(s.key)
@@ -402,6 +404,10 @@ def _merge(out_dir: Path, p: _Plan, shards: Sequence[Shard]) -> dict:
             f.unlink(missing_ok=True)
     _write_json(build_record_path(out_dir, p.variant), p.record)
     recs = [p.record["shards"][s.key] for s in shards]
+    keep = {TRAINED, *(r["part"] for r in recs), *(str(Path(r["part"]).with_suffix(".ids.parquet")) for r in recs)}
+    for f in p.parts.iterdir():  # parts of earlier attempts, tasks of killed builds, temporary files
+        if f.name not in keep:
+            f.unlink(missing_ok=True)
     labels = max(r["offset"] + r["rows"] for r in recs)
     ids = np.full(labels, None, dtype=object)
     for r in recs:
@@ -410,7 +416,7 @@ def _merge(out_dir: Path, p: _Plan, shards: Sequence[Shard]) -> dict:
 
     out_path = ix.index_path(out_dir, p.variant)
     build = uuid.uuid4().hex[:8]
-    ivfdata = out_path.with_name(f"{out_path.stem}.{build}.ivfdata")
+    ivfdata = out_path.with_name(f"{out_path.stem}.{build}.ivfdata").resolve()
     index = faiss.read_index(str(p.parts / TRAINED))
     merge_ondisk(index, [str(p.parts / r["part"]) for r in recs], str(ivfdata))
     opts = p.record["options"]
@@ -418,7 +424,7 @@ def _merge(out_dir: Path, p: _Plan, shards: Sequence[Shard]) -> dict:
     if index.ntotal != p.rows:
         raise IndexBuildError(f"{p.variant.name}: merged {index.ntotal} vectors, the manifest lists {p.rows}")
     params = {**ix._base_params("ivfpq", "float32", p.rows, p.dim, 0), **opts, "rerank": None, "engine": "ray",
-              "ondisk": ivfdata.name, "labels": labels, "shards": len(recs),
+              "ondisk": ivfdata.name, "ondisk_path": str(ivfdata.resolve()), "labels": labels, "shards": len(recs),
               "column": p.source if isinstance(p.source, str) else None,
               "variant": None if isinstance(p.source, str) else p.variant.name,
               "source_columns": ix._columns(p.source), "files": [str(out_dir / s.rel) for s in shards]}

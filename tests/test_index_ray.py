@@ -123,6 +123,12 @@ def test_distributed_equals_single_process_ids_exact_and_recall(tmp_path, cluste
     built_rec = json.loads((tmp_path / "indexes" / "_built.json").read_text())
     assert built_rec[V.name]["engine"] == "ray"
 
+    import shutil  # a moved output still loads: the lists file is found next to the index
+
+    shutil.copytree(tmp_path / "indexes", tmp_path / "moved" / "indexes", ignore=shutil.ignore_patterns("*.parts"))
+    shutil.rmtree(tmp_path / "indexes")
+    assert load_index(tmp_path / "moved" / "indexes" / "L3.mean.faiss").search(q, 10)[1] == got
+
 
 class Killed(RuntimeError):
     pass
@@ -151,7 +157,7 @@ def test_resume_after_a_kill_reencodes_only_unrecorded_shards(tmp_path, cluster,
     assert not set(built["encoded"]) & set(seen)
     assert os.stat(ir.parts_dir(tmp_path, V) / ir.TRAINED).st_mtime_ns == trained_mtime  # quantiser reused
     for k, t in parts_mtime.items():
-        assert os.stat(ir.parts_dir(tmp_path, V) / f"{k}.faiss").st_mtime_ns == t  # recorded shards untouched
+        assert os.stat(ir.parts_dir(tmp_path, V) / rec["shards"][k]["part"]).st_mtime_ns == t  # untouched
 
     loaded = load_index(tmp_path / "indexes" / "L3.mean.faiss")
     assert sorted(i for i in loaded.ids if i is not None) == sorted(ids)
