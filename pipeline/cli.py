@@ -97,6 +97,12 @@ def cmd_embed(args) -> int:
     labels = _mix_labels(args)
     if any(kind == "learned" for kind, _, _ in mixes) and labels is None:
         raise ValueError("a learned mix needs training labels (--mix-labels: STS pairs or a BEIR folder)")
+    from .sizing import check_size, input_rows, plan_lines
+
+    rows = input_rows(args.input)  # the size, planned before any work (docs/scale.md)
+    for line in plan_lines(request, rows):
+        print(line, file=sys.stderr)
+    check_size(request, rows, args.yes)
     summary = embed(request, args.input, args.output, text_column=args.text_column, id_column=args.id_column,
                     force=args.force, progress=not args.quiet, calibration_rows=args.calibration_rows,
                     int8_ranges=args.int8_ranges)
@@ -385,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training labels for learned mixes: STS pairs, or a BEIR folder (its --mix-labels-split qrels)")
     p.add_argument("--mix-labels-split", default="train", help="BEIR qrels split for learned mixes (default: train)")
     p.add_argument("--force", action="store_true", help="replace an output made with other settings")
+    p.add_argument("--yes", action="store_true", help="go on when the projected output is above 100 GB "
+                                                      "(docs/scale.md)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_embed)
 

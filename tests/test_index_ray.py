@@ -345,3 +345,22 @@ def test_eval_retrieval_through_an_index(tmp_path):
     pairs.write_text("".join(json.dumps({"sentence1": f"a {i}", "sentence2": f"b {i}", "score": i % 3}) + "\n"
                              for i in range(4)))
     assert main(["eval", "sts", str(pairs), "--output", str(tmp_path / "o"), "--index", "hnsw"]) == 2
+
+
+def test_embed_plans_the_output_size_and_asks_above_the_threshold(tmp_path, model_dir, capsys, monkeypatch):
+    from pipeline import sizing
+    from pipeline.cli import main
+    from pipeline.request import resolve
+
+    request = resolve(model_dir, layers="2:3", poolings="mean,last", max_length=32, digest=False)
+    p = sizing.projection(request, 1000)
+    assert p["L2.mean"] == 1000 * request.model.dim * 4 and p["total"] == 4 * p["L2.mean"] + 1000 * sizing.ID_BYTES
+    assert sizing.index_bytes("ivfpq", 10**6, 384, pq_m=96) == 104 * 10**6
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"text": [f"t {i}" for i in range(50)]}), tmp_path / "in" / "a.parquet")
+    monkeypatch.setattr(sizing, "CONFIRM_BYTES", 1000)
+    assert main(["embed", str(tmp_path / "in"), str(tmp_path / "out"), "--model", model_dir, "--layers", "2:3",
+                 "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "projected output: 50 rows x 2 variant(s)" in err and "pass --yes to go on" in err
+    assert not (tmp_path / "out").exists()
