@@ -100,7 +100,7 @@ def cmd_embed(args) -> int:
     from .sizing import check_size, input_rows, plan_lines
 
     rows = input_rows(args.input)  # the size, planned before any work (docs/scale.md)
-    for line in plan_lines(request, rows):
+    for line in plan_lines(request, rows) if not args.quiet else ():
         print(line, file=sys.stderr)
     check_size(request, rows, args.yes)
     summary = embed(request, args.input, args.output, text_column=args.text_column, id_column=args.id_column,

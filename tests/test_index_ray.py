@@ -359,8 +359,8 @@ def test_embed_plans_the_output_size_and_asks_above_the_threshold(tmp_path, mode
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"text": [f"t {i}" for i in range(50)]}), tmp_path / "in" / "a.parquet")
     monkeypatch.setattr(sizing, "CONFIRM_BYTES", 1000)
-    assert main(["embed", str(tmp_path / "in"), str(tmp_path / "out"), "--model", model_dir, "--layers", "2:3",
-                 "-q"]) == 2
+    (tmp_path / "in" / "broken.parquet").write_bytes(b"not parquet")  # left to embed to report
+    assert main(["embed", str(tmp_path / "in"), str(tmp_path / "out"), "--model", model_dir, "--layers", "2:3"]) == 2
     err = capsys.readouterr().err
     assert "projected output: 50 rows x 2 variant(s)" in err and "pass --yes to go on" in err
     assert not (tmp_path / "out").exists()
