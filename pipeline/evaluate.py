@@ -18,7 +18,9 @@ the command's entry points: they load the data, choose the engine (``auto``: in-
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import logging
 from pathlib import Path
 from typing import Mapping, Protocol, Sequence
 
@@ -34,6 +36,8 @@ from .report import merge_results
 from .request import Request, signature_difference
 from .storage import Output
 from .variants import SpecError, Variant
+
+log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "local", "ray")
 # ``auto`` evaluates in-process up to this many unique texts (STS-B test has 2,552; SciFact
@@ -101,6 +105,7 @@ def evaluate_sts(encoder: TextEncoder, data: StsData, derivations: Derivations |
     """Spearman and Pearson (x100) of cosine similarity vs gold, for every variant (and derived one).
     Fitted pieces (learned mix weights, transforms) are stored under ``save_dir`` when given.
     ``quantized``: every variant's vectors quantised and decoded first (``quantize.Quantized``)."""
+    data, left_out = without_empty_sts(data)
     texts, (rows1, rows2) = unique_texts(data.sentence1, data.sentence2)
     out = []
     for variant, m, record in _scored(encoder, encoder.encode(texts), derivations, data.name, save_dir,
@@ -110,7 +115,7 @@ def evaluate_sts(encoder: TextEncoder, data: StsData, derivations: Derivations |
             m = quantize.decode(quantized.dtype, quantize.quantize(quantized.dtype, m, ranges), ranges)
         out += _rows("sts", data.name, data.split, variant, sts_scores(m[rows1], m[rows2], data.scores), record,
                      quantized)
-    return out
+    return _note(out, left_out)
 
 
 def quantized_run(query_emb, doc_emb, query_ids, doc_ids, quantized: quantize.Quantized | None,
@@ -144,6 +149,7 @@ def evaluate_retrieval(encoder: TextEncoder, data: BeirData, derivations: Deriva
     queries and documents are embedded under their own templates and every variant is the pair
     ``QUERY~DOC`` of the same layer and pooling (E5-Mistral / GTE-Qwen2 style instructions).
     """
+    data, left_out = without_empty_beir(data)
     texts, (doc_rows, query_rows) = unique_texts(data.doc_texts, data.query_texts)
     q_t, d_t = query_template or "plain", doc_template or "plain"
     asymmetric = (query_template or doc_template) and q_t != d_t
@@ -174,7 +180,49 @@ def evaluate_retrieval(encoder: TextEncoder, data: BeirData, derivations: Deriva
         (key, side), _ = next(iter(waiting.items()))
         raise SpecError(f"no variant of template {q_t if side == 'd' else d_t!r} to pair with: embed both the query "
                         f"and the document template (--templates)")
-    return out
+    return _note(out, left_out)
+
+
+def _note(rows: list[dict], left_out: str | None) -> list[dict]:
+    if left_out:
+        for r in rows:
+            r["left_out"] = left_out
+    return rows
+
+
+def without_empty_beir(data: BeirData) -> tuple[BeirData, str | None]:
+    """Documents and queries whose text is empty are not embedded (a model has no meaningful
+    vector for nothing): empty documents are left out of the searched corpus, so a relevant
+    empty document counts as a miss; an empty query retrieves nothing and scores 0. The rows
+    say how many (``left_out``)."""
+    docs = [i for i, t in enumerate(data.doc_texts) if t.strip()]
+    queries = [i for i, t in enumerate(data.query_texts) if t.strip()]
+    n_docs, n_queries = len(data.doc_texts) - len(docs), len(data.query_texts) - len(queries)
+    if not n_docs and not n_queries:
+        return data, None
+    if not docs or not queries:
+        raise SpecError(f"{data.name}: every {'document' if not docs else 'query'} is empty: nothing to evaluate")
+    parts = ([f"{n_docs} empty document(s) left out of the corpus (relevant ones count as misses)"] if n_docs else []) \
+        + ([f"{n_queries} empty quer(y/ies) not searched (scored 0)"] if n_queries else [])
+    note = "; ".join(parts)
+    log.warning("%s: %s", data.name, note)
+    return dataclasses.replace(data, doc_ids=[data.doc_ids[i] for i in docs], doc_texts=[data.doc_texts[i] for i in docs],
+                               query_ids=[data.query_ids[i] for i in queries],
+                               query_texts=[data.query_texts[i] for i in queries]), note
+
+
+def without_empty_sts(data: StsData) -> tuple[StsData, str | None]:
+    """Pairs with an empty sentence have no similarity to score: they are skipped, and the
+    rows say how many (``left_out``)."""
+    keep = [i for i, (a, b) in enumerate(zip(data.sentence1, data.sentence2)) if a.strip() and b.strip()]
+    if len(keep) == len(data.sentence1):
+        return data, None
+    if len(keep) < 2:
+        raise SpecError(f"{data.name}: fewer than 2 pairs with two non-empty sentences: nothing to evaluate")
+    note = f"{len(data.sentence1) - len(keep)} pair(s) with an empty sentence skipped"
+    log.warning("%s: %s", data.name, note)
+    return dataclasses.replace(data, sentence1=[data.sentence1[i] for i in keep],
+                               sentence2=[data.sentence2[i] for i in keep], scores=data.scores[keep]), note
 
 
 class RayEncoder:

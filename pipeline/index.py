@@ -619,6 +619,7 @@ def build_indexes(out_dir: str | Path, variants: Sequence[Variant | str] | None 
     missing = [f for f in files if not (out_dir / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{out_dir / missing[0]}: listed in the manifest but missing")
+    Output(str(out_dir)).check_parts(manifest)  # a damaged part is named (DamagedOutput), never read
     built_rec = Output(str(out_dir)).read_json(f"{INDEXES}/{BUILT_FILE}") or {}
     dtype = manifest.get("signature", {}).get("dtype") or "float32"
     ranges = quantize.read_ranges(str(out_dir))[0] if dtype == "int8" else {}

@@ -68,6 +68,8 @@ def validate_rows(rows: Iterable[dict]) -> list[dict]:
                                f"number ({e}): {row}") from None
         if row.get("fitted_on"):
             r["fitted_on"] = str(row["fitted_on"])
+        if row.get("left_out"):  # texts not evaluated (empty documents, pairs with an empty sentence)
+            r["left_out"] = str(row["left_out"])
         if row.get("quantization"):  # scored as a quantised (int8/binary) output: its own group
             r["quantization"] = str(row["quantization"])
         key = _row_key(r)

@@ -12,11 +12,14 @@ specs both end here, so a spec cannot mean two things in two places.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 
 from . import models
 from .templates import SLOT, Template, check_fits, parse_templates
 from .variants import Variant, make_variants
+
+log = logging.getLogger(__name__)
 
 OUTPUT_DTYPES = ("float32", "float16", "int8", "binary")  # int8/binary: quantised outputs (pipeline/quantize.py)
 OUTPUT_FORMATS = ("parquet", "arrow")
@@ -190,6 +193,12 @@ def resolve(model: str | None = None, *, layers="-1", poolings="mean", max_lengt
                      weights_digest=models.weights_digest(src) if digest else None,
                      trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     variants = make_variants(layers, poolings, info.n_layers, [t.name for t in templates])
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if isinstance(limit, int) and 0 < limit < max_length:  # positions past the model's table: never meaningful
+        log.warning("max length %d is beyond model %s's position limit (config max_position_embeddings %d): "
+                    "capped at %d", max_length, src.name, limit, limit)
+        max_length = limit
+        settings = dataclasses.replace(settings, max_length=limit)
     if any(not t.is_plain for t in templates) or append_eos:
         from transformers import AutoTokenizer
 

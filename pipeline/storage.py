@@ -5,8 +5,14 @@ Layout of an output directory (any fsspec URL)::
     manifest.json              the commit point: what is done, from which input, by which model
     embeddings/{key}-{commit}/ part-*.parquet (or *.arrow): id + one column per variant
                                rejects-*.parquet: id, row, reason of rows not embedded
-    _staging/                  parts being written; never read, wiped at the start of a run
-    _lock.json                 held by the run writing here (host, pid, heartbeat)
+    _staging/{run id}/         parts being written; never read; a run's folder is removed at its
+                               end, or by the next run (the manifest's ``runs`` names it)
+    _lock.json                 held by the run writing here (host, pid, heartbeat), created atomically
+
+Strata removes only what its manifest or its own run ids name: other files under ``_staging/``
+or ``embeddings/`` are left alone, and a non-empty folder that is not a Strata output is refused.
+The manifest records each committed part's rows and bytes; a part that no longer matches is
+named on read (``DamagedOutput``) and its shard re-embedded on resume.
 
 A shard counts as done only once the manifest lists it; the manifest is replaced atomically
 (write aside, then rename), and readers take the file list from it, never from a directory
@@ -49,6 +55,46 @@ def utc_now() -> str:
 
 class OutputInUse(RuntimeError):
     """Another live run holds the output location."""
+
+
+class DamagedOutput(ValueError):
+    """A committed part is missing or differs from what the manifest recorded."""
+
+
+# What Strata itself puts in an output, a job version folder or an evaluation cache: a folder
+# holding only these (and no manifest yet) is still Strata's to write into.
+STRATA_NAMES = frozenset({"manifest.json", "_lock.json", "_staging", "embeddings", "indexes", "quantization",
+                          "transforms", "mixes", "inputs", "eval", "eval-cache", "version.json", "job.json",
+                          "report.md", "probe.json", "pieces", "LATEST"})
+STRATA_PREFIXES = (".strata-probe-", "manifest.json.tmp-", "_lock.json.", "heatmap_", "mix_")
+
+
+def _local_real(fs, path: str) -> str:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        return os.path.realpath(path)
+    return path
+
+
+def overlap(input_url: str, output_url: str) -> str | None:
+    """How INPUT and OUTPUT overlap (one is, or is inside, the other), or None. An evaluation
+    cache's own staged texts (``OUTPUT/inputs``) are the one input allowed inside an output."""
+    fs_in, p_in = fsspec.core.url_to_fs(input_url)
+    fs_out, p_out = fsspec.core.url_to_fs(output_url)
+    if type(fs_in) is not type(fs_out):
+        return None
+    if any(c in p_in for c in "*?["):
+        p_in = p_in.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0]
+    a, b = _local_real(fs_in, p_in).rstrip("/"), _local_real(fs_out, p_out).rstrip("/")
+    if a == b:
+        return "INPUT and OUTPUT are the same location"
+    if a == f"{b}/inputs":
+        return None
+    if b.startswith(a + "/"):
+        return "OUTPUT is inside INPUT"
+    if a.startswith(b + "/"):
+        return "INPUT is inside OUTPUT"
+    return None
 
 
 def redact(url: str) -> str:
@@ -115,22 +161,37 @@ class Output:
         ``LOCK_STALE_S``) is taken over, so a crashed run never blocks the next one for long.
         """
         path = self.path(LOCK)
-        holder = self.read_json(LOCK)
-        if holder and not _lock_is_stale(holder):
-            age = time.time() - float(holder.get("heartbeat", 0))
-            raise OutputInUse(f"{redact(self.url)} is in use by another run (host {holder.get('host')}, "
-                              f"pid {holder.get('pid')}, started {holder.get('started')}, alive {age:.0f}s ago); "
-                              f"wait for it to finish, or remove {path} if that run is dead")
         me = {"token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "started": utc_now()}
 
         def beat() -> None:
             self.write_json(LOCK, dict(me, heartbeat=time.time()))
 
         def mine() -> bool:
-            return (self.read_json(LOCK) or {}).get("token") == me["token"]
+            try:
+                return (self.read_json(LOCK) or {}).get("token") == me["token"]
+            except ValueError:  # a lock being created right now: not ours
+                return False
 
-        beat()
-        if not mine():  # another run wrote in between
+        self.fs.makedirs(self.root, exist_ok=True)
+        for attempt in range(2):
+            if self._create_lock(dict(me, heartbeat=time.time())):
+                break
+            try:
+                holder = self.read_json(LOCK)
+            except ValueError:  # another run is creating it this very moment
+                raise OutputInUse(f"{redact(self.url)}: another run took the lock at the same moment; "
+                                  "retry later") from None
+            if holder is None:
+                continue  # released between our attempt and the read: try once more
+            if not _lock_is_stale(holder):
+                age = time.time() - float(holder.get("heartbeat", 0))
+                raise OutputInUse(f"{redact(self.url)} is in use by another run (host {holder.get('host')}, "
+                                  f"pid {holder.get('pid')}, started {holder.get('started')}, alive {age:.0f}s ago); "
+                                  f"wait for it to finish, or remove {path} if that run is dead")
+            self._take_stale_lock(holder)
+        else:
+            raise OutputInUse(f"{redact(self.url)}: another run took the lock at the same moment; retry later")
+        if not mine():  # a store without atomic create: another run wrote in between
             raise OutputInUse(f"{redact(self.url)}: another run took the lock at the same moment; retry later")
         stop = threading.Event()
 
@@ -149,6 +210,44 @@ class Output:
             thread.join()
             if mine():
                 self.fs.rm(path)
+
+    def _create_lock(self, obj: dict) -> bool:
+        """Create the lock file only if there is none (atomic: ``open(..., "xb")`` is O_EXCL on a
+        local disk, a conditional put (If-None-Match) on stores whose fsspec driver has one, e.g.
+        s3fs, gcsfs). Where a store has no atomic create the lock falls back to write then read
+        back, which narrows but does not close the race between two runs starting together."""
+        data = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+        try:
+            with self.fs.open(self.path(LOCK), "xb") as f:
+                f.write(data)
+            return True
+        except FileExistsError:
+            return False
+        except (ValueError, NotImplementedError, TypeError):  # no exclusive mode on this store
+            if self.fs.exists(self.path(LOCK)):
+                return False
+            write_atomic(self.fs, self.path(LOCK), data)
+            return True
+
+    def _take_stale_lock(self, holder: dict) -> None:
+        """Move a dead run's lock aside; only the run that moved exactly that lock goes on."""
+        aside = self.path(f"{LOCK}.stale-{uuid.uuid4().hex[:8]}")
+        try:
+            self.fs.mv(self.path(LOCK), aside)
+        except FileNotFoundError:
+            return  # another run moved it first; the exclusive create decides between us
+        try:
+            with self.fs.open(aside, "rb") as f:
+                moved = json.loads(f.read())
+        except (OSError, ValueError):
+            moved = {}
+        if moved.get("token") != holder.get("token"):  # we moved a live run's fresh lock: give it back
+            with contextlib.suppress(OSError, ValueError, NotImplementedError):
+                if self._create_lock(moved):
+                    self.fs.rm(aside)
+                    raise OutputInUse(f"{redact(self.url)}: another run took the lock at the same moment; "
+                                      "retry later")
+        self.fs.rm(aside)
 
     # ------------------------------------------------------------------ JSON files, manifest
     def read_json(self, rel: str):
@@ -172,9 +271,10 @@ class Output:
         self.write_json(MANIFEST, dict(manifest, format=FORMAT_VERSION, updated_at=utc_now()))
 
     # ------------------------------------------------------------------ commits
-    def commit_dir(self, staged: str, key: str) -> str:
-        """Move a shard's staged folder into embeddings/; returns the path relative to the root."""
-        rel = f"{EMBEDDINGS}/{key}-{uuid.uuid4().hex[:8]}"
+    def commit_dir(self, staged: str, key: str, run_id: str | None = None) -> str:
+        """Move a shard's staged folder into embeddings/ as ``{key}-{run id}`` (the sweep knows
+        its own folders by that run id); returns the path relative to the root."""
+        rel = f"{EMBEDDINGS}/{key}-{run_id or uuid.uuid4().hex[:8]}"
         self.fs.makedirs(self.path(EMBEDDINGS), exist_ok=True)
         self.fs.mv(staged, self.path(rel), recursive=True)
         return rel
@@ -185,17 +285,91 @@ class Output:
             self.fs.rm(p, recursive=True)
 
     def sweep(self, manifest: dict | None) -> list[str]:
-        """Remove staging leftovers and embedding folders the manifest does not list."""
-        self.remove(STAGING)
+        """Remove what Strata's own earlier runs left behind, and nothing else: the staging
+        folders of the run ids the manifest records (``runs``), and embedding folders named by
+        one of those runs that the manifest does not list (a commit cut short before the
+        manifest was written). Anything else under ``_staging/`` or ``embeddings/`` is not
+        Strata's and is left alone."""
+        runs = [r for r in (manifest or {}).get("runs", []) if r]
         keep = {s["output"] for s in (manifest or {}).get("shards", [])}
         removed = []
-        if self.fs.exists(self.path(EMBEDDINGS)):
+        for r in runs:
+            rel = f"{STAGING}/{r}"
+            if self.fs.exists(self.path(rel)):
+                self.fs.rm(self.path(rel), recursive=True)
+                removed.append(rel)
+        self.remove_if_empty(STAGING)
+        if runs and self.fs.exists(self.path(EMBEDDINGS)):
             for p in self.fs.ls(self.path(EMBEDDINGS), detail=False):
-                rel = f"{EMBEDDINGS}/{PurePosixPath(p).name}"
-                if rel not in keep:
+                name = PurePosixPath(p).name
+                rel = f"{EMBEDDINGS}/{name}"
+                if rel not in keep and any(name.endswith(f"-{r}") for r in runs):
                     self.fs.rm(p, recursive=True)
                     removed.append(rel)
         return removed
+
+    def remove_if_empty(self, rel: str) -> None:
+        p = self.path(rel)
+        with contextlib.suppress(OSError):
+            if self.fs.isdir(p) and not self.fs.ls(p, detail=False):
+                self.fs.rmdir(p)
+
+    def check_is_strata_output(self) -> None:
+        """Refuse a folder that is neither empty nor a Strata output (before any work): Strata
+        must never mix its files with, or sweep, someone else's."""
+        if self.fs.exists(self.path(MANIFEST)) or not self.fs.isdir(self.root):
+            return
+        foreign = sorted(n for n in (PurePosixPath(p).name for p in self.fs.ls(self.root, detail=False))
+                         if n not in STRATA_NAMES and not n.startswith(STRATA_PREFIXES))
+        if foreign:
+            raise ValueError(f"output {redact(self.url)} is not empty and is not a Strata output (no {MANIFEST}; "
+                             f"it holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): "
+                             "use an empty or new output location")
+
+    def part_info(self, folder: str, names: list[str]) -> dict[str, dict]:
+        """Rows and bytes of each part in ``folder`` (a full path), read from the files themselves."""
+        info = {}
+        for n in names:
+            path = f"{folder}/{n}"
+            info[n] = {"rows": part_rows(self.fs, path), "bytes": int(self.fs.info(path)["size"])}
+        return info
+
+    def damaged_parts(self, entry: dict, *, rows: bool = False) -> list[str]:
+        """The parts of a committed shard that are missing or differ from what the manifest
+        recorded at commit (size; with ``rows`` also the row count). Entries written before
+        parts were recorded (no ``parts``) are checked for existence only."""
+        recorded = entry.get("parts") or {}
+        bad = []
+        for n in list(entry.get("files", [])) + list(entry.get("rejects_files", [])):
+            path = self.path(entry["output"], n)
+            try:
+                size = int(self.fs.info(path)["size"])
+            except FileNotFoundError:
+                bad.append(f"{entry['output']}/{n} is missing")
+                continue
+            want = recorded.get(n)
+            if want is None:
+                continue
+            if size != want["bytes"]:
+                bad.append(f"{entry['output']}/{n} has {size} bytes, the manifest recorded {want['bytes']}")
+            elif rows:
+                try:
+                    got = part_rows(self.fs, path)
+                except Exception as e:  # noqa: BLE001 - any unreadable part is damaged
+                    bad.append(f"{entry['output']}/{n} cannot be read ({type(e).__name__})")
+                    continue
+                if got != want["rows"]:
+                    bad.append(f"{entry['output']}/{n} has {got} rows, the manifest recorded {want['rows']}")
+        return bad
+
+    def check_parts(self, manifest: dict | None = None) -> None:
+        """Raise ``DamagedOutput`` naming the first damaged committed part (before reading any)."""
+        manifest = manifest or self.read_manifest() or {}
+        for entry in sorted(manifest.get("shards", []), key=lambda s: s["path"]):
+            bad = self.damaged_parts(entry, rows=True)
+            if bad:
+                raise DamagedOutput(f"{redact(self.url)}: committed part {bad[0]}: the output is damaged; "
+                                    f"re-run `strata embed` to re-embed shard {entry['rel']}")
 
     # ------------------------------------------------------------------ reading
     def embedding_files(self, manifest: dict | None = None) -> list[str]:
@@ -205,8 +379,11 @@ class Output:
                 for f in s["files"]]
 
     def read_table(self, columns: list[str] | None = None) -> pa.Table:
-        """All committed embeddings as one table (for evaluation-sized outputs)."""
-        tables = [read_part(self.fs, p, columns) for p in self.embedding_files()]
+        """All committed embeddings as one table (for evaluation-sized outputs); a damaged part
+        (missing, or not what the manifest recorded) is named, never read."""
+        manifest = self.read_manifest() or {}
+        self.check_parts(manifest)
+        tables = [read_part(self.fs, p, columns) for p in self.embedding_files(manifest)]
         if not tables:
             raise FileNotFoundError(f"no committed embeddings under {redact(self.url)}")
         return pa.concat_tables(tables)
@@ -244,10 +421,27 @@ def write_part(fs, path: str, table: pa.Table) -> None:
     fs.mv(tmp, path)
 
 
-def read_part(fs, path: str, columns: list[str] | None = None) -> pa.Table:
-    if path.endswith(".arrow"):
-        with fs.open(path, "rb") as f:
-            t = pa.ipc.open_file(f).read_all()
-        return t.select(columns) if columns else t
+def part_rows(fs, path: str) -> int:
+    """Rows of a Parquet or Arrow IPC part, from its footer."""
     with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns)
+        if path.endswith(".arrow"):
+            r = pa.ipc.open_file(f)
+            return sum(r.get_batch(i).num_rows for i in range(r.num_record_batches))
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def read_part(fs, path: str, columns: list[str] | None = None) -> pa.Table:
+    try:
+        if path.endswith(".arrow"):
+            with fs.open(path, "rb") as f:
+                t = pa.ipc.open_file(f).read_all()
+            return t.select(columns) if columns else t
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=columns)
+    except (pa.ArrowInvalid, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise DamagedOutput(f"committed part {redact(path)} is missing: the output is damaged; "
+                                "re-run `strata embed` to re-embed its shard") from None
+        raise DamagedOutput(f"committed part {redact(path)} cannot be read ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:120]}): the output is damaged; re-run `strata embed` "
+                            "to re-embed its shard") from None

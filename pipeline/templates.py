@@ -134,7 +134,7 @@ def tokenize_plain(tokenizer, texts: Sequence[str], max_length: int) -> tuple[li
     cut = np.array([len(t) > limit for t in texts], dtype=bool)
     clipped = [clean_text(t[:limit]) for t in texts]
     enc = tokenizer(clipped, truncation=True, max_length=max_length, return_overflowing_tokens=True,
-                    return_attention_mask=False)
+                    return_attention_mask=False, split_special_tokens=True)  # corpus text is text
     mapping = enc.get("overflow_to_sample_mapping")
     if mapping is None:  # slow tokenizers: no overflow information
         return [list(x) for x in enc["input_ids"]], cut
@@ -181,7 +181,9 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int, template: Templat
     eos = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
     limit = budget * CHARS_PER_TOKEN_GUARD
     clipped = [clean_text(t[:limit]) for t in texts]
-    bare = tokenizer(clipped, add_special_tokens=False)["input_ids"] if clipped else []
+    # the text is tokenised as text (markup such as "<|im_end|>" in it is not a control token);
+    # the template's pieces above may use special tokens on purpose
+    bare = tokenizer(clipped, add_special_tokens=False, split_special_tokens=True)["input_ids"] if clipped else []
     ids, spans, truncated = [], np.zeros((len(texts), 2), dtype=np.int64), np.zeros(len(texts), dtype=bool)
     for i, (text, tok) in enumerate(zip(texts, bare)):
         truncated[i] = len(tok) > budget or len(text) > limit

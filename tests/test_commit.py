@@ -38,6 +38,8 @@ def _run(out: Output, shards: list[Shard], draw_order, crash_after: int | None) 
     out.sweep(manifest)
     todo, _, _ = plan(manifest, shards)
     run_id = uuid.uuid4().hex[:8]
+    manifest["runs"] = [run_id]  # as embed does: the run is named before it stages anything
+    out.write_manifest(manifest)
     committer = Committer(out, manifest, todo, EmbedSummary(output=out.url), run_id)
     metas = []
     for i, s in enumerate(todo):
@@ -96,6 +98,7 @@ def test_a_write_that_fails_halfway_is_never_visible(tmp_path, monkeypatch):
     monkeypatch.setattr(storage.pq, "write_table", half_then_fail)
     out = Output(str(tmp_path / "out"))
     batch = _embed_stage_batch(0, "s0.parquet", [0, 1, 2])
+    out.write_manifest({"variants": [{"name": "L1.mean", "column": COLUMN}], "shards": [], "runs": ["r1"]})
     try:
         write_parts(batch, output_url=out.url, run_id="r1", keys=["s0"], columns=[COLUMN], fmt="parquet")
     except OSError:

@@ -17,6 +17,10 @@ class EmbedError(RuntimeError):
     """The job could not complete; the message says which shards and why."""
 
 
+class CommitError(RuntimeError):
+    """A shard's staged parts do not add up to its rows: it is not committed."""
+
+
 @dataclass
 class EmbedSummary:
     output: str
@@ -119,17 +123,24 @@ class Committer:
         self.summary.tokens += m["tokens"] or 0
         self.summary.padded_tokens += m["padded"] or 0
         if p.error:
-            msg = f"read failed: {p.error}"
-            self.summary.shards_failed[p.shard.rel] = msg
-            self.manifest.setdefault("failed", {})[p.shard.rel] = msg
+            self._fail(p, f"read failed: {p.error}")
             del self.pending[m["shard"]]
         elif p.complete:
-            _commit(self.out, self.manifest, p.shard, p, self.run_id)
+            try:
+                _commit(self.out, self.manifest, p.shard, p, self.run_id)
+            except CommitError as e:
+                self._fail(p, str(e))
+                del self.pending[m["shard"]]
+                return
             self.summary.shards_embedded += 1
             self.summary.rows += p.shard.rows
             self.summary.rows_rejected += sum(p.reasons.values())
             self.summary.truncated += p.truncated
             del self.pending[m["shard"]]
+
+    def _fail(self, p: _Pending, msg: str) -> None:
+        self.summary.shards_failed[p.shard.rel] = msg
+        self.manifest.setdefault("failed", {})[p.shard.rel] = msg
 
     def finish(self) -> None:
         """After the stream ends: any shard still pending lost rows somewhere; say so."""
@@ -139,24 +150,37 @@ class Committer:
 
 
 def _commit(out: Output, manifest: dict, shard: Shard, p: _Pending, run_id: str | None) -> None:
+    """Move a complete shard's staged parts into ``embeddings/`` and record it, with each part's
+    rows and bytes, in the manifest; only after checking that every listed part is there and
+    that their rows add up to the shard's (``CommitError`` otherwise: nothing is recorded)."""
     staged = out.path(STAGING, run_id or "none", shard.key)
-    if run_id and out.fs.exists(staged):
-        listed = set(p.parts) | set(p.rejects_parts)
-        for f in out.fs.ls(staged, detail=False):  # parts of retried tasks are orphans: never committed
-            if f.rsplit("/", 1)[-1] not in listed:
-                out.fs.rm(f)
-    else:
+    listed = set(p.parts) | set(p.rejects_parts)
+    present = {f.rsplit("/", 1)[-1] for f in out.fs.ls(staged, detail=False)} if out.fs.exists(staged) else set()
+    missing = sorted(listed - present)
+    if missing:
+        raise CommitError(f"shard {shard.rel}: {len(missing)} staged part(s) vanished before the commit (e.g. "
+                          f"{STAGING}/{run_id}/{shard.key}/{missing[0]}); not committed, re-run to embed it again")
+    for name in present - listed:  # parts of retried tasks are orphans: never committed
+        out.fs.rm(f"{staged}/{name}")
+    info = out.part_info(staged, sorted(listed))
+    rejected = sum(p.reasons.values())
+    got_written = sum(info[n]["rows"] for n in p.parts)
+    got_rejected = sum(info[n]["rows"] for n in p.rejects_parts)
+    if got_written != shard.rows - rejected or got_rejected != rejected:
+        raise CommitError(f"shard {shard.rel}: staged parts hold {got_written} written + {got_rejected} rejected "
+                          f"rows, expected {shard.rows - rejected} + {rejected}; not committed, re-run to embed it again")
+    if not listed:
         out.fs.makedirs(staged, exist_ok=True)
         with out.fs.open(f"{staged}/.empty", "wb"):
             pass
-    rel = out.commit_dir(staged, shard.key)
+    rel = out.commit_dir(staged, shard.key, run_id)
     old = [e for e in manifest["shards"] if e["rel"] == shard.rel]
     manifest["shards"] = [e for e in manifest["shards"] if e["rel"] != shard.rel] + [{
         "path": redact(shard.path), "rel": shard.rel, "fingerprint": shard.fingerprint, "output": rel,
         "files": sorted(p.parts), "rejects_files": sorted(p.rejects_parts), "rows": shard.rows,
         "rows_written": shard.rows - sum(p.reasons.values()), "rows_rejected": sum(p.reasons.values()),
         "rejected_reasons": dict(p.reasons), "tokens": p.tokens, "truncated": p.truncated,
-        "committed_at": utc_now(),
+        "parts": info, "committed_at": utc_now(),
     }]
     manifest.get("failed", {}).pop(shard.rel, None)
     out.write_manifest(manifest)

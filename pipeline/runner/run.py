@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from .. import quantize
 from ..request import Request, signature_difference
-from ..storage import STAGING, Output, read_part, redact
+from ..storage import STAGING, Output, overlap, read_part, redact
 from .commit import Committer, EmbedError, EmbedSummary, _commit, _Pending
 from .shards import UNIT_ROWS, Shard, first_texts, inspect_shards, list_shards, plan, work_units
 from .stages import EMBED_BATCH_ROWS, EmbedActor, read_and_tokenize, write_parts
@@ -81,6 +81,10 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
     (``pipeline/quantize.py``).
     """
     t_start = time.perf_counter()
+    problem = overlap(input, output)
+    if problem:
+        raise ValueError(f"{problem} (INPUT {redact(input)}, OUTPUT {redact(output)}): Strata would read its own "
+                         "output as input or sweep your input; use an output location outside the input")
     if not os.path.isdir(request.model.path):
         raise ValueError(f"model {request.model.name!r} must be a local directory or a .gguf file for "
                          "distributed runs")
@@ -88,9 +92,12 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
     inspect_shards(fs, shards, text_column, id_column)  # column errors before any model loads
     out = Output(output)
     out.check_writable()
+    out.check_is_strata_output()  # never write into (or sweep) someone else's folder
+    run_id = uuid.uuid4().hex[:12]  # names this run's staging folder and committed folders
     with out.lock():  # one run per output
         signature = request.signature(text_column, id_column)
         manifest = out.read_manifest()
+        out.sweep(manifest)  # only what earlier runs of Strata left (their run ids), before anything else
         diff = signature_difference(manifest.get("signature", {}), signature) if manifest else []
         if diff:
             if not force:
@@ -115,9 +122,16 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
             q = quantize.manifest_entry(request.settings.dtype, request.model.dim)
             if q:
                 entry["quantization"] = q
-        out.sweep(manifest)
+        manifest["runs"] = [run_id]  # earlier runs' leftovers are swept: only this run's can remain
 
         todo, keep, drop = plan(manifest, shards)
+        by_rel = {s.rel: s for s in shards}
+        for entry in list(keep):  # a committed part damaged since: re-embed that shard, saying so
+            bad = out.damaged_parts(entry)
+            if bad:
+                log.warning("re-embedding shard %s: committed part %s", entry["rel"], bad[0])
+                keep.remove(entry)
+                todo.append(by_rel[entry["rel"]])
         failed = {s.rel: s.error for s in todo if s.error}
         todo = [s for s in todo if s.error is None]
         for e in drop:
@@ -132,7 +146,7 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
         empty = [s for s in todo if s.rows == 0]
         todo = [s for s in todo if s.rows > 0]
         for s in empty:  # an empty shard is done at once: nothing to embed, nothing lost
-            _commit(out, manifest, s, _Pending(s, np.zeros(0, dtype=bool)), None)
+            _commit(out, manifest, s, _Pending(s, np.zeros(0, dtype=bool)), run_id)
             summary.shards_embedded += 1
         ranges = None
         if todo and request.settings.dtype == "int8":
@@ -140,7 +154,7 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
         if todo:
             _run_ray(request, out, manifest, todo, summary, fs=fs, text_column=text_column, id_column=id_column,
                      progress=progress, stall_timeout_s=stall_timeout_s, unit_rows=unit_rows, t_start=t_start,
-                     ranges=ranges)
+                     ranges=ranges, run_id=run_id)
         if id_column:
             summary.duplicate_ids, examples = _duplicate_ids(out, manifest)
             manifest["duplicate_ids"] = {"count": summary.duplicate_ids, "examples": examples}
@@ -220,7 +234,7 @@ def _duplicate_ids(out: Output, manifest: dict) -> tuple[int, list[str]]:
 
 def _run_ray(request: Request, out: Output, manifest: dict, todo: list[Shard], summary: EmbedSummary, *, fs,
              text_column: str, id_column: str | None, progress: bool, stall_timeout_s: float, unit_rows: int,
-             t_start: float, ranges: dict[str, np.ndarray] | None = None) -> None:
+             t_start: float, ranges: dict[str, np.ndarray] | None = None, run_id: str | None = None) -> None:
     t0 = time.perf_counter()
     res = request.resources
     ray = _ray_init(res.ray_address)
@@ -237,7 +251,7 @@ def _run_ray(request: Request, out: Output, manifest: dict, todo: list[Shard], s
     summary.startup_seconds = time.perf_counter() - t0
     log.info("embedding %d shards with %d actor(s) (%.1f CPU, %.1f GPU each)", len(todo), n_actors, cpus, gpus)
 
-    run_id = uuid.uuid4().hex[:12]
+    run_id = run_id or uuid.uuid4().hex[:12]
     units = work_units(todo, unit_rows)
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     # Fractional CPUs: different resources keep Ray from fusing these tasks into the actor, so
@@ -287,7 +301,8 @@ def _run_ray(request: Request, out: Output, manifest: dict, todo: list[Shard], s
     # over most of the run; when they arrive in a burst at the end it is left at 0 (unknown).
     if first_batch is not None and summary.tokens > first_tokens and end - first_batch >= 0.5 * (end - t0):
         summary.steady_seconds = (end - first_batch) * summary.tokens / (summary.tokens - first_tokens)
-    out.remove(STAGING)
+    out.remove(f"{STAGING}/{run_id}")
+    out.remove_if_empty(STAGING)
 
 
 def read_embeddings(output: str, columns: list[str] | None = None) -> pa.Table:

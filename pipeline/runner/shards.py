@@ -29,15 +29,22 @@ class Shard:
         return shard_key(self.rel)
 
 
+def is_data(rel: str) -> bool:
+    """Whether a path under the input root is data: no file or folder on the way starts with
+    ``_`` or ``.`` (Spark's ``_temporary/…/attempt_*`` task output, ``_SUCCESS``, ``.crc``
+    checksums, hidden files), as Spark, Hive and Arrow dataset discovery treat them."""
+    return not any(part.startswith(("_", ".")) for part in rel.strip("/").split("/") if part)
+
+
 def list_shards(url: str) -> tuple[Any, list[Shard]]:
     """Parquet files at a URL: a file, a directory (searched recursively) or a glob."""
     fs, root = fsspec.core.url_to_fs(url)
     if any(c in root for c in "*?["):
-        paths = sorted(p for p in fs.glob(root) if p.endswith(".parquet"))
         base = root.split("*")[0].rsplit("/", 1)[0]
+        paths = sorted(p for p in fs.glob(root) if p.endswith(".parquet") and is_data(p[len(base):]))
     elif fs.isdir(root):
-        paths = sorted(p for p in fs.find(root) if p.endswith(".parquet") and "/." not in p[len(root):])
         base = root.rstrip("/")
+        paths = sorted(p for p in fs.find(root) if p.endswith(".parquet") and is_data(p[len(base):]))
     elif fs.exists(root):
         paths, base = [root], root.rsplit("/", 1)[0]
     else:

@@ -31,6 +31,30 @@ def _reject_reason(text) -> str | None:
     return None
 
 
+def _strings(column: pa.ChunkedArray) -> tuple[list, dict[int, str]]:
+    """A column's values as Python objects, and {row: reason} for string values that are not
+    valid UTF-8 (a binary column written as string, CESU-8 surrogates): those rows become None
+    and are rejected alone, never failing the whole shard."""
+    try:
+        return column.to_pylist(), {}
+    except UnicodeDecodeError:
+        pass
+    binary = pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary()
+    values, bad = [], {}
+    for chunk in column.chunks:
+        raw = chunk.cast(binary) if not pa.types.is_string_view(chunk.type) else chunk.cast(pa.binary_view())
+        for b in raw.to_pylist():
+            if b is None:
+                values.append(None)
+                continue
+            try:
+                values.append(b.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                bad[len(values)] = f"invalid UTF-8 (byte 0x{b[e.start]:02x} at offset {e.start})"
+                values.append(None)
+    return values, bad
+
+
 _TOKENIZERS: dict[str, Any] = {}
 
 
@@ -61,14 +85,18 @@ def read_and_tokenize(batch: pa.Table, *, fs, request: Request, text_column: str
         cols = [text_column] + ([id_column] if id_column and id_column != text_column else [])
         with fs.open(unit["path"], "rb") as f:
             t = pq.ParquetFile(f).read_row_group(int(unit["rg"]), columns=cols).slice(int(unit["start"]), n)
-        texts = t.column(text_column).to_pylist()
+        texts, bad_text = _strings(t.column(text_column))
         if id_column:
-            ids = [None if v is None else str(v) for v in t.column(id_column).to_pylist()]
+            raw_ids, bad_id = _strings(t.column(id_column))
+            ids = [None if v is None else str(v) for v in raw_ids]
         else:
-            ids = [f"{unit['rel']}#{r}" for r in rows]
+            ids, bad_id = [f"{unit['rel']}#{r}" for r in rows], {}
     except Exception as e:  # noqa: BLE001 - reported as this shard's failure by the driver
         return _unit_error(shard, f"{type(e).__name__}: {e}", len(request.templates))
-    reasons = [_reject_reason(x) for x in texts]
+    reasons = [bad_text.get(i) or _reject_reason(x) for i, x in enumerate(texts)]
+    for i, why in bad_id.items():
+        reasons[i] = reasons[i] or f"id {why}"
+        ids[i] = None
     for i, v in enumerate(ids):
         if v is None and reasons[i] is None:
             reasons[i] = "null id"
