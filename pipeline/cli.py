@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from .errors import redact_text
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -250,7 +252,7 @@ def cmd_eval(args) -> int:
     for dataset, best in best_variants(rows, request.model.n_layers).items():
         fitted = f" ({best['fitted_on']})" if best.get("fitted_on") else ""
         print(f"{dataset}: best {best['variant']} {best['metric']} = {best['score']:.2f}{fitted}")
-    print(f"results: {args.output}/eval/results.json")
+    print(f"results: {redact_text(str(args.output))}/eval/results.json")
     return 0
 
 
@@ -290,7 +292,7 @@ def eval_recipe(args, data, engine: str) -> int:
     for r in rows:
         if r["metric"] == metric:
             print(f"{data.name}/{data.split}: {Variant.from_row(r).name} {metric} = {r['score']:.2f}")
-    print(f"results: {args.output}/eval/results.json")
+    print(f"results: {redact_text(str(args.output))}/eval/results.json")
     return 0
 
 
@@ -310,7 +312,8 @@ def cmd_probe(args) -> int:
                        seed=args.seed, say=_say(args.quiet))
     for line in summary_lines(result):
         print(line)
-    print(f"probe: {args.output}/probe.json, {args.output}/report.md; corpus job: {args.output}/job.yaml")
+    out = redact_text(str(args.output))
+    print(f"probe: {out}/probe.json, {out}/report.md; corpus job: {out}/job.yaml")
     return 0
 
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..errors import redact_text
 from ..storage import Output, redact, safe_name, utc_now
 from .plan import (EVAL_CACHE, LATEST, VERSION_FILE, Job, _join, _local, _print_plan, index_status, index_targets,
                    plan_job, preflight, resolve_job)
@@ -141,7 +142,7 @@ def run_job(spec_path: str | os.PathLike, dry_run: bool = False, *, progress: bo
     stream = stream or sys.stdout
 
     def say(line: str) -> None:
-        print(line, file=stream, flush=True)
+        print(redact_text(line), file=stream, flush=True)
 
     spec = load_spec(spec_path)
     job = resolve_job(spec)
@@ -248,7 +249,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 def cmd_run(args) -> int:
     summary = run_job(args.job, dry_run=args.dry_run, progress=not args.quiet)
     if args.json:
-        print(json.dumps(summary, default=str))
+        print(redact_text(json.dumps(summary, default=str)))
     return 0
 
 
