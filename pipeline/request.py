@@ -89,6 +89,7 @@ class Request:
     resources: Resources = field(default_factory=Resources)
     templates: tuple[Template, ...] = (Template("plain", SLOT),)  # every template a variant names
     max_length_source: str = "given"  # or where the model's own limit was read (models.default_max_length)
+    max_length_capped_from: int | None = None  # the given max length, where it was capped at the model's positions
 
     def __post_init__(self):
         if not self.variants:
@@ -115,6 +116,14 @@ class Request:
         return [{"name": v.name, "column": v.column, "layer": v.layer, "pooling": v.pooling,
                  **({"template": v.template} if v.template != "plain" else {}), "dim": self.model.dim,
                  "dtype": self.settings.dtype, "normalized": self.settings.normalize} for v in self.variants]
+
+    def uncapped(self) -> "Request":
+        """This request at the max length given before the cap: only to resume an output that
+        was made with it (its committed vectors and the new ones must agree)."""
+        if not self.max_length_capped_from:
+            return self
+        return dataclasses.replace(self, settings=dataclasses.replace(self.settings, max_length=self.max_length_capped_from),
+                                   max_length_capped_from=None)
 
     def max_length_line(self) -> str:
         """How long a text may be, and why: printed by the commands and kept in the manifest."""
@@ -197,8 +206,10 @@ def resolve(model: str | None = None, *, layers="-1", poolings="mean", max_lengt
     if isinstance(limit, int) and 0 < limit < max_length:  # positions past the model's table: never meaningful
         log.warning("max length %d is beyond model %s's position limit (config max_position_embeddings %d): "
                     "capped at %d", max_length, src.name, limit, limit)
-        max_length = limit
+        capped_from, max_length = max_length, limit
         settings = dataclasses.replace(settings, max_length=limit)
+    else:
+        capped_from = None
     if any(not t.is_plain for t in templates) or append_eos:
         from transformers import AutoTokenizer
 
@@ -207,4 +218,4 @@ def resolve(model: str | None = None, *, layers="-1", poolings="mean", max_lengt
             check_fits(t, tokenizer, max_length, append_eos)
     return Request(model=info, variants=variants, settings=settings.for_device(device_type(device)),
                    output_format=output_format, resources=resources, templates=templates,
-                   max_length_source=source)
+                   max_length_source=source, max_length_capped_from=capped_from)

@@ -95,9 +95,15 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
     out.check_is_strata_output()  # never write into (or sweep) someone else's folder
     run_id = uuid.uuid4().hex[:12]  # names this run's staging folder and committed folders
     with out.lock():  # one run per output
-        signature = request.signature(text_column, id_column)
         manifest = out.read_manifest()
         out.sweep(manifest)  # only what earlier runs of Strata left (their run ids), before anything else
+        made_at = (manifest or {}).get("signature", {}).get("max_length")
+        if request.max_length_capped_from and made_at == request.max_length_capped_from:
+            # an output made at this max length before it was capped: its vectors and new ones must agree
+            log.warning("%s was made with max length %d: kept for this output (new outputs get the cap)",
+                        redact(output), made_at)
+            request = request.uncapped()
+        signature = request.signature(text_column, id_column)
         diff = signature_difference(manifest.get("signature", {}), signature) if manifest else []
         if diff:
             if not force:
