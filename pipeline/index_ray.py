@@ -3,8 +3,9 @@
 For outputs too big for one process (``strata index --engine ray``; ``auto`` picks it above
 ``RAY_MIN_ROWS`` rows or when ``--ray-address`` is given). Per variant:
 
-1. **train** (one Ray task): the coarse quantiser (``nlist`` lists) and the PQ codebooks on a
-   seeded uniform sample of the variant's vectors. Sample size as in ``index.py``:
+1. **train**: each part's share of a seeded uniform sample of the variant's vectors is read by its
+   own Ray task (in parallel); one task trains the coarse quantiser (``nlist`` lists) and the PQ
+   codebooks on it. Sample size as in ``index.py``:
    ``64 * max(nlist, 2**nbits)`` rows (at most 500k), inside the FAISS wiki's 30..256 x nlist
    range, and ~64 points per PQ centroid; fewer than 39 x nlist vectors in all is refused
    (FAISS's own warning threshold). The trained, empty index is written to
@@ -182,33 +183,48 @@ def _finite(rel: str, ids: Sequence[str], x: np.ndarray, what: str) -> None:
                               f"{ids[int(np.argmax(bad))]!r}); fix or re-embed that shard (refused, not skipped)")
 
 
-def train_ivfpq(out_dir: str, rels: Sequence[str], rows_per_file: Sequence[int], source, dim: int, source_dim: int,
-                opts: dict, seed: int, chunk_rows: int = 65536, threads: int = 1) -> np.ndarray:
-    """The trained, empty IVF-PQ index (serialised) from ``opts['train_rows']`` vectors drawn uniformly
-    (seeded) from the files. Runs as one Ray task, or in-process."""
+def sample_positions(rows_per_file: Sequence[int], n: int, seed: int) -> list[np.ndarray]:
+    """Per file, the sorted row numbers of a seeded uniform sample of ``n`` rows over all files."""
+    wanted = np.sort(np.random.default_rng(seed).choice(int(sum(rows_per_file)), size=n, replace=False))
+    bounds = np.concatenate([[0], np.cumsum(rows_per_file)]).astype(np.int64)
+    return [wanted[np.searchsorted(wanted, lo):np.searchsorted(wanted, hi)] - lo
+            for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def sample_shard(out_dir: str, rel: str, positions: np.ndarray, source, dim: int, source_dim: int,
+                 chunk_rows: int = 65536) -> np.ndarray:
+    """The normalised vectors at ``positions`` (sorted row numbers) of one part, streamed. A Ray task."""
+    sample, pos = [], 0
+    for ids, x in ix._chunks([Path(out_dir) / rel], source, dim, chunk_rows, source_dim):
+        a, b = np.searchsorted(positions, [pos, pos + len(x)])
+        pick = positions[a:b] - pos
+        _finite(rel, [ids[i] for i in pick], x[pick], "sampled")
+        sample.append(x[pick])
+        pos += len(x)
+        if b == len(positions):
+            break
+    return np.concatenate(sample) if sample else np.zeros((0, dim), np.float32)
+
+
+def train_sample(dim: int, opts: dict, seed: int, threads: int, *samples: np.ndarray) -> np.ndarray:
+    """The trained, empty IVF-PQ index (serialised) from the parts' samples, in file order. A Ray task."""
     if threads:
         faiss.omp_set_num_threads(threads)
-    total = int(sum(rows_per_file))
-    wanted = np.sort(np.random.default_rng(seed).choice(total, size=opts["train_rows"], replace=False))
-    sample, start = [], 0
-    for rel, n in zip(rels, rows_per_file):
-        lo, hi = np.searchsorted(wanted, [start, start + n])
-        if hi > lo:
-            pos = 0
-            for ids, x in ix._chunks([Path(out_dir) / rel], source, dim, chunk_rows, source_dim):
-                a, b = np.searchsorted(wanted[lo:hi], [start + pos, start + pos + len(x)])
-                pick = wanted[lo:hi][a:b] - start - pos
-                _finite(rel, [ids[i] for i in pick], x[pick], "sampled")
-                sample.append(x[pick])
-                pos += len(x)
-        start += n
-    x = np.ascontiguousarray(np.concatenate(sample), dtype=np.float32)
+    x = np.ascontiguousarray(np.concatenate(samples), dtype=np.float32)
     index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, opts["nlist"], opts["m"], opts["nbits"],
                              faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = seed
     index.pq.cp.seed = seed
     index.train(x)
     return faiss.serialize_index(index)
+
+
+def train_ivfpq(out_dir: str, rels: Sequence[str], rows_per_file: Sequence[int], source, dim: int, source_dim: int,
+                opts: dict, seed: int, chunk_rows: int = 65536, threads: int = 1) -> np.ndarray:
+    """In one process, what the Ray build does: sample every part (seeded), train on the sample."""
+    samples = [sample_shard(out_dir, rel, pos, source, dim, source_dim, chunk_rows)
+               for rel, pos in zip(rels, sample_positions(rows_per_file, opts["train_rows"], seed)) if len(pos)]
+    return train_sample(dim, opts, seed, threads, *samples)
 
 
 def encode_shard(out_dir: str, rel: str, source, dim: int, source_dim: int, trained: np.ndarray, offset: int,
@@ -314,7 +330,8 @@ def build_ivfpq_ray(out_dir: str | Path, variants: Sequence[Variant | str] | Non
 
     ray = _ray(ray_address)
     remote = dict(num_cpus=task_cpus, max_retries=3, retry_exceptions=False)
-    train_task = ray.remote(**remote)(train_ivfpq)
+    sample_task = ray.remote(**remote)(sample_shard)
+    train_task = ray.remote(**remote)(train_sample)
     encode_task = ray.remote(**remote)(encode_shard)
     out_str = str(out_dir)
 
@@ -324,8 +341,10 @@ def build_ivfpq_ray(out_dir: str | Path, variants: Sequence[Variant | str] | Non
         p.parts.mkdir(parents=True, exist_ok=True)
         if (p.parts / TRAINED).is_file() and p.record.get("trained_at"):
             continue
-        pending[train_task.remote(out_str, [s.rel for s in shards], [s.rows for s in shards], p.source, p.dim,
-                                  p.source_dim, p.record["options"], seed, chunk_rows, threads)] = p
+        positions = sample_positions([sh.rows for sh in shards], p.record["options"]["train_rows"], seed)
+        samples = [sample_task.remote(out_str, sh.rel, pos, p.source, p.dim, p.source_dim, chunk_rows)
+                   for sh, pos in zip(shards, positions) if len(pos)]  # read in parallel, one task per part
+        pending[train_task.remote(p.dim, p.record["options"], seed, threads, *samples)] = p
     for ref, p in pending.items():
         try:
             blob = ray.get(ref)
