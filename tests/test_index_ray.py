@@ -364,3 +364,32 @@ def test_embed_plans_the_output_size_and_asks_above_the_threshold(tmp_path, mode
     err = capsys.readouterr().err
     assert "projected output: 50 rows x 2 variant(s)" in err and "pass --yes to go on" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_run_dry_run_projects_the_size_and_run_asks_above_the_threshold(tmp_path, model_dir, monkeypatch):
+    import argparse
+    import io
+
+    from pipeline import sizing
+    from pipeline.jobs import add_run_arguments, cmd_run, run_job
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(30)], "text": [f"text {i}" for i in range(30)]}),
+                   tmp_path / "in" / "a.parquet")
+    (tmp_path / "job.yaml").write_text(f"""
+name: tiny
+input: {{location: in, id_column: id}}
+model: {model_dir}
+variants: {{layers: "1,-1", poolings: [mean]}}
+embedding: {{max_length: 32, batch_tokens: 2048}}
+output: out
+""")
+    stream = io.StringIO()
+    plan = run_job(tmp_path / "job.yaml", dry_run=True, stream=stream)
+    assert plan["projected_bytes"]["rows"] == 30 and plan["projected_bytes"]["total"] > 30 * 2 * 4
+    assert "projected output: 30 rows x 2 variant(s)" in stream.getvalue()
+    monkeypatch.setattr(sizing, "CONFIRM_BYTES", 100)
+    with pytest.raises(ValueError, match="pass --yes to go on"):
+        cmd_run(add_run_arguments(argparse.ArgumentParser()).parse_args(["job.yaml", "-q"]))
+    assert not (tmp_path / "out").exists()  # refused before anything is written

@@ -279,6 +279,11 @@ def plan_job(job: Job) -> dict:
             "unreadable": {s.rel: s.error for s in unreadable},
         }
         plan_d["rows_to_embed"] = sum(s.rows for s in todo)
+        if job.request is not None:  # the whole output's size once embedded (docs/scale.md)
+            from ..sizing import projection
+
+            total_rows = sum(s.rows for s in shards if not s.error)
+            plan_d["projected_bytes"] = {"rows": total_rows, **projection(job.request, total_rows)}
         plan_d["estimated_tokens"] = text_bytes // CHARS_PER_TOKEN_ESTIMATE
     if spec.indexes is not None:
         if plan_d.get("shards", {}).get("embed") or plan_d.get("shards", {}).get("drop"):
@@ -343,6 +348,12 @@ def _print_plan(p: dict, say) -> None:
             say(f"    unreadable {rel}: {err}")
         say(f"  estimated tokens to embed: ~{p['estimated_tokens']:,} (an estimate: uncompressed text bytes / "
             f"{CHARS_PER_TOKEN_ESTIMATE}) in {p['rows_to_embed']:,} rows")
+        if p.get("projected_bytes"):
+            from ..sizing import human
+
+            b = p["projected_bytes"]
+            say(f"  projected output: {b['rows']:,} rows x {len(p['variants'])} variant(s) = {human(b['total'])} "
+                f"({human(b['ids'])} of it ids; docs/scale.md)")
     if "indexes" in p:
         ix = p["indexes"]
         say(f"  indexes to (re)build: {_short_list(ix['build']) or 'none'}; up to date: "

@@ -134,7 +134,7 @@ def _best_lines(rows: list[dict], n_layers: int | None) -> list[str]:
 
 
 def run_job(spec_path: str | os.PathLike, dry_run: bool = False, *, progress: bool = True,
-            stream: TextIO | None = None) -> dict:
+            stream: TextIO | None = None, yes: bool = True) -> dict:
     """Run a job spec: embed (incremental) -> index -> evaluate -> report -> LATEST; returns a summary.
 
     With ``dry_run`` nothing is embedded or written: the plan is printed and returned.
@@ -151,6 +151,10 @@ def run_job(spec_path: str | os.PathLike, dry_run: bool = False, *, progress: bo
         p = plan_job(job)
         _print_plan(p, say)
         return p
+    if spec.mode == "corpus" and job.request is not None:  # --yes above 100 GB, before anything is written
+        from ..sizing import check_size, input_rows
+
+        check_size(job.request, input_rows(_local(spec.input.location)), yes)
 
     t0 = time.perf_counter()
     summary: dict[str, Any] = {"job": spec.name, "spec": spec.source, "mode": spec.mode, "model": job.model_ref,
@@ -243,11 +247,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                              "evaluations to run, the version) without embedding or writing anything")
     parser.add_argument("--json", action="store_true", help="also print the summary as one JSON line at the end")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress line while embedding")
+    parser.add_argument("--yes", action="store_true", help="go on when the projected output is above 100 GB "
+                                                           "(--dry-run prints it; docs/scale.md)")
     return parser
 
 
 def cmd_run(args) -> int:
-    summary = run_job(args.job, dry_run=args.dry_run, progress=not args.quiet)
+    summary = run_job(args.job, dry_run=args.dry_run, progress=not args.quiet, yes=args.yes)
     if args.json:
         print(redact_text(json.dumps(summary, default=str)))
     return 0
