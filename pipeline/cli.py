@@ -54,7 +54,6 @@ def request_from_args(args, *, digest: bool = True):
                       output_format=getattr(args, "format", "parquet"), resources=resources,
                       trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, digest=digest,
                       templates=args.templates, append_eos=args.append_eos)
-    print(f"{request.model.name}: {request.max_length_line()}", file=sys.stderr)  # stdout stays the results
     return request
 
 
@@ -109,6 +108,7 @@ def cmd_embed(args) -> int:
                     force=args.force, progress=not args.quiet, calibration_rows=args.calibration_rows,
                     int8_ranges=args.int8_ranges)
     print(summary.line())
+    print(f"{request.model.name}: {request.max_length_line()}")
     if args.mixes or set(transforms) != {"none"}:
         derived = add_to_output(args.output, args.mixes, transforms, request=request, mix_labels=labels)
         print(f"derived variants ({len(derived)}): {', '.join(list(derived)[:8])}"
@@ -248,7 +248,7 @@ def cmd_eval(args) -> int:
                               doc_template=pair and pair[1].name, quantized=quantized, index=args.index)
     print(f"{data.name}: {n_texts:,} unique texts, {len(request.variants)} embedded variants, "
           f"{len({(r['layer'], r['pooling'], r['template'], r['mix'], r['transform']) for r in rows})} scored, "
-          f"engine {engine}, {time.perf_counter() - t0:.1f}s")
+          f"engine {engine}, {time.perf_counter() - t0:.1f}s; {request.max_length_line()}")
     for dataset, best in best_variants(rows, request.model.n_layers).items():
         fitted = f" ({best['fitted_on']})" if best.get("fitted_on") else ""
         print(f"{dataset}: best {best['variant']} {best['metric']} = {best['score']:.2f}{fitted}")

@@ -147,6 +147,45 @@ def check_truncation(encoder: "Encoder") -> None:
                 f"hidden_states[{layer}] (relative error {err:.1e}); this architecture is not supported")
 
 
+def capture(model, blocks: Sequence[torch.nn.Module], n_layers: int, input_ids: torch.Tensor,
+            attention_mask: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """{layer: hidden state} for ``layers``, each equal to the full model's ``hidden_states[i]``.
+
+    Hooks capture block outputs (layer 0: the first block's input) and a sentinel exception ends
+    the pass after the deepest one, so deeper blocks never run; layer ``n_layers`` is the model's
+    output, after its final norm. Position ids count each row's own tokens, so a left-padded row
+    sees the same positions as the same row unpadded.
+    """
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_min(0)
+    wanted = set(layers)
+    deepest = max(wanted)
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def grab(layer: int, tensor: torch.Tensor):
+        captured[layer] = tensor
+        if layer == deepest:
+            raise _StopForward
+
+    if 0 in wanted:
+        def pre_hook(module, args, kwargs):
+            grab(0, args[0] if args else kwargs["hidden_states"])
+        handles.append(blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
+    for layer in wanted - {0, n_layers}:
+        def hook(module, args, output, layer=layer):
+            grab(layer, output[0] if isinstance(output, (tuple, list)) else output)
+        handles.append(blocks[layer - 1].register_forward_hook(hook))
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        captured[n_layers] = out.last_hidden_state  # after the final norm, as HF reports it
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
 def pick_device(device: str | None = "auto") -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -263,40 +302,10 @@ class Encoder:
     @torch.inference_mode()
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       layers: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
-        """Hidden states of the requested layers, equal to the full model's ``hidden_states[i]``.
-
-        Position ids count each row's own tokens, so a left-padded row sees the same positions
-        as the same row unpadded.
-        """
-        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_min(0)
-        wanted = set(self.layers if layers is None else layers)
-        deepest = max(wanted)
-        captured: dict[int, torch.Tensor] = {}
-        handles = []
-
-        def grab(layer: int, tensor: torch.Tensor):
-            captured[layer] = tensor
-            if layer == deepest:
-                raise _StopForward
-
-        if 0 in wanted:
-            def pre_hook(module, args, kwargs):
-                grab(0, args[0] if args else kwargs["hidden_states"])
-            handles.append(self.blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
-        for layer in wanted - {0, self.n_layers}:
-            def hook(module, args, output, layer=layer):
-                grab(layer, output[0] if isinstance(output, (tuple, list)) else output)
-            handles.append(self.blocks[layer - 1].register_forward_hook(hook))
-        try:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False)
-            captured[self.n_layers] = out.last_hidden_state  # after the final norm, as HF reports it
-        except _StopForward:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        return captured
+        """Hidden states of the requested layers, equal to the full model's ``hidden_states[i]``
+        (``capture``)."""
+        return capture(self.model, self.blocks, self.n_layers, input_ids, attention_mask,
+                       self.layers if layers is None else layers)
 
     def _embed_batch(self, ids: list[list[int]], spans: np.ndarray, padded_len: int, template: str
                      ) -> dict[Variant, torch.Tensor]:

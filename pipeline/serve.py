@@ -46,10 +46,6 @@ MODEL_CONFIG = "strata_config.json"
 TRANSFORM_FILE = "transform.safetensors"
 
 
-class _StopForward(Exception):
-    pass
-
-
 def _hub_kwargs(kwargs: dict) -> dict:
     return {k: kwargs[k] for k in ("token", "cache_folder", "revision", "local_files_only") if k in kwargs}
 
@@ -137,37 +133,10 @@ class StrataTransformer(InputModule):
         return features
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[int, torch.Tensor]:
-        """The source model's ``hidden_states[i]`` for the variant's layers (``Encoder.hidden_states``)."""
-        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_min(0)
-        wanted = set(self.layers)
-        deepest = max(wanted)
-        blocks = _blocks(self.model)
-        captured: dict[int, torch.Tensor] = {}
-        handles = []
+        """The source model's ``hidden_states[i]`` for the variant's layers (``encoder.capture``)."""
+        from .encoder import capture
 
-        def grab(layer: int, tensor: torch.Tensor):
-            captured[layer] = tensor
-            if layer == deepest:
-                raise _StopForward
-
-        if 0 in wanted:
-            def pre_hook(module, args, kwargs):
-                grab(0, args[0] if args else kwargs["hidden_states"])
-            handles.append(blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
-        for layer in wanted - {0, self.n_layers}:
-            def hook(module, args, output, layer=layer):
-                grab(layer, output[0] if isinstance(output, (tuple, list)) else output)
-            handles.append(blocks[layer - 1].register_forward_hook(hook))
-        try:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False)
-            captured[self.n_layers] = out.last_hidden_state  # after the final norm, as HF reports it
-        except _StopForward:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        return captured
+        return capture(self.model, _blocks(self.model), self.n_layers, input_ids, attention_mask, self.layers)
 
     # ------------------------------------------------------------------ saving and loading
     def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
