@@ -1,6 +1,6 @@
 """Distributed IVF-PQ builds (pipeline/index_ray.py) on a 3-node ray.cluster_utils.Cluster.
 
-Small on purpose (24k x 32 clustered vectors, 4 shards, nodes of 1 CPU, tasks of 0.5 CPU):
+Small on purpose (12k x 32 clustered vectors, 4 shards, nodes of 1 CPU, tasks of 0.5 CPU):
 the module-scoped cluster is started once and every test shares it.
 """
 
@@ -68,7 +68,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def data():
-    return clustered(24_000), clustered(100, seed=1)
+    return clustered(12_000), clustered(100, seed=1)
 
 
 def reference(out, x, rec):
@@ -116,7 +116,7 @@ def test_distributed_equals_single_process_ids_exact_and_recall(tmp_path, cluste
     truth = exact(x, q, ids)
     r_default = recall_at_k(got, truth, 10)
     _, wide = load_index(tmp_path / "indexes" / "L3.mean.faiss", nprobe=32).search(q, 10)
-    assert recall_at_k(wide, truth, 10) >= r_default >= 0.7
+    assert recall_at_k(wide, truth, 10) >= r_default >= 0.8
     print(f"recall@10 vs flat: nprobe {rec['options']['nprobe']} {r_default:.3f}, nprobe 32 "
           f"{recall_at_k(wide, truth, 10):.3f}; peak rss per task (MB): "
           f"{[r['peak_rss_mb'] for r in rec['shards'].values()]}")
@@ -279,7 +279,7 @@ def test_a_node_removed_mid_build_loses_nothing(tmp_path, cluster, data):
     and the result equals the single-process build. Two variants build side by side."""
     c, nodes = cluster
     x, q = data
-    ids = make_output(tmp_path, x[:16_000], parts=8)
+    ids = make_output(tmp_path, x[:8_000], parts=8)
     manifest = json.loads((tmp_path / "manifest.json").read_text())  # a second variant: the same vectors reversed
     for s in manifest["shards"]:
         part = tmp_path / s["output"] / "part-0.parquet"
@@ -306,7 +306,7 @@ def test_a_node_removed_mid_build_loses_nothing(tmp_path, cluster, data):
         assert list(loaded.ids) == ids
         rec = ir.read_build_record(tmp_path, v)
         trained = faiss.read_index(str(ir.parts_dir(tmp_path, v) / ir.TRAINED))
-        xs = x[:16_000]
+        xs = x[:8_000]
         trained.add_with_ids(np.ascontiguousarray(xs / np.linalg.norm(xs, axis=1, keepdims=True)),
                              np.arange(len(xs)))
         trained.nprobe = rec["options"]["nprobe"]
