@@ -134,9 +134,11 @@ def cmd_index(args) -> int:
     if engine == "ray":
         from .index_ray import build_ivfpq_ray
 
-        built = build_ivfpq_ray(args.output, variants, ray_address=args.ray_address, nprobe=args.nprobe)
+        built = build_ivfpq_ray(args.output, variants, ray_address=args.ray_address, nprobe=args.nprobe,
+                                nlist=args.nlist)
     else:
-        built = build_indexes(args.output, variants, args.kind, rescore=args.rescore)
+        built = build_indexes(args.output, variants, args.kind, rescore=args.rescore, nlist=args.nlist,
+                              nprobe=args.nprobe)
     for v, params in built.items():
         quantized = f" {params['dtype']}" if params.get("rescore") is not None else ""
         if engine == "ray":
@@ -415,7 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "tasks, lists merged on disk, resumable (README 'Indexes'); auto: ray above 1,000,000 rows "
                         "or with --ray-address (default: %(default)s)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: RAY_ADDRESS or a local one)")
-    p.add_argument("--nprobe", type=int, default=None, help="--engine ray: lists searched by default (recorded)")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF kinds: lists searched by default (recorded)")
+    p.add_argument("--nlist", type=int, default=None,
+                   help="IVF kinds: inverted lists (default: 4*sqrt(rows), at most rows/39); --engine ray keeps the "
+                        "first build's quantiser until an option changes")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("search", help="search a variant's index with query texts embedded as the output's documents",

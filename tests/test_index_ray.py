@@ -393,3 +393,12 @@ output: out
     with pytest.raises(ValueError, match="pass --yes to go on"):
         cmd_run(add_run_arguments(argparse.ArgumentParser()).parse_args(["job.yaml", "-q"]))
     assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_engine_choice():
+    assert ir.choose_engine("auto", ir.RAY_MIN_ROWS) == "local"
+    assert ir.choose_engine("auto", ir.RAY_MIN_ROWS + 1) == "ray"
+    assert ir.choose_engine("auto", 10, "ray://head:10001") == "ray"
+    assert ir.choose_engine("local", 10**9) == "local"
+    with pytest.raises(IndexBuildError, match="choose from auto, local, ray"):
+        ir.choose_engine("spark", 1)
