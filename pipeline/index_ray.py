@@ -21,8 +21,8 @@ For outputs too big for one process (``strata index --engine ray``; ``auto`` pic
    (``IO_FLAG_ONDISK_SAME_DIR``: the two files travel together).
 
 **Ids.** Each shard owns a range of FAISS labels ``[offset, offset + rows)``, allocated once and
-recorded; the ``.ids.parquet`` sidecar is indexed by label (null where a range was given up
-when its shard changed), so ``LoadedIndex.search`` maps labels to document ids as for every
+recorded (a build killed before the shard was done reuses it); the ``.ids.parquet`` sidecar is
+indexed by label (null where a range was given up because its shard changed or went away), so ``LoadedIndex.search`` maps labels to document ids as for every
 other kind.
 
 **Resumable.** ``indexes/{variant}.build.json`` records the training options and, per shard, its
@@ -353,7 +353,7 @@ def build_ivfpq_ray(out_dir: str | Path, variants: Sequence[Variant | str] | Non
         tmp = p.parts / f"{TRAINED}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.write_bytes(np.asarray(blob).tobytes())
         os.replace(tmp, p.parts / TRAINED)
-        p.record.update(trained_at=utc_now(), shards={}, next_offset=0)  # new quantiser: no list is valid
+        p.record.update(trained_at=utc_now(), shards={}, allocated={}, next_offset=0)  # new quantiser: no list valid
         _write_json(build_record_path(out_dir, p.variant), p.record)
 
     # 2. encode the shards not recorded with their current fingerprint
@@ -365,22 +365,26 @@ def build_ivfpq_ray(out_dir: str | Path, variants: Sequence[Variant | str] | Non
             if got and got["fingerprint"] == s.fingerprint and (p.parts / got["part"]).is_file():
                 report[p.variant]["reused"].append(s.key)
                 continue
-            offset = p.record["next_offset"]
-            p.record["next_offset"] = offset + s.rows  # a new label range; a changed shard's old one is given up
             p.record["shards"].pop(s.key, None)
-            # one file per attempt (its label offset in the name): a task left running by a killed build
-            # can never overwrite the part a later build records
-            part = p.parts / f"{s.key}.{offset}.faiss"
-            ref = encode_task.remote(out_str, s.rel, p.source, p.dim, p.source_dim, trained, offset, str(part),
-                                     chunk_rows, threads)
-            jobs[ref] = (p, s, offset)
+            allocated = p.record.setdefault("allocated", {})
+            if (allocated.get(s.key) or {}).get("fingerprint") == s.fingerprint:
+                offset = allocated[s.key]["offset"]  # a killed build's range: reused, no hole left
+            else:  # a new or changed shard: a new label range (a changed shard's old one is given up)
+                offset = p.record["next_offset"]
+                p.record["next_offset"] = offset + s.rows
+                allocated[s.key] = {"fingerprint": s.fingerprint, "offset": offset, "rows": s.rows}
+            # one file per attempt: a task left running by a killed build never overwrites a recorded part
+            part = f"{s.key}.{uuid.uuid4().hex[:8]}.faiss"
+            ref = encode_task.remote(out_str, s.rel, p.source, p.dim, p.source_dim, trained, offset,
+                                     str(p.parts / part), chunk_rows, threads)
+            jobs[ref] = (p, s, offset, part)
     for p in plans:
         _write_json(build_record_path(out_dir, p.variant), p.record)
     waiting = list(jobs)
     try:
         while waiting:
             done, waiting = ray.wait(waiting, num_returns=1)
-            p, s, offset = jobs[done[0]]
+            p, s, offset, part = jobs[done[0]]
             try:
                 result = ray.get(done[0])
             except Exception as e:
@@ -389,7 +393,7 @@ def build_ivfpq_ray(out_dir: str | Path, variants: Sequence[Variant | str] | Non
                 raise IndexBuildError(f"shard {s.rel}: read {result['rows']} rows, the file declares {s.rows}; "
                                       f"was it modified during the build?")
             p.record["shards"][s.key] = {"fingerprint": s.fingerprint, "offset": offset, "rows": s.rows,
-                                         "part": f"{s.key}.{offset}.faiss", "encoded_at": utc_now(),
+                                         "part": part, "encoded_at": utc_now(),
                                          "seconds": result["seconds"], "peak_rss_mb": result["peak_rss_mb"]}
             _write_json(build_record_path(out_dir, p.variant), p.record)
             report[p.variant]["encoded"].append(s.key)
@@ -417,6 +421,9 @@ def _merge(out_dir: Path, p: _Plan, shards: Sequence[Shard]) -> dict:
     from faiss.contrib.ondisk import merge_ondisk
 
     current = {s.key for s in shards}
+    allocated = p.record.setdefault("allocated", {})
+    for key in [k for k in allocated if k not in current]:
+        allocated.pop(key)
     for key in [k for k in p.record["shards"] if k not in current]:  # shards no longer in the manifest
         gone = p.record["shards"].pop(key)
         for f in (p.parts / gone["part"], (p.parts / gone["part"]).with_suffix(".ids.parquet")):
