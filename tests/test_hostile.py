@@ -206,7 +206,7 @@ def test_a_shard_whose_staged_parts_vanished_is_not_committed(tmp_path):
 
 
 # ---------------------------------------------------------------- 9: damaged committed parts
-def test_damaged_parts_are_named_on_read_and_re_embedded_on_resume(first_run, model_dir, tmp_path):
+def test_damaged_parts_are_named_on_read_and_re_embedded_on_resume(first_run, model_dir, tmp_path, caplog):
     d, ids, _ = first_run
     out = tmp_path / "out"
     shutil.copytree(d / "out", out)
@@ -226,8 +226,11 @@ def test_damaged_parts_are_named_on_read_and_re_embedded_on_resume(first_run, mo
         build_indexes(str(out), None, "flat")
     assert a["files"][0] in one_line(e)
 
-    summary = embed(str(tmp_path / "in"), str(out), model=model_dir, **OPTS)  # resume
+    with caplog.at_level("WARNING", logger="pipeline.runner.run"):
+        summary = embed(str(tmp_path / "in"), str(out), model=model_dir, **OPTS)  # resume
     assert summary.shards_embedded == 2 and summary.shards_skipped == 0
+    said = [r.getMessage() for r in caplog.records if "re-embedding shard" in r.getMessage()]
+    assert len(said) == 2 and any(a["files"][0] in m for m in said)  # each damaged shard, by name
     got = read_embeddings(str(out), ["id"]).column("id").to_pylist()
     assert sorted(got) == sorted(ids)  # exactly once
 
