@@ -346,6 +346,9 @@ def write_report(rows: Iterable[dict], out_dir: str | Path, n_layers: int | None
     for label, group in _groups(rows).items():
         b = bests.get(label)
         md += [f"## {label} ({group[0]['task']}, split {group[0]['split']})", ""]
+        left = sorted({r["left_out"] for r in group if r.get("left_out")})
+        if left:  # empty documents or pairs with an empty sentence: not in these scores
+            md += [f"Not evaluated: {'; '.join(left)}.", ""]
         templates = sorted({r["template"] for r in group if _is_raw(r)}, key=lambda t: (t != "plain", t))
         if b:
             md += [f"Best: **`{b['variant']}`**, {b['metric']} = {b['score']:.2f}; {_fmt_gain(b)}", ""]

@@ -297,6 +297,8 @@ def test_empty_beir_documents_are_left_out_and_counted(ray_local, model_dir, tmp
     recall = [r["score"] for r in rows if r["metric"].startswith("recall")]
     assert recall and all(s <= 50.0 for s in recall)  # q2 cannot find its empty document
     assert read_embeddings(str(out), ["id"]).num_rows == 8  # 6 non-empty docs + 2 queries, once each
+    assert main(["report", str(out)]) == 0
+    assert "Not evaluated: 2 empty document(s) left out of the corpus" in (out / "report.md").read_text()
     capsys.readouterr()
 
 
