@@ -175,6 +175,41 @@ def ivfpq_options(rows: int, dim: int, *, nlist: int | None = None, m: int | Non
 
 # --------------------------------------------------------------------------- worker code (Ray tasks)
 
+PEAKS_ENV = "STRATA_INDEX_TASK_PEAKS"  # a file: every task appends {"task", "rel", "rows", "peak_rss_mb"} (benchmarks)
+
+
+_START_MB = [0.0]
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+def _peak_reset() -> None:
+    """Start a task's own peak: a reused Ray worker's lifetime peak would carry earlier tasks' memory
+    (Linux: writing 5 to clear_refs resets VmHWM; elsewhere the lifetime peak is what is reported)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _START_MB[0] = round(_status_kb("VmRSS:") / 1024, 1)
+    except (OSError, StopIteration):
+        pass
+
+
+def _peak_mb(task: str, rel: str = "", rows: int = 0) -> float:
+    """This process's peak RSS (MB) since ``_peak_reset``; appended to ``$STRATA_INDEX_TASK_PEAKS`` when set."""
+    try:
+        kb = _status_kb("VmHWM:")
+    except (OSError, StopIteration):
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    mb = round(kb / 1024, 1)
+    if os.environ.get(PEAKS_ENV):
+        with open(os.environ[PEAKS_ENV], "a") as f:
+            f.write(json.dumps({"task": task, "rel": rel, "rows": rows, "peak_rss_mb": mb, "start_rss_mb": _START_MB[0],
+                                "pid": os.getpid()}) + "\n")
+    return mb
+
 
 def _finite(rel: str, ids: Sequence[str], x: np.ndarray, what: str) -> None:
     bad = ~np.isfinite(x).all(axis=1)
@@ -194,6 +229,7 @@ def sample_positions(rows_per_file: Sequence[int], n: int, seed: int) -> list[np
 def sample_shard(out_dir: str, rel: str, positions: np.ndarray, source, dim: int, source_dim: int,
                  chunk_rows: int = 65536) -> np.ndarray:
     """The normalised vectors at ``positions`` (sorted row numbers) of one part, streamed. A Ray task."""
+    _peak_reset()
     sample, pos = [], 0
     for ids, x in ix._chunks([Path(out_dir) / rel], source, dim, chunk_rows, source_dim):
         a, b = np.searchsorted(positions, [pos, pos + len(x)])
@@ -203,11 +239,14 @@ def sample_shard(out_dir: str, rel: str, positions: np.ndarray, source, dim: int
         pos += len(x)
         if b == len(positions):
             break
-    return np.concatenate(sample) if sample else np.zeros((0, dim), np.float32)
+    out = np.concatenate(sample) if sample else np.zeros((0, dim), np.float32)
+    _peak_mb("sample", rel, len(out))
+    return out
 
 
 def train_sample(dim: int, opts: dict, seed: int, threads: int, *samples: np.ndarray) -> np.ndarray:
     """The trained, empty IVF-PQ index (serialised) from the parts' samples, in file order. A Ray task."""
+    _peak_reset()
     if threads:
         faiss.omp_set_num_threads(threads)
     x = np.ascontiguousarray(np.concatenate(samples), dtype=np.float32)
@@ -216,7 +255,9 @@ def train_sample(dim: int, opts: dict, seed: int, threads: int, *samples: np.nda
     index.cp.seed = seed
     index.pq.cp.seed = seed
     index.train(x)
-    return faiss.serialize_index(index)
+    blob = faiss.serialize_index(index)
+    _peak_mb("train", "", len(x))
+    return blob
 
 
 def train_ivfpq(out_dir: str, rels: Sequence[str], rows_per_file: Sequence[int], source, dim: int, source_dim: int,
@@ -231,6 +272,7 @@ def encode_shard(out_dir: str, rel: str, source, dim: int, source_dim: int, trai
                  part: str, chunk_rows: int = 65536, threads: int = 1) -> dict:
     """Add one embedding part's vectors to a copy of the trained index (labels ``offset + row``) and
     write it to ``part`` (+ ``.ids.parquet``), each aside then renamed. Runs as a Ray task."""
+    _peak_reset()
     if threads:
         faiss.omp_set_num_threads(threads)
     t0 = time.perf_counter()
@@ -250,7 +292,7 @@ def encode_shard(out_dir: str, rel: str, source, dim: int, source_dim: int, trai
     os.replace(tmp_ids, ids_path)
     os.replace(tmp_index, part_path)
     return {"rows": n, "seconds": round(time.perf_counter() - t0, 3),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mb": _peak_mb("encode", rel, n)}
 
 
 # --------------------------------------------------------------------------- the driver

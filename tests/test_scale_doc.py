@@ -1,0 +1,21 @@
+"""docs/scale.md's tables equal what pipeline/bench/scale_check.py computes from their inputs."""
+
+from pipeline.bench import scale_check
+
+
+def test_scale_doc_numbers_match_their_inputs():
+    errors = scale_check.check()
+    assert not errors, "\n".join(errors) + "\n(run `python -m pipeline.bench.scale_check --print`)"
+
+
+def test_a_changed_number_is_named_with_its_line(tmp_path):
+    text = scale_check.DOC.read_text()
+    line = next(line for line in text.splitlines() if line.startswith("| SmolLM2-135M |"))
+    doc = tmp_path / "scale.md"
+    doc.write_text(text.replace(line, line.replace("| 982 |", "| 983 |")))
+    errors = scale_check.check(doc)
+    n = text.splitlines().index(line) + 1
+    assert len(errors) == 1 and errors[0].startswith(f"scale.md:{n}:") and "983" in errors[0]
+    doc.write_text(text.replace(line + "\n", ""))
+    assert any("no table row 'SmolLM2-135M'" in e for e in scale_check.check(doc))
+    assert scale_check.main(["--doc", str(doc)]) == 1
