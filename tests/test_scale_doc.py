@@ -19,3 +19,9 @@ def test_a_changed_number_is_named_with_its_line(tmp_path):
     doc.write_text(text.replace(line + "\n", ""))
     assert any("no table row 'SmolLM2-135M'" in e for e in scale_check.check(doc))
     assert scale_check.main(["--doc", str(doc)]) == 1
+
+
+def test_the_inputs_the_text_states_are_checked_too(tmp_path):
+    doc = tmp_path / "scale.md"
+    doc.write_text(scale_check.DOC.read_text().replace("(989 TFLOP/s)", "(1979 TFLOP/s)"))
+    assert any("989 TFLOP/s" in e for e in scale_check.check(doc))

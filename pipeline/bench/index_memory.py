@@ -87,7 +87,8 @@ def build(root: Path, opts: dict, peaks_file: Path) -> dict:
     for t in tasks:
         by.setdefault(t["task"], []).append(t["peak_rss_mb"])
         by.setdefault(t["task"] + "_above_start", []).append(round(t["peak_rss_mb"] - t["start_rss_mb"], 1))
-    return {"seconds": round(wall, 1), "merge_seconds": merge["seconds"], "merge_py_heap_mb": merge["py_heap_mb"], "tasks": by,
+    return {"seconds": round(wall, 1), "merge_seconds": merge["seconds"], "merge_py_heap_mb": merge["py_heap_mb"],
+            "tasks": by,
             "encode_seconds": round(sum(encode_s), 2)}
 
 
@@ -98,8 +99,10 @@ def row(label: str, rows: int, parts: int, r: dict) -> dict:
             "sample_mb_median": med(t["sample"]), "sample_mb_max": max(t["sample"]),
             "train_mb": max(t["train"]), "encode_mb_median": med(t["encode"]), "encode_mb_max": max(t["encode"]),
             "encode_tasks": len(t["encode"]),
-            "encode_above_start_mb_max": max(t["encode_above_start"]), "train_above_start_mb": max(t["train_above_start"]),
-            "merge_above_start_mb": max(t["merge_above_start"]), "merge_mb": max(t["merge"]), "merge_py_heap_mb": r["merge_py_heap_mb"], "merge_seconds": r["merge_seconds"],
+            "encode_above_start_mb_max": max(t["encode_above_start"]),
+            "train_above_start_mb": max(t["train_above_start"]),
+            "merge_above_start_mb": max(t["merge_above_start"]), "merge_mb": max(t["merge"]),
+            "merge_py_heap_mb": r["merge_py_heap_mb"], "merge_seconds": r["merge_seconds"],
             "build_seconds": r["seconds"], "encode_task_seconds_sum": r["encode_seconds"],
             "encode_us_per_row": round(1e6 * r["encode_seconds"] / rows, 2)}
 
@@ -121,7 +124,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
                  f"train {b['train_mb'] / a['train_mb']:.2f}x, merge RSS {b['merge_mb'] / a['merge_mb']:.2f}x, "
                  f"merge Python heap {b['merge_py_heap_mb'] / a['merge_py_heap_mb']:.2f}x, "
                  f"build time {b['build_seconds'] / a['build_seconds']:.2f}x.")
-    lines.append(f"Medians of {meta['repeats']} builds per size, interleaved. Options: {meta['options']}; dim {meta['dim']}; {meta['machine']}; commit {meta['commit']}.")
+    lines.append(f"Medians of {meta['repeats']} builds per size, interleaved. Options: {meta['options']}; "
+                 f"dim {meta['dim']}; {meta['machine']}; commit {meta['commit']}.")
     return "\n".join(lines) + "\n"
 
 
@@ -177,12 +181,14 @@ def main(argv=None) -> int:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = "-"
-    meta = {"repeats": args.repeats, "options": opts, "dim": args.dim, "commit": commit, "date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
+    meta = {"repeats": args.repeats, "options": opts, "dim": args.dim, "commit": commit,
+            "date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
             "machine": f"{os.cpu_count()} CPUs visible, {args.cpus} given to Ray, {platform.machine()}"}
     md = markdown(results, meta)
     print(md)
     (out / "index_memory.md").write_text(md)
-    (out / "index_memory.json").write_text(json.dumps({"meta": meta, "rows": results, "runs": results_all}, indent=1) + "\n")
+    (out / "index_memory.json").write_text(
+        json.dumps({"meta": meta, "rows": results, "runs": results_all}, indent=1) + "\n")
     return 0
 
 

@@ -5,8 +5,9 @@ Each number in the doc's checked tables is recomputed here from its inputs: meas
 (``docs/scale_measured.json``, written by ``python -m pipeline.bench.index_memory`` and copied),
 ``pipeline.sizing``'s storage formula, and assumptions named as such (the GPU rate: no GPU was
 measured). A table row of the doc whose first cell is one of the rows computed here must equal it
-cell for cell; a computed row missing from the doc is an error too. Exit 1 naming each line that
-differs; ``--print`` prints the computed tables (to paste into the doc).
+cell for cell; a computed row missing from the doc is an error too; so is an input the doc's text
+states differently, or a BENCHMARKS.md line the constants come from that changed. Exit 1 naming each
+line that differs; ``--print`` prints the computed tables (to paste into the doc).
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def tables(measured: dict) -> dict[str, list[str]]:
     assert probe.DEFAULT_ITEMS == PROBE_QUERIES, "probe.DEFAULT_ITEMS changed: update PROBE_QUERIES"
     rows: dict[str, list[str]] = {}
     tokens = DOCS * SAMPLE_TOKENS / SAMPLE_TEXTS
-    rows["corpus tokens"] = ["corpus tokens", f"{tokens / 1e9:,.1f} G", f"{SAMPLE_TOKENS / SAMPLE_TEXTS:.1f} per document"]
+    rows["corpus tokens"] = ["corpus tokens", f"{tokens / 1e9:,.1f} G",
+                             f"{SAMPLE_TOKENS / SAMPLE_TEXTS:.1f} per document"]
     base = block_params(*MODELS["SmolLM2-135M"])
     flop_per_token = CPU_USEFUL_FLOPS / CPU_TOKENS_S  # measured, SmolLM2-135M to 60% depth
     for name, arch in MODELS.items():
@@ -112,6 +114,23 @@ def tables(measured: dict) -> dict[str, list[str]]:
     return rows
 
 
+def prose(measured: dict) -> list[str]:
+    """Inputs the doc's text states, as it must state them (whitespace-normalised)."""
+    o = measured["meta"]["options"]
+    return [f"SmolLM2-135M's {CPU_TOKENS_S} tokens/s on 2 cores", f"{GPU_EFFICIENCY:.0%} of an H100's bf16 dense peak "
+            f"({GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s)", f"to {DEPTH_FRACTION:.0%} of depth",
+            f"(dim {measured['meta']['dim']}, nlist {o['nlist']}, m {o['m']})",
+            f"of {PART_ROWS / 1e6:.0f}M rows; per node, {NODE_CPUS} tasks at once",
+            f"{len(probe.TEMPLATES)} templates × ({probe.DEFAULT_DOCS:,} documents + {PROBE_QUERIES} queries)"]
+
+
+def sources() -> list[str]:
+    """The lines of BENCHMARKS.md the measured constants come from (so they cannot drift either)."""
+    return [f"{SAMPLE_TEXTS} texts, {SAMPLE_TOKENS} tokens; length p0/p10/p50/p90/p100 = 85/192/301/512/512",
+            f"| strata-encoder | 1 | 129.71 | {CPU_TOKENS_S} | 3.08 | 0.94 | 1678 | 2.2 | 148.7 G | "
+            f"{CPU_USEFUL_FLOPS / 1e9:.1f} G |"]
+
+
 def doc_rows(text: str) -> dict[str, tuple[int, list[str]]]:
     out = {}
     for n, line in enumerate(text.splitlines(), 1):
@@ -123,9 +142,16 @@ def doc_rows(text: str) -> dict[str, tuple[int, list[str]]]:
 
 
 def check(doc: Path = DOC, measured: Path = MEASURED) -> list[str]:
-    want = tables(json.loads(measured.read_text()))
+    measured_data = json.loads(measured.read_text())
+    want = tables(measured_data)
     have = doc_rows(doc.read_text())
     errors = []
+    flat = " ".join(doc.read_text().split())
+    errors += [f"{doc.name}: the text should say '{c}' (the input the tables use)" for c in prose(measured_data)
+               if c not in flat]
+    bench = (ROOT / "BENCHMARKS.md").read_text()
+    errors += [f"BENCHMARKS.md no longer has '{c}', where scale_check's constants come from" for c in sources()
+               if c not in bench]
     for key, cells in want.items():
         if key not in have:
             errors.append(f"{doc.name}: no table row '{key}' (computed: | {' | '.join(cells)} |)")
