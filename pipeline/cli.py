@@ -217,6 +217,8 @@ def cmd_eval(args) -> int:
                            sts_texts)
     from .report import best_variants
 
+    if args.index_engine == "ray":
+        _ray_index_engine(args, None)  # the argument checks, before any data is read
     if args.task == "sts":
         data = load_sts(args.data)
         n_texts = sts_texts(data)
@@ -226,6 +228,8 @@ def cmd_eval(args) -> int:
     engine = choose_engine(args.engine, n_texts)
     if args.index and (args.task != "retrieval" or args.recipe):
         raise ValueError("--index scores retrieval through an index: use it with `eval retrieval`, without --recipe")
+    if args.index_engine == "ray":
+        engine = _ray_index_engine(args, engine)
     if args.recipe:
         return eval_recipe(args, data, engine)
     pair = None
@@ -247,7 +251,8 @@ def cmd_eval(args) -> int:
         rows = eval_sts(data, args.output, encoder, derivations, quantized=quantized)
     else:
         rows = eval_retrieval(data, args.output, encoder, derivations, query_template=pair and pair[0].name,
-                              doc_template=pair and pair[1].name, quantized=quantized, index=args.index)
+                              doc_template=pair and pair[1].name, quantized=quantized, index=args.index,
+                              index_engine=args.index_engine, index_options=_eval_index_options(args))
     print(f"{data.name}: {n_texts:,} unique texts, {len(request.variants)} embedded variants, "
           f"{len({(r['layer'], r['pooling'], r['template'], r['mix'], r['transform']) for r in rows})} scored, "
           f"engine {engine}, {time.perf_counter() - t0:.1f}s; {request.max_length_line()}")
@@ -256,6 +261,38 @@ def cmd_eval(args) -> int:
         print(f"{dataset}: best {best['variant']} {best['metric']} = {best['score']:.2f}{fitted}")
     print(f"results: {redact_text(str(args.output))}/eval/results.json")
     return 0
+
+
+def _ray_index_engine(args, engine: str | None) -> str | None:
+    """``eval retrieval --index-engine ray``: the checks that need no model (one-line errors), and
+    the eval engine, switched from an automatic local choice to ray (whose cache is what is indexed)."""
+    from .quantize import is_quantized
+
+    if args.task != "retrieval" or args.recipe:
+        raise ValueError("--index-engine ray scores retrieval through an index: use it with `eval retrieval`, "
+                         "without --recipe")
+    if args.index not in ("ivfpq", "auto"):
+        raise ValueError(f"--index-engine ray builds IVF-PQ indexes only: use --index ivfpq (or auto), not "
+                         f"{'--index ' + args.index if args.index else 'exact search'}")
+    if is_quantized(args.dtype):
+        raise ValueError(f"--index-engine ray builds float IVF-PQ indexes only: not with --dtype {args.dtype}")
+    if args.mixes or args.transforms.strip() != "none":
+        raise ValueError("--index-engine ray indexes stored columns only: not with --mixes or --transforms")
+    if args.engine == "local":
+        raise ValueError("--index-engine ray indexes the document embeddings the ray engine caches in --output: "
+                         "use --engine ray (or auto)")
+    if engine in ("ray", None):
+        return engine
+    print("--index-engine ray: evaluating with --engine ray (the index is built from the embeddings it caches in "
+          "--output)", file=sys.stderr)
+    return "ray"
+
+
+def _eval_index_options(args) -> dict:
+    opts = {k: getattr(args, k) for k in ("nlist", "nprobe") if getattr(args, k, None) is not None}
+    if args.index_engine == "ray" and args.ray_address:
+        opts["ray_address"] = args.ray_address
+    return opts
 
 
 def _quantized(args):
@@ -466,6 +503,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--index", choices=["flat", "hnsw", "ivfpq", "auto"], default=None,
                    help="retrieval: search through this kind of index (built in memory as `strata index --kind` "
                         "would) instead of exactly; rows are grouped as 'index:KIND' (default: exact search)")
+    g.add_argument("--index-engine", choices=["local", "ray"], default="local",
+                   help="retrieval --index ivfpq|auto: ray indexes the documents the ray engine cached with the "
+                        "distributed IVF-PQ build (`strata index --engine ray`) and searches the merged on-disk "
+                        "index; rows are grouped as 'index:ivfpq@ray' (default: %(default)s, in memory)")
+    g.add_argument("--nlist", type=int, default=None,
+                   help="retrieval IVF kinds: inverted lists (default: 4*sqrt(documents), at most documents/39)")
+    g.add_argument("--nprobe", type=int, default=None,
+                   help="retrieval IVF kinds: lists searched (default: max(8, nlist/16), at most nlist)")
     g.add_argument("--rescore", type=int, default=0, metavar="M",
                    help="retrieval: re-score M x k candidates with the float query (default: off)")
     g.add_argument("--calibration-rows", type=int, default=1000,

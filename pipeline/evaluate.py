@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Mapping, Protocol, Sequence
@@ -119,36 +120,108 @@ def evaluate_sts(encoder: TextEncoder, data: StsData, derivations: Derivations |
 
 
 def quantized_run(query_emb, doc_emb, query_ids, doc_ids, quantized: quantize.Quantized | None,
-                  k_max: int = 100, kind: str = "flat") -> dict[str, dict[str, float]]:
+                  k_max: int = 100, kind: str = "flat", **options) -> dict[str, dict[str, float]]:
     """The run an index of ``quantized.dtype`` (None: float) and ``kind`` over the documents gives the
-    float queries: query id -> {doc id: score} (``quantize.Quantized``; ``index.memory_index``)."""
+    float queries: query id -> {doc id: score} (``quantize.Quantized``; ``index.memory_index``, which
+    takes ``options`` such as ``nlist`` and ``nprobe``)."""
     from .index import memory_index
 
     doc_emb = np.asarray(doc_emb, dtype=np.float32)
     if quantized is None:
-        index = memory_index([str(d) for d in doc_ids], doc_emb, "float32", kind=kind)
+        index = memory_index([str(d) for d in doc_ids], doc_emb, "float32", kind=kind, **options)
     else:
         ranges = quantized.ranges(doc_emb)
         index = memory_index([str(d) for d in doc_ids], quantize.quantize(quantized.dtype, doc_emb, ranges),
-                             quantized.dtype, ranges, kind=kind, rescore=quantized.rescore)
+                             quantized.dtype, ranges, kind=kind, rescore=quantized.rescore, **options)
+    return _run(index, query_emb, query_ids, k_max)
+
+
+def _run(index, query_emb, query_ids, k_max: int) -> dict[str, dict[str, float]]:
     scores, ids = index.search(query_emb, k_max)
     return {str(q): {d: float(s) for d, s in zip(row_ids, row_s) if d is not None}
             for q, row_s, row_ids in zip(query_ids, scores, ids)}
 
 
+INDEX_ENGINES = ("local", "ray")
+RAY_INDEX_DIR = Path("eval") / "index-ray"  # under the Ray encoder's cache: one documents-only output per variant
+RAY_INDEX_PART_ROWS = 100_000  # documents per part of that output (one Ray encode task each)
+
+
+def ray_index_run(root: str | Path, dataset: str, variant: Variant, query_emb, doc_emb, query_ids, doc_ids,
+                  k_max: int = 100, *, part_rows: int | None = None, nlist: int | None = None,
+                  nprobe: int | None = None, seed: int = 0, ray_address: str | None = None,
+                  **build_options) -> dict[str, dict[str, float]]:
+    """The run of the distributed IVF-PQ (``index_ray.build_ivfpq_ray``) over the documents: they are
+    written as a documents-only Strata output (``root/eval/index-ray/{dataset}/{variant}``: parts of at
+    most ``part_rows`` (``RAY_INDEX_PART_ROWS``) rows, ids = document ids; the queries the cache also
+    holds are not indexed), built on Ray (trained on a seeded sample, parts encoded by Ray tasks, lists
+    merged on disk) and searched through the merged index ``index.load_index`` memory-maps. The same
+    documents again reuse the build (its record); different ones replace the folder."""
+    import shutil
+
+    from .index import index_path, load_index
+    from .index_ray import build_ivfpq_ray
+    from .storage import safe_name
+
+    if not variant.is_raw:
+        raise SpecError(f"--index-engine ray indexes stored columns only; {variant.name} is derived")
+    part_rows = part_rows or RAY_INDEX_PART_ROWS
+    doc_emb = np.ascontiguousarray(doc_emb, dtype=np.float32)
+    doc_ids = [str(d) for d in doc_ids]
+    folder = Path(root) / RAY_INDEX_DIR / safe_name(dataset) / safe_name(variant.name)
+    digest = hashlib.sha256(doc_emb.tobytes() + "\n".join([*doc_ids, str(part_rows)]).encode()).hexdigest()
+    stamp = folder / "documents.sha256"
+    manifest = {"signature": {"dtype": "float32"}, "shards": [],
+                "variants": [{"name": variant.name, "column": variant.column, "layer": variant.layer,
+                              "pooling": variant.pooling, "template": variant.template, "dim": doc_emb.shape[1],
+                              "dtype": "float32"}]}
+    for p, start in enumerate(range(0, len(doc_ids), part_rows)):
+        rows = slice(start, start + part_rows)
+        manifest["shards"].append({"path": f"documents/{p:05d}", "output": f"embeddings/d{p:05d}",
+                                   "files": ["part-0.parquet"], "rows": len(doc_ids[rows])})
+    if not (stamp.is_file() and stamp.read_text().strip() == digest):
+        shutil.rmtree(folder, ignore_errors=True)
+        for p, start in enumerate(range(0, len(doc_ids), part_rows)):
+            rows = slice(start, start + part_rows)
+            part = folder / "embeddings" / f"d{p:05d}" / "part-0.parquet"
+            part.parent.mkdir(parents=True, exist_ok=True)
+            x = doc_emb[rows]
+            pq.write_table(pa.table({"id": pa.array(doc_ids[rows], pa.string()),
+                                     variant.column: pa.FixedSizeListArray.from_arrays(
+                                         pa.array(x.ravel(), pa.float32()), x.shape[1])}), part)
+        (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        stamp.write_text(digest + "\n")
+    params = build_ivfpq_ray(folder, [variant], manifest=manifest, nlist=nlist, nprobe=nprobe, seed=seed,
+                             ray_address=ray_address, **build_options)[variant]
+    log.info("%s %s: IVF-PQ on Ray, %d part(s), nlist %d, m %d, nprobe %d", dataset, variant.name,
+             params["shards"], params["nlist"], params["m"], nprobe or params["nprobe"])
+    return _run(load_index(index_path(folder, variant), nprobe=nprobe), query_emb, query_ids, k_max)
+
+
 def evaluate_retrieval(encoder: TextEncoder, data: BeirData, derivations: Derivations | None = None, *,
                        query_template: str | None = None, doc_template: str | None = None,
                        save_dir: str | Path | None = None, quantized: quantize.Quantized | None = None,
-                       index: str | None = None) -> list[dict]:
+                       index: str | None = None, index_engine: str = "local",
+                       index_options: dict | None = None) -> list[dict]:
     """nDCG@10, Recall@100 and MRR@10 (x100) by exact cosine search, for every variant (and derived one).
     ``quantized``: the documents quantised and searched as their index would (``quantized_run``).
     ``index`` (flat, hnsw, ivfpq, auto): searched through that kind of index, built in memory as
     ``strata index`` would build it, instead of exactly (rows: ``quantization`` ``index:{kind}``).
+    ``index_engine="ray"`` (``index`` ivfpq or auto; a ``RayEncoder``, float, raw variants): the
+    documents are indexed by the distributed IVF-PQ build instead (``ray_index_run``, under the
+    encoder's cache directory; rows: ``index:ivfpq@ray``). ``index_options``: ``nlist``, ``nprobe``
+    (and, for ray, ``build_ivfpq_ray``'s options).
 
     With ``query_template`` and ``doc_template`` (template names of the encoder's variants),
     queries and documents are embedded under their own templates and every variant is the pair
     ``QUERY~DOC`` of the same layer and pooling (E5-Mistral / GTE-Qwen2 style instructions).
     """
+    index_options = dict(index_options or {})
+    if index_engine == "ray":
+        check_ray_index(index, encoder, quantized, derivations)
+        index = "ivfpq@ray"
+    elif index_engine != "local":
+        raise SpecError(f"index engine {index_engine!r}: choose from {', '.join(INDEX_ENGINES)}")
     data, left_out = without_empty_beir(data)
     texts, (doc_rows, query_rows) = unique_texts(data.doc_texts, data.query_texts)
     q_t, d_t = query_template or "plain", doc_template or "plain"
@@ -172,15 +245,35 @@ def evaluate_retrieval(encoder: TextEncoder, data: BeirData, derivations: Deriva
             name = Variant(v.layer, v.pooling, f"{q_t}~{d_t}", v.mix, v.transform)
         if quantized is None and not index:
             scores = retrieval_scores(q[query_rows], d[doc_rows], data.query_ids, data.doc_ids, data.qrels)
+        elif index_engine == "ray":
+            stored = v if not asymmetric else Variant(v.layer, v.pooling, d_t, v.mix, v.transform)
+            scores = retrieval_scores_from_run(ray_index_run(encoder.dir, f"{data.name}-{data.split}", stored,
+                                                             q[query_rows], d[doc_rows], data.query_ids,
+                                                             data.doc_ids, **index_options), data.qrels)
         else:
             scores = retrieval_scores_from_run(quantized_run(q[query_rows], d[doc_rows], data.query_ids, data.doc_ids,
-                                                             quantized, kind=index or "flat"), data.qrels)
+                                                             quantized, kind=index or "flat", **index_options),
+                                               data.qrels)
         out += _rows("retrieval", data.name, data.split, name, scores, record, quantized, index)
     if asymmetric and waiting and not out:
         (key, side), _ = next(iter(waiting.items()))
         raise SpecError(f"no variant of template {q_t if side == 'd' else d_t!r} to pair with: embed both the query "
                         f"and the document template (--templates)")
     return _note(out, left_out)
+
+
+def check_ray_index(index: str | None, encoder, quantized, derivations) -> None:
+    """``--index-engine ray``: what it can index (one-line errors otherwise)."""
+    if index not in ("ivfpq", "auto"):
+        raise SpecError(f"--index-engine ray builds IVF-PQ indexes only: use --index ivfpq (or auto), not "
+                        f"{'--index ' + index if index else 'exact search'}")
+    if not isinstance(encoder, RayEncoder):
+        raise SpecError("--index-engine ray indexes the document embeddings the ray engine caches in the output: "
+                        "use --engine ray (or auto)")
+    if quantized is not None:
+        raise SpecError(f"--index-engine ray builds float IVF-PQ indexes only: not with --dtype {quantized.dtype}")
+    if derivations is not None and not derivations.empty:
+        raise SpecError("--index-engine ray indexes stored columns only: not with --mixes or --transforms")
 
 
 def _note(rows: list[dict], left_out: str | None) -> list[dict]:
@@ -319,11 +412,13 @@ def eval_retrieval(data: BeirData | str | Path, out_dir: str | Path, encoder: Te
                    derivations: Derivations | None = None, *, split: str = "test", max_queries: int | None = None,
                    max_docs: int | None = None, query_template: str | None = None,
                    doc_template: str | None = None, quantized: quantize.Quantized | None = None,
-                   index: str | None = None) -> list[dict]:
+                   index: str | None = None, index_engine: str = "local",
+                   index_options: dict | None = None) -> list[dict]:
     """Evaluate on a BEIR set (or a subset) and merge the rows into ``out_dir/eval/results.json``."""
     data = load_retrieval(data, split=split, max_queries=max_queries, max_docs=max_docs)
     rows = evaluate_retrieval(encoder, data, derivations, query_template=query_template, doc_template=doc_template,
-                              save_dir=out_dir, quantized=quantized, index=index)
+                              save_dir=out_dir, quantized=quantized, index=index, index_engine=index_engine,
+                              index_options=index_options)
     merge_results(out_dir, rows)
     return rows
 
