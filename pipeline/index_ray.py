@@ -477,10 +477,6 @@ def _merge(out_dir: Path, p: _Plan, shards: Sequence[Shard]) -> dict:
         if f.name not in keep:
             f.unlink(missing_ok=True)
     labels = max(r["offset"] + r["rows"] for r in recs)
-    ids = np.full(labels, None, dtype=object)
-    for r in recs:
-        part_ids = pq.read_table(p.parts / Path(r["part"]).with_suffix(".ids.parquet"), columns=["id"])
-        ids[r["offset"]:r["offset"] + r["rows"]] = part_ids.column("id").to_pylist()
 
     out_path = ix.index_path(out_dir, p.variant)
     build = uuid.uuid4().hex[:8]
@@ -500,7 +496,8 @@ def _merge(out_dir: Path, p: _Plan, shards: Sequence[Shard]) -> dict:
     tmp_index, tmp_ids, tmp_json = (q.with_name(q.name + f".tmp-{build}") for q in (out_path, ids_path, json_path))
     faiss.write_index(index, str(tmp_index))
     del index
-    pq.write_table(pa.table({"id": pa.array(list(ids), pa.string())}), tmp_ids)
+    _write_ids(tmp_ids, [(r["offset"], r["rows"], p.parts / Path(r["part"]).with_suffix(".ids.parquet")) for r in recs],
+               labels)
     tmp_json.write_text(json.dumps(params, indent=2) + "\n")
     os.replace(tmp_index, out_path)
     os.replace(tmp_ids, ids_path)
@@ -509,6 +506,24 @@ def _merge(out_dir: Path, p: _Plan, shards: Sequence[Shard]) -> dict:
         if Path(old).name != ivfdata.name:
             os.unlink(old)
     return params
+
+
+def _write_ids(path: Path, parts: Sequence[tuple[int, int, Path]], labels: int) -> None:
+    """The label -> id table, streamed one part at a time (memory: one part's ids, whatever the
+    corpus size); labels no part holds (ranges a killed build handed out) are null."""
+    schema = pa.schema([("id", pa.string())])
+    at = 0
+    with pq.ParquetWriter(path, schema) as writer:
+        for offset, rows, ids_file in sorted(parts):
+            if offset > at:
+                writer.write_table(pa.table({"id": pa.nulls(offset - at, pa.string())}, schema=schema))
+            part = pq.read_table(ids_file, columns=["id"]).column("id").cast(pa.string())
+            if len(part) != rows:
+                raise IndexBuildError(f"{ids_file.name}: {len(part)} ids, its build record says {rows}")
+            writer.write_table(pa.table({"id": part}, schema=schema))
+            at = offset + rows
+        if labels > at:
+            writer.write_table(pa.table({"id": pa.nulls(labels - at, pa.string())}, schema=schema))
 
 
 def _record_built(out_dir: Path, manifest: dict, v: Variant, params: dict) -> None:
