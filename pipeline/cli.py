@@ -103,7 +103,7 @@ def cmd_embed(args) -> int:
     rows = input_rows(args.input)  # the size, planned before any work (docs/scale.md)
     for line in plan_lines(request, rows) if not args.quiet else ():
         print(line, file=sys.stderr)
-    check_size(request, rows, args.yes)
+    check_size(request, rows, args.yes, args.max_output_size)
     summary = embed(request, args.input, args.output, text_column=args.text_column, id_column=args.id_column,
                     force=args.force, progress=not args.quiet, calibration_rows=args.calibration_rows,
                     int8_ranges=args.int8_ranges)
@@ -433,8 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training labels for learned mixes: STS pairs, or a BEIR folder (its --mix-labels-split qrels)")
     p.add_argument("--mix-labels-split", default="train", help="BEIR qrels split for learned mixes (default: train)")
     p.add_argument("--force", action="store_true", help="replace an output made with other settings")
-    p.add_argument("--yes", action="store_true", help="go on when the projected output is above 100 GB "
+    p.add_argument("--yes", action="store_true", help="go on when the projected output is above the limit "
                                                       "(docs/scale.md)")
+    p.add_argument("--max-output-size", default=None, metavar="SIZE",
+                   help="the projected output size that goes on without --yes, e.g. 5TB (default: 100GB)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_embed)
 

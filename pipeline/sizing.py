@@ -8,6 +8,8 @@ above ``CONFIRM_BYTES``.
 
 from __future__ import annotations
 
+import re
+
 import pyarrow.parquet as pq
 
 CONFIRM_BYTES = 100 * 10**9  # embed asks for --yes above this projected size
@@ -74,9 +76,26 @@ def plan_lines(request, rows: int) -> list[str]:
             f"{request.settings.dtype} = {human(p['total'])} ({human(each)} per variant, {human(p['ids'])} ids)"]
 
 
-def check_size(request, rows: int, yes: bool, limit: int | None = None) -> None:
-    limit = CONFIRM_BYTES if limit is None else limit
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15}
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'500GB', '20 TB', '1.5TB' or a number of bytes -> bytes (decimal units, as ``human`` prints)."""
+    if text is None or isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMgGtTpP]?[bB]?)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"size {text!r}: write a number with a unit, e.g. 500GB or 20TB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def check_size(request, rows: int, yes: bool, limit: int | str | None = None) -> None:
+    """Refuse before any work when the projected output is above ``limit`` (default 100 GB) and
+    the user has not said yes: ``--yes``, or a larger ``--max-output-size`` / a job spec's
+    ``embedding.max_output_size``, which is the scheduled job's standing consent."""
+    limit = CONFIRM_BYTES if limit is None else parse_size(limit)
     total = projection(request, rows)["total"]
     if total > limit and not yes:
-        raise ValueError(f"the output would take about {human(total)} (above {human(limit)}): pass --yes to go on, "
-                         f"or embed fewer variants (--layers, --poolings) or a smaller dtype (--dtype float16|int8)")
+        raise ValueError(f"the output would take about {human(total)} (above {human(limit)}): pass --yes or a larger "
+                         f"--max-output-size (a job: embedding.max_output_size) to go on, or embed fewer variants "
+                         f"(--layers, --poolings) or a smaller dtype (--dtype float16|int8)")

@@ -362,7 +362,7 @@ def test_embed_plans_the_output_size_and_asks_above_the_threshold(tmp_path, mode
     (tmp_path / "in" / "broken.parquet").write_bytes(b"not parquet")  # left to embed to report
     assert main(["embed", str(tmp_path / "in"), str(tmp_path / "out"), "--model", model_dir, "--layers", "2:3"]) == 2
     err = capsys.readouterr().err
-    assert "projected output: 50 rows x 2 variant(s)" in err and "pass --yes to go on" in err
+    assert "projected output: 50 rows x 2 variant(s)" in err and "pass --yes or a larger --max-output-size" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -390,9 +390,30 @@ output: out
     assert plan["projected_bytes"]["rows"] == 30 and plan["projected_bytes"]["total"] > 30 * 2 * 4
     assert "projected output: 30 rows x 2 variant(s)" in stream.getvalue()
     monkeypatch.setattr(sizing, "CONFIRM_BYTES", 100)
-    with pytest.raises(ValueError, match="pass --yes to go on"):
+    with pytest.raises(ValueError, match="pass --yes or a larger --max-output-size"):
         cmd_run(add_run_arguments(argparse.ArgumentParser()).parse_args(["job.yaml", "-q"]))
     assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_the_size_limit_is_configurable_and_a_job_spec_can_consent(tmp_path, model_dir):
+    from pipeline import sizing
+    from pipeline.jobs.spec import JobSpecError, load_spec
+    from pipeline.request import resolve
+
+    assert [sizing.parse_size(x) for x in ("500GB", "20 TB", "1.5tb", "750", 42)] == \
+        [500 * 10**9, 20 * 10**12, 1_500_000_000_000, 750, 42]
+    with pytest.raises(ValueError, match="size 'lots': write a number with a unit"):
+        sizing.parse_size("lots")
+    request = resolve(model_dir, layers="1,-1", poolings="mean", max_length=32, digest=False)
+    total = sizing.projection(request, 1000)["total"]
+    with pytest.raises(ValueError, match="above"):
+        sizing.check_size(request, 1000, yes=False, limit=total - 1)
+    sizing.check_size(request, 1000, yes=False, limit=f"{total}B")  # within the consented size: goes on
+    sizing.check_size(request, 1000, yes=True, limit=1)  # --yes always goes on
+    bad = tmp_path / "job.yaml"
+    bad.write_text("name: t\ninput: {location: in}\nmodel: x\noutput: out\nembedding: {max_output_size: huge}\n")
+    with pytest.raises(JobSpecError, match="max_output_size"):
+        load_spec(bad, check_model=False)
 
 
 def test_engine_choice():

@@ -154,7 +154,7 @@ def run_job(spec_path: str | os.PathLike, dry_run: bool = False, *, progress: bo
     if spec.mode == "corpus" and job.request is not None:  # --yes above 100 GB, before anything is written
         from ..sizing import check_size, input_rows
 
-        check_size(job.request, input_rows(_local(spec.input.location)), yes)
+        check_size(job.request, input_rows(_local(spec.input.location)), yes, spec.embedding.max_output_size)
 
     t0 = time.perf_counter()
     summary: dict[str, Any] = {"job": spec.name, "spec": spec.source, "mode": spec.mode, "model": job.model_ref,

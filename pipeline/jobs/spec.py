@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeFloat, NonNegativeInt,
-                      PositiveInt, PrivateAttr, ValidationError)
+                      PositiveInt, PrivateAttr, ValidationError, field_validator)
 
 from .. import models
 from ..models import DEFAULT_MODEL
@@ -181,6 +181,16 @@ class EmbeddingSpec(_Section):
     batch_tokens: PositiveInt | None = None  # None: the encoder's default for the device
     format: Literal["parquet", "arrow"] = "parquet"
     append_eos: bool = False
+    # the job's standing consent: a projected output up to this size runs without --yes (default 100GB)
+    max_output_size: str | None = None
+
+    @field_validator("max_output_size")
+    @classmethod
+    def _size(cls, v):
+        from ..sizing import parse_size
+
+        parse_size(v)  # one-line error for a size that does not parse
+        return v
 
 
 class ResourcesSpec(_Section):
