@@ -55,3 +55,14 @@ def model_dir(tmp_path_factory):
     from reference import save_tiny_model_dir
 
     return save_tiny_model_dir(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def faiss_one_thread():
+    """FAISS on one thread: deterministic k-means, and fair use of a shared 2-core machine."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)

@@ -12,13 +12,7 @@ from pipeline.index import IndexBuildError, build_index, choose_kind, load_index
 COL = "emb_3_mean"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Deterministic k-means and fair use of a shared 2-core machine.
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("faiss_one_thread")
 
 
 def clustered(n, dim=32, clusters=40, seed=0):

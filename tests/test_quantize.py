@@ -17,12 +17,7 @@ from pipeline import quantize as qz
 from pipeline.quantize import QuantizationError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("faiss_one_thread")
 
 
 def vectors(n=300, dim=48, seed=0):
