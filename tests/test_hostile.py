@@ -344,3 +344,41 @@ def test_max_length_beyond_position_limit_is_capped_with_a_warning(model_dir, ca
     assert request.settings.max_length == limit
     (line,) = [r.getMessage() for r in caplog.records if "position limit" in r.getMessage()]
     assert f"capped at {limit}" in line and "\n" not in line
+
+
+# ---------------------------------------------------------------- 16: many small row groups are packed
+def test_work_units_pack_small_row_groups_and_split_large_ones():
+    from pipeline.runner import work_units
+
+    groups = [1] * 2000 + [0, 5000, 3]
+    shard = Shard("/in/a.parquet", "a.parquet", "fp", rows=sum(groups), row_groups=groups)
+    units = work_units([shard], 2048)
+    assert len(units) == -(-sum(groups) // 2048) == 4
+    starts = np.cumsum([0, *groups])
+    covered = []
+    for u in units:  # plainly: the rows of the unit's row groups, skip, take `rows`
+        rows = [r for g in u["rgs"] for r in range(starts[g], starts[g + 1])][u["skip"]:u["skip"] + u["rows"]]
+        assert rows == list(range(u["row0"], u["row0"] + u["rows"]))
+        covered += rows
+    assert covered == list(range(sum(groups)))  # every row exactly once
+    assert units[0]["rgs"] == list(range(2000)) + [2000, 2001]  # 2,000 one-row groups in one read
+
+
+def test_one_row_row_groups_embed_as_one_row_group_does(ray_local, model_dir, tmp_path):
+    texts = [f"text {i} about the river stone" for i in range(300)]
+    table = pa.table({"id": [f"r{i}" for i in range(300)], "text": texts})
+    for name, size in (("one", None), ("many", 1)):
+        (tmp_path / name).mkdir()
+        pq.write_table(table, tmp_path / name / "a.parquet", row_group_size=size)
+    assert pq.ParquetFile(tmp_path / "many" / "a.parquet").num_row_groups == 300
+    got = {}
+    for name in ("one", "many"):
+        summary = embed(str(tmp_path / name), str(tmp_path / f"out-{name}"), model=model_dir, unit_rows=128, **OPTS)
+        assert summary.rows == 300 and not summary.shards_failed
+        t = read_embeddings(str(tmp_path / f"out-{name}")).sort_by("id")
+        got[name] = t
+    assert got["one"].column("id").to_pylist() == sorted(table.column("id").to_pylist())
+    for col in ("emb_1_mean", "emb_4_mean"):
+        a = np.stack(got["one"].column(col).to_numpy(zero_copy_only=False))
+        b = np.stack(got["many"].column(col).to_numpy(zero_copy_only=False))
+        np.testing.assert_allclose(a, b, atol=1e-5)

@@ -2,7 +2,7 @@
 
 Data flow (one Ray Data pipeline)::
 
-    work units (shard, row group, row range)     planned by the driver from Parquet footers
+    work units (shard, row range of row groups)  planned by the driver from Parquet footers
       -> read + tokenise   CPU tasks; every row keeps its shard and row number; bad rows are
                            marked with a reject reason, unreadable units with an error
       -> embed             actor pool around Encoder (one per GPU, or CPU actors that leave a

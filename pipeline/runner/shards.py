@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -87,15 +88,18 @@ def inspect_shards(fs, shards: list[Shard], text_column: str, id_column: str | N
 
 
 def work_units(shards: list[Shard], unit_rows: int = UNIT_ROWS) -> list[dict]:
+    """Each shard cut into row ranges of ``unit_rows``, whatever its row groups: a range reads the
+    row groups it overlaps (``rgs``) and skips ``skip`` rows of the first. Many small row groups
+    are packed into one unit; a large one is split across several."""
     units = []
     for idx, s in enumerate(shards):
-        first = 0
-        for rg, n in enumerate(s.row_groups):
-            for start in range(0, n, unit_rows):
-                stop = min(n, start + unit_rows)
-                units.append({"shard": idx, "path": s.path, "rel": s.rel, "rg": rg, "start": start, "stop": stop,
-                              "row0": first + start})
-            first += n
+        starts = np.cumsum([0, *s.row_groups])
+        for start in range(0, s.rows, unit_rows):
+            stop = min(s.rows, start + unit_rows)
+            first = int(np.searchsorted(starts, start, side="right")) - 1
+            last = int(np.searchsorted(starts, stop, side="left")) - 1
+            units.append({"shard": idx, "path": s.path, "rel": s.rel, "rgs": list(range(first, last + 1)),
+                          "skip": int(start - starts[first]), "row0": start, "rows": stop - start})
     return units
 
 

@@ -79,12 +79,12 @@ def read_and_tokenize(batch: pa.Table, *, fs, request: Request, text_column: str
     """Read one work unit and tokenise it under each of the request's templates (columns ``_ids{k}``,
     ``_span{k}`` for template k). Returns one row per input row, always."""
     unit = batch.to_pylist()[0]
-    shard, row0, n = int(unit["shard"]), int(unit["row0"]), int(unit["stop"] - unit["start"])
+    shard, row0, n = int(unit["shard"]), int(unit["row0"]), int(unit["rows"])
     rows = np.arange(row0, row0 + n, dtype=np.int64)
     try:
         cols = [text_column] + ([id_column] if id_column and id_column != text_column else [])
         with fs.open(unit["path"], "rb") as f:
-            t = pq.ParquetFile(f).read_row_group(int(unit["rg"]), columns=cols).slice(int(unit["start"]), n)
+            t = pq.ParquetFile(f).read_row_groups(list(unit["rgs"]), columns=cols).slice(int(unit["skip"]), n)
         texts, bad_text = _strings(t.column(text_column))
         if id_column:
             raw_ids, bad_id = _strings(t.column(id_column))
