@@ -253,7 +253,13 @@ def cmd_eval(args) -> int:
         rows = eval_retrieval(data, args.output, encoder, derivations, query_template=pair and pair[0].name,
                               doc_template=pair and pair[1].name, quantized=quantized, index=args.index,
                               index_engine=args.index_engine, index_options=_eval_index_options(args))
-    print(f"{data.name}: {n_texts:,} unique texts, {len(request.variants)} embedded variants, "
+    if args.task == "sts":
+        what = f"{len(data.scores):,} pairs"
+    else:
+        what = (f"{len(data.query_ids):,} queries judged in {data.split}"
+                + (f" ({data.unjudged_queries:,} unjudged not evaluated)" if data.unjudged_queries else "")
+                + f", {len(data.doc_ids):,} documents")
+    print(f"{data.name}: {what}; {n_texts:,} unique texts, {len(request.variants)} embedded variants, "
           f"{len({(r['layer'], r['pooling'], r['template'], r['mix'], r['transform']) for r in rows})} scored, "
           f"engine {engine}, {time.perf_counter() - t0:.1f}s; {request.max_length_line()}")
     for dataset, best in best_variants(rows, request.model.n_layers).items():

@@ -57,6 +57,7 @@ class BeirData:
     split: str = "test"
     # Set on subsets: their scores are NOT comparable to published full-corpus numbers.
     subset_note: str | None = field(default=None)
+    unjudged_queries: int = 0  # queries in queries.jsonl with no judgement in this split: not evaluated
 
     def subset(self, n_queries: int, max_docs: int | None = None, seed: int = 0,
                   name: str | None = None) -> "BeirData":
@@ -235,6 +236,9 @@ def load_sts(path: str | Path, *, name: str | None = None, split: str | None = N
                 f"fields), a tab-separated header with {', '.join(PAIR_COLUMNS)}, JSON Lines or Parquet")
     if len(scores) < 2:
         raise EvalDataError(f"{path}: {len(scores)} pair(s); a correlation needs at least 2")
+    if len(set(scores)) == 1:
+        raise EvalDataError(f"{path}: every pair has the same score ({scores[0]}): a rank correlation with constant "
+                            "gold scores is undefined")
     default_name = path.parent.name if stsb_layout and path.parent.name else path.stem
     return StsData(name=name or default_name, sentence1=list(s1), sentence2=list(s2),
                    scores=np.asarray(scores, dtype=np.float64), split=split or _infer_split(path.stem))
@@ -305,4 +309,4 @@ def load_beir(directory: str | Path, split: str = "test", *, name: str | None = 
     query_ids = [q for q in query_text if q in qrels]
     return BeirData(name=name or directory.name, doc_ids=doc_ids, doc_texts=doc_texts, query_ids=query_ids,
                     query_texts=[query_text[q] for q in query_ids], qrels={q: qrels[q] for q in query_ids},
-                    split=split)
+                    split=split, unjudged_queries=len(query_text) - len(query_ids))

@@ -291,12 +291,15 @@ def without_empty_beir(data: BeirData) -> tuple[BeirData, str | None]:
     docs = [i for i, t in enumerate(data.doc_texts) if t.strip()]
     queries = [i for i, t in enumerate(data.query_texts) if t.strip()]
     n_docs, n_queries = len(data.doc_texts) - len(docs), len(data.query_texts) - len(queries)
-    if not n_docs and not n_queries:
+    in_corpus = set(data.doc_ids)
+    absent = len({d for q in data.query_ids for d, rel in data.qrels[q].items() if rel > 0 and d not in in_corpus})
+    if not n_docs and not n_queries and not absent:
         return data, None
     if not docs or not queries:
         raise SpecError(f"{data.name}: every {'document' if not docs else 'query'} is empty: nothing to evaluate")
     parts = ([f"{n_docs} empty document(s) left out of the corpus (relevant ones count as misses)"] if n_docs else []) \
-        + ([f"{n_queries} empty quer(y/ies) not searched (scored 0)"] if n_queries else [])
+        + ([f"{n_queries} empty quer(y/ies) not searched (scored 0)"] if n_queries else []) \
+        + ([f"{absent} relevant document id(s) in the qrels are not in the corpus (count as misses)"] if absent else [])
     note = "; ".join(parts)
     log.warning("%s: %s", data.name, note)
     return dataclasses.replace(data, doc_ids=[data.doc_ids[i] for i in docs], doc_texts=[data.doc_texts[i] for i in docs],
@@ -312,6 +315,9 @@ def without_empty_sts(data: StsData) -> tuple[StsData, str | None]:
         return data, None
     if len(keep) < 2:
         raise SpecError(f"{data.name}: fewer than 2 pairs with two non-empty sentences: nothing to evaluate")
+    if len(set(data.scores[keep].tolist())) == 1:
+        raise SpecError(f"{data.name}: the pairs with two non-empty sentences all have the same score: a rank "
+                        "correlation with constant gold scores is undefined")
     note = f"{len(data.sentence1) - len(keep)} pair(s) with an empty sentence skipped"
     log.warning("%s: %s", data.name, note)
     return dataclasses.replace(data, sentence1=[data.sentence1[i] for i in keep],

@@ -59,8 +59,10 @@ class EncodeSettings:
             raise ValueError(f"dtype {self.dtype!r}: choose from {', '.join(OUTPUT_DTYPES)}")
         if self.max_length < 1:
             raise ValueError(f"max_length must be positive, got {self.max_length}")
-        if (self.batch_tokens is not None and self.batch_tokens < 1) or self.max_batch_rows < 1:
-            raise ValueError("batch_tokens and max_batch_rows must be positive")
+        if self.batch_tokens is not None and self.batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be positive, got {self.batch_tokens}")
+        if self.max_batch_rows < 1:
+            raise ValueError(f"max_batch_rows must be positive, got {self.max_batch_rows}")
         if self.padding_side not in ("right", "left"):
             raise ValueError(f"padding_side {self.padding_side!r}: choose 'right' or 'left'")
 
@@ -78,6 +80,12 @@ class Resources:
     actors: int | None = None  # default: one per GPU, else CPUs - 1
     gpus_per_actor: float | None = None
     ray_address: str | None = None
+
+    def __post_init__(self):
+        if self.actors is not None and self.actors < 1:
+            raise ValueError(f"actors must be at least 1, got {self.actors}")
+        if self.gpus_per_actor is not None and self.gpus_per_actor <= 0:
+            raise ValueError(f"gpus_per_actor must be positive, got {self.gpus_per_actor}")
 
 
 @dataclass(frozen=True)

@@ -143,6 +143,8 @@ class Output:
 
     def check_writable(self) -> None:
         probe = self.path(f".strata-probe-{uuid.uuid4().hex}")
+        if self.fs.isfile(self.root):
+            raise NotADirectoryError(f"output location {redact(self.url)} is a file, not a directory")
         try:
             self.fs.makedirs(self.root, exist_ok=True)
             with self.fs.open(probe, "wb") as f:

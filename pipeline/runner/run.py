@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from .. import quantize
 from ..request import Request, signature_difference
-from ..storage import STAGING, Output, overlap, read_part, redact
+from ..storage import EMBEDDINGS, MANIFEST, STAGING, Output, overlap, read_part, redact
 from .commit import Committer, EmbedError, EmbedSummary, _commit, _Pending
 from .shards import UNIT_ROWS, Shard, first_texts, inspect_shards, list_shards, plan, work_units
 from .stages import EMBED_BATCH_ROWS, EmbedActor, read_and_tokenize, write_parts
@@ -97,6 +97,12 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
     with out.lock():  # one run per output
         manifest = out.read_manifest()
         out.sweep(manifest)  # only what earlier runs of Strata left (their run ids), before anything else
+        if manifest is None and out.fs.exists(out.path(EMBEDDINGS)):
+            orphans = sorted(out.fs.ls(out.path(EMBEDDINGS), detail=False))
+            if orphans:  # the manifest was deleted: nothing is known to be committed
+                log.warning("%s has no %s but %d folder(s) under %s/ (e.g. %s): every shard is embedded again; "
+                            "those folders are not read and are left in place (remove them by hand)",
+                            redact(output), MANIFEST, len(orphans), EMBEDDINGS, orphans[0].rsplit("/", 1)[-1])
         made_at = (manifest or {}).get("signature", {}).get("max_length")
         if request.max_length_capped_from and made_at == request.max_length_capped_from:
             # an output made at this max length before it was capped: its vectors and new ones must agree

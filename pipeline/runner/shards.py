@@ -3,6 +3,7 @@ the incremental plan (which shards to embed, keep or drop against the manifest).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +73,7 @@ def inspect_shards(fs, shards: list[Shard], text_column: str, id_column: str | N
             with fs.open(s.path, "rb") as f:
                 meta = pq.ParquetFile(f).metadata
                 schema = meta.schema.to_arrow_schema()
+                s.fingerprint += f";footer={_footer_digest(f)}"
         except Exception as e:  # noqa: BLE001 - any unreadable file is this shard's error
             s.error = f"not a readable Parquet file: {type(e).__name__}: {e}"
             continue
@@ -79,12 +81,32 @@ def inspect_shards(fs, shards: list[Shard], text_column: str, id_column: str | N
         if text_column not in names:
             raise ValueError(f"text column {text_column!r} not found in {s.rel}; available columns: {', '.join(names)}")
         t = schema.field(text_column).type
-        if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)):
+        if not _is_text(t.value_type if pa.types.is_dictionary(t) else t):
             raise ValueError(f"text column {text_column!r} in {s.rel} has type {t}, expected a string column")
         if id_column and id_column not in names:
             raise ValueError(f"id column {id_column!r} not found in {s.rel}; available columns: {', '.join(names)}")
         s.rows = meta.num_rows
         s.row_groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _footer_digest(f) -> str:
+    """A digest of the Parquet footer (row group offsets and sizes, column statistics): with the
+    size and modification time (or ETag) it tells a rewritten shard from the committed one even
+    when the size is the same and the time was put back."""
+    f.seek(-8, 2)
+    length = int.from_bytes(f.read(4), "little")
+    f.seek(-(length + 8), 2)
+    return hashlib.sha256(f.read(length)).hexdigest()[:16]
+
+
+def same_shard(committed: str, current: str) -> bool:
+    """Whether a committed fingerprint still describes the shard. Fingerprints recorded before the
+    footer digest was added are compared on size and time only (such outputs resume as before)."""
+    return committed == current or (";footer=" not in committed and current.split(";footer=")[0] == committed)
 
 
 def work_units(shards: list[Shard], unit_rows: int = UNIT_ROWS) -> list[dict]:
@@ -110,7 +132,7 @@ def plan(manifest: dict | None, shards: list[Shard]) -> tuple[list[Shard], list[
     todo, keep = [], []
     for s in shards:
         entry = done.get(s.rel)
-        if entry and entry["fingerprint"] == s.fingerprint:
+        if entry and same_shard(entry["fingerprint"], s.fingerprint):
             keep.append(entry)
         else:
             todo.append(s)

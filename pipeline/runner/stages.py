@@ -35,6 +35,8 @@ def _strings(column: pa.ChunkedArray) -> tuple[list, dict[int, str]]:
     """A column's values as Python objects, and {row: reason} for string values that are not
     valid UTF-8 (a binary column written as string, CESU-8 surrogates): those rows become None
     and are rejected alone, never failing the whole shard."""
+    if pa.types.is_dictionary(column.type):  # e.g. a pandas categorical: its values
+        column = column.cast(column.type.value_type)
     try:
         return column.to_pylist(), {}
     except UnicodeDecodeError:

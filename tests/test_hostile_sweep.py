@@ -1,0 +1,565 @@
+"""The hostile-input sweep (issue #17): each case is a command a new user could type, on data and
+setups nobody here wrote, run through the CLI exactly as `strata` runs it. Every case asserts all four:
+
+1. the exit status;
+2. stderr: no traceback, every line bounded, and on failure exactly one ``strata CMD:`` line that
+   names the problem (on success, the line that records what was left out or changed);
+3. rows: every input row is in the output or recorded as rejected, once; a refused command
+   leaves no committed rows (and touches neither input nor output);
+4. no secret: every case works under a folder named like ``KEY:SECRET@host`` with the secret also
+   in the environment, and the secret is in none of stdout, stderr, the output's files, Strata's
+   log files or Ray's session logs.
+
+Shards that cannot be read at all are named in the error; their rows stay in the input and the
+next run retries them (their rows are counted nowhere else, so none are lost)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.cli import main
+from pipeline.errors import MAX_MESSAGE
+from pipeline.runner import read_embeddings
+
+SECRET = "SWEEPSECRET7319"
+
+
+@dataclass
+class Case:
+    argv: list[str]
+    rc: int
+    says: list[str]  # substrings of the one error line (rc != 0) or of some stderr/stdout line (rc 0)
+    rows: list[str] | None = None  # ids expected in the output (written + rejected); None: not an embed
+    out: Path | None = None
+    unchanged: list[Path] = field(default_factory=list)  # trees that a refused command must not touch
+
+
+CASES: dict[str, Callable[..., Case]] = {}
+
+
+def case(fn):
+    CASES[fn.__name__] = fn
+    return fn
+
+
+# ---------------------------------------------------------------- helpers
+def shard(path: Path, ids, texts, **kw) -> list[str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": ids, "text": texts}, **kw), path)
+    return list(ids)
+
+
+def simple(path: Path, tag: str, n: int = 4) -> list[str]:
+    return shard(path, [f"{tag}-{i}" for i in range(n)], [f"sentence {i} of {tag} about rivers" for i in range(n)])
+
+
+def embed_argv(root: Path, model: str, *extra: str, inp: Path | None = None, out: Path | None = None) -> list[str]:
+    return ["embed", str(inp or root / "in"), str(out or root / "out"), "--model", model, "--layers", "-1",
+            "--poolings", "mean", "--id-column", "id", "-q", *extra]
+
+
+def snapshot(path: Path) -> dict:
+    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*"))} \
+        if path.exists() else {}
+
+
+def accounted(out: Path) -> list[str]:
+    """Every id in the committed output: written rows, then rejected rows (as their recorded ids)."""
+    if not (out / "manifest.json").exists():
+        return []
+    m = json.loads((out / "manifest.json").read_text())
+    if not m.get("shards"):
+        return []
+    ids = read_embeddings(str(out), ["id"]).column("id").to_pylist()
+    for s in m["shards"]:
+        for f in s.get("rejects_files", []):
+            t = pq.read_table(out / s["output"] / f)
+            ids += t.column("id").to_pylist() if "id" in t.column_names and all(t.column("id").to_pylist()) \
+                else [f"{s['rel']}#{r}" for r in t.column("row").to_pylist()]
+    return ids
+
+
+# ---------------------------------------------------------------- input layout
+@case
+def spark_layout(root, model):
+    ids = simple(root / "in" / "part-00000.parquet", "a") + simple(root / "in" / "part-00001.parquet", "b")
+    (root / "in" / "_SUCCESS").write_bytes(b"")
+    (root / "in" / ".part-00000.parquet.crc").write_bytes(b"\x00crc")
+    simple(root / "in" / "_temporary" / "0" / "_temporary" / "attempt_1_m_0" / "part-00002.parquet", "tmp")
+    simple(root / "in" / ".hidden" / "x.parquet", "hidden")
+    return Case(embed_argv(root, model), 0, ["2 shards embedded"], rows=ids)
+
+
+@case
+def nested_folders(root, model):
+    ids = simple(root / "in" / "top.parquet", "t") + simple(root / "in" / "year=2026" / "month=11" / "p.parquet", "n")
+    ids += simple(root / "in" / "a" / "top.parquet", "same-name-deeper")
+    return Case(embed_argv(root, model), 0, ["3 shards embedded"], rows=ids)
+
+
+@case
+def text_file_named_parquet(root, model):
+    ids = simple(root / "in" / "good.parquet", "g")
+    (root / "in" / "notes.parquet").write_text("id,text\n1,hello\n")
+    return Case(embed_argv(root, model), 2, ["1 shard(s) failed", "notes.parquet", "not a readable Parquet file"],
+                rows=ids)
+
+
+@case
+def zero_byte_parquet(root, model):
+    ids = simple(root / "in" / "good.parquet", "g")
+    (root / "in" / "empty.parquet").write_bytes(b"")
+    return Case(embed_argv(root, model), 2, ["empty.parquet", "not a readable Parquet file"], rows=ids)
+
+
+@case
+def zero_row_shard(root, model):
+    ids = simple(root / "in" / "good.parquet", "g")
+    shard(root / "in" / "none.parquet", pa.array([], pa.string()), pa.array([], pa.string()))
+    return Case(embed_argv(root, model), 0, ["2 shards embedded"], rows=ids)
+
+
+@case
+def input_missing(root, model):
+    return Case(embed_argv(root, model), 2, ["does not exist", "in"], rows=[], out=root / "out")
+
+
+@case
+def input_without_parquet(root, model):
+    (root / "in").mkdir()
+    (root / "in" / "data.csv").write_text("id,text\n1,a\n")
+    return Case(embed_argv(root, model), 2, ["no Parquet files"], rows=[], unchanged=[root / "in"])
+
+
+@case
+def glob_input(root, model):
+    ids = simple(root / "in" / "a.parquet", "a") + simple(root / "in" / "b.parquet", "b")
+    simple(root / "in" / "c.other.parquet.bak", "bak")
+    return Case(embed_argv(root, model, inp=root / "in" / "*.parquet"), 0, ["2 shards embedded"], rows=ids)
+
+
+# ---------------------------------------------------------------- schema drift between shards
+@case
+def text_column_missing_in_one_shard(root, model):
+    simple(root / "in" / "a.parquet", "a")
+    pq.write_table(pa.table({"id": ["b-0"], "body": ["x"]}), root / "in" / "b.parquet")
+    return Case(embed_argv(root, model), 2, ["text column 'text' not found in b.parquet", "body"], rows=[],
+                unchanged=[root / "in"])
+
+
+@case
+def text_column_int_in_one_shard(root, model):
+    simple(root / "in" / "a.parquet", "a")
+    pq.write_table(pa.table({"id": ["b-0"], "text": [7]}), root / "in" / "b.parquet")
+    return Case(embed_argv(root, model), 2, ["b.parquet", "int64", "expected a string column"], rows=[])
+
+
+@case
+def extra_and_reordered_columns(root, model):
+    ids = simple(root / "in" / "a.parquet", "a")
+    pq.write_table(pa.table({"lang": ["en", "fr"], "text": ["one", "deux"], "id": ["b-0", "b-1"], "n": [1, 2]}),
+                   root / "in" / "b.parquet")
+    return Case(embed_argv(root, model), 0, ["2 shards embedded"], rows=ids + ["b-0", "b-1"])
+
+
+@case
+def large_string_and_string_shards(root, model):
+    ids = simple(root / "in" / "a.parquet", "a")
+    pq.write_table(pa.table({"id": pa.array(["b-0", "b-1"], pa.large_string()),
+                             "text": pa.array(["large one", "large two"], pa.large_string())}), root / "in" / "b.parquet")
+    return Case(embed_argv(root, model), 0, ["2 shards embedded"], rows=ids + ["b-0", "b-1"])
+
+
+@case
+def int_ids_in_one_shard(root, model):
+    ids = simple(root / "in" / "a.parquet", "a")
+    pq.write_table(pa.table({"id": [10, 11], "text": ["ten", "eleven"]}), root / "in" / "b.parquet")
+    return Case(embed_argv(root, model), 0, ["2 shards embedded"], rows=ids + ["10", "11"])
+
+
+@case
+def dictionary_encoded_text(root, model):
+    t = pa.table({"id": ["d-0", "d-1", "d-2"], "text": pa.array(["red", "blue", "red"]).dictionary_encode()})
+    (root / "in").mkdir()
+    pq.write_table(t, root / "in" / "cat.parquet")
+    return Case(embed_argv(root, model), 0, ["1 shards embedded"], rows=["d-0", "d-1", "d-2"])
+
+
+# ---------------------------------------------------------------- text content
+@case
+def huge_text(root, model):
+    ids = shard(root / "in" / "a.parquet", ["big", "small"], ["word " * 200_000, "small text"])
+    return Case(embed_argv(root, model, "--max-length", "64"), 0, ["1 truncated"], rows=ids)
+
+
+@case
+def nul_characters(root, model):
+    ids = shard(root / "in" / "a.parquet", ["nul", "ok"], ["before\x00after\x00", "fine"])
+    return Case(embed_argv(root, model), 0, ["2 rows (0 rejected)"], rows=ids)
+
+
+@case
+def invalid_utf8_and_surrogates(root, model):
+    (root / "in").mkdir()
+    raw = pa.array([b"good one", b"cesu \xed\xa0\x80 half", b"bin \xff\xfe", b"good two"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"id": ["g1", "s", "b", "g2"], "text": raw}), root / "in" / "a.parquet")
+    return Case(embed_argv(root, model), 0, ["4 rows (2 rejected)"], rows=["g1", "s", "b", "g2"])
+
+
+@case
+def special_token_strings(root, model):
+    texts = ["<|im_end|>", "<|endoftext|><|im_start|>system", "<s></s><pad>[CLS]", "normal"]
+    ids = shard(root / "in" / "a.parquet", [f"t{i}" for i in range(4)], texts)
+    return Case(embed_argv(root, model), 0, ["4 rows (0 rejected)"], rows=ids)
+
+
+@case
+def empty_whitespace_and_null_texts(root, model):
+    ids = shard(root / "in" / "a.parquet", ["e", "w", "n", "ok"], ["", " \t\n ", None, "text"])
+    return Case(embed_argv(root, model), 0, ["4 rows (3 rejected)"], rows=ids)
+
+
+@case
+def unicode_mix(root, model):
+    texts = ["emoji 🚀🔥 ok", "שלום עולם", "e\u0301\u0301\u0301 combining", "\u200b\ufeff zero width", "中文字符"]
+    ids = shard(root / "in" / "a.parquet", [f"u{i}" for i in range(5)], texts)
+    return Case(embed_argv(root, model), 0, ["5 rows (0 rejected)"], rows=ids)
+
+
+# ---------------------------------------------------------------- ids
+@case
+def null_ids(root, model):
+    ids = shard(root / "in" / "a.parquet", ["a", None, "c"], ["one", "two", "three"])
+    return Case(embed_argv(root, model), 0, ["3 rows (1 rejected)"], rows=["a", "a.parquet#1", "c"])
+
+
+@case
+def duplicate_ids_across_shards(root, model):
+    ids = shard(root / "in" / "a.parquet", ["x", "y"], ["one", "two"])
+    ids += shard(root / "in" / "b.parquet", ["x", "z"], ["three", "four"])
+    return Case(embed_argv(root, model), 0, ["1 DUPLICATE ids"], rows=ids)
+
+
+@case
+def path_like_and_huge_ids(root, model):
+    ids = shard(root / "in" / "a.parquet", ["../../etc/passwd", "a/b/c", "C:\\x", "i" * 50_000],
+                ["one", "two", "three", "four"])
+    return Case(embed_argv(root, model), 0, ["4 rows (0 rejected)"], rows=ids)
+
+
+@case
+def id_column_missing(root, model):
+    (root / "in").mkdir()
+    pq.write_table(pa.table({"text": ["a"]}), root / "in" / "a.parquet")
+    return Case(embed_argv(root, model), 2, ["id column 'id' not found in a.parquet"], rows=[])
+
+
+# ---------------------------------------------------------------- options out of range
+@case
+def layer_out_of_range(root, model):
+    simple(root / "in" / "a.parquet", "a")
+    argv = embed_argv(root, model)
+    argv[argv.index("--layers") + 1] = "99"
+    return Case(argv, 2, ["layer 99 is out of range"], rows=[], out=root / "out")
+
+
+@case
+def unknown_pooling(root, model):
+    simple(root / "in" / "a.parquet", "a")
+    argv = embed_argv(root, model)
+    argv[argv.index("--poolings") + 1] = "avg"
+    return Case(argv, 2, ["unknown pooling 'avg'"], rows=[], out=root / "out")
+
+
+@case
+def max_length_zero(root, model):
+    simple(root / "in" / "a.parquet", "a")
+    return Case(embed_argv(root, model, "--max-length", "0"), 2, ["max_length must be positive, got 0"], rows=[], out=root / "out")
+
+
+@case
+def max_length_beyond_positions(root, model):
+    ids = simple(root / "in" / "a.parquet", "a")
+    return Case(embed_argv(root, model, "--max-length", "10000000"), 0, ["position limit", "capped at"], rows=ids)
+
+
+@case
+def batch_tokens_negative(root, model):
+    simple(root / "in" / "a.parquet", "a")
+    return Case(embed_argv(root, model, "--batch-tokens", "-5"), 2, ["batch_tokens must be positive, got -5"], rows=[], out=root / "out")
+
+
+@case
+def actors_zero(root, model):
+    simple(root / "in" / "a.parquet", "a")
+    return Case(embed_argv(root, model, "--actors", "0"), 2, ["actors must be at least 1, got 0"], rows=[], out=root / "out")
+
+
+@case
+def calibration_rows_zero(root, model):
+    simple(root / "in" / "a.parquet", "a")
+    return Case(embed_argv(root, model, "--dtype", "int8", "--calibration-rows", "0"), 2, ["--calibration-rows 0"],
+                rows=[])
+
+
+@case
+def max_output_size_garbage(root, model):
+    simple(root / "in" / "a.parquet", "a")
+    return Case(embed_argv(root, model, "--max-output-size", "lots"), 2, ["lots"], rows=[], out=root / "out")
+
+
+# ---------------------------------------------------------------- output paths
+@case
+def output_inside_input(root, model):
+    simple(root / "in" / "a.parquet", "a")
+    return Case(embed_argv(root, model, out=root / "in" / "emb"), 2, ["OUTPUT is inside INPUT"], rows=[],
+                unchanged=[root / "in"])
+
+
+@case
+def output_is_a_file(root, model):
+    simple(root / "in" / "a.parquet", "a")
+    (root / "out").write_text("a file")
+    return Case(embed_argv(root, model), 2, ["***@host/out is a file, not a directory"], rows=[], unchanged=[root / "in"])
+
+
+@case
+def output_not_writable(root, model):
+    simple(root / "in" / "a.parquet", "a")
+    out = Path("/proc/strata-sweep-out")  # writable by nobody, root included
+    return Case(embed_argv(root, model, out=out), 2, ["/proc/strata-sweep-out"], rows=[], unchanged=[root / "in"])
+
+
+@case
+def output_is_someone_elses_folder(root, model):
+    simple(root / "in" / "a.parquet", "a")
+    (root / "out").mkdir()
+    (root / "out" / "thesis.tex").write_text("mine")
+    return Case(embed_argv(root, model), 2, ["not a Strata output", "thesis.tex"], rows=[],
+                unchanged=[root / "out", root / "in"])
+
+
+@case
+def output_made_with_other_settings(root, model):
+    ids = simple(root / "in" / "a.parquet", "a")
+    assert main(embed_argv(root, model)) == 0
+    argv = embed_argv(root, model)
+    argv[argv.index("--poolings") + 1] = "last"
+    return Case(argv, 2, ["different", "--force"], rows=ids, unchanged=[root / "out"])
+
+
+# ---------------------------------------------------------------- evaluation data
+def beir(root: Path, docs: list[dict], queries: list[tuple[str, str]], qrels: str) -> Path:
+    d = root / "beir"
+    (d / "qrels").mkdir(parents=True)
+    (d / "corpus.jsonl").write_text("".join(json.dumps(x) + "\n" for x in docs))
+    (d / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in queries))
+    (d / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + qrels)
+    return d
+
+
+DOCS = [{"_id": f"d{i}", "title": "", "text": f"document {i} about river stone"} for i in range(6)]
+
+
+def eval_argv(root: Path, model: str, task: str, data: Path) -> list[str]:
+    return ["eval", task, str(data), "--output", str(root / "out"), "--model", model, "--layers", "-1",
+            "--poolings", "mean", "--engine", "local", "-q"]
+
+
+@case
+def beir_empty_documents(root, model):
+    d = beir(root, DOCS + [{"_id": "e1", "title": "", "text": ""}], [("q1", "river"), ("q2", "stone")],
+             "q1\td1\t1\nq2\te1\t1\n")
+    return Case(eval_argv(root, model, "retrieval", d), 0, ["1 empty document(s) left out"])
+
+
+@case
+def beir_queries_without_qrels(root, model):
+    d = beir(root, DOCS, [("q1", "river"), ("q2", "stone"), ("q3", "cloud")], "q1\td1\t1\n")
+    return Case(eval_argv(root, model, "retrieval", d), 0, ["1 queries judged in test (2 unjudged not evaluated)"])
+
+
+@case
+def beir_qrels_to_missing_documents(root, model):
+    d = beir(root, DOCS, [("q1", "river"), ("q2", "stone")], "q1\td1\t1\nq2\tnope\t1\n")
+    return Case(eval_argv(root, model, "retrieval", d), 0, ["1 relevant document id(s) in the qrels are not in the corpus"])
+
+
+@case
+def beir_without_corpus(root, model):
+    d = beir(root, DOCS, [("q1", "river")], "q1\td1\t1\n")
+    (d / "corpus.jsonl").unlink()
+    return Case(eval_argv(root, model, "retrieval", d), 2, ["corpus.jsonl"])
+
+
+@case
+def beir_bad_json_line(root, model):
+    d = beir(root, DOCS, [("q1", "river")], "q1\td1\t1\n")
+    with (d / "corpus.jsonl").open("a") as f:
+        f.write("{not json\n")
+    return Case(eval_argv(root, model, "retrieval", d), 2, ["corpus.jsonl:7: invalid JSON"])
+
+
+def sts_file(root: Path, scores) -> Path:
+    words = ["cat sat", "dog ran", "bird flew", "fish swam", "tree grew"]
+    rows = [{"sentence1": words[i % 5], "sentence2": words[(i * 2 + 1) % 5], "score": s} for i, s in enumerate(scores)]
+    p = root / "pairs.jsonl"
+    p.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in rows))
+    return p
+
+
+@case
+def sts_nan_scores(root, model):
+    p = sts_file(root, [0.0, 1.0, float("nan"), 3.0, 4.0, 2.0, 1.5, float("nan")])
+    return Case(eval_argv(root, model, "sts", p), 2, ["pairs.jsonl:3: score nan is not finite"])
+
+
+@case
+def sts_missing_column(root, model):
+    p = root / "pairs.jsonl"
+    p.write_text(json.dumps({"sentence1": "a", "score": 1.0}) + "\n")
+    return Case(eval_argv(root, model, "sts", p), 2, ["sentence2"])
+
+
+@case
+def sts_constant_scores(root, model):
+    p = sts_file(root, [2.0] * 8)
+    return Case(eval_argv(root, model, "sts", p), 2, ["every pair has the same score", "undefined"])
+
+
+# ---------------------------------------------------------------- job specs
+def spec(root: Path, text: str) -> Path:
+    p = root / "job.yaml"
+    p.write_text(text)
+    return p
+
+
+@case
+def job_alias_bomb(root, model):
+    lines = ["name: x", 'a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    return Case(["run", "--dry-run", str(spec(root, "\n".join(lines) + "\n"))], 2, ["alias"])
+
+
+@case
+def job_python_tag(root, model):
+    marker = root / "ran"
+    p = spec(root, f'name: !!python/object/apply:os.system ["touch {marker}"]\n')
+    return Case(["run", "--dry-run", str(p)], 2, ["could not determine a constructor"], unchanged=[root / "in"])
+
+
+@case
+def job_wrong_types(root, model):
+    p = spec(root, f"name: x\ninput: null\nmodel: {model}\nvariants: {{layers: {{a: 1}}, poolings: 7}}\n"
+                   f"output: {root / 'out'}\n")
+    return Case(["run", "--dry-run", str(p)], 2, ["job.yaml", "variants.layers"])
+
+
+@case
+def job_unknown_key(root, model):
+    p = spec(root, f"name: x\ninput: null\nmodel: {model}\noutptu: {root / 'out'}\n")
+    return Case(["run", "--dry-run", str(p)], 2, ["outptu", "unknown key"])
+
+
+@case
+def job_not_a_mapping(root, model):
+    return Case(["run", "--dry-run", str(spec(root, "- just\n- a list\n"))], 2, ["job.yaml"])
+
+
+@case
+def job_bad_name(root, model):
+    p = spec(root, f"name: ../../escape\ninput: null\nmodel: {model}\noutput: {root / 'out'}\n")
+    return Case(["run", "--dry-run", str(p)], 2, ["name"])
+
+
+# ---------------------------------------------------------------- credentials in URLs
+@case
+def credentials_in_output_url(root, model):
+    simple(root / "in" / "a.parquet", "a")
+    return Case(embed_argv(root, model, out=f"s3://AKIAKEY:{SECRET}@bucket/out"), 2, ["***@bucket"], rows=[],
+                unchanged=[root / "in"])
+
+
+@case
+def credentials_in_input_url(root, model):
+    return Case(embed_argv(root, model, inp=f"s3://AKIAKEY:{SECRET}@bucket/in"), 2, ["***@bucket"], rows=[],
+                out=root / "out")
+
+
+@case
+def credentials_in_https_query(root, model):
+    url = f"https://storage.example/in.parquet?X-Amz-Signature={SECRET}&X-Amz-Credential={SECRET}"
+    return Case(embed_argv(root, model, inp=url), 2, ["storage.example"], rows=[], out=root / "out")
+
+
+@case
+def credentials_in_job_spec(root, model):
+    p = spec(root, f"name: x\ninput: {{location: 's3://AK:{SECRET}@bucket/in'}}\nmodel: {model}\n"
+                   f"output: {root / 'out'}\n")
+    return Case(["run", "--dry-run", str(p)], 2, ["***@bucket"])
+
+
+# ---------------------------------------------------------------- the check: all four, every case
+def _ray_logs() -> str:
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is None:
+        return ""
+    logs = Path(node.get_session_dir_path()) / "logs"
+    return "".join(p.read_text(errors="replace") for p in logs.rglob("*") if p.is_file())
+
+
+def _texts_under(path: Path) -> str:
+    if not path.exists():
+        return ""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return "".join(p.read_bytes().decode("utf-8", "replace") for p in files)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hostile_case(name, ray_local, model_dir, tmp_path, monkeypatch, capsys):
+    root = tmp_path / f"KEY:{SECRET}@host"
+    root.mkdir()
+    logs = tmp_path / "logs"
+    monkeypatch.setenv("STRATA_LOG_DIR", str(logs))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAKEY")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    c = CASES[name](root, model_dir)
+    capsys.readouterr()
+    before = {p: snapshot(p) for p in c.unchanged}
+    rc = main(c.argv)
+    out, err = capsys.readouterr()
+
+    # 1. exit status
+    assert rc == c.rc, (rc, err[-2000:])
+    # 2. one bounded line naming the problem; never a traceback
+    assert "Traceback" not in out + err, err
+    assert all(len(line) < MAX_MESSAGE + 300 for line in (out + err).splitlines()), err
+    command = c.argv[0]
+    if c.rc:
+        (line,) = [x for x in err.splitlines() if x.startswith(f"strata {command}:")]
+        assert all(s in line for s in c.says), (c.says, line)
+    else:
+        assert any(all(s in x for s in c.says) for x in (out + err).splitlines()), (c.says, out, err)
+    # 3. rows: written or recorded as rejected, once each; a refused command changes nothing
+    out_dir = c.out or root / "out"
+    if c.rows is not None:
+        assert sorted(accounted(out_dir)) == sorted(c.rows)
+    for p, snap in before.items():
+        assert snapshot(p) == snap, p
+    if c.out is not None:
+        assert not c.out.exists() or not any(c.out.iterdir())
+    # 4. no secret anywhere
+    for where, text in (("stdout", out), ("stderr", err), ("output", _texts_under(out_dir)),
+                        ("strata logs", _texts_under(logs)), ("ray logs", _ray_logs())):
+        assert SECRET not in text, where
