@@ -69,17 +69,45 @@ def reinstall_sigterm() -> None:
         install_sigterm()
 
 
+class RemoteError(Exception):
+    """A failure inside a Ray task whose exception object did not travel back (Ray Data's
+    ``UserCodeException`` keeps only the text of its cause): rebuilt from that text."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit))(?:: (.*))?$")
+
+
+def _root_in_text(text: str) -> RemoteError | None:
+    """The last exception named in a remote traceback's text that is not Ray's own wrapper: the one
+    that left the task (a cause chain names its root first)."""
+    found = None
+    for line in _ANSI.sub("", text).splitlines():
+        m = _EXC_LINE.match(line.strip())
+        if m and not m.group(1).startswith("ray.") and "UserCodeException" not in m.group(1):
+            found = RemoteError(m.group(1).rsplit(".", 1)[-1], m.group(2) or "")
+    return found
+
+
 def unwrap(e: BaseException) -> BaseException:
     """The real cause of a Ray task/actor error (``RayTaskError(ValueError)`` -> the ValueError)."""
-    seen = set()
+    seen, text = set(), None
     while id(e) not in seen:
         seen.add(id(e))
         name = type(e).__name__
         if name.startswith("RayTaskError") or name in ("RayActorError", "UserCodeException"):
+            text = f"{getattr(e, 'traceback_str', None) or ''}\n{e}" if name.startswith("RayTaskError") else text
             cause = getattr(e, "cause", None) or e.__cause__
             if isinstance(cause, BaseException):
                 e = cause
                 continue
+            root = _root_in_text(text) if text else None
+            if root is not None:
+                return root
         break
     return e
 
@@ -122,7 +150,7 @@ def describe(e: BaseException, url: str | None = None, *, expected: bool = False
     CLI's own kinds: its message is written for the user) keeps its message as it is."""
     e = unwrap(e)
     url = url or _object(e) or object_of(e)
-    name = type(e).__name__
+    name = getattr(e, "kind", None) or type(e).__name__
     text = str(e)
     chain = [e]
     c = e.__cause__ or e.__context__
@@ -179,7 +207,7 @@ class LogFile:
 class CliLogHandler:
     """Logging handlers for the CLI: stderr gets each record redacted and bounded to one line (the log
     file gets the full text of any record that was cut); Ray's loggers ("ray", "ray.data") write to the
-    log file, and only their errors reach stderr, as one line each."""
+    log file, and reach stderr (one line each) only with -v or when critical."""
 
     def __init__(self, log: LogFile, level: int):
         import logging
@@ -212,7 +240,9 @@ class CliLogHandler:
         self.stderr.setLevel(level)
         self.ray_stderr = _Stderr()
         self.ray_stderr.brief = True
-        self.ray_stderr.setLevel(logging.ERROR if level > logging.INFO else level)
+        # Ray's records (its errors too: a failing command ends in its own one line) go to the log
+        # file; with -v they reach stderr as well
+        self.ray_stderr.setLevel(logging.CRITICAL if level > logging.INFO else level)
         self.file = _File()
         self.file.setLevel(min(level, logging.WARNING))
         for h in (self.stderr, self.ray_stderr, self.file):

@@ -84,8 +84,8 @@ class Resources:
     def __post_init__(self):
         if self.actors is not None and self.actors < 1:
             raise ValueError(f"actors must be at least 1, got {self.actors}")
-        if self.gpus_per_actor is not None and self.gpus_per_actor <= 0:
-            raise ValueError(f"gpus_per_actor must be positive, got {self.gpus_per_actor}")
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:  # 0: CPU actors on a GPU machine
+            raise ValueError(f"gpus_per_actor must not be negative, got {self.gpus_per_actor}")
 
 
 @dataclass(frozen=True)

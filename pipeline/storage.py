@@ -414,12 +414,17 @@ def write_atomic(fs, path: str, data: bytes) -> None:
 def write_part(fs, path: str, table: pa.Table) -> None:
     """Write a Parquet or Arrow IPC part aside, then rename it into place."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open(tmp, "wb") as f:
-        if path.endswith(".arrow"):
-            with pa.ipc.new_file(f, table.schema) as w:
-                w.write_table(table)
-        else:
-            pq.write_table(table, f)
+    try:
+        with fs.open(tmp, "wb") as f:
+            if path.endswith(".arrow"):
+                with pa.ipc.new_file(f, table.schema) as w:
+                    w.write_table(table)
+            else:
+                pq.write_table(table, f)
+    except OSError as e:  # name the file (a full disk says only "No space left on device")
+        if e.errno and not e.filename:
+            raise OSError(e.errno, e.strerror, redact(path)) from e
+        raise
     fs.mv(tmp, path)
 
 

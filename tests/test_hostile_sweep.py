@@ -525,6 +525,19 @@ def _texts_under(path: Path) -> str:
     return "".join(p.read_bytes().decode("utf-8", "replace") for p in files)
 
 
+@pytest.fixture(autouse=True)
+def no_cached_filesystems():
+    """fsspec keeps filesystem instances: none made with a case's credentials may outlive it."""
+    yield
+    import fsspec
+
+    for protocol in ("s3", "https"):
+        try:
+            fsspec.get_filesystem_class(protocol).clear_instance_cache()
+        except ImportError:
+            pass
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_hostile_case(name, ray_local, model_dir, tmp_path, monkeypatch, capsys):
     root = tmp_path / f"KEY:{SECRET}@host"
@@ -563,3 +576,9 @@ def test_hostile_case(name, ray_local, model_dir, tmp_path, monkeypatch, capsys)
     for where, text in (("stdout", out), ("stderr", err), ("output", _texts_under(out_dir)),
                         ("strata logs", _texts_under(logs)), ("ray logs", _ray_logs())):
         assert SECRET not in text, where
+
+
+def test_every_sweep_case_is_in_the_readme():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    missing = [name for name in CASES if f"`{name}`" not in readme]
+    assert not missing, f"README's failure table has no row for: {', '.join(missing)}"

@@ -96,6 +96,7 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
     run_id = uuid.uuid4().hex[:12]  # names this run's staging folder and committed folders
     with out.lock():  # one run per output
         manifest = out.read_manifest()
+        earlier_runs = (manifest or {}).get("runs", [])
         out.sweep(manifest)  # only what earlier runs of Strata left (their run ids), before anything else
         if manifest is None and out.fs.exists(out.path(EMBEDDINGS)):
             orphans = sorted(out.fs.ls(out.path(EMBEDDINGS), detail=False))
@@ -181,6 +182,10 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
         summary.seconds = time.perf_counter() - t_start
         manifest["last_run"] = summary.as_dict()
         out.write_manifest(manifest)
+        # again at the end: a failed run's tasks that were still writing (a driver that lives on, as
+        # in-process callers do) may have staged more since the first sweep
+        out.sweep({"runs": earlier_runs, "shards": manifest["shards"]})
+        out.remove_if_empty(STAGING)
         if summary.shards_failed:
             lines = "; ".join(f"{rel}: {msg}" for rel, msg in sorted(summary.shards_failed.items()))
             raise EmbedError(f"{len(summary.shards_failed)} shard(s) failed, the others are committed "
