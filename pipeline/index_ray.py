@@ -62,7 +62,7 @@ import pyarrow.parquet as pq
 
 from . import index as ix
 from .index import INDEXES, IndexBuildError
-from .storage import safe_name, utc_now
+from .storage import Output, safe_name, utc_now
 from .variants import Variant
 
 RAY_MIN_ROWS = 1_000_000  # --engine auto: Ray above this many rows (the size above which `auto` picks ivfpq)
@@ -101,6 +101,7 @@ def shards_of(out_dir: Path, manifest: dict) -> list[Shard]:
     files = ix.committed_files(manifest)
     if not files:
         raise IndexBuildError(f"{out_dir} has no committed embeddings to index")
+    Output(str(out_dir)).check_parts(manifest)  # a damaged part is named (DamagedOutput), never read
     shards = []
     for rel in files:
         p = out_dir / rel
@@ -339,7 +340,6 @@ def build_ivfpq_ray(out_dir: str | Path, variants: Sequence[Variant | str] | Non
     ``reused`` list of shard keys. ``on_shard(variant, key, result)`` is called after each shard is
     recorded (tests use it to stop a build midway)."""
     from .derive import reader
-    from .storage import Output
 
     out_dir = Path(out_dir)
     manifest = manifest if manifest is not None else Output(str(out_dir)).read_manifest()
@@ -527,7 +527,6 @@ def _write_ids(path: Path, parts: Sequence[tuple[int, int, Path]], labels: int) 
 
 
 def _record_built(out_dir: Path, manifest: dict, v: Variant, params: dict) -> None:
-    from .storage import Output
 
     built = Output(str(out_dir)).read_json(f"{INDEXES}/{ix.BUILT_FILE}") or {}
     built[v.name] = {"files": ix.committed_files(manifest), "kind": "ivfpq", "built_kind": "ivfpq", "engine": "ray",

@@ -257,7 +257,7 @@ def test_sigterm_during_a_ray_embed_stops_cleanly(model_dir, tmp_path):
     is put back, so the run stops like Ctrl-C: "terminated", exit 143, no stack dump."""
     corpus = tmp_path / "in"
     corpus.mkdir()
-    for i in range(3):
+    for i in range(8):  # long enough that the run is still going when the signal comes
         pq.write_table(pa.table({"text": [f"text number {i} {j} " * 20 for j in range(1000)]}), corpus / f"{i}.parquet")
     env = {**os.environ, "STRATA_LOG_DIR": str(tmp_path / "logs"), "RAY_ADDRESS": "local"}
     err_path = tmp_path / "stderr"

@@ -215,6 +215,14 @@ def invalid_utf8_and_surrogates(root, model):
 
 
 @case
+def invalid_utf8_with_int8_calibration(root, model):
+    (root / "in").mkdir()
+    raw = pa.array([b"bad \xff first", b"good one", b"good two", b"good three"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"id": ["b", "g1", "g2", "g3"], "text": raw}), root / "in" / "a.parquet")
+    return Case(embed_argv(root, model, "--dtype", "int8"), 0, ["4 rows (1 rejected)"], rows=["b", "g1", "g2", "g3"])
+
+
+@case
 def special_token_strings(root, model):
     texts = ["<|im_end|>", "<|endoftext|><|im_start|>system", "<s></s><pad>[CLS]", "normal"]
     ids = shard(root / "in" / "a.parquet", [f"t{i}" for i in range(4)], texts)

@@ -142,6 +142,32 @@ def plan(manifest: dict | None, shards: list[Shard]) -> tuple[list[Shard], list[
 
 
 
+def strings(column: pa.ChunkedArray) -> tuple[list, dict[int, str]]:
+    """A column's values as Python objects, and {row: reason} for string values that are not
+    valid UTF-8 (a binary column written as string, CESU-8 surrogates): those rows become None
+    and are rejected alone, never failing the whole shard."""
+    if pa.types.is_dictionary(column.type):  # e.g. a pandas categorical: its values
+        column = column.cast(column.type.value_type)
+    try:
+        return column.to_pylist(), {}
+    except UnicodeDecodeError:
+        pass
+    binary = pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary()
+    values, bad = [], {}
+    for chunk in column.chunks:
+        raw = chunk.cast(binary) if not pa.types.is_string_view(chunk.type) else chunk.cast(pa.binary_view())
+        for b in raw.to_pylist():
+            if b is None:
+                values.append(None)
+                continue
+            try:
+                values.append(b.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                bad[len(values)] = f"invalid UTF-8 (byte 0x{b[e.start]:02x} at offset {e.start})"
+                values.append(None)
+    return values, bad
+
+
 def first_texts(fs, shards: list[Shard], text_column: str, n: int) -> list[str]:
     """The first ``n`` non-empty texts of the input, in shard then row order (int8 calibration)."""
     out: list[str] = []
@@ -151,7 +177,7 @@ def first_texts(fs, shards: list[Shard], text_column: str, n: int) -> list[str]:
         with fs.open(s.path, "rb") as f:
             pf = pq.ParquetFile(f)
             for rg in range(pf.num_row_groups):
-                for t in pf.read_row_group(rg, columns=[text_column]).column(text_column).to_pylist():
+                for t in strings(pf.read_row_group(rg, columns=[text_column]).column(text_column))[0]:
                     if t is not None and t.strip():
                         out.append(t)
                         if len(out) >= n:

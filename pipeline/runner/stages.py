@@ -18,6 +18,7 @@ from .. import quantize
 from ..encoder import Encoder
 from ..request import Request
 from ..templates import Tokenized, tokenize
+from .shards import strings
 from ..storage import STAGING, Output, write_part
 
 EMBED_BATCH_ROWS = 256  # rows handed to an embed actor per call; sorted into token batches inside
@@ -29,32 +30,6 @@ def _reject_reason(text) -> str | None:
     if not text.strip():
         return "empty text"
     return None
-
-
-def _strings(column: pa.ChunkedArray) -> tuple[list, dict[int, str]]:
-    """A column's values as Python objects, and {row: reason} for string values that are not
-    valid UTF-8 (a binary column written as string, CESU-8 surrogates): those rows become None
-    and are rejected alone, never failing the whole shard."""
-    if pa.types.is_dictionary(column.type):  # e.g. a pandas categorical: its values
-        column = column.cast(column.type.value_type)
-    try:
-        return column.to_pylist(), {}
-    except UnicodeDecodeError:
-        pass
-    binary = pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary()
-    values, bad = [], {}
-    for chunk in column.chunks:
-        raw = chunk.cast(binary) if not pa.types.is_string_view(chunk.type) else chunk.cast(pa.binary_view())
-        for b in raw.to_pylist():
-            if b is None:
-                values.append(None)
-                continue
-            try:
-                values.append(b.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                bad[len(values)] = f"invalid UTF-8 (byte 0x{b[e.start]:02x} at offset {e.start})"
-                values.append(None)
-    return values, bad
 
 
 _TOKENIZERS: dict[str, Any] = {}
@@ -87,9 +62,9 @@ def read_and_tokenize(batch: pa.Table, *, fs, request: Request, text_column: str
         cols = [text_column] + ([id_column] if id_column and id_column != text_column else [])
         with fs.open(unit["path"], "rb") as f:
             t = pq.ParquetFile(f).read_row_groups(list(unit["rgs"]), columns=cols).slice(int(unit["skip"]), n)
-        texts, bad_text = _strings(t.column(text_column))
+        texts, bad_text = strings(t.column(text_column))
         if id_column:
-            raw_ids, bad_id = _strings(t.column(id_column))
+            raw_ids, bad_id = strings(t.column(id_column))
             ids = [None if v is None else str(v) for v in raw_ids]
         else:
             ids, bad_id = [f"{unit['rel']}#{r}" for r in rows], {}
