@@ -411,6 +411,21 @@ def write_atomic(fs, path: str, data: bytes) -> None:
     fs.mv(tmp, path)
 
 
+def parquet_options(schema: pa.Schema) -> dict:
+    """How embedding parts are written (measured in BENCHMARKS.md, "Writing embedding parts"): vector
+    columns without dictionary encoding (float values hardly repeat: a dictionary made parts 1.56x
+    their raw size and cost most of the write time) and without min/max statistics (meaningless for
+    vectors), zstd level 1, and float32 values byte-stream-split (their exponent bytes then compress;
+    float16 keeps the plain layout that every Parquet reader of FLOAT16 understands)."""
+    vectors = [f for f in schema if pa.types.is_fixed_size_list(f.type)]
+    if not vectors:
+        return {}
+    others = [f.name for f in schema if not pa.types.is_fixed_size_list(f.type)]
+    split = {f"{f.name}.list.element": "BYTE_STREAM_SPLIT" for f in vectors if f.type.value_type == pa.float32()}
+    return dict(use_dictionary=others, write_statistics=others, compression="zstd", compression_level=1,
+                **({"column_encoding": split} if split else {}))
+
+
 def write_part(fs, path: str, table: pa.Table) -> None:
     """Write a Parquet or Arrow IPC part aside, then rename it into place."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
@@ -420,7 +435,7 @@ def write_part(fs, path: str, table: pa.Table) -> None:
                 with pa.ipc.new_file(f, table.schema) as w:
                     w.write_table(table)
             else:
-                pq.write_table(table, f)
+                pq.write_table(table, f, **parquet_options(table.schema))
     except OSError as e:  # name the file (a full disk says only "No space left on device")
         if e.errno and not e.filename:
             raise OSError(e.errno, e.strerror, redact(path)) from e

@@ -81,3 +81,24 @@ def test_embed_refuses_a_locked_output_before_any_work(tmp_path, capsys, model_d
     err = capsys.readouterr().err
     assert "in use by another run" in err and "host elsewhere" in err
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("value_type", [pa.float32(), pa.float16(), pa.int8(), pa.uint8()])
+def test_parts_are_written_for_vectors_and_read_back_exactly(tmp_path, value_type):
+    """Vector columns: no dictionary, no statistics, zstd; float32 byte-stream-split (pipeline.storage.parquet_options)."""
+    import fsspec
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from pipeline.storage import write_part
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(64 * 16) * 50).astype(value_type.to_pandas_dtype())
+    t = pa.table({"id": [f"r{i}" for i in range(64)],
+                  "emb_3_mean": pa.FixedSizeListArray.from_arrays(pa.array(x, value_type), 16)})
+    write_part(fsspec.filesystem("file"), str(tmp_path / "p.parquet"), t)
+    assert pq.read_table(tmp_path / "p.parquet").equals(t)
+    col = pq.ParquetFile(tmp_path / "p.parquet").metadata.row_group(0).column(1)
+    assert col.compression == "ZSTD" and col.statistics is None
+    assert "PLAIN_DICTIONARY" not in col.encodings and "RLE_DICTIONARY" not in col.encodings
+    assert ("BYTE_STREAM_SPLIT" in col.encodings) == (value_type == pa.float32())
