@@ -306,7 +306,7 @@ def _ray(address: str | None):
 
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-                 logging_level=logging.WARNING, ignore_reinit_error=True)
+                 logging_level=logging.WARNING, log_to_driver=False, ignore_reinit_error=True)
     return ray
 
 

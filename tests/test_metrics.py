@@ -129,3 +129,22 @@ def test_retrieval_scores_from_embeddings_uses_cosine_not_dot_product():
 def test_retrieval_scores_checks_id_counts():
     with pytest.raises(ValueError, match="differ in length"):
         retrieval_scores(np.ones((2, 3)), np.ones((4, 3)), ["q"], ["a", "b", "c", "d"], {"q": {"a": 1}})
+
+
+def test_pairs_of_identical_vectors_are_exact_ties_whatever_the_storage_dtype():
+    """A variant that gives many texts one vector: its pairs tie exactly, so float16 storage (or
+    the arithmetic's last bits) cannot reorder them."""
+    from scipy import stats
+
+    from pipeline.metrics import sts_scores
+
+    rng = np.random.default_rng(0)
+    pool = rng.standard_normal((5, 64)).astype(np.float32)  # five distinct vectors, reused
+    i, j = rng.integers(0, 5, 400), rng.integers(0, 5, 400)
+    a, b, gold = pool[i], pool[j], rng.random(400) * 5
+    s32 = sts_scores(a, b, gold)["cosine_spearman"]
+    s16 = sts_scores(a.astype(np.float16).astype(np.float32), b.astype(np.float16).astype(np.float32), gold)
+    assert s16["cosine_spearman"] == pytest.approx(s32, abs=1e-9)
+    # the plainly written reference: cosine of the 5x5 distinct pairs, ties given the same rank
+    cos = (pool / np.linalg.norm(pool, axis=1, keepdims=True)) @ (pool / np.linalg.norm(pool, axis=1, keepdims=True)).T
+    assert s32 == pytest.approx(100 * stats.spearmanr(gold, np.round(cos[i, j], 6)).statistic, abs=1e-9)

@@ -35,8 +35,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..storage import parquet_options
-
 STSB = Path(__file__).resolve().parents[1] / "demo_data" / "stsb" / "sts-test.csv"
 WIDE_POOLINGS = "last,mean,wmean,mean_nosink,wmean_nosink"
 
@@ -89,6 +87,7 @@ def _embed_rate(model: str, shard_dir: Path, out: Path, layers: str, poolings: s
 def _write_formats(model: str, texts: list[str]) -> dict:
     from ..encoder import Encoder
     from ..request import resolve
+    from ..storage import parquet_options
 
     enc = Encoder.from_request(resolve(model, layers="all", poolings=WIDE_POOLINGS, max_length=128, digest=False))
     res = enc.encode(texts[:256])

@@ -42,8 +42,11 @@ def _ray_init(ray_address: str | None):
 
     if not ray.is_initialized():
         address = ray_address or os.environ.get("RAY_ADDRESS") or None
+        # log_to_driver=False: workers' and raylets' own output stays in Ray's session logs (a raylet's
+        # "Failed to send wait complete" at shutdown used to follow the command's last line); task
+        # failures still reach the driver as exceptions, reported in one line
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-                 log_to_driver=True, configure_logging=True, ignore_reinit_error=True)
+                 log_to_driver=False, configure_logging=True, ignore_reinit_error=True)
         from ..errors import reinstall_sigterm
 
         reinstall_sigterm()  # ray.init replaced the CLI's SIGTERM handler (clean stop, exit 143)
