@@ -62,6 +62,7 @@ def simple(path: Path, tag: str, n: int = 4) -> list[str]:
 
 
 def embed_argv(root: Path, model: str, *extra: str, inp: Path | None = None, out: Path | None = None) -> list[str]:
+    """``strata embed`` with small defaults; ``extra`` options come last, so they override them."""
     return ["embed", str(inp or root / "in"), str(out or root / "out"), "--model", model, "--layers", "-1",
             "--poolings", "mean", "--id-column", "id", "-q", *extra]
 
@@ -274,17 +275,13 @@ def id_column_missing(root, model):
 @case
 def layer_out_of_range(root, model):
     simple(root / "in" / "a.parquet", "a")
-    argv = embed_argv(root, model)
-    argv[argv.index("--layers") + 1] = "99"
-    return Case(argv, 2, ["layer 99 is out of range"], rows=[], out=root / "out")
+    return Case(embed_argv(root, model, "--layers", "99"), 2, ["layer 99 is out of range"], rows=[], out=root / "out")
 
 
 @case
 def unknown_pooling(root, model):
     simple(root / "in" / "a.parquet", "a")
-    argv = embed_argv(root, model)
-    argv[argv.index("--poolings") + 1] = "avg"
-    return Case(argv, 2, ["unknown pooling 'avg'"], rows=[], out=root / "out")
+    return Case(embed_argv(root, model, "--poolings", "avg"), 2, ["unknown pooling 'avg'"], rows=[], out=root / "out")
 
 
 @case
@@ -359,9 +356,7 @@ def output_is_someone_elses_folder(root, model):
 def output_made_with_other_settings(root, model):
     ids = simple(root / "in" / "a.parquet", "a")
     assert main(embed_argv(root, model)) == 0
-    argv = embed_argv(root, model)
-    argv[argv.index("--poolings") + 1] = "last"
-    return Case(argv, 2, ["different", "--force"], rows=ids, unchanged=[root / "out"])
+    return Case(embed_argv(root, model, "--poolings", "last"), 2, ["different", "--force"], rows=ids, unchanged=[root / "out"])
 
 
 # ---------------------------------------------------------------- evaluation data
