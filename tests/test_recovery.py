@@ -23,6 +23,7 @@ from pipeline.runner import read_embeddings
 from pipeline.storage import DamagedOutput
 
 ROOT = Path(__file__).resolve().parents[1]
+SECRET = "RECOVERYSECRET55"
 WORDS = "river stone cloud light tree house bird fish cat dog wind rain sun moon hill road".split()
 
 
@@ -170,12 +171,16 @@ def small_disk(tmp_path):
 def test_disk_full_while_staging_then_resumed_after_space_returns(ray_local, model_dir, tmp_path, small_disk,
                                                                   capsys):
     ids = corpus(tmp_path / "in", shards=8, rows=500)  # ~1 MB of parts
-    out = small_disk / "out"
+    out = small_disk / f"KEY:{SECRET}@host" / "out"  # a secret in the path: never printed or recorded
     capsys.readouterr()
     assert main(argv(tmp_path / "in", out, model_dir)) == 2
-    err = capsys.readouterr().err
+    stdout, err = capsys.readouterr()
+    for text in (stdout, err, *(p.read_text() for p in (tmp_path / "logs").glob("*.log")),
+                 *(p.read_text() for p in out.rglob("*.json"))):
+        assert SECRET not in text
     (line,) = [x for x in err.splitlines() if x.startswith("strata embed:")]
-    assert "No space left on device" in line and str(out) in line and "Traceback" not in err, err
+    assert "No space left on device" in line and str(out).replace(f"KEY:{SECRET}", "***") in line, line
+    assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err  # Ray's own error records went to the log file
     done = committed(out)
     assert len(done) < 8
