@@ -103,10 +103,8 @@ def shards_of(out_dir: Path, manifest: dict) -> list[Shard]:
         raise IndexBuildError(f"{out_dir} has no committed embeddings to index")
     Output(str(out_dir)).check_parts(manifest)  # a damaged part is named (DamagedOutput), never read
     shards = []
-    for rel in files:
+    for rel in files:  # each one there and whole (check_parts)
         p = out_dir / rel
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: listed in the manifest but missing")
         shards.append(Shard(rel, p.stat().st_size, ix._rows(p)))
     return shards
 

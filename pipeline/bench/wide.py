@@ -14,7 +14,7 @@ last, mean, wmean, mean_nosink, wmean_nosink):
   ``storage.parquet_options``: time and size.
 
 Short-text batch shapes: the bare encoder at token budgets x row caps, tokens/s and executed
-FLOP/s as a share of the in-run dense matmul peak (``measure.matmul_peak``).
+FLOP/s as a share of the in-run dense matmul peak (``modes.run_hardware``).
 
 Prints each figure as it is measured and writes ``results.json`` and ``results.md``. Medians of
 ``--repeats`` runs, interleaved; compare ratios, not seconds, on a shared machine.
