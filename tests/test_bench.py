@@ -133,3 +133,33 @@ def test_data_mix_is_deterministic_and_mixed():
     assert texts == again and len(texts) == 12 and kinds.count("doc") == 3
     assert all(t.strip() for t in texts) and len(set(texts)) == 12
     assert kinds != sorted(kinds)  # shuffled together, not docs first
+
+
+def test_embed_vs_encoder_summary_is_the_ratio_of_medians():
+    from pipeline.bench import overhead
+
+    def run(kind, grid, tok_s, rep, **kw):
+        return {"run": kind, "texts": "short", "grid": grid, "repeat": rep, "tok_s": tok_s, "bytes": 10, **kw}
+
+    runs = [run("encoder", "1 variant", t, i, seconds=2.0, executed_flops=f) for i, (t, f) in
+            enumerate([(100.0, 10.0), (300.0, 30.0), (200.0, 50.0)])]
+    runs += [run("embed", "1 variant", t, i) for i, t in enumerate([90.0, 170.0, 0.0])]  # 0: no steady state
+    (row,) = overhead.summarise(runs, peak=10.0)
+    assert row["encoder_tok_s"] == 200.0 and row["embed_tok_s"] == 130.0  # the run without a steady state is left out
+    assert row["ratio"] == pytest.approx(130.0 / 200.0) and row["repeats"] == 3
+    assert row["encoder_share_of_peak"] == pytest.approx(15.0 / 10.0)  # median of 5, 15, 25 FLOP/s over the peak
+    md = overhead.to_markdown({"machine": {"cpu": "x"}, "versions": {}, "model": "m", "repeats": 3, "date": "d",
+                               "text_sets": {"short": {"rows": 4, "tokens": 40, "max_length": 128}}, "summary": [row]})
+    assert "| short | 1 variant | 200 | 130 | 0.65 | 150.0% | 0.0 MB |" in md
+
+
+def test_embed_vs_encoder_text_sets_come_from_the_vendored_data():
+    from pipeline.bench import overhead
+
+    sets = overhead.text_sets()
+    short, mixed = sets["short"]["texts"], sets["mixed"]["texts"]
+    assert len(short) == len(set(short)) > 2000 and all(t.strip() for t in short)
+    docs, sentences = options.SAMPLE_SIZES["cpu"]
+    assert len(mixed) == overhead.MIXED_COPIES * (docs + sentences)
+    assert mixed[: docs + sentences] * overhead.MIXED_COPIES == mixed
+    assert sets["mixed"]["unit_rows"] == overhead.MIXED_UNIT_ROWS == docs + sentences  # a unit per copy

@@ -71,6 +71,10 @@ def run(args) -> int:
     """Run the benchmark described by parsed ``args``; writes JSON + Markdown, prints the table."""
     import numpy as np
 
+    if args.embed_vs_encoder:
+        from .overhead import run as run_overhead
+
+        return run_overhead(args)
     t_start = time.perf_counter()
     st = settings(args)
     out_path = Path(args.out or ("bench-quick.json" if args.quick else "bench-results.json"))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .wide import WIDE_POOLINGS
+from .overhead import WIDE_POOLINGS
 
 DEMO = Path(__file__).resolve().parents[1] / "demo_data"
 

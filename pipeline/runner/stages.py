@@ -161,16 +161,20 @@ class EmbedActor:
         if res is not None and len(ok):
             padded[ok[0]] = res.stats.padded_tokens  # carried on one row; summed by the driver
         out = out.append_column("_padded", pa.array(padded))
+        mask = None
+        if len(ok) < n:  # rows not embedded (rejected, or a unit's error row) are nulls
+            mask = np.ones(n, dtype=bool)
+            mask[ok] = False
+            mask = pa.array(mask)
         for v, typ in self.type.items():
             arr = res[v] if res is not None else np.zeros((0, self.dim), dtype=np.float32)
             arr = quantize.quantize(self.dtype, arr, self.ranges.get(v.name))
-            full = np.zeros((n, typ.list_size), dtype=arr.dtype)
-            full[ok] = arr
-            mask = np.ones(n, dtype=bool)
-            mask[ok] = False
-            values = pa.array(full.reshape(-1), type=typ.value_type)
-            out = out.append_column(v.column, pa.FixedSizeListArray.from_arrays(values, typ.list_size,
-                                                                                mask=pa.array(mask)))
+            if mask is not None:
+                full = np.zeros((n, typ.list_size), dtype=arr.dtype)
+                full[ok] = arr
+                arr = full
+            values = pa.array(arr.reshape(-1), type=typ.value_type)  # no copy: Arrow takes numpy's buffer
+            out = out.append_column(v.column, pa.FixedSizeListArray.from_arrays(values, typ.list_size, mask=mask))
         return out
 
 
@@ -181,16 +185,19 @@ def write_parts(batch: pa.Table, *, output_url: str, run_id: str, keys: list[str
 
     out = Output(output_url)
     meta = []
-    for shard in sorted(set(batch.column("_shard").to_pylist())):
-        t = batch.filter(pc.equal(batch.column("_shard"), shard))
-        errors = [e for e in t.column("_error").to_pylist() if e]
+    shards = batch.column("_shard").to_numpy()
+    rows = batch.column("_row").to_numpy()
+    rejected = pc.is_valid(batch.column("_reject")).to_numpy(zero_copy_only=False)
+    for shard in np.unique(shards):
+        mine = np.flatnonzero(shards == shard)
+        errors = [e for e in batch.column("_error").take(pa.array(mine)).to_pylist() if e]
         if errors:
-            meta.append({"shard": shard, "rows": [], "error": errors[0]})
+            meta.append({"shard": int(shard), "rows": [], "error": errors[0]})
             continue
-        t = t.sort_by("_row")
-        rejected = pc.is_valid(t.column("_reject"))
-        accepted = t.filter(pc.invert(rejected))
-        rej = t.filter(rejected)
+        mine = mine[np.argsort(rows[mine], kind="stable")]  # row order; one take per table, not three copies
+        t = batch.select(["id", "_row", "_reject", "_padded"]).take(pa.array(mine))
+        accepted = batch.select(["id", "_tokens", "_truncated", *columns]).take(pa.array(mine[~rejected[mine]]))
+        rej = t.filter(pc.is_valid(t.column("_reject")))
         stage = out.path(STAGING, run_id, keys[shard])
         out.fs.makedirs(stage, exist_ok=True)
         name = f"part-{int(t.column('_row')[0].as_py()):012d}-{uuid.uuid4().hex[:8]}"
@@ -201,7 +208,7 @@ def write_parts(batch: pa.Table, *, output_url: str, run_id: str, keys: list[str
         if rej.num_rows:
             rej_part = f"rejects-{name}.parquet"
             write_part(out.fs, f"{stage}/{rej_part}", rej.select(["id", "_row", "_reject"]).rename_columns(["id", "row", "reason"]))
-        meta.append({"shard": shard, "rows": t.column("_row").to_pylist(), "error": None, "part": part,
+        meta.append({"shard": int(shard), "rows": t.column("_row").to_pylist(), "error": None, "part": part,
                      "rejects_part": rej_part, "rejected": rej.column("_reject").to_pylist(),
                      "tokens": int(pc.sum(accepted.column("_tokens")).as_py() or 0),
                      "padded": int(pc.sum(t.column("_padded")).as_py() or 0),
