@@ -14,9 +14,9 @@ mean, wmean, mean_nosink, wmean_nosink``).
 
 For each text set and grid, interleaved over ``--repeats``:
 
-- ``encoder``: ``Encoder.encode`` in-process after a warm-up call: the model's cost, with its
-  executed FLOP/s (the padded shapes it ran) as a share of the dense matmul peak measured at
-  the start of the run (``modes.run_hardware``);
+- ``encoder``: ``Encoder.encode`` in-process (on the device ``--device`` picks) after a warm-up
+  call: the model's cost, with its executed FLOP/s (the padded shapes it ran) as a share of the
+  dense matmul peak measured at the start of the run (``modes.run_hardware``);
 - ``embed``: ``runner.embed`` (what ``strata embed`` runs) through Ray Data on one Parquet
   shard, float32 output: its steady-state tokens/s (the rate after the first output, as
   ``EmbedSummary`` reports it). Ray is started for each run and shut down after it, so the
@@ -82,7 +82,8 @@ def text_sets(quick: bool = False) -> dict[str, dict]:
             "mixed": {"texts": mixed * MIXED_COPIES, "max_length": 512, "unit_rows": MIXED_UNIT_ROWS}}
 
 
-def encoder_run(model: str, texts: list[str], layers: str, poolings: str, max_length: int, **settings) -> dict:
+def encoder_run(model: str, texts: list[str], layers: str, poolings: str, max_length: int, device: str = "auto",
+                **settings) -> dict:
     """The bare encoder's tokens/s on ``texts`` after a warm-up call, and its executed FLOPs."""
     from ..batching import plan_batches
     from ..encoder import Encoder
@@ -90,7 +91,7 @@ def encoder_run(model: str, texts: list[str], layers: str, poolings: str, max_le
     from .measure import model_info, pass_flops
 
     enc = Encoder.from_request(resolve(model, layers=layers, poolings=poolings, max_length=max_length, digest=False,
-                                       **settings))
+                                       **settings), device=device)
     enc.encode(texts[:64])
     t0 = time.perf_counter()
     res = enc.encode(texts)
@@ -201,14 +202,15 @@ def to_markdown(report: dict) -> str:
                   "|---|---:|---:|---:|---:|"]
         for dtype, w in report["write"].items():
             b, n = w["pyarrow defaults (before)"], w["parquet_options (now)"]
-            lines.append(f"| {dtype} | {w['rows']} | {w['raw_bytes'] / 1e6:.1f} | {b['MB_per_s']:.0f}, {b['size_of_raw']:.2f}x "
-                         f"| {n['MB_per_s']:.0f}, {n['size_of_raw']:.2f}x |")
+            lines.append(f"| {dtype} | {w['rows']} | {w['raw_bytes'] / 1e6:.1f} | {b['MB_per_s']:.0f}, "
+                         f"{b['size_of_raw']:.2f}x | {n['MB_per_s']:.0f}, {n['size_of_raw']:.2f}x |")
     if report.get("shapes"):
         lines += ["", "Encoder batch shapes on the short texts (1 variant):", "",
-                  "| batch tokens | row cap | passes | tok/s | executed FLOP/s, share of peak |", "|---:|---:|---:|---:|---:|"]
+                  "| batch tokens | row cap | passes | tok/s | executed FLOP/s, share of peak |",
+                  "|---:|---:|---:|---:|---:|"]
         for s in report["shapes"]:
             lines.append(f"| {s['batch_tokens']:,} | {s['max_batch_rows']:,} | {s['passes']} | {s['tok_s']:,.0f} | "
-                         f"{s['share_of_peak']:.1%} |")
+                         f"{_fmt(s['share_of_peak'], '.1%')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -232,7 +234,7 @@ def run(args) -> int:
     if not args.no_hardware:
         from .modes import run_hardware
 
-        report["peak_flops_per_second"] = run_hardware({"device": "cpu"})["peak_flops_per_second"]
+        report["peak_flops_per_second"] = run_hardware({"device": args.device})["peak_flops_per_second"]
         log(f"dense matmul peak {report['peak_flops_per_second'] / 1e9:.1f} GFLOP/s")
     if not args.quick:
         report["write"] = write_formats(model, sets["short"]["texts"])
@@ -246,7 +248,7 @@ def run(args) -> int:
         for rep in range(repeats):
             for name, ts in sets.items():
                 for grid, (layers, poolings) in grids.items():
-                    e = encoder_run(model, ts["texts"], layers, poolings, ts["max_length"])
+                    e = encoder_run(model, ts["texts"], layers, poolings, ts["max_length"], args.device)
                     report["runs"].append({"run": "encoder", "texts": name, "grid": grid, "repeat": rep, **e})
                     report["text_sets"][name] = {"rows": len(ts["texts"]), "tokens": e["tokens"],
                                                  "max_length": ts["max_length"], "unit_rows": ts["unit_rows"]}
@@ -256,8 +258,9 @@ def run(args) -> int:
                         raise RuntimeError(f"{name}, {grid}: embed saw {r['rows']} rows and {r['tokens']} tokens, "
                                            f"the encoder {len(ts['texts'])} and {e['tokens']}")
                     report["runs"].append({"run": "embed", "texts": name, "grid": grid, "repeat": rep, **r})
-                    log(f"[{rep + 1}/{repeats}] {name}, {grid}: encoder {e['tok_s']:,.0f} tok/s, embed steady "
-                        f"{r['tok_s']:,.0f} tok/s ({r['tok_s'] / e['tok_s']:.2f}x)")
+                    steady = (f"{r['tok_s']:,.0f} tok/s ({r['tok_s'] / e['tok_s']:.2f}x)" if r["tok_s"]
+                              else "- (too few outputs for a steady state)")
+                    log(f"[{rep + 1}/{repeats}] {name}, {grid}: encoder {e['tok_s']:,.0f} tok/s, embed steady {steady}")
     report["summary"] = summarise(report["runs"], report.get("peak_flops_per_second"))
     budgets = batch_tokens_sweep(args.batch_tokens, True)
     if budgets:
@@ -265,7 +268,7 @@ def run(args) -> int:
         report["shapes"] = []
         for budget in budgets:
             for cap in ROW_CAPS:
-                e = encoder_run(model, sets["short"]["texts"], "-1", "mean", 128, batch_tokens=budget,
+                e = encoder_run(model, sets["short"]["texts"], "-1", "mean", 128, args.device, batch_tokens=budget,
                                 max_batch_rows=cap)
                 share = e["executed_flops"] / e["seconds"] / peak if peak else None
                 report["shapes"].append({"batch_tokens": budget, "max_batch_rows": cap, "share_of_peak": share, **e})
