@@ -60,14 +60,11 @@ def log(msg: str) -> None:
 
 
 def short_texts(n: int | None = None) -> list[str]:
-    """The unique sentences of the vendored STS-B test split, in file order."""
-    seen: dict[str, None] = {}
-    for line in (DEMO_DATA / "stsb" / "sts-test.csv").read_text(encoding="utf-8").splitlines():
-        f = line.split("\t")
-        if len(f) >= 7:
-            seen.setdefault(f[5], None)
-            seen.setdefault(f[6], None)
-    texts = list(seen)
+    """The unique sentences of the vendored STS-B test split, in file order (sentence 1, then 2, of each pair)."""
+    from ..evaldata import load_sts
+
+    sts = load_sts(DEMO_DATA / "stsb" / "sts-test.csv")
+    texts = list(dict.fromkeys(s for pair in zip(sts.sentence1, sts.sentence2) for s in pair))
     return texts[:n] if n else texts
 
 
@@ -113,12 +110,11 @@ def embed_run(model: str, shard_dir: Path, out: Path, layers: str, poolings: str
     import ray
 
     from ..request import resolve
-    from ..runner import embed
+    from ..runner import UNIT_ROWS, embed
 
     request = resolve(model, layers=layers, poolings=poolings, max_length=max_length)
     try:
-        s = embed(request, str(shard_dir), str(out), progress=False,
-                  **({"unit_rows": unit_rows} if unit_rows else {}))
+        s = embed(request, str(shard_dir), str(out), progress=False, unit_rows=unit_rows or UNIT_ROWS)
     finally:
         ray.shutdown()
     return {"tok_s": s.steady_tokens_per_second, "overall_tok_s": s.tokens_per_second, "seconds": s.seconds,
