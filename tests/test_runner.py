@@ -315,3 +315,50 @@ def test_an_output_made_at_another_max_length_says_how_to_match_it(ray_local, mo
                                          r"--max-length this model now gets its own 256"):
         embed(str(inp), str(out), model=model_dir, layers="1,-1", poolings="mean,last", id_column="id",
               progress=False)
+
+
+def test_embed_actor_runs_all_torch_work_on_one_thread(model_dir, monkeypatch):
+    """Ray builds the actor on its main thread and Ray Data calls it from another: the model load and
+    every forward pass must still share one thread (one OpenMP pool; see ``EmbedActor.__init__``),
+    and the vectors must be the bare Encoder's."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import fsspec
+    import pyarrow.compute as pc
+
+    from pipeline.request import resolve
+    from pipeline.runner import stages
+
+    threads = {"load": set(), "encode": set()}
+    load, encode = Encoder.from_request.__func__, Encoder.encode_tokenized
+
+    def spy_load(cls, *a, **kw):
+        threads["load"].add(threading.get_ident())
+        return load(cls, *a, **kw)
+
+    def spy_encode(self, *a, **kw):
+        threads["encode"].add(threading.get_ident())
+        return encode(self, *a, **kw)
+
+    monkeypatch.setattr(Encoder, "from_request", classmethod(spy_load))
+    monkeypatch.setattr(Encoder, "encode_tokenized", spy_encode)
+    request = resolve(model_dir, layers="1,-1", poolings="mean,last", max_length=32, digest=False)
+    texts = ["a short one", "a somewhat longer sentence than the first", "third"]
+    path = Path(model_dir).parent / "texts.parquet"
+    pq.write_table(pa.table({"text": texts}), path)
+    unit = pa.table({"shard": [0], "row0": [0], "rows": [3], "rgs": [[0]], "skip": [0], "rel": ["texts.parquet"],
+                     "path": [str(path)]})
+    block = stages.read_and_tokenize(unit, fs=fsspec.filesystem("file"), request=request, text_column="text",
+                                     id_column=None)
+    actor = stages.EmbedActor(request, threads=None)
+    with ThreadPoolExecutor(2) as callers:  # calls from threads other than the one that built the actor
+        outs = [f.result() for f in [callers.submit(actor, block) for _ in range(3)]]
+    assert len(threads["load"]) == 1 and threads["encode"] == threads["load"]
+    assert threads["load"] != {threading.get_ident()}
+    want = Encoder.from_request(request).encode(texts)
+    for out in outs:
+        order = pc.sort_indices(out.column("_row")).to_numpy()
+        for v in request.variants:
+            got = np.stack(out.column(v.column).to_numpy(zero_copy_only=False))[order]
+            np.testing.assert_allclose(got, want[v], rtol=1e-5, atol=1e-6)

@@ -8,6 +8,7 @@ account for every row exactly once (``commit.Committer``).
 from __future__ import annotations
 
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -130,17 +131,30 @@ class EmbedActor:
     """
 
     def __init__(self, request: Request, threads: int | None, ranges: dict | None = None):
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in workers
-        self.encoder = Encoder.from_request(quantize.float_request(request), device="auto")
+        # Every torch call of the actor runs on this one thread. libgomp keeps an OpenMP thread
+        # pool per thread that starts parallel work: a model loaded on Ray's main thread and run on
+        # Ray Data's UDF thread made two pools, more pooled threads than CPUs, and libgomp then
+        # stops spinning at barriers almost at once. On 2 CPU cores that left 0.16 cores idle and
+        # cost about 7% of tokens/s (BENCHMARKS.md, issue #18).
+        self._torch = ThreadPoolExecutor(1, thread_name_prefix="strata-torch")
+        self.encoder = self._torch.submit(self._load, request, threads).result()
         self.templates = [t.name for t in request.templates]
         self.dim = request.model.dim
         self.dtype, self.ranges = request.settings.dtype, ranges or {}
         self.type = {v: quantize.arrow_type(self.dtype, self.dim) for v in request.variants}
 
+    @staticmethod
+    def _load(request: Request, threads: int | None) -> Encoder:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in workers
+        return Encoder.from_request(quantize.float_request(request), device="auto")
+
     def __call__(self, batch: pa.Table) -> pa.Table:
+        return self._torch.submit(self._embed, batch).result()
+
+    def _embed(self, batch: pa.Table) -> pa.Table:
         import pyarrow.compute as pc
 
         ok = np.flatnonzero(pc.is_valid(batch.column(_ids_column(0))).to_numpy(zero_copy_only=False))
