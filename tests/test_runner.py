@@ -317,7 +317,7 @@ def test_an_output_made_at_another_max_length_says_how_to_match_it(ray_local, mo
               progress=False)
 
 
-def test_embed_actor_runs_all_torch_work_on_one_thread(model_dir, monkeypatch):
+def test_embed_actor_runs_all_torch_work_on_one_thread(model_dir, tmp_path, monkeypatch):
     """Ray builds the actor on its main thread and Ray Data calls it from another: the model load and
     every forward pass must still share one thread (one OpenMP pool; see ``EmbedActor.__init__``),
     and the vectors must be the bare Encoder's."""
@@ -345,7 +345,7 @@ def test_embed_actor_runs_all_torch_work_on_one_thread(model_dir, monkeypatch):
     monkeypatch.setattr(Encoder, "encode_tokenized", spy_encode)
     request = resolve(model_dir, layers="1,-1", poolings="mean,last", max_length=32, digest=False)
     texts = ["a short one", "a somewhat longer sentence than the first", "third"]
-    path = Path(model_dir).parent / "texts.parquet"
+    path = tmp_path / "texts.parquet"
     pq.write_table(pa.table({"text": texts}), path)
     unit = pa.table({"shard": [0], "row0": [0], "rows": [3], "rgs": [[0]], "skip": [0], "rel": ["texts.parquet"],
                      "path": [str(path)]})

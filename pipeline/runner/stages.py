@@ -134,8 +134,8 @@ class EmbedActor:
         # Every torch call of the actor runs on this one thread. libgomp keeps an OpenMP thread
         # pool per thread that starts parallel work: a model loaded on Ray's main thread and run on
         # Ray Data's UDF thread made two pools, more pooled threads than CPUs, and libgomp then
-        # stops spinning at barriers almost at once. On 2 CPU cores that left 0.16 cores idle and
-        # cost about 7% of tokens/s (BENCHMARKS.md, issue #18).
+        # stops spinning at barriers almost at once. On 2 CPU cores that left 0.16 cores idle
+        # (BENCHMARKS.md, "One OpenMP pool in the embed actor").
         self._torch = ThreadPoolExecutor(1, thread_name_prefix="strata-torch")
         self.encoder = self._torch.submit(self._load, request, threads).result()
         self.templates = [t.name for t in request.templates]
