@@ -136,20 +136,14 @@ class EmbedActor:
         # Ray Data's UDF thread made two pools, more pooled threads than CPUs, and libgomp then
         # stops spinning at barriers almost at once. On 2 CPU cores that left 0.16 cores idle
         # (BENCHMARKS.md, "One OpenMP pool in the embed actor").
+        # ``threads``: torch's thread count, set by from_request (Ray sets OMP_NUM_THREADS=1 in workers).
         self._torch = ThreadPoolExecutor(1, thread_name_prefix="strata-torch")
-        self.encoder = self._torch.submit(self._load, request, threads).result()
+        self.encoder = self._torch.submit(Encoder.from_request, quantize.float_request(request), device="auto",
+                                          threads=threads).result()
         self.templates = [t.name for t in request.templates]
         self.dim = request.model.dim
         self.dtype, self.ranges = request.settings.dtype, ranges or {}
         self.type = {v: quantize.arrow_type(self.dtype, self.dim) for v in request.variants}
-
-    @staticmethod
-    def _load(request: Request, threads: int | None) -> Encoder:
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in workers
-        return Encoder.from_request(quantize.float_request(request), device="auto")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self._torch.submit(self._embed, batch).result()
