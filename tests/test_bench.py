@@ -135,22 +135,26 @@ def test_data_mix_is_deterministic_and_mixed():
     assert kinds != sorted(kinds)  # shuffled together, not docs first
 
 
-def test_embed_vs_encoder_summary_is_the_ratio_of_medians():
+def test_embed_vs_encoder_ratio_sets_each_embed_run_against_the_encoder_runs_around_it():
     from pipeline.bench import overhead
 
-    def run(kind, grid, tok_s, rep, **kw):
-        return {"run": kind, "texts": "short", "grid": grid, "repeat": rep, "tok_s": tok_s, "bytes": 10, **kw}
+    def run(kind, tok_s, rep, **kw):
+        return {"run": kind, "texts": "short", "grid": "1 variant", "repeat": rep, "tok_s": tok_s, "bytes": 10, **kw}
 
-    runs = [run("encoder", "1 variant", t, i, seconds=2.0, executed_flops=f) for i, (t, f) in
-            enumerate([(100.0, 10.0), (300.0, 30.0), (200.0, 50.0)])]
-    runs += [run("embed", "1 variant", t, i) for i, t in enumerate([90.0, 170.0, 0.0])]  # 0: no steady state
+    def enc(t, f, rep):
+        return run("encoder", t, rep, seconds=2.0, executed_flops=f)
+
+    # run order: encoder, embed, encoder, embed, encoder, embed, encoder (the machine speeds up, then slows)
+    runs = [enc(100.0, 10.0, 0), run("embed", 90.0, 0), enc(300.0, 30.0, 1), run("embed", 180.0, 1),
+            enc(100.0, 50.0, 2), run("embed", 0.0, 2), enc(200.0, 70.0, 3)]  # 0: no steady state
     (row,) = overhead.summarise(runs, peak=10.0)
-    assert row["encoder_tok_s"] == 200.0 and row["embed_tok_s"] == 130.0  # the run without a steady state is left out
-    assert row["ratio"] == pytest.approx(130.0 / 200.0) and row["repeats"] == 3
-    assert row["encoder_share_of_peak"] == pytest.approx(15.0 / 10.0)  # median of 5, 15, 25 FLOP/s over the peak
+    assert row["ratios"] == pytest.approx([90.0 / 200.0, 180.0 / 200.0])  # the run without a steady state is left out
+    assert row["ratio"] == pytest.approx((0.45 + 0.9) / 2) and row["repeats"] == 3
+    assert row["encoder_tok_s"] == 150.0 and row["embed_tok_s"] == 135.0  # medians, shown beside the ratio
+    assert row["encoder_share_of_peak"] == pytest.approx(20.0 / 10.0)  # median of 5, 15, 25, 35 FLOP/s over the peak
     md = overhead.to_markdown({"machine": {"cpu": "x"}, "versions": {}, "model": "m", "repeats": 3, "date": "d",
                                "text_sets": {"short": {"rows": 4, "tokens": 40, "max_length": 128}}, "summary": [row]})
-    assert "| short | 1 variant | 200 | 130 | 0.65 | 150.0% | 0.0 MB |" in md
+    assert "| short | 1 variant | 150 | 135 | 0.675 | 0.450, 0.900 | 200.0% | 0.0 MB |" in md
 
 
 def test_embed_vs_encoder_text_sets_come_from_the_vendored_data():

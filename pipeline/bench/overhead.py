@@ -12,7 +12,8 @@ Two text sets, both from the demo data vendored in the package (no ``../shared``
 Two grids at full depth: 1 variant (the last layer, ``mean``) and 155 (every layer x ``last,
 mean, wmean, mean_nosink, wmean_nosink``).
 
-For each text set and grid, interleaved over ``--repeats``:
+For each text set and grid, ``--repeats`` runs of ``embed``, each between two runs of
+``encoder`` (encoder, embed, encoder, embed, ..., encoder):
 
 - ``encoder``: ``Encoder.encode`` in-process (on the device ``--device`` picks) after a warm-up
   call: the model's cost, with its executed FLOP/s (the padded shapes it ran) as a share of the
@@ -21,6 +22,10 @@ For each text set and grid, interleaved over ``--repeats``:
   shard, float32 output: its steady-state tokens/s (the rate after the first output, as
   ``EmbedSummary`` reports it). Ray is started for each run and shut down after it, so the
   encoder runs share the machine with nothing.
+
+Each embed run is set against the mean of the encoder runs just before and just after it, so a
+machine whose speed drifts over minutes (shared, noisy) moves both sides of the ratio alike; the
+summary is the median of these bracketed ratios.
 
 Also: one batch of real 155-variant embeddings written as Parquet with pyarrow's defaults (how
 parts were written before issue #18) and with ``storage.parquet_options``: MB/s and size.
@@ -155,19 +160,24 @@ def write_formats(model: str, texts: list[str]) -> dict:
 
 
 def summarise(runs: list[dict], peak: float | None) -> list[dict]:
-    """Per text set and grid: median encoder and embed tokens/s, their ratio, the encoder's share of peak."""
+    """Per text set and grid: median encoder and embed tokens/s, and the median of the bracketed ratios
+    (each embed run over the mean of the encoder runs just before and after it; ``runs`` in run order)."""
     rows = []
     for text_set in dict.fromkeys(r["texts"] for r in runs):
         for grid in dict.fromkeys(r["grid"] for r in runs if r["texts"] == text_set):
             pick = [r for r in runs if r["texts"] == text_set and r["grid"] == grid]
             enc = [r for r in pick if r["run"] == "encoder"]
+            ratios = []
+            for i, r in enumerate(pick):
+                around = [pick[j]["tok_s"] for j in (i - 1, i + 1) if 0 <= j < len(pick) and pick[j]["run"] == "encoder"]
+                if r["run"] == "embed" and r["tok_s"] and around:
+                    ratios.append(r["tok_s"] / statistics.mean(around))
             emb = [r for r in pick if r["run"] == "embed" and r["tok_s"]]
-            row = {"texts": text_set, "grid": grid, "repeats": len(enc),
+            row = {"texts": text_set, "grid": grid, "repeats": sum(r["run"] == "embed" for r in pick),
                    "encoder_tok_s": statistics.median(r["tok_s"] for r in enc) if enc else None,
                    "embed_tok_s": statistics.median(r["tok_s"] for r in emb) if emb else None,
-                   "embed_bytes": emb[0]["bytes"] if emb else None}
-            row["ratio"] = (row["embed_tok_s"] / row["encoder_tok_s"]
-                            if row["embed_tok_s"] and row["encoder_tok_s"] else None)
+                   "embed_bytes": emb[0]["bytes"] if emb else None,
+                   "ratios": ratios, "ratio": statistics.median(ratios) if ratios else None}
             if enc and peak:
                 row["encoder_share_of_peak"] = statistics.median(r["executed_flops"] / r["seconds"] for r in enc) / peak
             rows.append(row)
@@ -179,18 +189,20 @@ def to_markdown(report: dict) -> str:
     lines = ["# `strata bench --embed-vs-encoder`", "",
              f"- date: {report['date']}; machine: {m.get('cpu')}, {m.get('usable_cpus', m.get('logical_cpus'))} usable "
              f"CPU cores; torch {v.get('torch')}, ray {v.get('ray')}, commit {v.get('git_commit') or '-'}",
-             f"- model {report['model']}, full depth; repeats {report['repeats']} (interleaved, medians); "
+             f"- model {report['model']}, full depth; {report['repeats']} embed runs per case, each between two encoder "
+             f"runs; ratio: median of embed / mean of the encoder runs around it; "
              f"dense matmul peak {report['peak_flops_per_second'] / 1e9:.1f} GFLOP/s" if report.get(
                  "peak_flops_per_second") else f"- model {report['model']}; repeats {report['repeats']}"]
     for name, ts in report["text_sets"].items():
         lines.append(f"- `{name}`: {ts['rows']:,} rows, {ts['tokens']:,} tokens (about {ts['tokens'] / ts['rows']:.0f} "
                      f"per row), max length {ts['max_length']}")
-    lines += ["", "| texts | grid | bare `Encoder` tok/s | `strata embed` steady tok/s | embed / Encoder (x) | "
-              "Encoder executed FLOP/s, share of peak | output |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "| texts | grid | bare `Encoder` tok/s | `strata embed` steady tok/s | embed / Encoder (x) | per run | "
+              "Encoder executed FLOP/s, share of peak | output |", "|---|---|---:|---:|---:|---|---:|---:|"]
     for r in report["summary"]:
         size = "-" if r["embed_bytes"] is None else f"{r['embed_bytes'] / 1e6:,.1f} MB"
         lines.append(f"| {r['texts']} | {r['grid']} | {_fmt(r['encoder_tok_s'], ',.0f')} | "
-                     f"{_fmt(r['embed_tok_s'], ',.0f')} | {_fmt(r['ratio'], '.2f')} | "
+                     f"{_fmt(r['embed_tok_s'], ',.0f')} | {_fmt(r['ratio'], '.3f')} | "
+                     f"{', '.join(format(x, '.3f') for x in r.get('ratios', ())) or '-'} | "
                      f"{_fmt(r.get('encoder_share_of_peak'), '.1%')} | {size} |")
     if report.get("write"):
         lines += ["", "Writing one batch of real 155-variant vectors:", "",
@@ -241,22 +253,31 @@ def run(args) -> int:
         for name, ts in sets.items():
             (Path(tmp) / name).mkdir()
             pq.write_table(pa.table({"text": ts["texts"]}), Path(tmp) / name / "texts.parquet")
-        for rep in range(repeats):
-            for name, ts in sets.items():
-                for grid, (layers, poolings) in grids.items():
-                    e = encoder_run(model, ts["texts"], layers, poolings, ts["max_length"], args.device)
-                    report["runs"].append({"run": "encoder", "texts": name, "grid": grid, "repeat": rep, **e})
-                    report["text_sets"][name] = {"rows": len(ts["texts"]), "tokens": e["tokens"],
-                                                 "max_length": ts["max_length"], "unit_rows": ts["unit_rows"]}
+
+        def encoder(name: str, ts: dict, grid: str, rep: int) -> dict:
+            e = encoder_run(model, ts["texts"], *grids[grid], ts["max_length"], args.device)
+            report["runs"].append({"run": "encoder", "texts": name, "grid": grid, "repeat": rep, **e})
+            report["text_sets"][name] = {"rows": len(ts["texts"]), "tokens": e["tokens"],
+                                         "max_length": ts["max_length"], "unit_rows": ts["unit_rows"]}
+            return e
+
+        for name, ts in sets.items():
+            for grid, (layers, poolings) in grids.items():
+                before = encoder(name, ts, grid, 0)
+                for rep in range(repeats):
                     r = embed_run(model, Path(tmp) / name, Path(tmp) / f"out-{rep}-{name}-{grid[:3]}", layers,
                                   poolings, ts["max_length"], ts["unit_rows"])
-                    if r["tokens"] != e["tokens"] or r["rows"] != len(ts["texts"]):
+                    if r["tokens"] != before["tokens"] or r["rows"] != len(ts["texts"]):
                         raise RuntimeError(f"{name}, {grid}: embed saw {r['rows']} rows and {r['tokens']} tokens, "
-                                           f"the encoder {len(ts['texts'])} and {e['tokens']}")
+                                           f"the encoder {len(ts['texts'])} and {before['tokens']}")
                     report["runs"].append({"run": "embed", "texts": name, "grid": grid, "repeat": rep, **r})
-                    steady = (f"{r['tok_s']:,.0f} tok/s ({r['tok_s'] / e['tok_s']:.2f}x)" if r["tok_s"]
+                    after = encoder(name, ts, grid, rep + 1)
+                    around = (before["tok_s"] + after["tok_s"]) / 2
+                    steady = (f"{r['tok_s']:,.0f} tok/s ({r['tok_s'] / around:.3f}x)" if r["tok_s"]
                               else "- (too few outputs for a steady state)")
-                    log(f"[{rep + 1}/{repeats}] {name}, {grid}: encoder {e['tok_s']:,.0f} tok/s, embed steady {steady}")
+                    log(f"[{rep + 1}/{repeats}] {name}, {grid}: encoder {before['tok_s']:,.0f} and "
+                        f"{after['tok_s']:,.0f} tok/s around embed steady {steady}")
+                    before = after
     report["summary"] = summarise(report["runs"], report.get("peak_flops_per_second"))
     budgets = batch_tokens_sweep(args.batch_tokens, True)
     if budgets:
