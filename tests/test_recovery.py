@@ -68,7 +68,10 @@ def test_stopped_mid_run_then_resumed_is_exactly_once(model_dir, tmp_path, sig, 
     cmd = [sys.executable, "-m", "pipeline", *argv(tmp_path / "in", tmp_path / "out", model_dir), "--actors", "1"]
     env = {**os.environ, "STRATA_LOG_DIR": str(tmp_path / "logs"), "RAY_ADDRESS": "local"}
     with open(tmp_path / "stderr", "w") as err_file:
-        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err_file, text=True)
+        # SIGINT at its default disposition, as for a command in the foreground: a suite started in the
+        # background of a non-interactive shell (`... &`) inherits SIGINT ignored, and so would the command
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err_file, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 300
         while time.time() < deadline and p.poll() is None and not committed(tmp_path / "out"):
             time.sleep(0.2)
