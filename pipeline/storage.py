@@ -32,11 +32,12 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .errors import redact_text as redact  # a URL or any text safe to log (the one redaction)
 
 MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings"
@@ -45,7 +46,6 @@ LOCK = "_lock.json"
 LOCK_HEARTBEAT_S = 30.0  # the holder rewrites its lock this often
 LOCK_STALE_S = 300.0  # a lock not rewritten for this long belongs to a dead run
 FORMAT_VERSION = 1
-SECRET_QUERY_KEYS = re.compile(r"(token|secret|key|signature|sig|password|credential|auth)", re.I)
 
 
 def utc_now() -> str:
@@ -95,26 +95,6 @@ def overlap(input_url: str, output_url: str) -> str | None:
     if a.startswith(b + "/"):
         return "INPUT is inside OUTPUT"
     return None
-
-
-def redact(url: str) -> str:
-    """A URL safe to log: no user:password@ and no secret-looking query parameters."""
-    if "://" not in url:  # a scheme-less path (``key:secret@bucket/x``, as fsspec strips it) or plain text
-        from .errors import redact_text
-
-        return redact_text(url)
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    query = "&".join(
-        (kv.split("=", 1)[0] + "=***") if SECRET_QUERY_KEYS.search(kv.split("=", 1)[0]) else kv
-        for kv in parts.query.split("&") if kv
-    )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def safe_name(text: str, max_len: int = 80) -> str:
