@@ -20,7 +20,8 @@ from pathlib import Path
 MAX_MESSAGE = 500
 MAX_LOG_ENTRY = 1 << 20
 
-_SCHEME_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s/@'\"<>]+@")
+# up to the authority's last "@" (a password may hold an unencoded "@"), never past its end ("/", "?", "#")
+_SCHEME_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s/?#'\"<>]+@")
 _BARE_USERINFO = re.compile(r"(?<![\w.+-])[^\s/@:'\"<>()\[\]{},;=]+:[^\s/@'\"<>]+@(?=[\w.-])")
 _SECRET_QUERY = re.compile(
     r"([?&][^=&\s'\"#]*(?:token|secret|key|signature|sig|password|credential|auth)[^=&\s'\"#]*=)[^&\s'\"#]+", re.I)

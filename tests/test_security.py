@@ -23,6 +23,11 @@ def test_redact_removes_credentials(url, secret):
     assert secret not in clean and "***" in clean
 
 
+def test_redact_hides_a_password_holding_an_unencoded_at_sign():
+    assert redact("s3://AKIAEXAMPLE:p@ssw0rd@bucket/corpus/") == "s3://***@bucket/corpus/"
+    assert redact("https://host/x?part=a@b") == "https://host/x?part=a@b"  # an "@" past the authority stays
+
+
 def test_redact_keeps_harmless_urls():
     assert redact("s3://bucket/corpus/part-1.parquet") == "s3://bucket/corpus/part-1.parquet"
     assert redact("/local/path/x.parquet") == "/local/path/x.parquet"
