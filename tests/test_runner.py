@@ -318,9 +318,9 @@ def test_an_output_made_at_another_max_length_says_how_to_match_it(ray_local, mo
 
 
 def test_embed_actor_runs_all_torch_work_on_one_thread(model_dir, tmp_path, monkeypatch):
-    """Ray builds the actor on its main thread and Ray Data calls it from another: the model load and
-    every forward pass must still share one thread (one OpenMP pool; see ``EmbedActor.__init__``),
-    and the vectors must be the bare Encoder's."""
+    """Ray builds the actor on its main thread and Ray Data calls it from others, two calls at once: the
+    model load and every forward pass must still share one thread (one OpenMP pool; see
+    ``EmbedActor.__init__``), and the vectors, returned or written as parts, must be the bare Encoder's."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -351,14 +351,25 @@ def test_embed_actor_runs_all_torch_work_on_one_thread(model_dir, tmp_path, monk
                      "path": [str(path)]})
     block = stages.read_and_tokenize(unit, fs=fsspec.filesystem("file"), request=request, text_column="text",
                                      id_column=None)
-    actor = stages.EmbedActor(request, threads=None)
-    with ThreadPoolExecutor(2) as callers:  # calls from threads other than the one that built the actor
-        outs = [f.result() for f in [callers.submit(actor, block) for _ in range(3)]]
+    out_url = str(tmp_path / "out")
+    write = dict(output_url=out_url, run_id="r1", keys=["texts"], columns=[v.column for v in request.variants],
+                 fmt="parquet")
+    actor = stages.EmbedActor(request, threads=None, write=write)
+    with ThreadPoolExecutor(2) as callers:  # calls from threads other than the one that built the actor, at once
+        calls = [callers.submit(actor, block) for _ in range(2)] + [callers.submit(actor.embed, block)]
+        metas, out = [f.result() for f in calls[:2]], calls[2].result()
     assert len(threads["load"]) == 1 and threads["encode"] == threads["load"]
     assert threads["load"] != {threading.get_ident()}
     want = Encoder.from_request(request).encode(texts)
-    for out in outs:
-        order = pc.sort_indices(out.column("_row")).to_numpy()
+    order = pc.sort_indices(out.column("_row")).to_numpy()
+    for v in request.variants:
+        got = np.stack(out.column(v.column).to_numpy(zero_copy_only=False))[order]
+        np.testing.assert_allclose(got, want[v], rtol=1e-5, atol=1e-6)
+    # A call writes the block's parts itself and returns only their metadata: one row per shard.
+    for meta in metas:
+        assert meta.num_rows == 1 and meta.column("rows").to_pylist() == [[0, 1, 2]]
+        assert meta.column("error").to_pylist() == [None]
+        written = pq.read_table(tmp_path / "out" / "_staging" / "r1" / "texts" / meta.column("part")[0].as_py())
         for v in request.variants:
-            got = np.stack(out.column(v.column).to_numpy(zero_copy_only=False))[order]
-            np.testing.assert_allclose(got, want[v], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(np.stack(written.column(v.column).to_numpy(zero_copy_only=False)), want[v],
+                                       rtol=1e-5, atol=1e-6)

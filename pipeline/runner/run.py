@@ -6,8 +6,9 @@ Data flow (one Ray Data pipeline)::
       -> read + tokenise   CPU tasks; every row keeps its shard and row number; bad rows are
                            marked with a reject reason, unreadable units with an error
       -> embed             actor pool around Encoder (one per GPU, or CPU actors that leave a
-                           CPU free for the read/write tasks); ONE forward pass per batch
-      -> write parts       tasks write parts into _staging/, return small metadata rows
+                           CPU free for the read tasks); ONE forward pass per batch
+      -> write parts       into _staging/, returning small metadata rows: by the CPU actor
+                           itself, or by write tasks after a GPU actor
     driver                 counts every (shard, row) exactly once; a shard whose rows are all
                            accounted for is moved into embeddings/ and recorded in the manifest
 
@@ -32,7 +33,7 @@ from ..request import Request, signature_difference
 from ..storage import EMBEDDINGS, MANIFEST, STAGING, Output, overlap, read_part, redact
 from .commit import Committer, EmbedError, EmbedSummary, _commit, _Pending
 from .shards import UNIT_ROWS, Shard, first_texts, inspect_shards, list_shards, plan, work_units
-from .stages import EMBED_BATCH_ROWS, EmbedActor, read_and_tokenize, write_parts
+from .stages import EMBED_BATCH_ROWS, MAX_CALLS_PER_ACTOR, EmbedActor, read_and_tokenize, write_parts
 
 log = logging.getLogger(__name__)
 
@@ -278,15 +279,27 @@ def _run_ray(request: Request, out: Output, manifest: dict, todo: list[Shard], s
     # reading and tokenising overlap the forward passes instead of running in series with them.
     ds = ds.map_batches(read_and_tokenize, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
                         fn_kwargs=dict(fs=fs, request=request, text_column=text_column, id_column=id_column))
-    # Blocks of EMBED_BATCH_ROWS rows: each actor task is then one call, and its output streams
-    # to the writers as it is made (a whole read unit in one task would reach them only at its end).
+    # Blocks of EMBED_BATCH_ROWS rows: each actor task is then one call, and its metadata streams
+    # to the driver as it is made (a whole read unit in one task would reach it only at its end).
     ds = ds.repartition(target_num_rows_per_block=EMBED_BATCH_ROWS)
-    ds = ds.map_batches(EmbedActor, batch_size=EMBED_BATCH_ROWS, batch_format="pyarrow",
-                        compute=ActorPoolStrategy(size=n_actors), num_cpus=cpus, num_gpus=gpus or None,
-                        fn_constructor_kwargs=dict(request=request, threads=threads, ranges=ranges))
-    ds = ds.map_batches(write_parts, batch_size=None, batch_format="pyarrow", num_cpus=0.5,
-                        fn_kwargs=dict(output_url=out.url, run_id=run_id, keys=[s.key for s in todo],
-                                       columns=[v.column for v in request.variants], fmt=request.output_format))
+    write = dict(output_url=out.url, run_id=run_id, keys=[s.key for s in todo],
+                 columns=[v.column for v in request.variants], fmt=request.output_format)
+    embed_args = dict(batch_size=EMBED_BATCH_ROWS, batch_format="pyarrow", num_cpus=cpus, num_gpus=gpus or None)
+    if gpus:
+        # A GPU makes vectors faster than one CPU thread writes them (a wide grid's block is ~90 MB):
+        # write tasks spread the writing over the node's CPUs.
+        ds = ds.map_batches(EmbedActor, compute=ActorPoolStrategy(size=n_actors), **embed_args,
+                            fn_constructor_kwargs=dict(request=request, threads=threads, ranges=ranges, write=None))
+        ds = ds.map_batches(write_parts, batch_size=None, batch_format="pyarrow", num_cpus=0.5, fn_kwargs=write)
+    else:
+        # On CPUs the model is the bottleneck and shares the cores with everything else: the actor
+        # writes each block's parts itself, so the vectors never cross the object store. Two calls
+        # at a time (EmbedActor keeps every torch call on one thread) overlap one block's writing
+        # with the next block's forward passes.
+        pool = ActorPoolStrategy(size=n_actors, enable_true_multi_threading=True,
+                                 max_concurrent_calls_per_actor=MAX_CALLS_PER_ACTOR)
+        ds = ds.map_batches(EmbedActor, compute=pool, **embed_args,
+                            fn_constructor_kwargs=dict(request=request, threads=threads, ranges=ranges, write=write))
     committer = Committer(out, manifest, todo, summary, run_id)
     before = summary.shards_embedded  # empty shards committed already: not among ``todo``
     total_rows = sum(s.rows for s in todo)

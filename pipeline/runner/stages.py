@@ -23,6 +23,7 @@ from .shards import strings
 from ..storage import STAGING, Output, write_part
 
 EMBED_BATCH_ROWS = 256  # rows handed to an embed actor per call; sorted into token batches inside
+MAX_CALLS_PER_ACTOR = 2  # one call writing its parts while the next runs the model
 
 
 def _reject_reason(text) -> str | None:
@@ -130,7 +131,8 @@ class EmbedActor:
     calibrated on the driver).
     """
 
-    def __init__(self, request: Request, threads: int | None, ranges: dict | None = None):
+    def __init__(self, request: Request, threads: int | None, ranges: dict | None = None, *,
+                 write: dict | None = None):
         # Every torch call of the actor runs on this one thread. libgomp keeps an OpenMP thread
         # pool per thread that starts parallel work: a model loaded on Ray's main thread and run on
         # Ray Data's UDF thread made two pools, more pooled threads than CPUs, and libgomp then
@@ -144,8 +146,18 @@ class EmbedActor:
         self.dim = request.model.dim
         self.dtype, self.ranges = request.settings.dtype, ranges or {}
         self.type = {v: quantize.arrow_type(self.dtype, self.dim) for v in request.variants}
+        self.write = write  # write_parts' keyword arguments, or None: the caller writes
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        """With ``write``: embed ``batch``, write its parts where the vectors are, return write_parts'
+        metadata rows. Ray Data then runs up to two calls at once (``MAX_CALLS_PER_ACTOR``): their
+        forward passes queue on the one torch thread, so one block's parts are written while the
+        next block is in the model, and only metadata leaves the actor. Without: the embedded batch.
+        """
+        return self.embed(batch) if self.write is None else write_parts(self.embed(batch), **self.write)
+
+    def embed(self, batch: pa.Table) -> pa.Table:
+        """The batch's rows with one column per variant (nulls for rows not embedded), on the torch thread."""
         return self._torch.submit(self._embed, batch).result()
 
     def _embed(self, batch: pa.Table) -> pa.Table:
