@@ -341,8 +341,16 @@ def test_embed_actor_runs_all_torch_work_on_one_thread(model_dir, tmp_path, monk
         threads["encode"].add(threading.get_ident())
         return encode(self, *a, **kw)
 
+    writers = []  # (thread, scheduling policy) of each write_parts call
+    write_parts = stages.write_parts
+
+    def spy_write(*a, **kw):
+        writers.append((threading.get_ident(), os.sched_getscheduler(0) if hasattr(os, "SCHED_IDLE") else None))
+        return write_parts(*a, **kw)
+
     monkeypatch.setattr(Encoder, "from_request", classmethod(spy_load))
     monkeypatch.setattr(Encoder, "encode_tokenized", spy_encode)
+    monkeypatch.setattr(stages, "write_parts", spy_write)
     request = resolve(model_dir, layers="1,-1", poolings="mean,last", max_length=32, digest=False)
     texts = ["a short one", "a somewhat longer sentence than the first", "third"]
     path = tmp_path / "texts.parquet"
@@ -360,6 +368,11 @@ def test_embed_actor_runs_all_torch_work_on_one_thread(model_dir, tmp_path, monk
         metas, out = [f.result() for f in calls[:2]], calls[2].result()
     assert len(threads["load"]) == 1 and threads["encode"] == threads["load"]
     assert threads["load"] != {threading.get_ident()}
+    # Both blocks' parts are written on one more thread, at the OS's idle priority where it has one.
+    assert len(writers) == 2 and len({t for t, _ in writers}) == 1
+    assert writers[0][0] not in threads["load"] | {threading.get_ident()}
+    if hasattr(os, "SCHED_IDLE"):
+        assert {p for _, p in writers} == {os.SCHED_IDLE}
     want = Encoder.from_request(request).encode(texts)
     order = pc.sort_indices(out.column("_row")).to_numpy()
     for v in request.variants:

@@ -7,6 +7,7 @@ account for every row exactly once (``commit.Committer``).
 
 from __future__ import annotations
 
+import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -147,14 +148,22 @@ class EmbedActor:
         self.dtype, self.ranges = request.settings.dtype, ranges or {}
         self.type = {v: quantize.arrow_type(self.dtype, self.dim) for v in request.variants}
         self.write = write  # write_parts' keyword arguments, or None: the caller writes
+        # Parts are written on a thread at the OS's idle priority, so it runs mostly in the moments
+        # torch leaves a core free: a write that preempts one of torch's two threads stalls the
+        # other at the next barrier, so at normal priority the writing cost the model more than
+        # its own CPU time (BENCHMARKS.md, "The writer thread at idle priority").
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="strata-write", initializer=idle_priority)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """With ``write``: embed ``batch``, write its parts where the vectors are, return write_parts'
         metadata rows. Ray Data then runs up to two calls at once (``MAX_CALLS_PER_ACTOR``): their
-        forward passes queue on the one torch thread, so one block's parts are written while the
-        next block is in the model, and only metadata leaves the actor. Without: the embedded batch.
+        forward passes queue on the one torch thread and their writes on the one idle-priority
+        writer thread, so one block's parts are written while the next block is in the model, and
+        only metadata leaves the actor. Without: the embedded batch.
         """
-        return self.embed(batch) if self.write is None else write_parts(self.embed(batch), **self.write)
+        if self.write is None:
+            return self.embed(batch)
+        return self._writer.submit(write_parts, self.embed(batch), **self.write).result()
 
     def embed(self, batch: pa.Table) -> pa.Table:
         """The batch's rows with one column per variant (nulls for rows not embedded), on the torch thread."""
@@ -196,6 +205,18 @@ class EmbedActor:
             values = pa.array(arr.reshape(-1), type=typ.value_type)  # no copy: Arrow takes numpy's buffer
             out = out.append_column(v.column, pa.FixedSizeListArray.from_arrays(values, typ.list_size, mask=mask))
         return out
+
+
+def idle_priority() -> None:
+    """Put the calling thread under the OS's idle scheduling policy where there is one (Linux
+    ``SCHED_IDLE``: a weight below nice 19's, so a busy core's normal threads are seldom preempted by
+    it; any thread may lower itself to it). Elsewhere, or where the call is refused, the thread keeps
+    its priority: only speed differs."""
+    if hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread, on Linux
+        except OSError:
+            pass
 
 
 def write_parts(batch: pa.Table, *, output_url: str, run_id: str, keys: list[str], columns: list[str],
