@@ -386,34 +386,3 @@ def test_embed_actor_runs_all_torch_work_on_one_thread(model_dir, tmp_path, monk
         for v in request.variants:
             np.testing.assert_allclose(np.stack(written.column(v.column).to_numpy(zero_copy_only=False)), want[v],
                                        rtol=1e-5, atol=1e-6)
-
-
-def test_cpu_embed_actor_runs_at_the_drivers_niceness_not_rays_worker_niceness(ray_local, model_dir, tmp_path,
-                                                                                monkeypatch):
-    """Ray lowers its workers' priority (niceness +15) below the raylet's and the driver's; on CPUs the
-    embed actor, the job's critical path, is started with ``EMBED_ACTOR_ENV`` and runs at theirs."""
-    from ray.data import Dataset
-
-    from pipeline.runner import run
-
-    envs = {}  # the function each map_batches stage runs -> the runtime_env it was given
-    map_batches = Dataset.map_batches
-
-    def spy(self, fn, *a, **kw):
-        envs[getattr(fn, "__name__", fn)] = kw.get("runtime_env")
-        return map_batches(self, fn, *a, **kw)
-
-    monkeypatch.setattr(Dataset, "map_batches", spy)
-    texts = [f"sentence number {i}" for i in range(20)]
-    (tmp_path / "in").mkdir()
-    pq.write_table(pa.table({"text": texts}), tmp_path / "in" / "a.parquet")
-    summary = embed(str(tmp_path / "in"), str(tmp_path / "out"), model=model_dir, layers="-1", poolings="mean",
-                    progress=False)
-    assert summary.rows == len(texts)
-    assert envs["EmbedActor"] == run.EMBED_ACTOR_ENV and envs["read_and_tokenize"] is None
-    # The env does what it claims in a real Ray worker: the raylet, started by this driver, runs at its
-    # niceness; a worker started under the env runs there too, any other 15 lower (capped at 19).
-    niceness = ray_local.remote(lambda: os.nice(0))  # a lambda: pickled by value, as workers cannot import tests
-    base = os.nice(0)
-    assert ray_local.get(niceness.options(runtime_env=run.EMBED_ACTOR_ENV).remote()) == base
-    assert ray_local.get(niceness.remote()) == min(base + 15, 19)

@@ -253,13 +253,6 @@ def _duplicate_ids(out: Output, manifest: dict) -> tuple[int, list[str]]:
     return extra, [str(x) for x in dup[:5].to_pylist()]
 
 
-# Ray starts workers at niceness 15 (its ``worker_niceness``) while the raylet, GCS and driver run at 0,
-# so on a busy CPU node Ray's own bookkeeping preempts the forward passes. The CPU embed actor is the
-# job's critical path: it runs at 0, as Ray's job manager runs its drivers. Reading and tokenising
-# stay at 15 (they work ahead); the actor's writer thread sits below both (``idle_priority``).
-EMBED_ACTOR_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
-
-
 def _run_ray(request: Request, out: Output, manifest: dict, todo: list[Shard], summary: EmbedSummary, *, fs,
              text_column: str, id_column: str | None, progress: bool, stall_timeout_s: float, unit_rows: int,
              t_start: float, ranges: dict[str, np.ndarray] | None = None, run_id: str | None = None) -> None:
@@ -305,7 +298,7 @@ def _run_ray(request: Request, out: Output, manifest: dict, todo: list[Shard], s
         # with the next block's forward passes.
         pool = ActorPoolStrategy(size=n_actors, enable_true_multi_threading=True,
                                  max_concurrent_calls_per_actor=MAX_CALLS_PER_ACTOR)
-        ds = ds.map_batches(EmbedActor, compute=pool, **embed_args, runtime_env=EMBED_ACTOR_ENV,
+        ds = ds.map_batches(EmbedActor, compute=pool, **embed_args,
                             fn_constructor_kwargs=dict(request=request, threads=threads, ranges=ranges, write=write))
     committer = Committer(out, manifest, todo, summary, run_id)
     before = summary.shards_embedded  # empty shards committed already: not among ``todo``
