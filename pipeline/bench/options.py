@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--embed-vs-encoder", action="store_true",
                         help="instead of the modes: strata embed (Ray) against the bare Encoder on short texts and the "
-                        "mixed sample, 1 and 155 variants, steady state (pipeline/bench/overhead.py; 37 to 49 "
+                        "mixed sample, 1 and 155 variants, steady state (pipeline/bench/overhead.py; 37 to 56 "
                         "minutes on 2 CPU cores; with --batch-tokens also encoder batch shapes)")
     parser.add_argument("--quick", action="store_true",
                         help="small sample, one repeat, short per-mode budgets (under 3 minutes on 2 CPU cores)")
