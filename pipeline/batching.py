@@ -10,7 +10,7 @@ import numpy as np
 # What one more forward pass costs, in padded tokens, as a share of the token budget. Small passes run
 # the matmuls less efficiently and every pass pays fixed per-call work, so an extra batch is worth it
 # only where it saves more padding than this. 1/64 was chosen by measurement on the CPU (BENCHMARKS.md,
-# "Batches planned for the fewest padded tokens"): at the 4,096-token CPU budget, 64 tokens.
+# "Batches cut for the fewest padded tokens"): at the 4,096-token CPU budget, 64 tokens.
 BATCH_COST_SHARE = 1 / 64
 
 
@@ -43,8 +43,6 @@ def plan_batches(lengths: Sequence[int], *, batch_tokens: int, max_rows: int, pa
     lengths = np.asarray(lengths, dtype=np.int64)
     order = np.argsort(-lengths, kind="stable")
     n = len(order)
-    if n == 0:
-        return []
     padded = np.maximum(1, -(-lengths[order] // pad_multiple) * pad_multiple)
     cost_per_batch = batch_tokens * BATCH_COST_SHARE if batch_cost is None else float(batch_cost)
     # a batch starting at sorted row i holds at most this many rows (at least 1)
