@@ -1,7 +1,7 @@
 """What reaches the user when a command fails: one bounded, redacted line; the rest in a log file.
 
 - ``redact_text``: credentials out of any free text (``scheme://user:secret@``, ``user:secret@host``
-  without a scheme, secret-looking query parameters).
+  without a scheme, a secret holding "/" or "@", secret-looking query parameters).
 - ``bound``: one line of at most ``MAX_MESSAGE`` characters, saying how long the full text was.
 - ``describe``: the cause of an exception as one line: Ray's wrapped task errors unwrapped to their
   cause, storage libraries' errors (missing credentials, missing s3fs) turned into the fix.
@@ -20,9 +20,15 @@ from pathlib import Path
 MAX_MESSAGE = 500
 MAX_LOG_ENTRY = 1 << 20
 
-# up to the authority's last "@" (a password may hold an unencoded "@"), never past its end ("/", "?", "#")
-_SCHEME_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s/?#'\"<>]+@")
-_BARE_USERINFO = re.compile(r"(?<![\w.+-])[^\s/@:'\"<>()\[\]{},;=]+:[^\s/@'\"<>]+@(?=[\w.-])")
+# ``user:secret@`` up to the authority's last "@" (a password may hold an unencoded "@"), never past its
+# end ("/", "?", "#"); or, where the secret holds an unencoded "/" (AWS secret keys often do, and the
+# authority then seems to end inside the secret), ``user:`` (":" not before a port) up to the last "@"
+# of the URL: a path holding an "@" may then be hidden too, a secret never shown.
+_NOT_PORT = r":(?!\d*(?:[/?#\s'\"<>]|$))"
+_SCHEME_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)"
+                              r"(?:[^\s/?#'\"<>]+@|[^\s/?#'\"<>@:\[\]]+" + _NOT_PORT + r"[^\s?#'\"<>]*@)")
+_BARE_USERINFO = re.compile(r"(?<![\w.+-])[^\s/@:'\"<>()\[\]{},;=]+"
+                            r"(?::[^\s/@'\"<>]+@|" + _NOT_PORT + r"[^\s@'\"<>]*/[^\s'\"<>]*@)(?=[\w.-])")
 _SECRET_QUERY = re.compile(
     r"([?&][^=&\s'\"#]*(?:token|secret|key|signature|sig|password|credential|auth)[^=&\s'\"#]*=)[^&\s'\"#]+", re.I)
 

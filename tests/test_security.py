@@ -28,6 +28,28 @@ def test_redact_hides_a_password_holding_an_unencoded_at_sign():
     assert redact("https://host/x?part=a@b") == "https://host/x?part=a@b"  # an "@" past the authority stays
 
 
+# AWS's documented example secret key: like many real ones it holds "/", which ends a URL's authority
+SLASH_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+
+
+@pytest.mark.parametrize("text, clean", [
+    (f"s3://AKIAIOSFODNN7EXAMPLE:{SLASH_SECRET}@bucket/corpus/", "s3://***@bucket/corpus/"),
+    ("gcs://user:a/b+c@d@bucket/x.parquet", "gcs://***@bucket/x.parquet"),  # "/", "+" and "@" at once
+    # as fsspec leaves it with the protocol stripped, inside an error message
+    (f'Invalid bucket name "AKIAIOSFODNN7EXAMPLE:{SLASH_SECRET}@bucket": no such bucket',
+     'Invalid bucket name "***@bucket": no such bucket'),
+    (f"/tmp/AKIAIOSFODNN7EXAMPLE:{SLASH_SECRET}@bucket/x.parquet", "/tmp/***@bucket/x.parquet"),
+])
+def test_redact_hides_a_secret_holding_a_slash(text, clean):
+    assert redact(text) == clean
+
+
+def test_redact_keeps_ports_and_at_signs_in_paths():
+    for text in ("http://localhost:8080/a@b.parquet", "http://[::1]:8080/a@b", "served at localhost:8000/x@y",
+                 "file:///tmp/x@y.parquet", "https://host/x?part=a@b"):
+        assert redact(text) == text
+
+
 def test_redact_keeps_harmless_urls():
     assert redact("s3://bucket/corpus/part-1.parquet") == "s3://bucket/corpus/part-1.parquet"
     assert redact("/local/path/x.parquet") == "/local/path/x.parquet"
