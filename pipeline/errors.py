@@ -20,23 +20,70 @@ from pathlib import Path
 MAX_MESSAGE = 500
 MAX_LOG_ENTRY = 1 << 20
 
-# ``user:secret@`` up to the authority's last "@" (a password may hold an unencoded "@"), never past its
-# end ("/", "?", "#"); or, where the secret holds an unencoded "/" (AWS secret keys often do, and the
-# authority then seems to end inside the secret), ``user:`` (":" not before a port) up to the last "@"
-# of the URL: a path holding an "@" may then be hidden too, a secret never shown.
-_NOT_PORT = r":(?!\d*(?:[/?#\s'\"<>]|$))"
-_SCHEME_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)"
-                              r"(?:[^\s/?#'\"<>]+@|[^\s/?#'\"<>@:\[\]]+" + _NOT_PORT + r"[^\s?#'\"<>]*@)")
-_BARE_USERINFO = re.compile(r"(?<![\w.+-])[^\s/@:'\"<>()\[\]{},;=]+"
-                            r"(?::[^\s/@'\"<>]+@|" + _NOT_PORT + r"[^\s@'\"<>]*/[^\s'\"<>]*@)(?=[\w.-])")
+# ``scheme://user@`` (a user name alone, or any userinfo left): up to the authority's last "@", never past
+# its end ("/", "?", "#")
+_SCHEME_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s/?#'\"<>]+@")
+# ``user:secret@`` with or without a scheme is found by ``_hide_userinfo`` in one pass over each run of
+# text without spaces or quotes: a regex for it backtracked (seconds on a 60,000-character line).
+_RUN = re.compile(r"[^\s'\"<>]+")
+_USER_STOP = frozenset("/@:()[]{};=")
+_AWS_KEY = re.compile(r"A[KS]IA[A-Z0-9]{12,}")
+_PORT = re.compile(r"\d{1,5}(?:[/?#]|$)")
+_SECRET_SPAN = 2048
 _SECRET_QUERY = re.compile(
     r"([?&][^=&\s'\"#]*(?:token|secret|key|signature|sig|password|credential|auth)[^=&\s'\"#]*=)[^&\s'\"#]+", re.I)
 
 
+def _hide_userinfo(piece: str) -> str:
+    """``piece`` (no spaces, quotes or commas) with each ``user:secret@`` replaced by ``***@``.
+
+    From a ":" after a user name (or right after "://") to the "@" that ends the secret:
+    - the last "@" before the next "/", "?" or "#" (a password may hold an unencoded "@");
+    - where the secret holds "/" (AWS secret keys often do) and so seems to end the authority inside
+      it: the last "@" before "?" or "#", within ``_SECRET_SPAN`` characters. The ":" must then not be
+      a scheme's "://", a port, a drive letter or a clock time (an access key's ":" always counts),
+      and no "]" (an IPv6 literal) may come before the "/". A path holding an "@" after such a ":" is
+      hidden too: a secret is never shown.
+    Linear in the length of ``piece``."""
+    out, base = [], 0  # piece[:base] is done (in ``out``)
+    start = scanned = i = 0  # start: where the user name before the ":" at i would begin
+    while (i := piece.find(":", i)) >= 0:
+        for k in range(scanned, i):
+            if piece[k] in _USER_STOP:
+                start = k + 1
+        scanned = i + 1
+        user, after_scheme = piece[start:i], piece[max(base, start - 3):start] == "://"
+        end = min(len(piece), i + _SECRET_SPAN)
+        end = min([k for k in (piece.find("?", i, end), piece.find("#", i, end)) if k >= 0] or [end])
+        first_at, slash = piece.find("@", i, end), piece.find("/", i, end)
+        at = -1
+        if first_at > i and (user or after_scheme):
+            if slash < 0 or first_at < slash:
+                at = piece.rfind("@", i, slash if slash >= 0 else end)
+            elif (_AWS_KEY.fullmatch(user) or not (piece.startswith("//", i + 1) or _PORT.match(piece, i + 1)
+                                                   or (len(user) < 2 and not after_scheme) or user.isdigit())) \
+                    and "]" not in piece[i:slash]:
+                at = piece.rfind("@", i, end)
+        if at < 0:
+            i = start = i + 1
+            continue
+        out += [piece[base:start], "***@"]
+        base = start = scanned = i = at + 1
+    return "".join(out) + piece[base:]
+
+
+def _hide_userinfo_in(run: re.Match) -> str:
+    text = run.group(0)
+    if "@" not in text or ":" not in text:
+        return text
+    return ",".join(_hide_userinfo(piece) for piece in text.split(","))
+
+
 def redact_text(text: str) -> str:
     """``text`` with every URL credential replaced by ``***``."""
-    text = _SCHEME_USERINFO.sub(r"\1***@", text)
-    text = _BARE_USERINFO.sub("***@", text)
+    if "@" in text:
+        text = _RUN.sub(_hide_userinfo_in, text)
+        text = _SCHEME_USERINFO.sub(r"\1***@", text)
     return _SECRET_QUERY.sub(r"\1***", text)
 
 
