@@ -22,61 +22,67 @@ MAX_LOG_ENTRY = 1 << 20
 
 # ``scheme://user@`` (a user name alone, or any userinfo left): up to the authority's last "@", never past
 # its end ("/", "?", "#")
-_SCHEME_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s/?#'\"<>]+@")
+_SCHEME_USERINFO = re.compile(r"((?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]*://)[^\s/?#'\"<>]+@")
 # ``user:secret@`` with or without a scheme is found by ``_hide_userinfo`` in one pass over each run of
 # text without spaces or quotes: a regex for it backtracked (seconds on a 60,000-character line).
 _RUN = re.compile(r"[^\s'\"<>]+")
-_USER_STOP = frozenset("/@:()[]{};=")
+_USER_STOP = frozenset("/@:()[]{};=,|")
 _AWS_KEY = re.compile(r"A[KS]IA[A-Z0-9]{12,}")
 _PORT = re.compile(r"\d{1,5}(?:[/?#]|$)")
 _SECRET_SPAN = 2048
+_AUTH_END = re.compile(r"[/?#,;|]")
+# a secret-looking query parameter's value (no "?" in the name: with one, a line of "?" backtracked)
 _SECRET_QUERY = re.compile(
-    r"([?&][^=&\s'\"#]*(?:token|secret|key|signature|sig|password|credential|auth)[^=&\s'\"#]*=)[^&\s'\"#]+", re.I)
+    r"([?&][^=&?\s'\"#]*(?:token|secret|key|signature|sig|password|credential|auth)[^=&?\s'\"#]*=)[^&\s'\"#]+", re.I)
 
 
-def _hide_userinfo(piece: str) -> str:
-    """``piece`` (no spaces, quotes or commas) with each ``user:secret@`` replaced by ``***@``.
+def _hide_userinfo(run: str) -> str:
+    """``run`` (text without spaces or quotes) with each ``user:secret@`` replaced by ``***@``.
 
-    From a ":" after a user name (or right after "://") to the "@" that ends the secret:
-    - the last "@" before the next "/", "?" or "#" (a password may hold an unencoded "@");
-    - where the secret holds "/" (AWS secret keys often do) and so seems to end the authority inside
-      it: the last "@" before "?" or "#", within ``_SECRET_SPAN`` characters. The ":" must then not be
-      a scheme's "://", a port, a drive letter or a clock time (an access key's ":" always counts),
-      and no "]" (an IPv6 literal) may come before the "/". A path holding an "@" after such a ":" is
-      hidden too: a secret is never shown.
-    Linear in the length of ``piece``."""
-    out, base = [], 0  # piece[:base] is done (in ``out``)
+    From the ":" after a user name (or right after "://") up to the last "@" before the authority
+    ends (at "/", "?", "#" or a list's ",", ";" or "|" after the secret's first "@"): a secret may hold
+    "@", "?" or "#", and "/" (AWS secret keys often do) though a "/" seems to end the authority. Where
+    a "/" comes before the first "@", the ":" must not be a scheme's "://", a port, ":/" (a drive
+    letter or a ``name:/path``) or a clock time, unless it follows an access key or a scheme's "://".
+    A ":" inside "[...]" (an IPv6 literal) is never a user's. Linear in the length of ``run``."""
+    out, base = [], 0  # run[:base] is done (in ``out``)
     start = scanned = i = 0  # start: where the user name before the ":" at i would begin
-    while (i := piece.find(":", i)) >= 0:
+    bracket = False
+    while (i := run.find(":", i)) >= 0:
         for k in range(scanned, i):
-            if piece[k] in _USER_STOP:
+            ch = run[k]
+            if ch in _USER_STOP:
                 start = k + 1
+                bracket = ch == "[" or (bracket and ch != "]")
         scanned = i + 1
-        user, after_scheme = piece[start:i], piece[max(base, start - 3):start] == "://"
-        end = min(len(piece), i + _SECRET_SPAN)
-        end = min([k for k in (piece.find("?", i, end), piece.find("#", i, end)) if k >= 0] or [end])
-        first_at, slash = piece.find("@", i, end), piece.find("/", i, end)
+        user, after_scheme = run[start:i], run[max(base, start - 3):start] == "://"
+        window = min(len(run), i + _SECRET_SPAN)
+        first_at = run.find("@", i, window)
         at = -1
-        if first_at > i and (user or after_scheme):
-            if slash < 0 or first_at < slash:
-                at = piece.rfind("@", i, slash if slash >= 0 else end)
-            elif (_AWS_KEY.fullmatch(user) or not (piece.startswith("//", i + 1) or _PORT.match(piece, i + 1)
-                                                   or (len(user) < 2 and not after_scheme) or user.isdigit())) \
-                    and "]" not in piece[i:slash]:
-                at = piece.rfind("@", i, end)
+        if first_at > i and (user or after_scheme) and not bracket:
+            slash = run.find("/", i, first_at)
+            nxt = run[i + 1:i + 3]
+            if _AWS_KEY.fullmatch(user):
+                ok = True
+            elif slash < 0:  # no "/" in the secret
+                ok = not (_PORT.match(run, i + 1) or (len(user) == 1 and user.isalpha() and nxt[:1] == "\\"))
+            else:
+                ok = not (nxt == "//" or _PORT.match(run, i + 1) or (
+                    not after_scheme and (nxt[:1] == "/" or (user.isdigit() and nxt.isdigit()))))
+            if ok:
+                m = _AUTH_END.search(run, first_at, window)
+                at = run.rfind("@", first_at, m.start() if m else window)
         if at < 0:
             i = start = i + 1
             continue
-        out += [piece[base:start], "***@"]
+        out += [run[base:start], "***@"]
         base = start = scanned = i = at + 1
-    return "".join(out) + piece[base:]
+    return "".join(out) + run[base:]
 
 
 def _hide_userinfo_in(run: re.Match) -> str:
     text = run.group(0)
-    if "@" not in text or ":" not in text:
-        return text
-    return ",".join(_hide_userinfo(piece) for piece in text.split(","))
+    return _hide_userinfo(text) if "@" in text and ":" in text else text
 
 
 def redact_text(text: str) -> str:
