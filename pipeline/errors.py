@@ -29,11 +29,15 @@ _RUN = re.compile(r"[^\s'\"<>]+")
 _USER_STOP = frozenset("/@:()[]{};=,|")
 _AWS_KEY = re.compile(r"A[KS]IA[A-Z0-9]{12,}")
 _PORT = re.compile(r"\d{1,5}(?:[/?#]|$)")
+_CLOCK = re.compile(r"\d\d(?![0-9A-Za-z])")
+_IPV6 = re.compile(r"\[[0-9A-Fa-f:.]{2,64}(?:%[\w.~-]{1,32})?\]")
 _SECRET_SPAN = 2048
 _AUTH_END = re.compile(r"[/?#,;|]")
-# a secret-looking query parameter's value (no "?" in the name: with one, a line of "?" backtracked)
+# a secret-looking query parameter's value (names bounded, the keyword found by a lookahead: the
+# regex used before backtracked on a line of "?" or of many keywords without "=")
 _SECRET_QUERY = re.compile(
-    r"([?&][^=&?\s'\"#]*(?:token|secret|key|signature|sig|password|credential|auth)[^=&?\s'\"#]*=)[^&\s'\"#]+", re.I)
+    r"([?&](?=[^=&?\s'\"#]{0,256}?(?:token|secret|key|signature|sig|password|credential|auth))[^=&?\s'\"#]{0,256}=)"
+    r"[^&\s'\"#]+", re.I)
 
 
 def _hide_userinfo(run: str) -> str:
@@ -43,32 +47,37 @@ def _hide_userinfo(run: str) -> str:
     ends (at "/", "?", "#" or a list's ",", ";" or "|" after the secret's first "@"): a secret may hold
     "@", "?" or "#", and "/" (AWS secret keys often do) though a "/" seems to end the authority. Where
     a "/" comes before the first "@", the ":" must not be a scheme's "://", a port, ":/" (a drive
-    letter or a ``name:/path``) or a clock time, unless it follows an access key or a scheme's "://".
-    A ":" inside "[...]" (an IPv6 literal) is never a user's. Linear in the length of ``run``."""
+    letter or a ``name:/path``) or a clock time (``12:30``), unless it follows an access key (or, for
+    ":/" and clock times, a scheme's "://"). A ":" inside an IPv6 literal ``[...]`` is never a user's.
+    Linear in the length of ``run``."""
     out, base = [], 0  # run[:base] is done (in ``out``)
     start = scanned = i = 0  # start: where the user name before the ":" at i would begin
-    bracket = False
+    ipv6 = False  # the ":" is inside "[...]" that holds an IPv6 literal
     while (i := run.find(":", i)) >= 0:
         for k in range(scanned, i):
             ch = run[k]
             if ch in _USER_STOP:
                 start = k + 1
-                bracket = ch == "[" or (bracket and ch != "]")
+                if ch == "[":
+                    ipv6 = bool(_IPV6.match(run, k))
+                elif ch == "]":
+                    ipv6 = False
         scanned = i + 1
         user, after_scheme = run[start:i], run[max(base, start - 3):start] == "://"
         window = min(len(run), i + _SECRET_SPAN)
         first_at = run.find("@", i, window)
         at = -1
-        if first_at > i and (user or after_scheme) and not bracket:
+        if first_at > i and (user or after_scheme) and not ipv6:
             slash = run.find("/", i, first_at)
             nxt = run[i + 1:i + 3]
             if _AWS_KEY.fullmatch(user):
                 ok = True
             elif slash < 0:  # no "/" in the secret
-                ok = not (_PORT.match(run, i + 1) or (len(user) == 1 and user.isalpha() and nxt[:1] == "\\"))
+                ok = not (len(user) == 1 and user.isalpha() and nxt[:1] == "\\")
             else:
                 ok = not (nxt == "//" or _PORT.match(run, i + 1) or (
-                    not after_scheme and (nxt[:1] == "/" or (user.isdigit() and nxt.isdigit()))))
+                    not after_scheme and (nxt[:1] == "/" or (len(user) <= 2 and user.isdigit()
+                                                             and _CLOCK.match(run, i + 1)))))
             if ok:
                 m = _AUTH_END.search(run, first_at, window)
                 at = run.rfind("@", first_at, m.start() if m else window)
