@@ -188,7 +188,7 @@ def _mix_labels(args):
 
 def derivations_from_args(args, data, n_layers: int, raw_variants, dim: int):
     """Mixes and transforms of ``strata eval``, checked before any forward pass."""
-    from .derive import Derivations, check_fit
+    from .derive import Derivations, check_fit, check_held_out
     from .evaldata import read_texts
     from .transforms import parse_transforms
     from .variants import mix_variants, parse_mixes
@@ -199,6 +199,7 @@ def derivations_from_args(args, data, n_layers: int, raw_variants, dim: int):
     fit_texts = tuple(read_texts(args.fit_on)) if args.fit_on else None
     d = Derivations(mixes=mixes, transforms=parse_transforms(args.transforms), mix_labels=labels,
                     fit_texts=fit_texts, fit_source=args.fit_on or "")
+    check_held_out(d, data)
     if fit_texts is not None:
         n_fit = len(set(fit_texts))
     elif hasattr(data, "doc_texts"):
@@ -320,7 +321,9 @@ def eval_recipe(args, data, engine: str) -> int:
     from .report import merge_results
     from .variants import Variant
 
-    recipe = Recipe.load(args.recipe, top=args.top)
+    recipe, dropped, chosen_here = Recipe.load(args.recipe, top=args.top).held_out_from(data)
+    for line in dropped + ([f"note: the recipe's variants were {chosen_here}"] if chosen_here else []):
+        print(f"strata eval: {line}", file=sys.stderr)
     request = recipe.request(digest=True)
     encoder = RecipeEncoder(recipe, make_encoder(request, engine, args.output, force=args.force,
                                                  progress=not args.quiet))
@@ -332,11 +335,14 @@ def eval_recipe(args, data, engine: str) -> int:
         note = fitted.get(Variant.from_row(r).name)
         if note:
             r["fitted_on"] = note + f" (recipe {recipe.path})"
+        if chosen_here:
+            r["selected_on"] = chosen_here
     merge_results(args.output, rows)
     metric = "cosine_spearman" if isinstance(data, StsData) else "ndcg_at_10"
     for r in rows:
         if r["metric"] == metric:
-            print(f"{data.name}/{data.split}: {Variant.from_row(r).name} {metric} = {r['score']:.2f}")
+            print(f"{data.name}/{data.split}: {Variant.from_row(r).name} {metric} = {r['score']:.2f}"
+                  + (" (chosen on this data: optimistic)" if chosen_here else ""))
     print(f"results: {redact_text(str(args.output))}/eval/results.json")
     return 0
 

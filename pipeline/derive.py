@@ -5,7 +5,8 @@ and returns the derived ones, with a record of what each fitted piece saw:
 
 - uniform mixes need nothing fitted;
 - learned mixes are fitted on ``mix_labels``, a labelled TRAINING set (STS pairs, or a BEIR
-  folder's training qrels), embedded by the same encoder; the evaluated data never reaches the fit;
+  folder's training qrels), embedded by the same encoder; the evaluated data never reaches the fit
+  (``check_held_out`` refuses training labels that share a pair or a query with the evaluated ones);
 - transforms are fitted on unlabelled vectors: ``fit_texts`` when given (``--fit-on``),
   otherwise the evaluated set's own texts (for retrieval, the corpus documents) -- texts only,
   never labels, as the post-processing papers do. The same fitted transform is applied to
@@ -119,6 +120,30 @@ def derive(encoder, vectors: Mapping[Variant, np.ndarray], derivations: Derivati
             t = fit_transform(name, [np.asarray(sample, dtype=np.float32)], fitted_on={"source": label})
             yield (Variant(b.layer, b.pooling, b.template, b.mix, name), t.apply(x),
                    {**record.get(b, {}), "transform": t.fitted_on}, t)
+
+
+def check_held_out(derivations: Derivations | None, data: StsData | BeirData) -> None:
+    """Refuse learned-mix training labels that overlap the evaluated labels: an STS pair (either
+    order) or a judged query (its text) in both, or the same BEIR data and split."""
+    labels = derivations.mix_labels if derivations is not None else None
+    if labels is None or not any(kind == "learned" for kind, _, _ in derivations.mixes):
+        return
+    if isinstance(labels, StsData) and isinstance(data, StsData):
+        pairs = {frozenset(p) for p in zip(labels.sentence1, labels.sentence2)}
+        shared = sum(frozenset(p) in pairs for p in zip(data.sentence1, data.sentence2))
+        what = "sentence pairs"
+    elif isinstance(labels, BeirData) and isinstance(data, BeirData):
+        judged = {t for q, t in zip(labels.query_ids, labels.query_texts) if labels.qrels.get(q)}
+        shared = sum(t in judged for q, t in zip(data.query_ids, data.query_texts) if data.qrels.get(q))
+        if not shared and labels.name == data.name and labels.split == data.split and judged:
+            shared = len(judged)
+        what = "judged queries"
+    else:
+        return
+    if shared:
+        raise SpecError(f"the learned mix's training labels ({labels.name}/{labels.split}) share {shared} {what} "
+                        f"with the evaluated {data.name}/{data.split}: a mix is never scored on what it was fitted "
+                        f"on; give --mix-labels another split or data set")
 
 
 def check_fit(derivations: Derivations, n_texts: int, dim: int) -> None:

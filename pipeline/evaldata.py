@@ -137,7 +137,10 @@ def _read_lines(path: Path) -> list[tuple[int, str]]:
         raise EvalDataError(f"{path}: file not found") from None
     except UnicodeDecodeError as e:
         raise EvalDataError(f"{path}: not UTF-8 ({e})") from None
-    return [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    # lines end at "\n" (and a "\r" before it) only: str.splitlines would also cut at U+2028,
+    # U+0085, form feeds and other separators that may stand inside a sentence or a JSON string
+    lines = (line[:-1] if line.endswith("\r") else line for line in text.split("\n"))
+    return [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
 
 
 def _stsb_rows(path: Path, lines) -> tuple[list, list, list]:

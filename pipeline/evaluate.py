@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import quantize
-from .derive import Derivations, derive, save_fitted
+from .derive import Derivations, check_held_out, derive, save_fitted
 from .evaldata import BeirData, StsData, load_beir, load_sts
 from .metrics import retrieval_scores, retrieval_scores_from_run, sts_scores
 from .report import merge_results
@@ -106,6 +106,7 @@ def evaluate_sts(encoder: TextEncoder, data: StsData, derivations: Derivations |
     """Spearman and Pearson (x100) of cosine similarity vs gold, for every variant (and derived one).
     Fitted pieces (learned mix weights, transforms) are stored under ``save_dir`` when given.
     ``quantized``: every variant's vectors quantised and decoded first (``quantize.Quantized``)."""
+    check_held_out(derivations, data)
     data, left_out = without_empty_sts(data)
     texts, (rows1, rows2) = unique_texts(data.sentence1, data.sentence2)
     out = []
@@ -216,6 +217,7 @@ def evaluate_retrieval(encoder: TextEncoder, data: BeirData, derivations: Deriva
     queries and documents are embedded under their own templates and every variant is the pair
     ``QUERY~DOC`` of the same layer and pooling (E5-Mistral / GTE-Qwen2 style instructions).
     """
+    check_held_out(derivations, data)
     index_options = dict(index_options or {})
     if index_engine == "ray":
         check_ray_index(index, encoder, quantized, derivations)

@@ -240,7 +240,7 @@ def _sq_trained(ranges) -> np.ndarray:
     """FAISS ``QT_8bit`` parameters (vmin, then vdiff per dimension) that code exactly as ``quantize.quantize_int8``."""
     r = np.asarray(ranges, dtype=np.float32)
     diff = r[1] - r[0]
-    diff = np.where(diff == 0, np.float32(quantize.LEVELS), diff)  # quantize's step 1 where max == min
+    diff = np.where(diff == 0, np.float32(quantize.LEVELS * quantize.ZERO_STEP), diff)  # quantize's step there
     return np.concatenate([r[0], diff]).astype(np.float32)
 
 

@@ -32,7 +32,7 @@ import hashlib
 import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -579,6 +579,7 @@ class Recipe:
     templates: dict[str, str]
     entries: list[dict]
     probe_sha256: str
+    labels: dict | None = None  # the labelled sample the variants were chosen on: data, split, items, of
 
     @classmethod
     def load(cls, path: str | Path, top: int = 1) -> "Recipe":
@@ -603,7 +604,29 @@ class Recipe:
         if top > len(entries):
             raise ProbeError(f"recipe {path}: --top {top}, but it holds {len(entries)} variant(s)")
         return cls(path, d["model"], d["settings"], d["settings"]["templates"], entries[:top],
-                   hashlib.sha256(blob).hexdigest())
+                   hashlib.sha256(blob).hexdigest(), d.get("labels"))
+
+    def held_out_from(self, data) -> tuple["Recipe", list[str], str | None]:
+        """This recipe for scoring on ``data``: without the entries whose mix weights were fitted on
+        ``data``'s labels (same name and split), the lines saying which were left out, and a note
+        when the variants were chosen on a sample of ``data`` (their scores there are optimistic)."""
+        same = (lambda seen: seen and (seen.get("data"), seen.get("split")) == (data.name, data.split))
+        kept, dropped = [], []
+        for e in self.entries:
+            if same(e.get("mix_fitted_on")):
+                m = e["mix_fitted_on"]
+                dropped.append(f"left out {e['variant']}: its mix weights were fitted on {m['data']}/{m['split']} "
+                               f"labels, the data scored here")
+            else:
+                kept.append(e)
+        if not kept:
+            raise ProbeError(f"recipe {self.path}: every variant asked for has mix weights fitted on "
+                             f"{data.name}/{data.split}, the data to score: evaluate on other labels, or raise --top")
+        chosen = None
+        if same(self.labels):
+            chosen = (f"chosen by the probe on {self.labels.get('items')} of {self.labels.get('of')} items of "
+                      f"{data.name}/{data.split}: optimistic here")
+        return replace(self, entries=kept), dropped, chosen
 
     @property
     def variants(self) -> list[Variant]:

@@ -9,8 +9,8 @@ int8 (per-dimension ranges, as sentence-transformers' ``quantize_embeddings(prec
 - every vector is first L2-normalised (every consumer here computes cosines; ranges over raw
   norms would spend the 256 levels on the spread of norms, not of directions);
 - ranges are the per-dimension ``min`` and ``max`` of a calibration sample of such unit vectors
-  (an ``(2, dim)`` array, sentence-transformers' layout), ``step = (max - min) / 255`` (1 where
-  max == min);
+  (an ``(2, dim)`` array, sentence-transformers' layout), ``step = (max - min) / 255`` (``ZERO_STEP``,
+  1e-30, where max == min: such a dimension decodes to its one value);
 - ``code = clip(floor((x - min) / step), 0, 255) - 128``: the bucket index, truncated as
   sentence-transformers does, so the codes are bit-identical to its ``int8`` codes for the same
   ranges (tested);
@@ -49,6 +49,7 @@ import pyarrow.parquet as pq
 
 QUANTIZED = ("int8", "binary")
 LEVELS = 255  # int8: 256 codes, 255 steps between min and max
+ZERO_STEP = 1e-30  # the step of a dimension whose calibrated min == max: every code decodes to ~min
 MIN_CALIBRATION_ROWS = 2
 DEFAULT_CALIBRATION_ROWS = 1000
 RANGES_FILE = "quantization/int8_ranges.parquet"
@@ -132,7 +133,7 @@ def _check_ranges(ranges, dim: int) -> tuple[np.ndarray, np.ndarray]:
         raise QuantizationError(f"int8 ranges have shape {r.shape}, vectors need (2, {dim})")
     starts = r[0]
     steps = (r[1] - starts) / np.float32(LEVELS)
-    return starts, np.where(steps == 0, np.float32(1), steps).astype(np.float32)
+    return starts, np.where(steps == 0, np.float32(ZERO_STEP), steps).astype(np.float32)
 
 
 def quantize_int8(x, ranges) -> np.ndarray:

@@ -68,6 +68,8 @@ def validate_rows(rows: Iterable[dict]) -> list[dict]:
                                f"number ({e}): {row}") from None
         if row.get("fitted_on"):
             r["fitted_on"] = str(row["fitted_on"])
+        if row.get("selected_on"):  # a probe recipe scored on the labels it was chosen on
+            r["selected_on"] = str(row["selected_on"])
         if row.get("left_out"):  # texts not evaluated (empty documents, pairs with an empty sentence)
             r["left_out"] = str(row["left_out"])
         if row.get("quantization"):  # scored as a quantised (int8/binary) output: its own group
@@ -349,6 +351,9 @@ def write_report(rows: Iterable[dict], out_dir: str | Path, n_layers: int | None
         left = sorted({r["left_out"] for r in group if r.get("left_out")})
         if left:  # empty documents or pairs with an empty sentence: not in these scores
             md += [f"Not evaluated: {'; '.join(left)}.", ""]
+        chosen_here = sorted({f"`{Variant.from_row(r).name}` {r['selected_on']}" for r in group if r.get("selected_on")})
+        if chosen_here:
+            md += [f"Scored on the labels they were chosen on: {'; '.join(chosen_here)}.", ""]
         templates = sorted({r["template"] for r in group if _is_raw(r)}, key=lambda t: (t != "plain", t))
         if b:
             md += [f"Best: **`{b['variant']}`**, {b['metric']} = {b['score']:.2f}; {_fmt_gain(b)}", ""]

@@ -151,6 +151,10 @@ class Request:
         # only where used, so that plain outputs keep the signature (and job version) they had
         if any(not t.is_plain for t in self.templates):
             sig["templates"] = self.template_texts()
+        # a piece's trailing whitespace is tokenised with the text (2026-12): outputs of such a
+        # template made before then were tokenised otherwise and must not be resumed into
+        if any(t.text_takes_whitespace for t in self.templates):
+            sig["template_tokens"] = "whitespace-with-text"
         if self.settings.append_eos:
             sig["append_eos"] = True
         return sig

@@ -6,8 +6,11 @@ text alone, with its usual special tokens. Any other template is tokenised in pi
 
     [specials before] prefix [text] middle [text] suffix [specials after] [eos]
 
-with each piece tokenised on its own (the text never merges with the prompt), so the last
-copy of the text is a known token span: every pooling except ``last`` pools that span only
+with each piece tokenised on its own (the text never merges with the prompt's words), so the
+last copy of the text is a known token span. A piece's trailing whitespace is tokenised with the
+text after it, as in the whole string (``"Query: {text}"`` gives ``Query:`` then ``Ġhello``, not a
+lone ``Ġ`` then ``hello``); whitespace that stays a token of its own is prompt, outside the span.
+Every pooling except ``last`` pools that span only
 (the prompt is left out, as llm2vec and sentence-transformers' ``include_prompt=False`` do),
 and ``last`` reads the last token of the whole sequence (what PromptEOL reads). Truncation
 cuts the text, never the template, and is counted.
@@ -54,6 +57,12 @@ class Template:
     @property
     def is_plain(self) -> bool:
         return self.text == SLOT
+
+    @property
+    def text_takes_whitespace(self) -> bool:
+        """Whether a piece before a slot ends in whitespace, which is tokenised with the text (so
+        outputs of this template made before that rule read differently; see the signature)."""
+        return any(p != p.rstrip() for p in self.pieces[:-1])
 
     @property
     def pieces(self) -> list[str]:
@@ -150,18 +159,39 @@ def tokenize_plain(tokenizer, texts: Sequence[str], max_length: int) -> tuple[li
 
 def text_budget(template: Template, tokenizer, max_length: int, append_eos: bool = False) -> int:
     """Tokens left for each copy of the text once the template (and special tokens) are placed."""
+    return (max_length - fixed_tokens(template, tokenizer, append_eos)) // (len(template.pieces) - 1)
+
+
+def fixed_tokens(template: Template, tokenizer, append_eos: bool = False) -> int:
+    """Tokens the template and the special tokens take, whatever the text."""
     before, after = _specials(tokenizer)
     fixed = len(before) + len(after) + int(append_eos and tokenizer.eos_token_id is not None)
-    fixed += sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in template.pieces)
-    copies = len(template.pieces) - 1
-    return (max_length - fixed) // copies
+    return fixed + sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in _split(template)[0])
+
+
+def _split(template: Template) -> tuple[list[str], list[str]]:
+    """The pieces as tokenised, and the whitespace each slot's text is tokenised with.
+
+    A piece's trailing whitespace goes with the text after it: ``"Query: {text}"`` tokenises as
+    ``"Query:"`` and ``" hello"``, so the text reads ``Ġhello`` as it would in the whole string,
+    not a lone space token and ``hello``.
+    """
+    pieces, lead = [], []
+    for k, piece in enumerate(template.pieces):
+        if k < len(template.pieces) - 1:
+            body = piece.rstrip()
+            pieces.append(body)
+            lead.append(piece[len(body):])
+        else:
+            pieces.append(piece)
+    return pieces, lead
 
 
 def check_fits(template: Template, tokenizer, max_length: int, append_eos: bool = False) -> int:
     """The text budget, or a one-line error when the template leaves no room for any text."""
     budget = text_budget(template, tokenizer, max_length, append_eos)
     if budget < 1:
-        raise SpecError(f"template {template.name!r} takes {max_length - budget * (len(template.pieces) - 1)} of "
+        raise SpecError(f"template {template.name!r} takes {fixed_tokens(template, tokenizer, append_eos)} of "
                         f"max_length {max_length} tokens and leaves no room for the text: shorten it or raise "
                         f"max_length")
     return budget
@@ -177,22 +207,41 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int, template: Templat
         return Tokenized(ids, spans, truncated)
     budget = check_fits(template, tokenizer, max_length, append_eos)
     before, after = _specials(tokenizer)
-    pieces = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in template.pieces]
+    texts_of_pieces, lead = _split(template)
+    pieces = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in texts_of_pieces]
     eos = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
     limit = budget * CHARS_PER_TOKEN_GUARD
     clipped = [clean_text(t[:limit]) for t in texts]
     # the text is tokenised as text (markup such as "<|im_end|>" in it is not a control token);
-    # the template's pieces above may use special tokens on purpose
-    bare = tokenizer(clipped, add_special_tokens=False, split_special_tokens=True)["input_ids"] if clipped else []
+    # the template's pieces above may use special tokens on purpose. One tokenisation per
+    # distinct leading whitespace (echo's two slots may differ).
+    copies = {ws: tokenizer([ws + t for t in clipped], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+              if clipped else [] for ws in dict.fromkeys(lead)}
+    blank = _blank_tokens(tokenizer)
     ids, spans, truncated = [], np.zeros((len(texts), 2), dtype=np.int64), np.zeros(len(texts), dtype=bool)
-    for i, (text, tok) in enumerate(zip(texts, bare)):
-        truncated[i] = len(tok) > budget or len(text) > limit
-        tok = list(tok[:budget])
+    for i, text in enumerate(texts):
         row = list(before) + list(pieces[0])
-        for piece in pieces[1:]:
+        for ws, piece in zip(lead, pieces[1:]):
+            tok = copies[ws][i]
+            truncated[i] |= len(tok) > budget or len(text) > limit
+            tok = list(tok[:budget])
             start = len(row)
-            row += tok
-            spans[i] = (start, len(row))
-            row += list(piece)
+            if ws:  # the piece's whitespace, where it stands as tokens of its own, is prompt
+                while start < len(row) + len(tok) - 1 and blank(tok[start - len(row)]):
+                    start += 1
+            spans[i] = (start, len(row) + len(tok))
+            row += tok + list(piece)
         ids.append(row + list(after) + eos)
     return Tokenized(ids, spans, truncated)
+
+
+def _blank_tokens(tokenizer):
+    """Whether a token id decodes to whitespace only (cached per id)."""
+    cache: dict[int, bool] = {}
+
+    def blank(token: int) -> bool:
+        if token not in cache:
+            cache[token] = not tokenizer.decode([token]).strip()
+        return cache[token]
+
+    return blank

@@ -141,3 +141,24 @@ def test_embed_fits_transforms_on_its_rows_and_index_and_queries_use_them(ray_lo
     learned = manifest["derived"]["W2-4.mean"]
     assert learned["fitted_on"]["mix"]["data"] == "train" and len(learned["weights"]) == 3
     assert abs(sum(learned["weights"]) - 1) < 1e-5 and "W2-4.mean|whiten8" in manifest["derived"]
+
+
+def test_learned_mix_labels_that_overlap_the_evaluated_pairs_are_refused(model_dir, tmp_path, capsys, monkeypatch):
+    """--mix-labels holding any evaluated pair (in either order) is refused before any forward pass."""
+    import pipeline.encoder
+
+    def never(*a, **k):
+        raise AssertionError("a forward pass ran")
+
+    monkeypatch.setattr(pipeline.encoder.Encoder, "encode_tokenized", never)
+    rows = [{"sentence1": f"first text {i}", "sentence2": f"second text {i}", "score": i % 3} for i in range(6)]
+    pairs, train = tmp_path / "pairs.jsonl", tmp_path / "train.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    other = [{"sentence1": f"other {i}", "sentence2": f"another {i}", "score": 1} for i in range(5)]
+    swapped = [{"sentence1": r["sentence2"], "sentence2": r["sentence1"], "score": 0} for r in rows[:2]]
+    train.write_text("".join(json.dumps(r) + "\n" for r in other + swapped))
+    for labels, shared in ((pairs, 6), (train, 2)):
+        assert main(["eval", "sts", str(pairs), "--output", str(tmp_path / "o"), "--model", model_dir,
+                     "--layers", "2:4", "--mixes", "learned:2:4", "--mix-labels", str(labels)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"share {shared} sentence pairs with the evaluated" in err, err

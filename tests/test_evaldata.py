@@ -48,6 +48,23 @@ def test_generic_pair_formats_agree(tmp_path, fmt):
     assert data.name == "pairs"
 
 
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_line_separators_inside_a_sentence_stay_in_it(tmp_path, fmt):
+    """Rows end at "\n" (or "\r\n") only: U+2028, U+0085 and a form feed inside a sentence (raw,
+    as JSON allows) are part of the sentence, not the end of a row."""
+    pairs = [("one\u2028line", "form\x0cfeed", 1.0), ("next\x85line", "plain", 2.0)]
+    path = tmp_path / f"sts-test.{fmt}"
+    if fmt == "csv":
+        text = "".join(f"g\tf\ty\t{i}\t{c}\t{a}\t{b}\r\n" for i, (a, b, c) in enumerate(pairs))
+    else:
+        text = "".join(json.dumps(dict(zip(("sentence1", "sentence2", "score"), p)), ensure_ascii=False) + "\r\n"
+                       for p in pairs)
+    path.write_bytes(text.encode("utf-8"))
+    data = load_sts(path)
+    assert data.sentence1 == [p[0] for p in pairs] and data.sentence2 == [p[1] for p in pairs]
+    np.testing.assert_array_equal(data.scores, [1.0, 2.0])
+
+
 @pytest.mark.parametrize("content, fragment", [
     ("g\tf\ty\t1\tfive\ta\tb\ng\tf\ty\t1\t1\ta\tb\n", r"x\.csv:1: score 'five' is not a number"),
     ("g\tf\ty\t1\t2\ta\tb\ng\tf\ty\t1\t2\ta\n", r"x\.csv:2: expected at least 7"),

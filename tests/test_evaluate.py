@@ -126,7 +126,7 @@ def test_derived_variants_score_like_an_independent_reference(model_dir, tmp_pat
 
     from pipeline.derive import Derivations
     from pipeline.report import write_report
-    from pipeline.variants import parse_mixes
+    from pipeline.variants import SpecError, parse_mixes
 
     request = resolve(model_dir, layers="1:4", poolings="mean,last")
     enc = Encoder.from_request(request)
@@ -268,3 +268,24 @@ def test_eval_index_engine_ray_scores_through_the_merged_on_disk_ivfpq(ray_local
     assert all(len(r) == 100 for r in run.values())
     loaded = load_index(folder / "indexes" / "L2.mean.faiss")
     assert loaded.index.ntotal == len(docs) and sorted(loaded.ids) == sorted(doc_ids)  # the queries are not indexed
+
+
+def test_learned_mix_training_queries_must_not_be_evaluated():
+    """BEIR labels: a judged query shared with the evaluated split (same text), or the same data and
+    split, is refused; another split with other queries is accepted."""
+    from pipeline.derive import Derivations, check_held_out
+    from pipeline.evaldata import BeirData
+    from pipeline.variants import SpecError, parse_mixes
+
+    def beir(split, queries, name="tiny"):
+        return BeirData(name, ["d0", "d1"], ["doc zero", "doc one"], [f"q{i}" for i in range(len(queries))],
+                        list(queries), {f"q{i}": {"d0": 1} for i in range(len(queries))}, split=split)
+
+    test = beir("test", ["what is zero", "what is one"])
+    mixes = parse_mixes("learned:1:4", 4)
+    with pytest.raises(SpecError, match=r"\(tiny/test\) share 2 judged queries with the evaluated tiny/test"):
+        check_held_out(Derivations(mixes=mixes, mix_labels=test), test)
+    with pytest.raises(SpecError, match=r"\(tiny/train\) share 1 judged queries"):
+        check_held_out(Derivations(mixes=mixes, mix_labels=beir("train", ["what is one", "why two"])), test)
+    check_held_out(Derivations(mixes=mixes, mix_labels=beir("train", ["why two", "how three"])), test)
+    check_held_out(Derivations(mixes=parse_mixes("1:4", 4)), test)  # nothing learned: nothing to check

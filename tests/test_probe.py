@@ -303,19 +303,27 @@ def test_probe_writes_a_ranked_recipe_a_report_and_a_job(probed):
     assert "recipe:" in job and str(out / "probe.json") in job
 
 
-def test_recipe_evaluation_gives_the_probes_scores_on_the_same_data(probed, sts_file, tmp_path):
+def test_recipe_evaluation_gives_the_probes_scores_on_the_same_data(probed, sts_file, tmp_path, capsys):
+    """Scored on the labels it was probed on: raw cells give the probe's scores; every row says the
+    variants were chosen there, and learned mixes (weights fitted on these labels) are left out."""
     from pipeline.cli import main
 
     out, result = probed
     raw = [e for e in result["recipe"] if Variant.parse(e["variant"]).is_raw]
     assert raw
     top = result["recipe"].index(raw[-1]) + 1
+    learned = {e["variant"] for e in result["recipe"][:top] if e.get("mix_fitted_on")}
+    capsys.readouterr()
     assert main(["eval", "sts", str(sts_file), "--recipe", str(out / "probe.json"), "--top", str(top),
                  "--output", str(tmp_path), "-q"]) == 0
+    said = capsys.readouterr()
     rows = json.loads((tmp_path / "eval" / "results.json").read_text())
     got = {Variant.from_row(r).name: r["score"] for r in rows if r["metric"] == "cosine_spearman"}
     probed_scores = {r["variant"]: r["score"] for r in result["ranked"]}
-    assert set(got) == {e["variant"] for e in result["recipe"][:top]}
+    assert set(got) == {e["variant"] for e in result["recipe"][:top]} - learned
+    assert all(f"left out {v}: its mix weights were fitted on" in said.err for v in learned)
+    assert all(r["selected_on"].startswith(f"chosen by the probe on {result['labels']['items']} of ") for r in rows)
+    assert "(chosen on this data: optimistic)" in said.out
     for e in raw:
         assert got[e["variant"]] == pytest.approx(probed_scores[e["variant"]], abs=1e-3)
 
@@ -414,3 +422,25 @@ def test_a_corpus_sample_fits_the_transforms_and_carries_the_signals(model_dir, 
     assert fitted and all("40 texts sampled from" in r["fitted_on"] for r in fitted)
     assert result["signals"]["on"].startswith("40 texts sampled from")
     assert "text_column: body" in (tmp_path / "out" / "job.yaml").read_text()
+
+
+def test_a_recipe_scored_elsewhere_keeps_everything_and_learned_mixes_never_score_their_labels(tmp_path):
+    """held_out_from: entries whose mix weights saw the scored labels are left out (all of them: an
+    error); the probe's own labels mark the rows as chosen there; other labels change nothing."""
+    from types import SimpleNamespace
+
+    from pipeline.probe import ProbeError, Recipe
+
+    fitted = {"task": "sts", "data": "stsb", "split": "dev", "pairs": 400}
+    entries = [{"variant": "L2.mean"}, {"variant": "mix(learned:1-4).mean", "mix_fitted_on": fitted}]
+    recipe = Recipe(tmp_path / "probe.json", {}, {}, {}, entries, "0" * 64,
+                    {"data": "stsb", "split": "dev", "items": 500, "of": 1500})
+    dev, test = SimpleNamespace(name="stsb", split="dev"), SimpleNamespace(name="stsb", split="test")
+    same, dropped, chosen = recipe.held_out_from(dev)
+    assert [e["variant"] for e in same.entries] == ["L2.mean"] and len(dropped) == 1
+    assert "mix(learned:1-4).mean" in dropped[0] and "stsb/dev labels" in dropped[0]
+    assert chosen == "chosen by the probe on 500 of 1500 items of stsb/dev: optimistic here"
+    other, dropped, chosen = recipe.held_out_from(test)
+    assert other.entries == entries and dropped == [] and chosen is None
+    with pytest.raises(ProbeError, match="every variant asked for has mix weights fitted on stsb/dev"):
+        Recipe(recipe.path, {}, {}, {}, entries[1:], "0" * 64, None).held_out_from(dev)

@@ -94,7 +94,38 @@ def test_int8_values_outside_the_calibration_are_clipped_and_constant_dimensions
     const = np.ones((5, 8), dtype=np.float32)
     r = qz.calibrate(const)
     assert np.array_equal(qz.quantize_int8(const, r), np.full((5, 8), -128))
-    assert np.allclose(qz.dequantize_int8(qz.quantize_int8(const, r), r), qz.unit_rows(const) + 0.5)
+    assert np.allclose(qz.dequantize_int8(qz.quantize_int8(const, r), r), qz.unit_rows(const), atol=1e-7)
+
+
+def test_a_dimension_constant_in_the_calibration_decodes_to_its_value():
+    """A dimension that is always 0 (or any one value) in the calibration sample decodes to that value,
+    in and out of the calibrated range, by quantize and by FAISS's QT_8bit given the same ranges."""
+    import faiss
+
+    from pipeline.index import _sq_trained
+
+    x = vectors(40, 16)
+    x[:, 3] = 0.0
+    ranges = qz.calibrate(x)
+    assert ranges[0, 3] == ranges[1, 3] == 0
+    new = vectors(10, 16, seed=7)  # dimension 3 is not 0 here: outside the calibrated range
+    for rows in (x, new):
+        back = qz.dequantize_int8(qz.quantize_int8(rows, ranges), ranges)
+        assert np.abs(back[:, 3]).max() < 1e-20
+    keep = np.arange(16) != 3  # the other dimensions of the calibration rows: within half a step
+    half = (ranges[1] - ranges[0])[keep] / 255 / 2 + 1e-6
+    back_x = qz.dequantize_int8(qz.quantize_int8(x, ranges), ranges)
+    assert np.all(np.abs(back_x[:, keep] - qz.unit_rows(x)[:, keep]) <= half)
+    sq = faiss.IndexScalarQuantizer(16, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+    faiss.copy_array_to_vector(_sq_trained(ranges), sq.sq.trained)
+    sq.is_trained = True
+    for rows in (x, new):  # the index adds bucket centres (index._add): FAISS codes them to the same bytes
+        q = qz.quantize_int8(rows, ranges)
+        codes = sq.sa_encode(qz.dequantize_int8(q, ranges))
+        assert np.array_equal(codes.view(np.uint8).astype(np.int16) - 128, q)
+        decoded = sq.sa_decode(codes)
+        assert np.abs(decoded[:, 3]).max() < 1e-20
+        assert np.allclose(decoded, qz.dequantize_int8(q, ranges), atol=1e-6)
 
 
 def test_calibration_needs_two_rows():

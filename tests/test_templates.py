@@ -32,19 +32,45 @@ def span_pool(h: np.ndarray, start: int, stop: int, pooling: str) -> np.ndarray:
 
 
 def by_hand(tokenizer, template: str, text: str) -> tuple[list[int], int, int]:
-    """Token ids of a templated text and the span of its last copy, assembled piece by piece."""
+    """Token ids of a templated text and the span of its last copy, assembled piece by piece: a
+    piece's trailing spaces are tokenised with the text after it (where they merge into its first
+    word), anything else on its own."""
     pieces = template.split("{text}")
-    bare = tokenizer(text, add_special_tokens=False)["input_ids"]
-    ids, start = [], 0
+    ids, start, stop = [], 0, 0
     for k, piece in enumerate(pieces):
-        ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
-        if k < len(pieces) - 1:
-            start = len(ids)
-            ids += bare
-    stop = start + len(bare)
+        if k == len(pieces) - 1:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+            break
+        body = piece.rstrip()
+        ids += tokenizer(body, add_special_tokens=False)["input_ids"]
+        ws = piece[len(body):]
+        word = tokenizer(ws + text, add_special_tokens=False)["input_ids"]
+        own = 0  # the whitespace's own tokens, when it does not merge: not the text's
+        while own < len(word) - 1 and tokenizer.decode(word[:own + 1]).strip() == "":
+            own += 1
+        start, stop = len(ids) + own, len(ids) + len(word)
+        ids += word
     with_specials = tokenizer("x")["input_ids"]
     lead = with_specials[: with_specials.index(tokenizer("x", add_special_tokens=False)["input_ids"][0])]
     return lead + ids, start + len(lead), stop + len(lead)
+
+
+@pytest.mark.parametrize("template", ["Query: {text}", "echo", "Represent this:\n\n{text}", "A  {text}  B"])
+def test_text_after_a_space_reads_as_it_does_in_the_whole_string(tiny, template):
+    """A piece ending in whitespace: the ids equal tokenising the whole templated string at once
+    (the text's first word takes its leading space, 'Ġhello', not 'Ġ' 'hello'), and the span holds
+    exactly the tokens that overlap the text's characters."""
+    t = parse_template(template)
+    texts = ["hello world", "A man is playing a guitar", "x"]
+    tok = tokenize(tiny.tokenizer, texts, 128, t)
+    for i, text in enumerate(texts):
+        whole = t.text.replace("{text}", text)
+        enc = tiny.tokenizer(whole, return_offsets_mapping=True)
+        assert tok.ids[i] == enc["input_ids"], (template, text)
+        first = whole.rindex(text)
+        inside = [k for k, (a, b) in enumerate(enc["offset_mapping"]) if a < first + len(text) and b > first
+                  and whole[a:b].strip()]
+        assert list(range(*tok.spans[i])) == inside, (template, text)
 
 
 @pytest.mark.parametrize("name", ["prompteol", "echo", 'Query: "{text}"'])
@@ -65,7 +91,8 @@ def test_templated_variant_equals_pooling_the_span_by_hand(model_dir, name, side
 def test_echo_pools_exactly_the_second_copy(tiny):
     tok = tokenize(tiny.tokenizer, ["one two three"], 64, parse_template("echo"))
     ids, (start, stop) = tok.ids[0], tok.spans[0]
-    bare = tiny.tokenizer("one two three", add_special_tokens=False)["input_ids"]
+    # both slots follow "...: ", so each copy is the text as it reads after a space
+    bare = tiny.tokenizer(" one two three", add_special_tokens=False)["input_ids"]
     assert ids[start:stop] == bare and ids.count(bare[0]) == 2  # the text is there twice
     first_copy = ids.index(bare[0])
     assert first_copy < start and ids[first_copy:first_copy + len(bare)] == bare
@@ -153,3 +180,16 @@ def test_learned_mix_finds_the_informative_layer():
     assert w.argmax() == 2 and w[2] > 0.5 and abs(w.sum() - 1) < 1e-6
     w = fit_retrieval(per_layer, np.arange(n), np.arange(n) + n)
     assert w.argmax() == 2 and w[2] > 0.5
+
+
+def test_a_template_whose_text_takes_whitespace_is_signed_so(model_dir):
+    """Outputs of such a template made before whitespace went with the text were tokenised
+    otherwise: the signature says which rule made them, so they are not resumed into."""
+    from pipeline.request import signature_difference
+
+    echo = resolve(model_dir, templates=["echo"], digest=False).signature()
+    assert echo["template_tokens"] == "whitespace-with-text"
+    before = {k: v for k, v in echo.items() if k != "template_tokens"}
+    assert signature_difference(before, echo) == ["template_tokens"]
+    assert "template_tokens" not in resolve(model_dir, templates=["prompteol"], digest=False).signature()
+    assert "template_tokens" not in resolve(model_dir, digest=False).signature()

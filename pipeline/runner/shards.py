@@ -140,8 +140,6 @@ def plan(manifest: dict | None, shards: list[Shard]) -> tuple[list[Shard], list[
     return todo, keep, drop
 
 
-
-
 def strings(column: pa.ChunkedArray) -> tuple[list, dict[int, str]]:
     """A column's values as Python objects, and {row: reason} for string values that are not
     valid UTF-8 (a binary column written as string, CESU-8 surrogates): those rows become None
