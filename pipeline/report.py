@@ -334,7 +334,9 @@ def write_report(rows: Iterable[dict], out_dir: str | Path, n_layers: int | None
     bests = best_variants(rows, n_layers)
     md = ["# Strata evaluation report", "",
           "Scores x100. Main metrics: STS = Spearman of cosine similarity (`cosine_spearman`), retrieval = "
-          "nDCG@10 (`ndcg_at_10`, trec_eval). Best cells are in bold; the default is the last layer's last token.",
+          "nDCG@10 (`ndcg_at_10`, trec_eval). Best cells are in bold; the default is the last layer's last token. "
+          "\"Best\" is picked on these same scores, so it is the top of many on this data (optimistic); "
+          "`strata probe` chooses on a labelled sample, with intervals, for scoring elsewhere.",
           ""]
     if bests:
         md += ["| dataset | metric | best variant | score | default | gain |", "|---|---|---|---:|---|---:|"]
