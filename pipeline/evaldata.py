@@ -132,7 +132,7 @@ def _score(value, where: str) -> float:
 
 def _read_lines(path: Path) -> list[tuple[int, str]]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")  # not read_text: it would turn a lone "\r" into a line end
     except FileNotFoundError:
         raise EvalDataError(f"{path}: file not found") from None
     except UnicodeDecodeError as e:

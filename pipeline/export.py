@@ -28,6 +28,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .templates import check_tokens_rule
 from .transforms import Transform
 from .variants import SpecError, Variant
 
@@ -102,6 +103,12 @@ def from_output(out_dir: Path, name: str) -> ExportSpec:
     else:
         sources, weights, transform = tuple(Variant.parse(c) for c in r.columns), r.weights, r.transform
     fitted = manifest.get(DERIVED, {}).get(variant.name, {}).get("fitted_on", {})
+    named = sig.get("templates", {})
+    try:
+        check_tokens_rule({s.template: named[s.template] for s in sources if s.template in named},
+                          sig.get("template_tokens"), where)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     return ExportSpec(variant, sources, weights, transform,
                       _template_text(variant.template, sig.get("templates", {}), where),
                       model_name=sig.get("model") or manifest.get("model", {}).get("name"),

@@ -46,6 +46,7 @@ from .metrics import l2_normalize, per_query_scores, search_run
 from .mixes import apply_mix
 from .signals import EXPECTED_SIGN, SIGNALS, signals
 from .storage import safe_name
+from .templates import TOKENS_RULE, check_tokens_rule
 from .transforms import Transform, check_fit_size
 from .transforms import fit as fit_transform
 from .variants import SpecError, Variant, mix_variants, parse_mixes
@@ -603,8 +604,15 @@ class Recipe:
             raise ProbeError(f"--top {top}: must be at least 1")
         if top > len(entries):
             raise ProbeError(f"recipe {path}: --top {top}, but it holds {len(entries)} variant(s)")
-        return cls(path, d["model"], d["settings"], d["settings"]["templates"], entries[:top],
-                   hashlib.sha256(blob).hexdigest(), d.get("labels"))
+        recipe = cls(path, d["model"], d["settings"], d["settings"]["templates"], entries[:top],
+                     hashlib.sha256(blob).hexdigest(), d.get("labels"))
+        used = {s.template for s in recipe.sources()}
+        try:
+            check_tokens_rule({t: text for t, text in recipe.templates.items() if t in used},
+                              d["settings"].get("template_tokens"), f"recipe {path}")
+        except ValueError as e:
+            raise ProbeError(f"{e} (run the probe again)") from None
+        return recipe
 
     def held_out_from(self, data) -> tuple["Recipe", list[str], str | None]:
         """This recipe for scoring on ``data``: without the entries whose mix weights were fitted on
@@ -804,7 +812,8 @@ def run_probe(model: str, labels, output: str | Path, *, budget: Budget | None =
         "model": {"name": request.model.name, "path": request.model.path, "weights_digest":
                   request.model.weights_digest, "n_layers": n_layers, "dim": request.model.dim},
         "settings": {"max_length": max_length, "append_eos": request.settings.append_eos,
-                     "templates": request.template_texts(), "poolings": poolings.split(","),
+                     "templates": request.template_texts(), "template_tokens": TOKENS_RULE,
+                     "poolings": poolings.split(","),
                      "transforms": list(transforms), "mixes": mixes, "folds": folds, "resamples": resamples,
                      "seed": seed, "level": stats.LEVEL},
         "labels": {"task": task.kind, "metric": task.metric, "data": data.name, "split": data.split,

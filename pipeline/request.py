@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass, field
 
 from . import models
-from .templates import SLOT, Template, check_fits, parse_templates
+from .templates import SLOT, TOKENS_RULE, Template, check_fits, parse_templates
 from .variants import Variant, make_variants
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class Request:
         # a piece's trailing whitespace is tokenised with the text (2026-12): outputs of such a
         # template made before then were tokenised otherwise and must not be resumed into
         if any(t.text_takes_whitespace for t in self.templates):
-            sig["template_tokens"] = "whitespace-with-text"
+            sig["template_tokens"] = TOKENS_RULE
         if self.settings.append_eos:
             sig["append_eos"] = True
         return sig

@@ -41,6 +41,7 @@ def read_queries(path: str | Path, text_column: str = "text", id_column: str | N
 def query_request(manifest: dict, variant: Variant):
     """The request that embeds queries as the output's documents were, for this variant's sources only."""
     from .request import resolve
+    from .templates import check_tokens_rule
 
     sig = manifest.get("signature", {})
     sources = variant.sources
@@ -48,6 +49,8 @@ def query_request(manifest: dict, variant: Variant):
     templates = []
     for t in dict.fromkeys(s.template for s in sources):
         templates.append(named[t] if t.startswith("t_") and t in named else t)
+    check_tokens_rule({t: named[t] for t in dict.fromkeys(s.template for s in sources) if t in named},
+                      sig.get("template_tokens"), "the output")
     request = resolve(sig.get("model") or manifest.get("model", {}).get("name"),
                       layers=",".join(str(s.layer) for s in dict.fromkeys(sources)),
                       poolings=",".join(dict.fromkeys(s.pooling for s in sources)),

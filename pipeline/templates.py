@@ -7,9 +7,9 @@ text alone, with its usual special tokens. Any other template is tokenised in pi
     [specials before] prefix [text] middle [text] suffix [specials after] [eos]
 
 with each piece tokenised on its own (the text never merges with the prompt's words), so the
-last copy of the text is a known token span. A piece's trailing whitespace is tokenised with the
+last copy of the text is a known token span. A piece's one trailing space is tokenised with the
 text after it, as in the whole string (``"Query: {text}"`` gives ``Query:`` then ``Ġhello``, not a
-lone ``Ġ`` then ``hello``); whitespace that stays a token of its own is prompt, outside the span.
+lone ``Ġ`` then ``hello``); where the space stays a token of its own it is prompt, outside the span.
 Every pooling except ``last`` pools that span only
 (the prompt is left out, as llm2vec and sentence-transformers' ``include_prompt=False`` do),
 and ``last`` reads the last token of the whole sequence (what PromptEOL reads). Truncation
@@ -60,14 +60,28 @@ class Template:
 
     @property
     def text_takes_whitespace(self) -> bool:
-        """Whether a piece before a slot ends in whitespace, which is tokenised with the text (so
+        """Whether a piece before a slot ends in a space, which is tokenised with the text (so
         outputs of this template made before that rule read differently; see the signature)."""
-        return any(p != p.rstrip() for p in self.pieces[:-1])
+        return any(p.endswith(" ") for p in self.pieces[:-1])
 
     @property
     def pieces(self) -> list[str]:
         """The template's text around the slots: 2 pieces for one slot, 3 for two."""
         return self.text.split(SLOT)
+
+
+# How the text after a piece's trailing whitespace is tokenised, recorded where vectors are kept
+# (an output's signature, a probe's settings): before 2026-12 the whitespace was a piece of its own.
+TOKENS_RULE = "whitespace-with-text"
+
+
+def check_tokens_rule(templates: dict[str, str], recorded: str | None, where: str) -> None:
+    """Refuse to embed new texts against vectors ``where`` made under the older rule with any of
+    these templates (name -> text): they would be tokenised differently and not match."""
+    old = [name for name, text in templates.items() if Template(name, text).text_takes_whitespace]
+    if old and recorded != TOKENS_RULE:
+        raise SpecError(f"{where} was embedded under template {', '.join(old)} before a piece's trailing whitespace "
+                        f"was tokenised with the text (2026-12): new vectors would not match its own; embed it again")
 
 
 def parse_template(spec: str) -> Template:
@@ -163,18 +177,21 @@ def text_budget(template: Template, tokenizer, max_length: int, append_eos: bool
 
 
 def fixed_tokens(template: Template, tokenizer, append_eos: bool = False) -> int:
-    """Tokens the template and the special tokens take, whatever the text."""
+    """Tokens the template and the special tokens take, whatever the text (a space that goes with the
+    text counts here too, for the token it takes where it does not merge)."""
     before, after = _specials(tokenizer)
     fixed = len(before) + len(after) + int(append_eos and tokenizer.eos_token_id is not None)
-    return fixed + sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in _split(template)[0])
+    pieces, lead = _split(template)
+    return fixed + sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in pieces + lead)
 
 
 def _split(template: Template) -> tuple[list[str], list[str]]:
     """The pieces as tokenised, and the whitespace each slot's text is tokenised with.
 
-    A piece's trailing whitespace goes with the text after it: ``"Query: {text}"`` tokenises as
-    ``"Query:"`` and ``" hello"``, so the text reads ``Ġhello`` as it would in the whole string,
-    not a lone space token and ``hello``.
+    A piece's trailing whitespace goes with the text after it, as in the whole string:
+    ``"Query: {text}"`` tokenises as ``"Query:"`` and ``" hello"``, so the text reads ``Ġhello``
+    (``▁hello``), not a lone ``Ġ`` then ``hello``; ``"...:\n\n{text}"`` gives ``Ċ Ċ hello``, as the
+    whole string does, not ``ĊĊ`` then ``hello``.
     """
     pieces, lead = [], []
     for k, piece in enumerate(template.pieces):
@@ -217,31 +234,37 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int, template: Templat
     # distinct leading whitespace (echo's two slots may differ).
     copies = {ws: tokenizer([ws + t for t in clipped], add_special_tokens=False, split_special_tokens=True)["input_ids"]
               if clipped else [] for ws in dict.fromkeys(lead)}
-    blank = _blank_tokens(tokenizer)
+    blank_run = _blank_run(tokenizer)
+    ws_tokens = {ws: len(tokenizer(ws, add_special_tokens=False)["input_ids"]) for ws in lead}  # in fixed_tokens
     ids, spans, truncated = [], np.zeros((len(texts), 2), dtype=np.int64), np.zeros(len(texts), dtype=bool)
     for i, text in enumerate(texts):
         row = list(before) + list(pieces[0])
         for ws, piece in zip(lead, pieces[1:]):
             tok = copies[ws][i]
-            truncated[i] |= len(tok) > budget or len(text) > limit
-            tok = list(tok[:budget])
-            start = len(row)
-            if ws:  # the piece's whitespace, where it stands as tokens of its own, is prompt
-                while start < len(row) + len(tok) - 1 and blank(tok[start - len(row)]):
-                    start += 1
-            spans[i] = (start, len(row) + len(tok))
+            # the piece's whitespace, where it stays tokens of its own ("Ċ", or "Ġ" before a digit), is prompt
+            lead_ws = ws + clipped[i][:len(clipped[i]) - len(clipped[i].lstrip())]
+            own = blank_run(tok, len(lead_ws.encode("utf-8"))) if ws else 0
+            keep = min(own, ws_tokens[ws]) + budget  # whitespace beyond the piece's own tokens: text budget
+            truncated[i] |= len(tok) > keep or len(text) > limit
+            tok = list(tok[:keep])
+            spans[i] = (len(row) + min(own, len(tok)), len(row) + len(tok))
             row += tok + list(piece)
         ids.append(row + list(after) + eos)
     return Tokenized(ids, spans, truncated)
 
 
-def _blank_tokens(tokenizer):
-    """Whether a token id decodes to whitespace only (cached per id)."""
-    cache: dict[int, bool] = {}
+def _blank_run(tokenizer):
+    """How many leading tokens of a sequence decode, together, to whitespace only, looking at no
+    more than ``most`` tokens (a byte-level tokenizer spells U+00A0 as two tokens that decode to it
+    only together). Cached per prefix."""
+    cache: dict[tuple, bool] = {}
 
-    def blank(token: int) -> bool:
-        if token not in cache:
-            cache[token] = not tokenizer.decode([token]).strip()
-        return cache[token]
+    def blank(prefix: tuple) -> bool:
+        if prefix not in cache:
+            cache[prefix] = not tokenizer.decode(list(prefix)).strip()
+        return cache[prefix]
 
-    return blank
+    def run(tok: Sequence[int], most: int) -> int:
+        return max((k for k in range(1, min(most, len(tok)) + 1) if blank(tuple(tok[:k]))), default=0)
+
+    return run

@@ -50,9 +50,9 @@ def test_generic_pair_formats_agree(tmp_path, fmt):
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
 def test_line_separators_inside_a_sentence_stay_in_it(tmp_path, fmt):
-    """Rows end at "\n" (or "\r\n") only: U+2028, U+0085 and a form feed inside a sentence (raw,
-    as JSON allows) are part of the sentence, not the end of a row."""
-    pairs = [("one\u2028line", "form\x0cfeed", 1.0), ("next\x85line", "plain", 2.0)]
+    """Rows end at "\n" (or "\r\n") only: U+2028, U+0085, a form feed and a lone "\r" inside a
+    sentence (raw, as JSON allows for all but "\r", which it escapes) are part of it, not a row end."""
+    pairs = [("one\u2028line", "form\x0cfeed", 1.0), ("next\x85line", "lone\rreturn", 2.0)]
     path = tmp_path / f"sts-test.{fmt}"
     if fmt == "csv":
         text = "".join(f"g\tf\ty\t{i}\t{c}\t{a}\t{b}\r\n" for i, (a, b, c) in enumerate(pairs))

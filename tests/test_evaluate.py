@@ -271,8 +271,8 @@ def test_eval_index_engine_ray_scores_through_the_merged_on_disk_ivfpq(ray_local
 
 
 def test_learned_mix_training_queries_must_not_be_evaluated():
-    """BEIR labels: a judged query shared with the evaluated split (same text), or the same data and
-    split, is refused; another split with other queries is accepted."""
+    """BEIR labels: a judged query shared with the evaluated split (same text) is refused; another
+    split, or a folder of the same name and split, with other queries is accepted."""
     from pipeline.derive import Derivations, check_held_out
     from pipeline.evaldata import BeirData
     from pipeline.variants import SpecError, parse_mixes
@@ -288,4 +288,5 @@ def test_learned_mix_training_queries_must_not_be_evaluated():
     with pytest.raises(SpecError, match=r"\(tiny/train\) share 1 judged queries"):
         check_held_out(Derivations(mixes=mixes, mix_labels=beir("train", ["what is one", "why two"])), test)
     check_held_out(Derivations(mixes=mixes, mix_labels=beir("train", ["why two", "how three"])), test)
+    check_held_out(Derivations(mixes=mixes, mix_labels=beir("test", ["why two", "how three"])), test)
     check_held_out(Derivations(mixes=parse_mixes("1:4", 4)), test)  # nothing learned: nothing to check

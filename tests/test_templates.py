@@ -55,7 +55,8 @@ def by_hand(tokenizer, template: str, text: str) -> tuple[list[int], int, int]:
     return lead + ids, start + len(lead), stop + len(lead)
 
 
-@pytest.mark.parametrize("template", ["Query: {text}", "echo", "Represent this:\n\n{text}", "A  {text}  B"])
+@pytest.mark.parametrize("template", ["Query: {text}", "echo", "Represent this:\n\n{text}", "A  {text}  B",
+                                      "Query:\u00a0{text}", "Frage:\u3000{text}", "Query:\n{text}"])
 def test_text_after_a_space_reads_as_it_does_in_the_whole_string(tiny, template):
     """A piece ending in whitespace: the ids equal tokenising the whole templated string at once
     (the text's first word takes its leading space, 'Ġhello', not 'Ġ' 'hello'), and the span holds
@@ -193,3 +194,45 @@ def test_a_template_whose_text_takes_whitespace_is_signed_so(model_dir):
     assert signature_difference(before, echo) == ["template_tokens"]
     assert "template_tokens" not in resolve(model_dir, templates=["prompteol"], digest=False).signature()
     assert "template_tokens" not in resolve(model_dir, digest=False).signature()
+
+
+@pytest.mark.parametrize("template", ["Query:\n{text}", "Query: {text}", "Query:\u00a0{text}"])
+def test_whitespace_before_the_text_is_never_all_the_text_gets(tiny, template):
+    """The piece's whitespace counts as the template's (check_fits refuses a max_length that leaves
+    the text nothing but it); an empty text has an empty span, and no copy of a text is longer than
+    max_length."""
+    t = parse_template(template)
+    fixed = tokenize(tiny.tokenizer, [""], 64, t)
+    assert fixed.spans[0][0] == fixed.spans[0][1]  # nothing of the prompt's whitespace is pooled
+    n = len(fixed.ids[0])
+    with pytest.raises(SpecError, match="leaves no room for the text"):
+        tokenize(tiny.tokenizer, ["hello"], n, t)
+    tok = tokenize(tiny.tokenizer, ["hello world and more", "7 days"], n + 1, t)
+    for ids, (start, stop) in zip(tok.ids, tok.spans):
+        assert len(ids) <= n + 1 and stop - start == 1
+        assert tiny.tokenizer.decode(ids[start:stop]).strip()  # a real piece of the text, not whitespace
+
+
+def test_vectors_made_before_whitespace_went_with_the_text_are_not_met_by_new_ones(model_dir, tmp_path):
+    """Search (queries against an output's documents) and a probe recipe refuse echo vectors made
+    under the older rule, naming it; the same made under the current rule are accepted."""
+    import json
+
+    from pipeline.probe import CONTRACT, ProbeError, Recipe
+    from pipeline.search import query_request
+    from pipeline.templates import TOKENS_RULE
+
+    sig = {"model": str(model_dir), "max_length": 64, "templates": {"echo": BUILTIN["echo"], "plain": "{text}"}}
+    echo, plain = Variant.parse("echo/L1.mean"), Variant.parse("L1.mean")
+    with pytest.raises(SpecError, match="embedded under template echo before a piece's trailing whitespace"):
+        query_request({"signature": sig}, echo)
+    assert query_request({"signature": sig}, plain).variants == (plain,)  # plain vectors are as they were
+    assert query_request({"signature": dict(sig, template_tokens=TOKENS_RULE)}, echo).variants == (echo,)
+    probe = {"contract": CONTRACT, "model": {"name": str(model_dir)}, "settings": {"templates": sig["templates"]},
+             "recipe": [{"variant": echo.name, "sources": [echo.name]}]}
+    (tmp_path / "probe.json").write_text(json.dumps(probe))
+    with pytest.raises(ProbeError, match=r"embedded under template echo .* \(run the probe again\)"):
+        Recipe.load(tmp_path / "probe.json")
+    probe["settings"]["template_tokens"] = TOKENS_RULE
+    (tmp_path / "probe.json").write_text(json.dumps(probe))
+    assert Recipe.load(tmp_path / "probe.json").variants == [echo]
