@@ -7,9 +7,9 @@ text alone, with its usual special tokens. Any other template is tokenised in pi
     [specials before] prefix [text] middle [text] suffix [specials after] [eos]
 
 with each piece tokenised on its own (the text never merges with the prompt's words), so the
-last copy of the text is a known token span. A piece's one trailing space is tokenised with the
+last copy of the text is a known token span. A piece's trailing whitespace is tokenised with the
 text after it, as in the whole string (``"Query: {text}"`` gives ``Query:`` then ``Ġhello``, not a
-lone ``Ġ`` then ``hello``); where the space stays a token of its own it is prompt, outside the span.
+lone ``Ġ`` then ``hello``); whitespace that stays tokens of its own is prompt, outside the span.
 Every pooling except ``last`` pools that span only
 (the prompt is left out, as llm2vec and sentence-transformers' ``include_prompt=False`` do),
 and ``last`` reads the last token of the whole sequence (what PromptEOL reads). Truncation
@@ -60,9 +60,9 @@ class Template:
 
     @property
     def text_takes_whitespace(self) -> bool:
-        """Whether a piece before a slot ends in a space, which is tokenised with the text (so
+        """Whether a piece before a slot ends in whitespace, which is tokenised with the text (so
         outputs of this template made before that rule read differently; see the signature)."""
-        return any(p.endswith(" ") for p in self.pieces[:-1])
+        return any(p != p.rstrip() for p in self.pieces[:-1])
 
     @property
     def pieces(self) -> list[str]:
@@ -177,8 +177,8 @@ def text_budget(template: Template, tokenizer, max_length: int, append_eos: bool
 
 
 def fixed_tokens(template: Template, tokenizer, append_eos: bool = False) -> int:
-    """Tokens the template and the special tokens take, whatever the text (a space that goes with the
-    text counts here too, for the token it takes where it does not merge)."""
+    """Tokens the template and the special tokens take, whatever the text (whitespace that goes with
+    the text counts here too, for the tokens it takes where it does not merge)."""
     before, after = _specials(tokenizer)
     fixed = len(before) + len(after) + int(append_eos and tokenizer.eos_token_id is not None)
     pieces, lead = _split(template)

@@ -192,6 +192,8 @@ def test_a_template_whose_text_takes_whitespace_is_signed_so(model_dir):
     assert echo["template_tokens"] == "whitespace-with-text"
     before = {k: v for k, v in echo.items() if k != "template_tokens"}
     assert signature_difference(before, echo) == ["template_tokens"]
+    newline = resolve(model_dir, templates=["Represent this:\n\n{text}"], digest=False).signature()
+    assert newline["template_tokens"] == "whitespace-with-text"  # "ĊĊ" + "hello" before, "Ċ" "Ċ" "hello" now
     assert "template_tokens" not in resolve(model_dir, templates=["prompteol"], digest=False).signature()
     assert "template_tokens" not in resolve(model_dir, digest=False).signature()
 
