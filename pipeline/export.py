@@ -103,10 +103,8 @@ def from_output(out_dir: Path, name: str) -> ExportSpec:
     else:
         sources, weights, transform = tuple(Variant.parse(c) for c in r.columns), r.weights, r.transform
     fitted = manifest.get(DERIVED, {}).get(variant.name, {}).get("fitted_on", {})
-    named = sig.get("templates", {})
     try:
-        check_tokens_rule({s.template: named[s.template] for s in sources if s.template in named},
-                          sig.get("template_tokens"), where)
+        check_tokens_rule(sig.get("templates", {}), (s.template for s in sources), sig.get("template_tokens"), where)
     except ValueError as e:
         raise ExportError(str(e)) from None
     return ExportSpec(variant, sources, weights, transform,

@@ -606,9 +606,8 @@ class Recipe:
             raise ProbeError(f"recipe {path}: --top {top}, but it holds {len(entries)} variant(s)")
         recipe = cls(path, d["model"], d["settings"], d["settings"]["templates"], entries[:top],
                      hashlib.sha256(blob).hexdigest(), d.get("labels"))
-        used = {s.template for s in recipe.sources()}
         try:
-            check_tokens_rule({t: text for t, text in recipe.templates.items() if t in used},
+            check_tokens_rule(recipe.templates, (s.template for s in recipe.sources()),
                               d["settings"].get("template_tokens"), f"recipe {path}")
         except ValueError as e:
             raise ProbeError(f"{e} (run the probe again)") from None

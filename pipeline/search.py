@@ -49,8 +49,7 @@ def query_request(manifest: dict, variant: Variant):
     templates = []
     for t in dict.fromkeys(s.template for s in sources):
         templates.append(named[t] if t.startswith("t_") and t in named else t)
-    check_tokens_rule({t: named[t] for t in dict.fromkeys(s.template for s in sources) if t in named},
-                      sig.get("template_tokens"), "the output")
+    check_tokens_rule(named, (s.template for s in sources), sig.get("template_tokens"), "the output")
     request = resolve(sig.get("model") or manifest.get("model", {}).get("name"),
                       layers=",".join(str(s.layer) for s in dict.fromkeys(sources)),
                       poolings=",".join(dict.fromkeys(s.pooling for s in sources)),

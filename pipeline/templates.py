@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -75,10 +75,11 @@ class Template:
 TOKENS_RULE = "whitespace-with-text"
 
 
-def check_tokens_rule(templates: dict[str, str], recorded: str | None, where: str) -> None:
-    """Refuse to embed new texts against vectors ``where`` made under the older rule with any of
-    these templates (name -> text): they would be tokenised differently and not match."""
-    old = [name for name, text in templates.items() if Template(name, text).text_takes_whitespace]
+def check_tokens_rule(named: dict[str, str], used: Iterable[str], recorded: str | None, where: str) -> None:
+    """Refuse to embed new texts against vectors ``where`` made under the older rule with any of the
+    ``used`` templates (``named``: name -> text, as recorded there): they would be tokenised
+    differently and not match."""
+    old = [t for t in dict.fromkeys(used) if t in named and Template(t, named[t]).text_takes_whitespace]
     if old and recorded != TOKENS_RULE:
         raise SpecError(f"{where} was embedded under template {', '.join(old)} before a piece's trailing whitespace "
                         f"was tokenised with the text (2026-12): new vectors would not match its own; embed it again")
@@ -242,8 +243,7 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int, template: Templat
         for ws, piece in zip(lead, pieces[1:]):
             tok = copies[ws][i]
             # the piece's whitespace, where it stays tokens of its own ("Ċ", or "Ġ" before a digit), is prompt
-            lead_ws = ws + clipped[i][:len(clipped[i]) - len(clipped[i].lstrip())]
-            own = blank_run(tok, len(lead_ws.encode("utf-8"))) if ws else 0
+            own = blank_run(tok, len((ws + _leading_space(clipped[i])).encode("utf-8"))) if ws else 0
             keep = min(own, ws_tokens[ws]) + budget  # whitespace beyond the piece's own tokens: text budget
             truncated[i] |= len(tok) > keep or len(text) > limit
             tok = list(tok[:keep])
@@ -251,6 +251,10 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int, template: Templat
             row += tok + list(piece)
         ids.append(row + list(after) + eos)
     return Tokenized(ids, spans, truncated)
+
+
+def _leading_space(text: str) -> str:
+    return text[:len(text) - len(text.lstrip())]
 
 
 def _blank_run(tokenizer):
