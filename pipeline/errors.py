@@ -94,8 +94,32 @@ def _hide_userinfo_in(run: re.Match) -> str:
     return _hide_userinfo(text) if "@" in text and ":" in text else text
 
 
+# Secret values the user gave as storage options (``--output-options``, a job's ``storage_options``):
+# hidden wherever they appear, whatever the text around them.
+_SECRETS: set[str] = set()
+_SECRET_NAME = re.compile(r"secret|key|token|password|passwd|credential|session|signature|auth", re.I)
+
+
+def add_secrets(options) -> None:
+    """Remember every secret-looking value of a storage-options mapping (a key named like a secret,
+    at any depth: ``secret``, ``client_kwargs.aws_secret_access_key``, ``token`` ...) so that
+    ``redact_text`` hides it."""
+    if isinstance(options, dict):
+        for k, v in options.items():
+            if isinstance(v, (dict, list)):
+                add_secrets(v)
+            elif isinstance(v, str) and len(v) >= 4 and _SECRET_NAME.search(str(k)):
+                _SECRETS.add(v)
+    elif isinstance(options, list):
+        for v in options:
+            add_secrets(v)
+
+
 def redact_text(text: str) -> str:
-    """``text`` with every URL credential replaced by ``***``."""
+    """``text`` with every URL credential, and every secret given in storage options, replaced by ``***``."""
+    for secret in _SECRETS:
+        if secret in text:
+            text = text.replace(secret, "***")
     if "@" in text:
         text = _RUN.sub(_hide_userinfo_in, text)
         text = _SCHEME_USERINFO.sub(r"\1***@", text)

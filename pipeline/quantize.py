@@ -1,7 +1,7 @@
 """Quantised outputs: ``--dtype int8`` and ``--dtype binary``, for embeddings, indexes and evaluations.
 
 The numbers live here (calibrate, quantise, decode, Arrow types, the ranges file); the writer
-(``runner/stages.py``), the index (``index.py``) and the evaluators only call these functions.
+(``runner/stages.py``), the index (``index/``) and the evaluators only call these functions.
 The encoder always works in floats (``float_request``); vectors are quantised on their way out.
 
 int8 (per-dimension ranges, as sentence-transformers' ``quantize_embeddings(precision="int8")``):
@@ -237,7 +237,7 @@ def write_ranges(out, ranges: Mapping[str, np.ndarray], columns: Mapping[str, st
 def read_ranges(source: str) -> tuple[dict[str, np.ndarray], dict]:
     """int8 ranges {variant name: (2, dim)} and their calibration record, from an output (any fsspec URL)
     or a ranges file."""
-    import fsspec
+    from .storage import filesystem
 
     from .storage import Output
 
@@ -247,7 +247,7 @@ def read_ranges(source: str) -> tuple[dict[str, np.ndarray], dict]:
         path = out.path(RANGES_FILE)
         fs = out.fs
     else:
-        fs, path = fsspec.core.url_to_fs(str(source))
+        fs, path = filesystem(str(source))
     try:
         with fs.open(path, "rb") as f:
             t = pq.read_table(f)

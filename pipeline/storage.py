@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
@@ -37,6 +38,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .errors import add_secrets
 from .errors import redact_text as redact  # a URL or any text safe to log (the one redaction)
 
 MANIFEST = "manifest.json"
@@ -46,6 +48,48 @@ LOCK = "_lock.json"
 LOCK_HEARTBEAT_S = 30.0  # the holder rewrites its lock this often
 LOCK_STALE_S = 300.0  # a lock not rewritten for this long belongs to a dead run
 FORMAT_VERSION = 1
+
+
+# fsspec storage options per URL prefix (``--input-options``/``--output-options``, a job's
+# ``storage_options``): two stores in one run each get their own endpoint and credentials.
+_STORAGE_OPTIONS: dict[str, dict] = {}
+
+
+def set_storage_options(url: str, options: dict | None) -> None:
+    """Use ``options`` (fsspec keyword arguments: ``endpoint_url``, ``key``, ``secret``, ``anon``,
+    ``requester_pays``, ``profile``, ``client_kwargs`` ...) for every URL under ``url``. Their secret
+    values are hidden from every message and log line from now on."""
+    if not options:
+        return
+    if not isinstance(options, dict):
+        raise ValueError(f"storage options for {redact(url)} must be a mapping of fsspec options, "
+                         f"got {type(options).__name__}")
+    add_secrets(options)
+    _STORAGE_OPTIONS[url.rstrip("/")] = dict(options)
+
+
+def storage_options() -> dict[str, dict]:
+    """Every registered prefix and its options: what a Ray task needs to reach the same stores."""
+    return dict(_STORAGE_OPTIONS)
+
+
+def use_storage_options(registered: dict[str, dict]) -> None:
+    """In a Ray worker: the driver's ``storage_options()``."""
+    for url, options in registered.items():
+        set_storage_options(url, options)
+
+
+def options_for(url: str) -> dict:
+    """The storage options of the longest registered prefix of ``url`` (none: {})."""
+    url = str(url)
+    best = max((p for p in _STORAGE_OPTIONS if url == p or url.startswith(p + "/")), key=len, default=None)
+    return dict(_STORAGE_OPTIONS[best]) if best is not None else {}
+
+
+def filesystem(url: str):
+    """``(fs, path)`` for any fsspec URL, with the storage options registered for it. The one place
+    Strata opens a filesystem from a URL."""
+    return fsspec.core.url_to_fs(str(url), **options_for(url))
 
 
 def utc_now() -> str:
@@ -69,18 +113,22 @@ STRATA_NAMES = frozenset({"manifest.json", "_lock.json", "_staging", "embeddings
 STRATA_PREFIXES = (".strata-probe-", "manifest.json.tmp-", "_lock.json.", "heatmap_", "mix_")
 
 
-def _local_real(fs, path: str) -> str:
+def is_local(fs) -> bool:
+    """A local disk (rename is atomic, folders exist), as against an object store (a PUT of one
+    object is atomic; there are no folders and no rename, only copy and delete)."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol in ("file", "local"):
-        return os.path.realpath(path)
-    return path
+    return protocol in ("file", "local")
+
+
+def _local_real(fs, path: str) -> str:
+    return os.path.realpath(path) if is_local(fs) else path
 
 
 def overlap(input_url: str, output_url: str) -> str | None:
     """How INPUT and OUTPUT overlap (one is, or is inside, the other), or None. An evaluation
     cache's own staged texts (``OUTPUT/inputs``) are the one input allowed inside an output."""
-    fs_in, p_in = fsspec.core.url_to_fs(input_url)
-    fs_out, p_out = fsspec.core.url_to_fs(output_url)
+    fs_in, p_in = filesystem(input_url)
+    fs_out, p_out = filesystem(output_url)
     if type(fs_in) is not type(fs_out):
         return None
     if any(c in p_in for c in "*?["):
@@ -115,7 +163,7 @@ class Output:
     url: str
 
     def __post_init__(self):
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.fs, self.root = filesystem(self.url)
         self.root = self.root.rstrip("/")
 
     def path(self, *parts: str) -> str:
@@ -135,14 +183,17 @@ class Output:
 
     # ------------------------------------------------------------------ one run at a time
     @contextlib.contextmanager
-    def lock(self):
+    def lock(self, *, break_lock: bool = False):
         """Hold this output for one run; a second run is refused while the first lives.
 
         The lock names its holder and is rewritten every ``LOCK_HEARTBEAT_S``. A lock left by a
         dead run (its process is gone from this host, or it has not been rewritten for
-        ``LOCK_STALE_S``) is taken over, so a crashed run never blocks the next one for long.
+        ``LOCK_STALE_S``) is taken over, so a crashed run never blocks the next one for long; an
+        unreadable (empty, cut short) lock is stale after the same time. ``break_lock`` takes over
+        any lock at once: for a holder known to be dead (a crashed pod on another host), whose
+        details the refusal gave.
         """
-        path = self.path(LOCK)
+        lock_url = f"{self.url.rstrip('/')}/{LOCK}"
         me = {"token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "started": utc_now()}
 
         def beat() -> None:
@@ -154,27 +205,37 @@ class Output:
             except ValueError:  # a lock being created right now: not ours
                 return False
 
+        def refuse(why: str) -> OutputInUse:
+            return OutputInUse(f"{redact(self.url)}: {why}; a lock not renewed for {LOCK_STALE_S / 60:.0f} min is "
+                               f"taken over by the next run; if its holder is dead, take it now with --break-lock "
+                               f"(lock file {redact(lock_url)})")
+
         self.fs.makedirs(self.root, exist_ok=True)
         for attempt in range(2):
             if self._create_lock(dict(me, heartbeat=time.time())):
                 break
             try:
                 holder = self.read_json(LOCK)
-            except ValueError:  # another run is creating it this very moment
-                raise OutputInUse(f"{redact(self.url)}: another run took the lock at the same moment; "
-                                  "retry later") from None
+            except ValueError:  # being created this very moment, or an empty/cut-short file
+                holder = {"unreadable": True, "heartbeat": self._lock_mtime()}
             if holder is None:
                 continue  # released between our attempt and the read: try once more
-            if not _lock_is_stale(holder):
+            if break_lock:
+                logging.getLogger(__name__).warning(
+                    "breaking the lock of %s held by host %s, pid %s, started %s", redact(self.url),
+                    holder.get("host"), holder.get("pid"), holder.get("started"))
+            elif not _lock_is_stale(holder):
                 age = time.time() - float(holder.get("heartbeat", 0))
-                raise OutputInUse(f"{redact(self.url)} is in use by another run (host {holder.get('host')}, "
-                                  f"pid {holder.get('pid')}, started {holder.get('started')}, alive {age:.0f}s ago); "
-                                  f"wait for it to finish, or remove {path} if that run is dead")
+                if holder.get("unreadable"):
+                    raise refuse(f"its lock cannot be read (being written by another run, or left empty "
+                                 f"{age:.0f}s ago)")
+                raise refuse(f"in use by another run (host {holder.get('host')}, pid {holder.get('pid')}, "
+                             f"started {holder.get('started')}, alive {age:.0f}s ago)")
             self._take_stale_lock(holder)
         else:
-            raise OutputInUse(f"{redact(self.url)}: another run took the lock at the same moment; retry later")
+            raise refuse("another run took the lock at the same moment")
         if not mine():  # a store without atomic create: another run wrote in between
-            raise OutputInUse(f"{redact(self.url)}: another run took the lock at the same moment; retry later")
+            raise refuse("another run took the lock at the same moment")
         stop = threading.Event()
 
         def loop() -> None:
@@ -191,7 +252,7 @@ class Output:
             stop.set()
             thread.join()
             if mine():
-                self.fs.rm(path)
+                self.fs.rm(self.path(LOCK))
 
     def _create_lock(self, obj: dict) -> bool:
         """Create the lock file only if there is none (atomic: ``open(..., "xb")`` is O_EXCL on a
@@ -210,6 +271,14 @@ class Output:
                 return False
             write_atomic(self.fs, self.path(LOCK), data)
             return True
+
+    def _lock_mtime(self) -> float:
+        """When the lock file was last written (0 where the store cannot say)."""
+        try:
+            m = self.fs.modified(self.path(LOCK))
+            return m.timestamp()
+        except (OSError, NotImplementedError, AttributeError, ValueError):
+            return 0.0
 
     def _take_stale_lock(self, holder: dict) -> None:
         """Move a dead run's lock aside; only the run that moved exactly that lock goes on."""
@@ -258,7 +327,16 @@ class Output:
         its own folders by that run id); returns the path relative to the root."""
         rel = f"{EMBEDDINGS}/{key}-{run_id or uuid.uuid4().hex[:8]}"
         self.fs.makedirs(self.path(EMBEDDINGS), exist_ok=True)
-        self.fs.mv(staged, self.path(rel), recursive=True)
+        if is_local(self.fs):
+            self.fs.mv(staged, self.path(rel), recursive=True)  # one rename
+            return rel
+        # An object store has no folders and no rename: copy each staged object by its own key,
+        # then delete the staged ones. The folder is not committed until the manifest names it.
+        staged = staged.rstrip("/")
+        objects = [p for p in self.fs.find(staged) if p.startswith(staged + "/")]
+        for src in objects:
+            self.fs.copy(src, self.path(rel, src[len(staged) + 1:]))
+        self.fs.rm(objects)
         return rel
 
     def remove(self, rel: str) -> None:
@@ -385,6 +463,12 @@ def _lock_is_stale(holder: dict) -> bool:
 
 
 def write_atomic(fs, path: str, data: bytes) -> None:
+    """Replace ``path`` whole or not at all: aside then rename on a local disk; one PUT on an
+    object store (atomic there; a copy-then-delete 'rename' would only add requests)."""
+    if not is_local(fs):
+        with fs.open(path, "wb") as f:
+            f.write(data)
+        return
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     with fs.open(tmp, "wb") as f:
         f.write(data)
@@ -407,8 +491,9 @@ def parquet_options(schema: pa.Schema) -> dict:
 
 
 def write_part(fs, path: str, table: pa.Table) -> None:
-    """Write a Parquet or Arrow IPC part aside, then rename it into place."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    """Write a Parquet or Arrow IPC part aside, then rename it into place (on an object store,
+    one upload straight to its key: an upload is never seen half-done)."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if is_local(fs) else path
     try:
         with fs.open(tmp, "wb") as f:
             if path.endswith(".arrow"):
@@ -420,7 +505,8 @@ def write_part(fs, path: str, table: pa.Table) -> None:
         if e.errno and not e.filename:
             raise OSError(e.errno, e.strerror, redact(path)) from e
         raise
-    fs.mv(tmp, path)
+    if tmp != path:
+        fs.mv(tmp, path)
 
 
 def part_rows(fs, path: str) -> int:

@@ -66,3 +66,20 @@ def faiss_one_thread():
     faiss.omp_set_num_threads(1)
     yield
     faiss.omp_set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server (server mode, not the in-process mock) on 127.0.0.1 at a free port, for the
+    whole session: Strata talks HTTP to it through s3fs as it would to AWS. Stopped at the end."""
+    from s3server import S3Server
+
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, request):
+    """A fresh bucket on the session's S3 server; ``s3.options`` are its fsspec storage options."""
+    return s3_server.bucket(request.node.name)

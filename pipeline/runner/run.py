@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from .. import quantize
 from ..request import Request, signature_difference
-from ..storage import EMBEDDINGS, MANIFEST, STAGING, Output, overlap, read_part, redact
+from ..storage import EMBEDDINGS, MANIFEST, STAGING, Output, overlap, read_part, redact, storage_options
 from .commit import Committer, EmbedError, EmbedSummary, _commit, _Pending
 from .shards import UNIT_ROWS, Shard, first_texts, inspect_shards, list_shards, plan, work_units
 from .stages import EMBED_BATCH_ROWS, MAX_CALLS_PER_ACTOR, EmbedActor, read_and_tokenize, write_parts
@@ -73,7 +73,7 @@ def _resources(ray, actors: int | None, gpus_per_actor: float | None) -> tuple[i
 def embed(request: Request, input: str, output: str, *, text_column: str = "text", id_column: str | None = None,
           force: bool = False, progress: bool = True, stall_timeout_s: float = 600.0,
           unit_rows: int = UNIT_ROWS, calibration_rows: int = quantize.DEFAULT_CALIBRATION_ROWS,
-          int8_ranges: str | None = None) -> EmbedSummary:
+          int8_ranges: str | None = None, break_lock: bool = False) -> EmbedSummary:
     """Embed every row of the Parquet shards at ``input`` into ``output`` (see module doc).
 
     ``request`` (``pipeline.request.resolve``) fixes the model, the variants, the settings and
@@ -98,7 +98,7 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
     out.check_writable()
     out.check_is_strata_output()  # never write into (or sweep) someone else's folder
     run_id = uuid.uuid4().hex[:12]  # names this run's staging folder and committed folders
-    with out.lock():  # one run per output
+    with out.lock(break_lock=break_lock):  # one run per output
         manifest = out.read_manifest()
         earlier_runs = (manifest or {}).get("runs", [])
         out.sweep(manifest)  # only what earlier runs of Strata left (their run ids), before anything else
@@ -282,7 +282,7 @@ def _run_ray(request: Request, out: Output, manifest: dict, todo: list[Shard], s
     # Blocks of EMBED_BATCH_ROWS rows: each actor task is then one call, and its metadata streams
     # to the driver as it is made (a whole read unit in one task would reach it only at its end).
     ds = ds.repartition(target_num_rows_per_block=EMBED_BATCH_ROWS)
-    write = dict(output_url=out.url, run_id=run_id, keys=[s.key for s in todo],
+    write = dict(output_url=out.url, run_id=run_id, keys=[s.key for s in todo], storage=storage_options(),
                  columns=[v.column for v in request.variants], fmt=request.output_format)
     embed_args = dict(batch_size=EMBED_BATCH_ROWS, batch_format="pyarrow", num_cpus=cpus, num_gpus=gpus or None)
     if gpus:

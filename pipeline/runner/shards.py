@@ -7,12 +7,11 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..storage import redact, shard_key
+from ..storage import filesystem, redact, shard_key
 
 UNIT_ROWS = 2048  # rows per read task
 
@@ -40,7 +39,7 @@ def is_data(rel: str) -> bool:
 
 def list_shards(url: str) -> tuple[Any, list[Shard]]:
     """Parquet files at a URL: a file, a directory (searched recursively) or a glob."""
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = filesystem(url)
     if any(c in root for c in "*?["):
         base = root.split("*")[0].rsplit("/", 1)[0]
         paths = sorted(p for p in fs.glob(root) if p.endswith(".parquet") and is_data(p[len(base):]))

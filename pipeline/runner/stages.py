@@ -21,7 +21,7 @@ from ..encoder import Encoder
 from ..request import Request
 from ..templates import Tokenized, tokenize
 from .shards import strings
-from ..storage import STAGING, Output, write_part
+from ..storage import STAGING, Output, use_storage_options, write_part
 
 EMBED_BATCH_ROWS = 256  # rows handed to an embed actor per call; sorted into token batches inside
 MAX_CALLS_PER_ACTOR = 2  # one call writing its parts while the next runs the model
@@ -220,10 +220,12 @@ def idle_priority() -> None:
 
 
 def write_parts(batch: pa.Table, *, output_url: str, run_id: str, keys: list[str], columns: list[str],
-                fmt: str) -> pa.Table:
-    """Write each shard's rows of this batch as a staged part; return one metadata row per shard."""
+                fmt: str, storage: dict | None = None) -> pa.Table:
+    """Write each shard's rows of this batch as a staged part; return one metadata row per shard.
+    ``storage``: the driver's registered storage options (``storage.storage_options()``)."""
     import pyarrow.compute as pc
 
+    use_storage_options(storage or {})
     out = Output(output_url)
     meta = []
     shards = batch.column("_shard").to_numpy()

@@ -1,0 +1,150 @@
+"""Strata against a real S3 server (moto's server mode on 127.0.0.1, reached over HTTP by s3fs):
+commits without folders or renames, resume after a SIGKILL, re-runs, the lock, storage options
+per URL and their secrets kept out of every message."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.runner import read_embeddings
+from pipeline.storage import LOCK, Output, OutputInUse, set_storage_options
+from reference import embed
+from s3server import SECRET_KEY
+
+OPTS = dict(layers="1,-1", poolings="mean,last", id_column="id", progress=False)
+WORDS = "river stone cloud light tree house bird fish cat dog wind rain sun moon hill road".split()
+
+pytestmark = pytest.mark.slow
+
+
+def shards(fs, prefix: str, n: int, rows: int, seed: int = 0) -> list[str]:
+    """``n`` Parquet shards of ``rows`` short texts under ``prefix`` (a bucket path); their ids."""
+    ids = []
+    for s in range(n):
+        part = [f"s{s}-r{r}" for r in range(rows)]
+        texts = [" ".join(WORDS[(seed + s * 5 + r * 3 + k) % len(WORDS)] for k in range(6 + r % 5)) for r in range(rows)]
+        with fs.open(f"{prefix}/shard-{s:02d}.parquet", "wb") as f:
+            pq.write_table(pa.table({"id": part, "text": texts}), f)
+        ids += part
+    return ids
+
+
+def vectors(table: pa.Table, column: str) -> dict[str, np.ndarray]:
+    return dict(zip(table.column("id").to_pylist(), np.asarray(table.column(column).to_pylist(), dtype=np.float32)))
+
+
+def test_embed_commits_to_s3_and_equals_a_local_run(ray_local, model_dir, s3, tmp_path):
+    """Storage options given per URL (no environment): every row once, vectors equal to the same
+    input embedded on local disk, no staging object left, and a re-run does nothing."""
+    ids = shards(s3.fs, f"{s3.name}/in", 3, 40)
+    set_storage_options(s3.url(), s3.options)
+    summary = embed(s3.url("in"), s3.url("out"), model=model_dir, **OPTS)
+    assert summary.shards_embedded == 3 and summary.rows == len(ids)
+    got = read_embeddings(s3.url("out"))
+    assert sorted(got.column("id").to_pylist()) == sorted(ids)
+    assert not [p for p in s3.fs.find(f"{s3.name}/out") if "/_staging/" in p or p.endswith(LOCK)]
+
+    local_in = tmp_path / "in"
+    local_in.mkdir()
+    s3.fs.get(f"{s3.name}/in/", str(local_in), recursive=True)
+    embed(str(local_in), str(tmp_path / "out"), model=model_dir, **OPTS)
+    want = read_embeddings(str(tmp_path / "out"))
+    for col in ("emb_1_mean", "emb_4_last"):
+        a, b = vectors(got, col), vectors(want, col)
+        assert a.keys() == b.keys()
+        np.testing.assert_array_equal(np.stack([a[k] for k in sorted(a)]), np.stack([b[k] for k in sorted(b)]))
+
+    again = embed(s3.url("in"), s3.url("out"), model=model_dir, **OPTS)
+    assert again.shards_embedded == 0 and again.shards_skipped == 3
+
+
+def test_lock_refusal_names_the_url_and_break_lock_takes_it(ray_local, model_dir, s3):
+    shards(s3.fs, f"{s3.name}/in", 1, 10)
+    set_storage_options(s3.url(), s3.options)
+    held = {"token": "x", "host": "pod-7f9c", "pid": 1, "started": "2026-12-06T00:00:00Z", "heartbeat": time.time()}
+    s3.fs.pipe(f"{s3.name}/out/{LOCK}", json.dumps(held).encode())
+    with pytest.raises(OutputInUse) as e:
+        embed(s3.url("in"), s3.url("out"), model=model_dir, **OPTS)
+    msg = str(e.value)
+    assert f"s3://{s3.name}/out/{LOCK}" in msg and "host pod-7f9c" in msg and "--break-lock" in msg, msg
+    assert "5 min" in msg, msg
+    summary = embed(s3.url("in"), s3.url("out"), model=model_dir, break_lock=True, **OPTS)
+    assert summary.rows == 10 and not s3.fs.exists(f"{s3.name}/out/{LOCK}")
+
+
+def test_an_empty_lock_is_named_and_stale_after_the_timeout(s3, monkeypatch):
+    set_storage_options(s3.url(), s3.options)
+    s3.fs.pipe(f"{s3.name}/out/{LOCK}", b"")
+    out = Output(s3.url("out"))
+    with pytest.raises(OutputInUse, match=rf"cannot be read.*s3://{s3.name}/out/{LOCK}"):
+        with out.lock():
+            pass
+    import pipeline.storage as storage
+
+    monkeypatch.setattr(storage, "LOCK_STALE_S", -1.0)  # as if the empty lock were old
+    with out.lock():
+        assert json.loads(s3.fs.cat(f"{s3.name}/out/{LOCK}"))["pid"]
+
+
+def cli(args: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], env=env, capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+def test_cli_kill_then_resume_is_exactly_once(model_dir, s3, tmp_path):
+    """A SIGKILL of `strata embed` after its first commit on S3, then the same command: every row
+    exactly once; credentials from the environment, as a pod has them."""
+    ids = shards(s3.fs, f"{s3.name}/in", 6, 30)
+    cmd = [sys.executable, "-m", "pipeline", "embed", s3.url("in"), s3.url("out"), "--model", model_dir,
+           "--layers", "1,-1", "--poolings", "mean", "--id-column", "id", "-q"]
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, env=s3.env, start_new_session=True, stdout=log, stderr=log)
+    fs = s3.fs
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(fs.cat(f"{s3.name}/out/manifest.json")).get("shards"):
+                break
+        except (FileNotFoundError, ValueError):
+            pass
+        time.sleep(0.2)
+    import os
+
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    fs.invalidate_cache()
+    committed = len(json.loads(fs.cat(f"{s3.name}/out/manifest.json"))["shards"])
+    assert 1 <= committed <= 6, (tmp_path / "first.log").read_text()[-2000:]
+    done = subprocess.run(cmd, env=s3.env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"{6 - committed} shards embedded, {committed} skipped" in done.stdout
+    set_storage_options(s3.url(), s3.options)
+    got = read_embeddings(s3.url("out"), ["id"]).column("id").to_pylist()
+    assert sorted(got) == sorted(ids) and len(got) == len(ids)
+
+
+def test_secret_in_storage_options_never_reaches_a_message(model_dir, s3, tmp_path):
+    """A failing embed (no such bucket) with the secret given as a storage option: the one-line
+    error names the object, and neither it nor the log holds the secret."""
+    shards(s3.fs, f"{s3.name}/in", 1, 5)
+    env = {k: v for k, v in s3.env.items() if not k.startswith("AWS_")}
+    env["STRATA_LOG_DIR"] = str(tmp_path / "logs")
+    options = json.dumps(s3.options)
+    r = cli(["embed", s3.url("in"), "s3://no-such-bucket-strata/out", "--model", model_dir, "--layers", "1",
+             "--poolings", "mean", "--id-column", "id", "-q", "--input-options", options, "--output-options", options],
+            env)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if "error" in line]
+    assert lines and "no-such-bucket-strata" in lines[0], r.stderr[-2000:]
+    logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log")) if (tmp_path / "logs").exists() else ""
+    assert SECRET_KEY not in r.stderr + r.stdout + logs
+    assert SECRET_KEY.split("/")[0] not in r.stderr + r.stdout + logs
