@@ -27,7 +27,9 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.errors import MAX_MESSAGE
+from pipeline.jobs.load import SpecLoader
 from pipeline.runner import read_embeddings
+from pipeline.storage import Output
 
 SECRET = "SWEEPSECRET7319"
 
@@ -39,7 +41,10 @@ class Case:
     says: list[str]  # substrings of the one error line (rc != 0) or of some stderr/stdout line (rc 0)
     rows: list[str] | None = None  # ids expected in the output (written + rejected); None: not an embed
     out: Path | None = None
-    unchanged: list[Path] = field(default_factory=list)  # trees that a refused command must not touch
+    unchanged: list[Path] = field(default_factory=list)  # trees that a refused command must not touch (must exist)
+    absent: list[Path] = field(default_factory=list)  # paths the command must not create (a marker)
+    # (owner, attribute): callables the command must stop before; each is replaced by one that records its call
+    never: list[tuple[object, str]] = field(default_factory=list)
 
 
 CASES: dict[str, Callable[..., Case]] = {}
@@ -340,7 +345,9 @@ def output_is_a_file(root, model):
 def output_not_writable(root, model):
     simple(root / "in" / "a.parquet", "a")
     out = Path("/proc/strata-sweep-out")  # writable by nobody, root included
-    return Case(embed_argv(root, model, out=out), 2, ["/proc/strata-sweep-out"], rows=[], unchanged=[root / "in"])
+    # before any work: the runner does everything to an output (sweep, manifest, embedding) under its lock
+    return Case(embed_argv(root, model, out=out), 2, ["output location /proc/strata-sweep-out is not writable: "],
+                rows=[], unchanged=[root / "in"], never=[(Output, "lock")])
 
 
 @case
@@ -449,14 +456,19 @@ def spec(root: Path, text: str) -> Path:
 def job_alias_bomb(root, model):
     lines = ["name: x", 'a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
     lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
-    return Case(["run", "--dry-run", str(spec(root, "\n".join(lines) + "\n"))], 2, ["alias"])
+    # refused by the loader while it parses (composes) the document: no value is ever constructed
+    return Case(["run", "--dry-run", str(spec(root, "\n".join(lines) + "\n"))], 2,
+                ["job.yaml: line ", "invalid YAML: ", "aliases (*name)", "refused"],
+                never=[(SpecLoader, "construct_document")])
 
 
 @case
 def job_python_tag(root, model):
     marker = root / "ran"
-    p = spec(root, f'name: !!python/object/apply:os.system ["touch {marker}"]\n')
-    return Case(["run", "--dry-run", str(p)], 2, ["could not determine a constructor"], unchanged=[root / "in"])
+    p = spec(root, f'name: !!python/object/apply:os.system ["touch {marker}"]\n')  # yaml.unsafe_load makes it
+    # nothing runs: no marker, and nothing else appears under root either
+    return Case(["run", "--dry-run", str(p)], 2, ["could not determine a constructor"], unchanged=[root],
+                absent=[marker])
 
 
 @case
@@ -541,6 +553,31 @@ def no_cached_filesystems():
             pass
 
 
+def _recorder(calls: list[str], name: str):
+    def called(*args, **kwargs):
+        calls.append(name)
+        raise RuntimeError(f"{name} must not be called in this case")
+    return called
+
+
+def _check_preconditions(c: Case) -> None:
+    """A snapshot of a path that does not exist is {} before and after: it would assert nothing."""
+    missing = [str(p) for p in c.unchanged if not p.exists()]
+    assert not missing, f"unchanged= names paths the case never creates: {missing}"
+    there = [str(p) for p in c.absent if p.exists()]
+    assert not there, f"absent= names paths that exist before the command: {there}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_unchanged_path_exists_before_the_command(name, ray_local, model_dir, tmp_path, monkeypatch):
+    """The sweep's snapshots compare something: every case's unchanged= paths exist once the case is set up
+    (and its absent= paths do not), before its command runs."""
+    root = tmp_path / f"KEY:{SECRET}@host"
+    root.mkdir()
+    monkeypatch.setenv("STRATA_LOG_DIR", str(tmp_path / "logs"))
+    _check_preconditions(CASES[name](root, model_dir))
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_hostile_case(name, ray_local, model_dir, tmp_path, monkeypatch, capsys):
     root = tmp_path / f"KEY:{SECRET}@host"
@@ -552,10 +589,15 @@ def test_hostile_case(name, ray_local, model_dir, tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     c = CASES[name](root, model_dir)
     capsys.readouterr()
+    _check_preconditions(c)
     before = {p: snapshot(p) for p in c.unchanged}
+    calls: list[str] = []
+    for owner, attr in c.never:
+        monkeypatch.setattr(owner, attr, _recorder(calls, f"{owner.__name__}.{attr}"))
     rc = main(c.argv)
     out, err = capsys.readouterr()
 
+    assert not calls, f"the command went on to {calls}"
     # 1. exit status
     assert rc == c.rc, (rc, err[-2000:])
     # 2. one bounded line naming the problem; never a traceback
@@ -575,6 +617,8 @@ def test_hostile_case(name, ray_local, model_dir, tmp_path, monkeypatch, capsys)
         assert snapshot(p) == snap, p
     if c.out is not None:
         assert not c.out.exists() or not any(c.out.iterdir())
+    for p in c.absent:
+        assert not p.exists(), p
     # 4. no secret anywhere
     for where, text in (("stdout", out), ("stderr", err), ("output", _texts_under(out_dir)),
                         ("strata logs", _texts_under(logs)), ("ray logs", _ray_logs())):

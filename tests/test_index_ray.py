@@ -397,7 +397,7 @@ output: out
 
 def test_the_size_limit_is_configurable_and_a_job_spec_can_consent(tmp_path, model_dir):
     from pipeline import sizing
-    from pipeline.jobs.spec import JobSpecError, load_spec
+    from pipeline.jobs import JobSpecError, load_spec
     from pipeline.request import resolve
 
     assert [sizing.parse_size(x) for x in ("500GB", "20 TB", "1.5tb", "750", 42)] == \

@@ -54,23 +54,15 @@ from ..request import EncodeSettings, ModelInfo, Request, Resources, device_type
 from ..storage import Output, redact
 from ..templates import SLOT, Template
 from ..variants import Variant
-from .spec import JobSpec, JobSpecError, _is_url, _line, _Problem, _short_list, check_variants
+from .checks import check_variants
+from .messages import JobSpecError, Problem, one_line, short_list
+from .spec import JobSpec
+from .workspace import Workspace, join, local_path
 
 LATEST = "LATEST"
 VERSION_FILE = "version.json"
 EVAL_CACHE = "eval-cache"
 CHARS_PER_TOKEN_ESTIMATE = 4  # dry-run token estimate: uncompressed text bytes / 4
-
-
-def _local(url: str) -> str:
-    """A relative local path made absolute against the working directory (Ray workers may run elsewhere)."""
-    if url.startswith("file://"):
-        url = url[len("file://"):]
-    return url if _is_url(url) else os.path.abspath(os.path.expanduser(url))
-
-
-def _join(url: str, *parts: str) -> str:
-    return "/".join([url.rstrip("/"), *parts])
 
 
 @dataclass
@@ -105,7 +97,7 @@ class Job:
         v = self.spec.variants
         labels = None
         if v.mix_labels:
-            p = Path(_local(v.mix_labels))
+            p = Path(local_path(v.mix_labels))
             labels = load_beir(p, split="train") if p.is_dir() else load_sts(p)
         return Derivations(mixes=parse_mixes(v.mixes, self.n_layers), transforms=parse_transforms(v.transforms),
                            mix_labels=labels)
@@ -134,63 +126,63 @@ def resolve_job(spec: JobSpec) -> Job:
                           output_format=e.format, resources=_resources(spec), templates=spec.variants.templates,
                           append_eos=e.append_eos, trust_remote_code=spec.model.trust_remote_code,
                           allow_pickle=spec.model.allow_pickle)
-    except _Problem as p:
-        raise JobSpecError(_line(spec.source, p.loc, p.message)) from None
+    except Problem as p:
+        raise JobSpecError(one_line(spec.source, p.loc, p.message)) from None
     except (models.ModelError, OSError) as e:
-        raise JobSpecError(_line(spec.source, "model.spec", str(e))) from None
+        raise JobSpecError(one_line(spec.source, "model.spec", str(e))) from None
     recipe = _recipe(spec, request)
     inp = spec.input
     key = request.signature(inp.text_column if inp else "text", inp.id_column if inp else None)
     if recipe is not None:  # other pieces, other vectors: another version
         key = {**key, "recipe": recipe.probe_sha256[:16]}
-    job_url = _join(_local(spec.output), spec.name)
+    job_url = join(local_path(spec.output), spec.name)
     version = version_id(key)
     return Job(spec=spec, variants=request.variants, n_layers=request.model.n_layers, model_ref=request.model.name,
                weights_digest=request.model.weights_digest, request=request, job_url=job_url, version=version,
-               version_url=_join(job_url, version), version_key=key, recipe=recipe)
+               version_url=join(job_url, version), version_key=key, recipe=recipe)
 
 
 def _recipe(spec: JobSpec, request: Request):
     """The spec's probe recipe, checked against the request: same weights, every source embedded."""
     if not spec.variants.recipe:
         return None
-    from ..probe import ProbeError, Recipe
+    from ..recipe import Recipe, RecipeError as ProbeError
 
     try:
-        recipe = Recipe.load(_local(spec.variants.recipe), top=spec.variants.recipe_top)
+        recipe = Recipe.load(local_path(spec.variants.recipe), top=spec.variants.recipe_top)
         recipe.check_model(request)
     except ProbeError as e:
-        raise JobSpecError(_line(spec.source, "variants.recipe", str(e))) from None
+        raise JobSpecError(one_line(spec.source, "variants.recipe", str(e))) from None
     missing = [s.name for s in recipe.sources() if s not in request.variants]
     if missing:
-        raise JobSpecError(_line(spec.source, "variants.recipe", f"the recipe needs {', '.join(missing)}, which "
-                                 f"variants.layers/poolings/templates do not embed"))
+        raise JobSpecError(one_line(spec.source, "variants.recipe", f"the recipe needs {', '.join(missing)}, which "
+                                    f"variants.layers/poolings/templates do not embed"))
     return recipe
 
 
 def _resolve_existing(spec: JobSpec) -> Job:
-    url = _local(spec.input.embeddings)
+    url = local_path(spec.input.embeddings)
     out = Output(url)
     manifest = out.read_manifest()
     if manifest is None:
         latest = out.read_json(LATEST)
         if latest is None:
-            raise _Problem("input.embeddings", f"no strata output at {redact(url)} (neither manifest.json nor "
-                                               f"{LATEST} found)")
-        url = _join(url, latest["version"])
+            raise Problem("input.embeddings", f"no strata output at {redact(url)} (neither manifest.json nor "
+                                              f"{LATEST} found)")
+        url = join(url, latest["version"])
         manifest = Output(url).read_manifest()
         if manifest is None:
-            raise _Problem("input.embeddings", f"{LATEST} points to {redact(url)}, which has no manifest.json")
+            raise Problem("input.embeddings", f"{LATEST} points to {redact(url)}, which has no manifest.json")
     sig = manifest.get("signature", {})
     variants = tuple(Variant.from_row(v) for v in manifest.get("variants", []))
     if not variants:
-        raise _Problem("input.embeddings", f"the manifest at {redact(url)} lists no variants")
+        raise Problem("input.embeddings", f"the manifest at {redact(url)} lists no variants")
     names = [v.name for v in variants]
     if spec.indexes and spec.indexes.variants:
         for i, name in enumerate(spec.indexes.variants):
             if name not in names:
-                raise _Problem(f"indexes.variants[{i}]", f"{name} is not in the existing output "
-                                                         f"({_short_list(names)})")
+                raise Problem(f"indexes.variants[{i}]", f"{name} is not in the existing output "
+                                                        f"({short_list(names)})")
     ref = sig.get("model") or manifest.get("model", {}).get("name")
     request = None
     if spec.evaluations:  # evaluations embed their texts: the output's model and settings, exactly
@@ -211,14 +203,14 @@ def _resolve_existing(spec: JobSpec) -> Job:
 def preflight(job: Job) -> None:
     """Problems that would otherwise surface only after the (expensive) embedding."""
     for i, ev in enumerate(job.spec.evaluations):
-        p = Path(_local(ev.data))
+        p = Path(local_path(ev.data))
         if ev.task == "sts" and not p.is_file():
-            raise JobSpecError(_line(job.spec.source, f"evaluations[{i}].data", f"{ev.data}: file not found "
-                                     f"(relative paths resolve against {os.getcwd()})"))
+            raise JobSpecError(one_line(job.spec.source, f"evaluations[{i}].data", f"{ev.data}: file not found "
+                                        f"(relative paths resolve against {os.getcwd()})"))
         if ev.task == "retrieval" and not (p / "qrels" / f"{ev.split}.tsv").is_file():
-            raise JobSpecError(_line(job.spec.source, f"evaluations[{i}].data",
-                                     f"{ev.data}: not a BEIR folder with qrels/{ev.split}.tsv "
-                                     f"(relative paths resolve against {os.getcwd()})"))
+            raise JobSpecError(one_line(job.spec.source, f"evaluations[{i}].data",
+                                        f"{ev.data}: not a BEIR folder with qrels/{ev.split}.tsv "
+                                        f"(relative paths resolve against {os.getcwd()})"))
 
 
 def index_targets(job: Job) -> list[Variant]:
@@ -265,7 +257,7 @@ def plan_job(job: Job) -> dict:
         plan_d["version_exists"] = out.fs.exists(out.path(VERSION_FILE))
     manifest = out.read_manifest()
     if spec.mode == "corpus":
-        fs, shards = list_shards(_local(spec.input.location))
+        fs, shards = list_shards(local_path(spec.input.location))
         inspect_shards(fs, shards, spec.input.text_column, spec.input.id_column)
         todo, keep, drop = plan(manifest, shards)
         known = {e["rel"] for e in (manifest or {}).get("shards", [])}
@@ -301,7 +293,6 @@ def _eval_plan(job: Job) -> list[dict]:
     """Per evaluation: its texts, how many the evaluation cache lacks, and their estimated tokens."""
     from ..evaldata import load_sts
     from ..evaluate import load_retrieval, text_id
-    from .run import Workspace
 
     ws = Workspace(job.version_url, job.spec.name, job.version or "")
     cache = Output(str(ws.dir / EVAL_CACHE))
@@ -311,10 +302,10 @@ def _eval_plan(job: Job) -> list[dict]:
     out = []
     for ev in job.spec.evaluations:
         if ev.task == "sts":
-            d = load_sts(_local(ev.data))
+            d = load_sts(local_path(ev.data))
             texts = d.sentence1 + d.sentence2
         else:
-            d = load_retrieval(_local(ev.data), split=ev.split, max_queries=ev.max_queries, max_docs=ev.max_docs)
+            d = load_retrieval(local_path(ev.data), split=ev.split, max_queries=ev.max_queries, max_docs=ev.max_docs)
             texts = d.doc_texts + d.query_texts
         unique = {text_id(t): t for t in texts}
         missing = [t for i, t in unique.items() if i not in cached]
@@ -323,10 +314,10 @@ def _eval_plan(job: Job) -> list[dict]:
     return out
 
 
-def _print_plan(p: dict, say) -> None:
+def print_plan(p: dict, say) -> None:
     say(f"job {p['job']} ({p['spec']}): DRY RUN, nothing is embedded or written")
     say(f"  model: {p['model']} ({p['weights_digest'] or 'digest unknown'}, {p['n_layers'] or '?'} layers)")
-    say(f"  variants ({len(p['variants'])}): {_short_list(p['variants'], 12)}")
+    say(f"  variants ({len(p['variants'])}): {short_list(p['variants'], 12)}")
     if p["mode"] == "existing":
         say(f"  existing output: {p['version_path']} (nothing to embed)")
     else:
@@ -356,8 +347,8 @@ def _print_plan(p: dict, say) -> None:
                 f"({human(b['ids'])} of it ids; docs/scale.md)")
     if "indexes" in p:
         ix = p["indexes"]
-        say(f"  indexes to (re)build: {_short_list(ix['build']) or 'none'}; up to date: "
-            f"{_short_list(ix['up_to_date']) or 'none'}")
+        say(f"  indexes to (re)build: {short_list(ix['build']) or 'none'}; up to date: "
+            f"{short_list(ix['up_to_date']) or 'none'}")
     for ev in p["evaluations"]:
         say(f"  evaluate: {ev['task']} on {ev['data']}: {ev['texts']:,} unique texts, {ev['to_embed']:,} not in "
             f"{EVAL_CACHE}/ yet (~{ev['estimated_tokens']:,} tokens, estimated)")

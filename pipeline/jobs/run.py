@@ -16,56 +16,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import redact_text
-from ..storage import Output, redact, safe_name, utc_now
-from .plan import (EVAL_CACHE, LATEST, VERSION_FILE, Job, _join, _local, _print_plan, index_status, index_targets,
-                   plan_job, preflight, resolve_job)
-from .spec import _short_list, load_spec
+from ..storage import Output, redact, utc_now
+from .load import load_spec
+from .messages import short_list
+from .plan import (EVAL_CACHE, LATEST, VERSION_FILE, Job, index_status, index_targets, plan_job, preflight, print_plan,
+                   resolve_job)
+from .workspace import Workspace, join, local_path
 
 JOB_FILE = "job.json"
-
-
-def _is_local_fs(fs) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
-
-
-class Workspace:
-    """A version folder. Local: used in place. Remote (s3://, gs://, …): pipeline.index, evaluate and
-    report need local paths, so they work in a local mirror under the strata cache and the files
-    they write are uploaded afterwards."""
-
-    def __init__(self, url: str, name: str, version: str):
-        from ..models import cache_root
-
-        self.out = Output(url)
-        self.is_local = _is_local_fs(self.out.fs)
-        self.dir = Path(self.out.root) if self.is_local else cache_root() / "jobs" / safe_name(name) / version
-
-    def fetch(self, rel: str, *, refresh: bool = False) -> Path | None:
-        """A local copy of ``rel``, or None if it does not exist. Committed embedding files never change
-        (a changed shard gets a new folder), so a mirrored copy is reused unless ``refresh``."""
-        local = self.dir / rel
-        if self.is_local:
-            return local if local.exists() else None
-        if not self.out.fs.exists(self.out.path(rel)):
-            local.unlink(missing_ok=True)
-            return None
-        if refresh or not local.exists():
-            local.parent.mkdir(parents=True, exist_ok=True)
-            tmp = local.with_name(local.name + ".part")
-            self.out.fs.get(self.out.path(rel), str(tmp))
-            os.replace(tmp, local)
-        return local
-
-    def push(self, *rels: str) -> None:
-        if self.is_local:
-            return
-        for rel in rels:
-            self.out.fs.makedirs(self.out.path(*rel.split("/")[:-1]), exist_ok=True)
-            self.out.fs.put(str(self.dir / rel), self.out.path(rel))
-
-    def exists(self, rel: str) -> bool:
-        return self.out.fs.exists(self.out.path(rel))
 
 
 def build_indexes(job: Job, ws: Workspace, variants: list, manifest: dict, say) -> list[dict]:
@@ -108,10 +66,11 @@ def run_evaluations(job: Job, ws: Workspace, progress: bool, say) -> list[dict]:
     for ev in job.spec.evaluations:
         t0 = time.perf_counter()
         if ev.task == "sts":
-            got = evaluate_sts(encoder, load_sts(_local(ev.data)), derivations, save_dir=ws.dir, quantized=quantized)
+            got = evaluate_sts(encoder, load_sts(local_path(ev.data)), derivations, save_dir=ws.dir,
+                               quantized=quantized)
         else:
             names = {t.text: t.name for t in job.request.templates} | {t.name: t.name for t in job.request.templates}
-            got = evaluate_retrieval(encoder, load_retrieval(_local(ev.data), split=ev.split,
+            got = evaluate_retrieval(encoder, load_retrieval(local_path(ev.data), split=ev.split,
                                                              max_queries=ev.max_queries, max_docs=ev.max_docs),
                                      derivations, query_template=names.get(ev.query_template),
                                      doc_template=names.get(ev.doc_template), save_dir=ws.dir, quantized=quantized)
@@ -149,12 +108,12 @@ def run_job(spec_path: str | os.PathLike, dry_run: bool = False, *, progress: bo
     preflight(job)
     if dry_run:
         p = plan_job(job)
-        _print_plan(p, say)
+        print_plan(p, say)
         return p
     if spec.mode == "corpus" and job.request is not None:  # --yes above 100 GB, before anything is written
         from ..sizing import check_size, input_rows
 
-        check_size(job.request, input_rows(_local(spec.input.location)), yes, spec.embedding.max_output_size)
+        check_size(job.request, input_rows(local_path(spec.input.location)), yes, spec.embedding.max_output_size)
 
     t0 = time.perf_counter()
     summary: dict[str, Any] = {"job": spec.name, "spec": spec.source, "mode": spec.mode, "model": job.model_ref,
@@ -178,7 +137,7 @@ def run_job(spec_path: str | os.PathLike, dry_run: bool = False, *, progress: bo
     if spec.mode == "corpus":
         from ..runner import embed
 
-        es = embed(job.request, _local(spec.input.location), job.version_url, text_column=spec.input.text_column,
+        es = embed(job.request, local_path(spec.input.location), job.version_url, text_column=spec.input.text_column,
                    id_column=spec.input.id_column, progress=progress,
                    calibration_rows=spec.embedding.calibration_rows)
         summary["embed"] = es.as_dict()
@@ -203,7 +162,7 @@ def run_job(spec_path: str | os.PathLike, dry_run: bool = False, *, progress: bo
         summary["indexes"] = {"built": build_indexes(job, ws, stale, manifest, say) if stale else [],
                               "up_to_date": [v.name for v in fresh]}
         if fresh:
-            say(f"  indexes up to date: {_short_list([v.name for v in fresh])}")
+            say(f"  indexes up to date: {short_list([v.name for v in fresh])}")
 
     if spec.evaluations:
         rows = run_evaluations(job, ws, progress, say)
@@ -215,7 +174,7 @@ def run_job(spec_path: str | os.PathLike, dry_run: bool = False, *, progress: bo
 
             paths = write_report(rows, ws.dir, job.n_layers)
             ws.push("eval/results.json", "report.md", *(f"{Path(h).name}" for h in paths["heatmaps"]))
-            summary["report"] = redact(_join(job.version_url, "report.md"))
+            summary["report"] = redact(join(job.version_url, "report.md"))
             say(f"  report: {summary['report']}")
 
     summary["seconds"] = round(time.perf_counter() - t0, 3)
@@ -234,7 +193,7 @@ def run_job(spec_path: str | os.PathLike, dry_run: bool = False, *, progress: bo
 
 def read_latest(job_dir: str) -> dict | None:
     """The LATEST record of a job folder ``{output}/{name}`` (None before the first complete run)."""
-    return Output(_local(job_dir)).read_json(LATEST)
+    return Output(local_path(job_dir)).read_json(LATEST)
 
 
 # --------------------------------------------------------------------------- CLI glue
