@@ -263,12 +263,15 @@ def reader(out_dir, manifest: dict, variant: Variant) -> str | Reader:
     return Reader(variant, tuple(entry["sources"]), weights, transform)
 
 
-def check_float_output(manifest: dict, output: str) -> None:
-    """Refuse derived variants on a quantised output: they are computed from float columns."""
-    dtype = manifest.get("signature", {}).get("dtype")
+def check_float_output(dtype: str | None, output: str | None = None) -> None:
+    """Refuse derived variants of int8 or binary vectors: they are computed from float columns.
+    ``output``: the output whose manifest records ``dtype``; None: the command line's ``--dtype``,
+    refused before anything is embedded."""
     if dtype in ("int8", "binary"):
-        raise SpecError(f"{output} stores {dtype} codes: derived variants (mixes, transforms) are computed from "
-                        f"float columns; embed with --dtype float32 or float16 to derive them")
+        what = (f"{output} stores {dtype} codes: derived variants (mixes, transforms)" if output is not None
+                else f"--dtype {dtype}: derived variants (--mixes, --transforms)")
+        raise SpecError(f"{what} are computed from float columns; embed with --dtype float32 or float16 to derive "
+                        "them")
 
 
 def add_to_output(output: str, mixes_spec, transforms_spec, *, request=None,
@@ -285,7 +288,7 @@ def add_to_output(output: str, mixes_spec, transforms_spec, *, request=None,
         manifest = out.read_manifest()
         if not manifest:
             raise FileNotFoundError(f"{output}: no manifest.json (nothing embedded yet)")
-        check_float_output(manifest, output)
+        check_float_output(manifest.get("signature", {}).get("dtype"), output)
         n_layers = manifest.get("model", {}).get("n_layers") or max(v["layer"] for v in manifest["variants"])
         mixes = parse_mixes(mixes_spec, n_layers)
         learned = {}
@@ -323,7 +326,7 @@ def add_recipe(output: str, recipe) -> list[str]:
             made.append(v.name)
             if v.is_raw:
                 continue
-            check_float_output(manifest, output)
+            check_float_output(manifest.get("signature", {}).get("dtype"), output)
             columns = [Variant.parse(s).column for s in e["sources"]]
             entry = {"sources": columns, **({"weights": list(r.weights)} if r.weights is not None else {})}
             fitted = {}

@@ -220,7 +220,9 @@ def evaluate_retrieval(encoder: TextEncoder, data: BeirData, derivations: Deriva
     check_held_out(derivations, data)
     index_options = dict(index_options or {})
     if index_engine == "ray":
-        check_ray_index(index, encoder, quantized, derivations)
+        check_ray_index(index, "ray" if isinstance(encoder, RayEncoder) else "local",
+                        quantized.dtype if quantized is not None else None,
+                        derivations is not None and not derivations.empty)
         index = "ivfpq@ray"
     elif index_engine != "local":
         raise SpecError(f"index engine {index_engine!r}: choose from {', '.join(INDEX_ENGINES)}")
@@ -264,18 +266,21 @@ def evaluate_retrieval(encoder: TextEncoder, data: BeirData, derivations: Deriva
     return _note(out, left_out)
 
 
-def check_ray_index(index: str | None, encoder, quantized, derivations) -> None:
-    """``--index-engine ray``: what it can index (one-line errors otherwise)."""
+def check_ray_index(index: str | None, engine: str | None, dtype: str | None, derived: bool) -> None:
+    """``--index-engine ray``: what it can index (one-line errors otherwise). ``engine``: the eval
+    engine (local, ray, auto); ``dtype``: the quantised scoring's (int8, binary) or a float one;
+    ``derived``: mixes or transforms asked for. Needs no data or model: ``strata eval`` calls it
+    before reading any."""
     if index not in ("ivfpq", "auto"):
         raise SpecError(f"--index-engine ray builds IVF-PQ indexes only: use --index ivfpq (or auto), not "
                         f"{'--index ' + index if index else 'exact search'}")
-    if not isinstance(encoder, RayEncoder):
-        raise SpecError("--index-engine ray indexes the document embeddings the ray engine caches in the output: "
-                        "use --engine ray (or auto)")
-    if quantized is not None:
-        raise SpecError(f"--index-engine ray builds float IVF-PQ indexes only: not with --dtype {quantized.dtype}")
-    if derivations is not None and not derivations.empty:
+    if quantize.is_quantized(dtype):
+        raise SpecError(f"--index-engine ray builds float IVF-PQ indexes only: not with --dtype {dtype}")
+    if derived:
         raise SpecError("--index-engine ray indexes stored columns only: not with --mixes or --transforms")
+    if engine == "local":
+        raise SpecError("--index-engine ray indexes the document embeddings the ray engine caches in --output: "
+                        "use --engine ray (or auto)")
 
 
 def _note(rows: list[dict], left_out: str | None) -> list[dict]:

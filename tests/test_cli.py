@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from pipeline import Encoder, Variant
-from pipeline.cli import build_parser, main, request_from_args
+from pipeline.cli import build_parser, main
+from pipeline.cli.options import request_from_args
 
 
 def test_options_resolve_into_one_request(model_dir):

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import cli
+from pipeline.cli import encode as cli_encode
 from pipeline.cli import main
 from pipeline.errors import MAX_MESSAGE, bound, redact_text
 from pipeline.storage import redact
@@ -56,7 +56,7 @@ def _raise(exc):
 
 
 def test_unexpected_error_is_one_line_with_the_traceback_in_the_log(monkeypatch, capsys, log_dir):
-    monkeypatch.setattr(cli, "cmd_encode", _raise(RuntimeError("disk on fire")))
+    monkeypatch.setattr(cli_encode, "cmd_encode", _raise(RuntimeError("disk on fire")))
     assert main(["encode", "x"]) == 2
     line = _one_line(capsys.readouterr().err, "encode")
     assert "RuntimeError: disk on fire" in line and str(log_dir) in line
@@ -72,7 +72,7 @@ def test_ray_task_error_is_unwrapped_to_its_cause(monkeypatch, capsys, log_dir):
         raise OSError(5, "input/output error", "/data/shard-7.parquet")
     except OSError as cause:
         wrapped = RayTaskError("read_and_tokenize", "remote traceback", cause).as_instanceof_cause()
-    monkeypatch.setattr(cli, "cmd_encode", _raise(wrapped))
+    monkeypatch.setattr(cli_encode, "cmd_encode", _raise(wrapped))
     assert main(["encode", "x"]) == 2
     line = _one_line(capsys.readouterr().err, "encode")
     assert "/data/shard-7.parquet" in line and "input/output error" in line and "RayTaskError" not in line
@@ -80,7 +80,7 @@ def test_ray_task_error_is_unwrapped_to_its_cause(monkeypatch, capsys, log_dir):
 
 
 def test_keyboard_interrupt_stays_interrupted(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "cmd_encode", _raise(KeyboardInterrupt()))
+    monkeypatch.setattr(cli_encode, "cmd_encode", _raise(KeyboardInterrupt()))
     assert main(["encode", "x"]) == 130
     assert capsys.readouterr().err.strip() == "strata encode: interrupted"
 
@@ -110,7 +110,7 @@ def test_sigterm_stops_cleanly_with_143(tmp_path):
 
 
 def test_long_messages_are_bounded_with_the_full_text_in_the_log(monkeypatch, capsys, log_dir):
-    monkeypatch.setattr(cli, "cmd_encode", _raise(ValueError("id " + "x" * 100_000)))
+    monkeypatch.setattr(cli_encode, "cmd_encode", _raise(ValueError("id " + "x" * 100_000)))
     assert main(["encode", "x"]) == 2
     line = _one_line(capsys.readouterr().err, "encode")
     assert "(100003 chars)" in line
@@ -120,7 +120,7 @@ def test_long_messages_are_bounded_with_the_full_text_in_the_log(monkeypatch, ca
         logging.getLogger("pipeline.runner").warning("duplicate id %s", "y" * 100_000)
         return 0
 
-    monkeypatch.setattr(cli, "cmd_encode", warn)
+    monkeypatch.setattr(cli_encode, "cmd_encode", warn)
     assert main(["encode", "x"]) == 0
     err = capsys.readouterr().err
     assert len(err) < MAX_MESSAGE + 300 and "chars)" in err
