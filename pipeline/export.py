@@ -2,7 +2,7 @@
 
 SOURCE is an embed output (its ``manifest.json`` names the model, the settings, the raw
 variants and, under ``derived``, the mixes and fitted transforms made on its rows) or a probe
-recipe (``probe.json``, or the folder holding it: ``probe.Recipe``). The variant is served
+recipe (``probe.json``, or the folder holding it: ``recipe.Recipe``). The variant is served
 exactly as Strata made it there:
 
 - the model truncated to the blocks the variant needs: layer i of an N-block model keeps
@@ -117,7 +117,7 @@ def from_output(out_dir: Path, name: str) -> ExportSpec:
 
 def from_recipe(path: Path, name: str) -> ExportSpec:
     """The spec of one of a probe recipe's variants, its pieces as recorded."""
-    from .probe import Recipe
+    from .recipe import Recipe
 
     first = Recipe.load(path)  # checks the file and its contract
     recipe = Recipe.load(first.path, top=len(json.loads(first.path.read_bytes())["recipe"]))

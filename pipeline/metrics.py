@@ -47,6 +47,14 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
+def spearman(gold, sims) -> float:
+    """Spearman (x100) of ``sims`` against ``gold``; NaN when either is constant (undefined)."""
+    gold, sims = np.asarray(gold), np.asarray(sims)
+    if np.ptp(sims) == 0 or np.ptp(gold) == 0:
+        return float("nan")
+    return 100.0 * float(stats.spearmanr(gold, sims).statistic)
+
+
 def sts_scores(emb1, emb2, gold) -> dict[str, float]:
     """Spearman and Pearson (x100) of per-pair cosine similarity against the gold scores."""
     a, b = _as_2d("emb1", emb1), _as_2d("emb2", emb2)
@@ -65,7 +73,7 @@ def sts_scores(emb1, emb2, gold) -> dict[str, float]:
     # float32, on one such variant before).
     cos = np.round(cos, 9)
     return {
-        "cosine_spearman": 100.0 * float(stats.spearmanr(gold, cos).statistic),
+        "cosine_spearman": spearman(gold, cos),
         "cosine_pearson": 100.0 * float(stats.pearsonr(gold, cos).statistic),
     }
 

@@ -10,9 +10,10 @@ import pytest
 
 pytest.importorskip("sentence_transformers")
 
-from pipeline import derive, probe  # noqa: E402
+from pipeline import derive  # noqa: E402
 from pipeline.encoder import Encoder  # noqa: E402
 from pipeline.export import ExportError, export  # noqa: E402
+from pipeline.recipe import CONTRACT, Recipe, RecipeEncoder  # noqa: E402
 from pipeline.request import resolve  # noqa: E402
 from pipeline.storage import Output, read_part  # noqa: E402
 from pipeline.transforms import fit as fit_transform  # noqa: E402
@@ -172,7 +173,7 @@ def recipe(model_dir, tmp_path_factory):
          "sources": ["prompteol/L2.wmean"]},
     ]
     (d / "probe.json").write_text(json.dumps({
-        "contract": probe.CONTRACT,
+        "contract": CONTRACT,
         "model": {"name": request.model.name, "path": request.model.path,
                   "weights_digest": request.model.weights_digest, "n_layers": 4, "dim": 32},
         "settings": {"max_length": 32, "append_eos": False, "templates": request.template_texts()},
@@ -182,8 +183,8 @@ def recipe(model_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["prompteol/W1-3.wmean|whiten6", "prompteol/L2.wmean"])
 def test_exported_recipe_variant_equals_the_recipe_encoder(recipe, tmp_path, name):
-    r = probe.Recipe.load(recipe, top=2)
-    want = probe.RecipeEncoder(r, Encoder.from_request(r.request(digest=False), device="cpu")).encode(TEXTS)
+    r = Recipe.load(recipe, top=2)
+    want = RecipeEncoder(r, Encoder.from_request(r.request(digest=False), device="cpu")).encode(TEXTS)
     want = want[Variant.parse(name)]
     export(recipe.parent, name, tmp_path / "e")  # the recipe's folder works as well as probe.json
     for side in ("right", "left"):

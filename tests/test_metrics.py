@@ -148,3 +148,14 @@ def test_pairs_of_identical_vectors_are_exact_ties_whatever_the_storage_dtype():
     # the plainly written reference: cosine of the 5x5 distinct pairs, ties given the same rank
     cos = (pool / np.linalg.norm(pool, axis=1, keepdims=True)) @ (pool / np.linalg.norm(pool, axis=1, keepdims=True)).T
     assert s32 == pytest.approx(100 * stats.spearmanr(gold, np.round(cos[i, j], 6)).statistic, abs=1e-9)
+
+
+def test_spearman_is_scipys_x100_and_undefined_for_constant_input():
+    from scipy import stats as st
+
+    from pipeline.metrics import spearman
+
+    rng = np.random.default_rng(0)
+    gold, sims = rng.uniform(0, 5, 50), rng.normal(size=50)
+    assert spearman(gold, sims) == pytest.approx(100 * st.spearmanr(gold, sims).statistic)
+    assert np.isnan(spearman(gold, np.ones(50))) and np.isnan(spearman(np.ones(50), sims))

@@ -9,8 +9,10 @@ import pytest
 from scipy import stats as st
 
 from pipeline import probe, stats
+from pipeline.probe import scoring
 from pipeline.evaldata import BeirData, StsData
 from pipeline.metrics import per_query_scores, retrieval_scores_from_run
+from pipeline.recipe import Recipe, RecipeEncoder, RecipeError
 from pipeline.signals import anisotropy, entropy, uniformity
 from pipeline.variants import Variant
 
@@ -116,7 +118,7 @@ def test_crossfitting_never_lets_a_fitted_piece_see_its_scoring_fold(monkeypatch
     task = probe.make_task(data)
     vectors = _vectors(task)
     seen_train, seen_pairs, fits = [], [], []
-    real_fit_rows, real_learn, real_fit = task.fit_rows, probe.learn_mix, probe.fit_transform
+    real_fit_rows, real_learn, real_fit = task.fit_rows, scoring.learn_mix, scoring.fit_transform
 
     def spy_fit_rows(items):
         seen_train.append(np.asarray(items))
@@ -131,8 +133,8 @@ def test_crossfitting_never_lets_a_fitted_piece_see_its_scoring_fold(monkeypatch
         return real_fit(name, chunks, **kw)
 
     task.fit_rows = spy_fit_rows
-    monkeypatch.setattr(probe, "fit_transform", spy_fit)
-    monkeypatch.setattr(probe, "learn_mix", spy_learn)
+    monkeypatch.setattr(scoring, "fit_transform", spy_fit)
+    monkeypatch.setattr(scoring, "learn_mix", spy_learn)
     log: list[probe.Fit] = []
     scored = probe.score_variants(task, vectors, n_layers=3, mixes="all,learned:all", transforms=("center", "abtt1"),
                                   folds=5, resamples=50, log=log, say=lambda *a, **k: None)
@@ -337,10 +339,10 @@ def test_recipe_pieces_are_applied_as_recorded(probed, sts_file):
     out, result = probed
     fitted = [e for e in result["recipe"] if e.get("transform_path") or e.get("weights")]
     assert fitted, "the recipe should hold a fitted variant with --top 40"
-    recipe = probe.Recipe.load(out / "probe.json", top=len(result["recipe"]))
+    recipe = Recipe.load(out / "probe.json", top=len(result["recipe"]))
     enc = Encoder.from_request(recipe.request(digest=False))
     texts = load_sts(sts_file).sentence1[:10]
-    got = probe.RecipeEncoder(recipe, enc).encode(texts)
+    got = RecipeEncoder(recipe, enc).encode(texts)
     raw = {v.name: m for v, m in enc.encode(texts).items()}
     for e in fitted:
         x = apply_mix([raw[s] for s in e["sources"]], e["weights"]) if e.get("weights") else raw[e["sources"][0]]
@@ -353,13 +355,13 @@ def test_a_recipe_of_other_weights_or_contract_is_refused(probed, tmp_path):
     out, result = probed
     other = dict(result, model={**result["model"], "weights_digest": "sha256:" + "0" * 64})
     (tmp_path / "probe.json").write_text(json.dumps(other))
-    with pytest.raises(probe.ProbeError, match="probed on model"):
-        probe.Recipe.load(tmp_path / "probe.json").request(digest=True)
+    with pytest.raises(RecipeError, match="probed on model"):
+        Recipe.load(tmp_path / "probe.json").request(digest=True)
     (tmp_path / "probe.json").write_text(json.dumps(dict(result, contract=1)))
-    with pytest.raises(probe.ProbeError, match="naming contract 1"):
-        probe.Recipe.load(tmp_path / "probe.json")
-    with pytest.raises(probe.ProbeError, match="--top 99"):
-        probe.Recipe.load(out / "probe.json", top=99)
+    with pytest.raises(RecipeError, match="naming contract 1"):
+        Recipe.load(tmp_path / "probe.json")
+    with pytest.raises(RecipeError, match="--top 99"):
+        Recipe.load(out / "probe.json", top=99)
 
 
 def test_a_budget_that_fits_nothing_says_what_would(model_dir, sts_file, tmp_path):
@@ -429,8 +431,6 @@ def test_a_recipe_scored_elsewhere_keeps_everything_and_learned_mixes_never_scor
     error); the probe's own labels mark the rows as chosen there; other labels change nothing."""
     from types import SimpleNamespace
 
-    from pipeline.probe import ProbeError, Recipe
-
     fitted = {"task": "sts", "data": "stsb", "split": "dev", "pairs": 400}
     entries = [{"variant": "L2.mean"}, {"variant": "mix(learned:1-4).mean", "mix_fitted_on": fitted}]
     recipe = Recipe(tmp_path / "probe.json", {}, {}, {}, entries, "0" * 64,
@@ -442,5 +442,24 @@ def test_a_recipe_scored_elsewhere_keeps_everything_and_learned_mixes_never_scor
     assert chosen == "chosen by the probe on 500 of 1500 items of stsb/dev: optimistic here"
     other, dropped, chosen = recipe.held_out_from(test)
     assert other.entries == entries and dropped == [] and chosen is None
-    with pytest.raises(ProbeError, match="every variant asked for has mix weights fitted on stsb/dev"):
+    with pytest.raises(RecipeError, match="every variant asked for has mix weights fitted on stsb/dev"):
         Recipe(recipe.path, {}, {}, {}, entries[1:], "0" * 64, None).held_out_from(dev)
+
+
+def test_encoding_with_progress_gives_the_whole_pass_and_no_bar_off_a_terminal(capsys):
+    from types import SimpleNamespace
+
+    class Fake:
+        def tokenize_templates(self, texts):
+            return {"plain": SimpleNamespace(ids=[[0] * (1 + len(t) % 5) for t in texts])}
+
+        def encode(self, texts):
+            self.calls = getattr(self, "calls", 0) + 1
+            return {Variant(1, "mean"): np.array([[int(t.split()[1]), len(t)] for t in texts], dtype=np.float32)}
+
+    texts, enc = [f"text {i}" for i in range(300)], Fake()
+    got = probe.encode_with_progress(enc, texts, "sample")
+    assert enc.calls == 4  # chunks of 64 texts or more, at most 20
+    want = np.array([[i, len(t)] for i, t in enumerate(texts)], dtype=np.float32)
+    np.testing.assert_array_equal(got[Variant(1, "mean")], want)
+    assert capsys.readouterr().err == ""

@@ -220,7 +220,7 @@ def test_vectors_made_before_whitespace_went_with_the_text_are_not_met_by_new_on
     under the older rule, naming it; the same made under the current rule are accepted."""
     import json
 
-    from pipeline.probe import CONTRACT, ProbeError, Recipe
+    from pipeline.recipe import CONTRACT, Recipe, RecipeError
     from pipeline.search import query_request
     from pipeline.templates import TOKENS_RULE
 
@@ -233,7 +233,7 @@ def test_vectors_made_before_whitespace_went_with_the_text_are_not_met_by_new_on
     probe = {"contract": CONTRACT, "model": {"name": str(model_dir)}, "settings": {"templates": sig["templates"]},
              "recipe": [{"variant": echo.name, "sources": [echo.name]}]}
     (tmp_path / "probe.json").write_text(json.dumps(probe))
-    with pytest.raises(ProbeError, match=r"embedded under template echo .* \(run the probe again\)"):
+    with pytest.raises(RecipeError, match=r"embedded under template echo .* \(run the probe again\)"):
         Recipe.load(tmp_path / "probe.json")
     probe["settings"]["template_tokens"] = TOKENS_RULE
     (tmp_path / "probe.json").write_text(json.dumps(probe))

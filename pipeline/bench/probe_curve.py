@@ -27,7 +27,7 @@ from scipy import stats as st
 from .. import stats
 from ..encoder import Encoder
 from ..evaldata import load_beir, load_sts
-from ..probe import POOLINGS, TEMPLATES, _encode_with_progress, choose, make_task, sample_labels, score_variants
+from ..probe import POOLINGS, TEMPLATES, choose, encode_with_progress, make_task, sample_labels, score_variants
 from ..request import resolve
 
 SIZES = (100, 300, 500, 1000)  # 500: the probe's default
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
                       max_length=args.max_length, digest=False)
     encoder = Encoder.from_request(request)
     n_layers = request.model.n_layers
-    vectors = _encode_with_progress(encoder, task.texts, print, f"{data.name}/{data.split}")
+    vectors = encode_with_progress(encoder, task.texts, f"{data.name}/{data.split}")
     scored = score_variants(task, vectors, n_layers=n_layers, mixes="all,50%:100%", transforms=(), say=print)
     choice = choose(scored, n_layers)
     from ..mixes import apply_mix

@@ -182,7 +182,7 @@ def eval_recipe(args, data, engine: str) -> int:
     """``strata eval ... --recipe probe.json [--top K]``: exactly the probe's variant(s), pieces included."""
     from ..evaldata import StsData
     from ..evaluate import evaluate_retrieval, evaluate_sts, make_encoder
-    from ..probe import Recipe, RecipeEncoder
+    from ..recipe import Recipe, RecipeEncoder
     from ..report import merge_results
     from ..variants import Variant
 
