@@ -115,6 +115,17 @@ def add_secrets(options) -> None:
             add_secrets(v)
 
 
+def hide_secrets(options):
+    """A copy of a storage-options mapping with its secret-looking values replaced by ``***`` (for
+    files Strata writes, e.g. a job's ``job.json``)."""
+    if isinstance(options, dict):
+        return {k: ("***" if isinstance(v, str) and _SECRET_NAME.search(str(k)) else hide_secrets(v))
+                for k, v in options.items()}
+    if isinstance(options, list):
+        return [hide_secrets(v) for v in options]
+    return options
+
+
 def redact_text(text: str) -> str:
     """``text`` with every URL credential, and every secret given in storage options, replaced by ``***``."""
     for secret in _SECRETS:

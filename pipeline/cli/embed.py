@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from .options import add_mix_label_options, add_model_options, add_ray_options, mix_labels, request_from_args
+from .options import (add_mix_label_options, add_model_options, add_ray_options, add_storage_options, mix_labels,
+                      request_from_args)
 
 
 def register(sub) -> None:
@@ -32,6 +33,10 @@ def register(sub) -> None:
     p.add_argument("--mixes", default=None, help="layer mixes to define: 'a:b', 'all' (uniform, e.g. 'M8-16.mean'), "
                                                 "'learned:a:b' (fitted on --mix-labels)")
     add_mix_label_options(p)
+    add_storage_options(p, "input", "output")
+    p.add_argument("--break-lock", action="store_true",
+                   help="take over OUTPUT's lock now (its holder is known to be dead, e.g. a crashed pod); without it "
+                        "a lock not renewed for 5 min is taken over by the next run")
     p.add_argument("--force", action="store_true", help="replace an output made with other settings")
     p.add_argument("--yes", action="store_true", help="go on when the projected output is above the limit "
                                                       "(docs/scale.md)")
@@ -64,7 +69,7 @@ def cmd_embed(args) -> int:
     check_size(request, rows, args.yes, args.max_output_size)
     summary = embed(request, args.input, args.output, text_column=args.text_column, id_column=args.id_column,
                     force=args.force, progress=not args.quiet, calibration_rows=args.calibration_rows,
-                    int8_ranges=args.int8_ranges)
+                    int8_ranges=args.int8_ranges, break_lock=args.break_lock)
     print(summary.line())
     print(f"{request.model.name}: {request.max_length_line()}")
     if derived_asked:

@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     from ..storage import OutputInUse
 
     try:
+        from .options import use_storage_options
+
+        use_storage_options(args)
         return args.func(args)
     except KeyboardInterrupt:
         print(f"strata {args.command}: interrupted", file=sys.stderr)

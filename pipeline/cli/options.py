@@ -83,3 +83,37 @@ def say(quiet: bool):
             return
         print(text, end=end, file=sys.stderr, flush=True)
     return say
+
+
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e.msg} at character {e.pos}); give a JSON object, e.g. "
+                                         "'{\"endpoint_url\": \"http://host:9000\"}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object of fsspec storage options is needed, got {type(value).__name__}")
+    return value
+
+
+def add_storage_options(p, *locations: str) -> None:
+    """``--{location}-options JSON`` for each positional URL argument named ``location``: fsspec storage
+    options for that URL (``endpoint_url``, ``key``/``secret``, ``anon``, ``requester_pays``, ``profile``,
+    ``client_kwargs`` ...). Registered by ``use_storage_options`` before the command runs."""
+    for loc in locations:
+        p.add_argument(f"--{loc}-options", type=_json_object, default=None, metavar="JSON",
+                       help=f"fsspec storage options for {loc.upper()}, a JSON object (e.g. endpoint_url, profile, "
+                            "anon, requester_pays); secret values are never echoed")
+
+
+def use_storage_options(args) -> None:
+    """Register every ``--{location}-options`` given for its URL (see ``add_storage_options``)."""
+    from ..storage import set_storage_options
+
+    for name, value in vars(args).items():
+        if name.endswith("_options") and isinstance(value, dict):
+            url = getattr(args, name[: -len("_options")], None)
+            if url:
+                set_storage_options(str(url), value)

@@ -12,6 +12,7 @@ import yaml
 from pydantic import ValidationError
 
 from .. import models
+from ..storage import set_storage_options
 from .checks import check_variants, cross_checks
 from .messages import JobSpecError, Problem, one_line, validation_line
 from .spec import JobSpec
@@ -31,6 +32,8 @@ def parse_spec(data: Any, source: str = "<spec>", *, check_model: bool = True) -
     except ValidationError as e:
         raise JobSpecError(validation_line(source, data, e)) from None
     spec._source = source
+    for url, options in spec.storage.items():  # before anything opens a URL of this job
+        set_storage_options(url, options)
     try:
         cross_checks(spec)
         if check_model:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..errors import redact_text
+from ..errors import hide_secrets, redact_text
 from ..storage import Output, redact, utc_now
 from .load import load_spec
 from .messages import short_list
@@ -93,7 +93,7 @@ def _best_lines(rows: list[dict], n_layers: int | None) -> list[str]:
 
 
 def run_job(spec_path: str | os.PathLike, dry_run: bool = False, *, progress: bool = True,
-            stream: TextIO | None = None, yes: bool = True) -> dict:
+            stream: TextIO | None = None, yes: bool = True, break_lock: bool = False) -> dict:
     """Run a job spec: embed (incremental) -> index -> evaluate -> report -> LATEST; returns a summary.
 
     With ``dry_run`` nothing is embedded or written: the plan is printed and returned.
@@ -139,7 +139,7 @@ def run_job(spec_path: str | os.PathLike, dry_run: bool = False, *, progress: bo
 
         es = embed(job.request, local_path(spec.input.location), job.version_url, text_column=spec.input.text_column,
                    id_column=spec.input.id_column, progress=progress,
-                   calibration_rows=spec.embedding.calibration_rows)
+                   calibration_rows=spec.embedding.calibration_rows, break_lock=break_lock)
         summary["embed"] = es.as_dict()
         changed = bool(es.shards_embedded or es.shards_dropped)
         say(f"  embed: {es.line()}")
@@ -179,7 +179,8 @@ def run_job(spec_path: str | os.PathLike, dry_run: bool = False, *, progress: bo
 
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     summary["completed_at"] = utc_now()
-    ws.out.write_json(JOB_FILE, {"spec": spec.model_dump(mode="json"), "summary": summary})
+    ws.out.write_json(JOB_FILE, {"spec": dict(spec.model_dump(mode="json"), storage=hide_secrets(spec.storage)),
+                                 "summary": summary})
     if job.job_url:  # the pointer moves only once everything above has succeeded
         Output(job.job_url).write_json(LATEST, {"version": job.version, "path": redact(job.version_url),
                                                   "job": spec.name, "spec": spec.source, "model": job.model_ref,
@@ -208,11 +209,15 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress line while embedding")
     parser.add_argument("--yes", action="store_true", help="go on when the projected output is above 100 GB "
                                                            "(--dry-run prints it; docs/scale.md)")
+    parser.add_argument("--break-lock", action="store_true",
+                        help="take over the version folder's lock now (its holder is known to be dead, e.g. a crashed "
+                             "pod); without it a lock not renewed for 5 min is taken over by the next run")
     return parser
 
 
 def cmd_run(args) -> int:
-    summary = run_job(args.job, dry_run=args.dry_run, progress=not args.quiet, yes=args.yes)
+    summary = run_job(args.job, dry_run=args.dry_run, progress=not args.quiet, yes=args.yes,
+                      break_lock=args.break_lock)
     if args.json:
         print(redact_text(json.dumps(summary, default=str)))
     return 0

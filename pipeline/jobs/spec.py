@@ -113,6 +113,13 @@ _check_transforms = _checked_by(parse_transforms)
 _check_mixes = _checked_by(parse_mixes, 10**6)  # syntax only; ranges are checked once the depth is known
 
 
+def _check_storage(storage: dict[str, dict]) -> dict[str, dict]:
+    for url in storage:
+        if "://" not in url:
+            raise ValueError(f"storage: {url!r} is not a URL prefix (e.g. s3://bucket or s3://bucket/path)")
+    return storage
+
+
 PoolingName = Annotated[str, AfterValidator(_check_pooling)]
 VariantName = Annotated[str, AfterValidator(_check_variant)]
 LocalPath = Annotated[str, AfterValidator(_non_empty), AfterValidator(_check_local_path)]
@@ -214,6 +221,9 @@ class JobSpec(_Section):
     indexes: IndexSpec | None = None
     evaluations: list[Evaluation] = Field(default_factory=list)
     report: bool | None = None  # default: true when there are evaluations
+    # fsspec storage options per URL prefix ({"s3://bucket-a": {"endpoint_url": ..., "profile": ...}}): two
+    # stores in one job each get their own; secret values are never echoed, and job.json holds "***"
+    storage: Annotated[dict[str, dict[str, Any]], AfterValidator(_check_storage)] = Field(default_factory=dict)
 
     _source: str = PrivateAttr(default="<spec>")
 
