@@ -53,7 +53,7 @@ def cmd_probe(args) -> int:
                        transforms=[t for t in parse_transforms(args.transforms) if t != "none"],
                        mixes=None if args.mixes == "none" else args.mixes, max_length=args.max_length,
                        max_docs=args.max_docs, folds=args.folds, resamples=args.resamples, top=args.top,
-                       seed=args.seed, say=say(args.quiet))
+                       seed=args.seed, say=say(args.quiet), progress=not args.quiet)
     for line in summary_lines(result):
         print(line)
     out = redact_text(str(args.output))
