@@ -152,7 +152,7 @@ def ray_index_run(root: str | Path, dataset: str, variant: Variant, query_emb, d
                   k_max: int = 100, *, part_rows: int | None = None, nlist: int | None = None,
                   nprobe: int | None = None, seed: int = 0, ray_address: str | None = None,
                   **build_options) -> dict[str, dict[str, float]]:
-    """The run of the distributed IVF-PQ (``index_ray.build_ivfpq_ray``) over the documents: they are
+    """The run of the distributed IVF-PQ (``index.ray.build_ivfpq_ray``) over the documents: they are
     written as a documents-only Strata output (``root/eval/index-ray/{dataset}/{variant}``: parts of at
     most ``part_rows`` (``RAY_INDEX_PART_ROWS``) rows, ids = document ids; the queries the cache also
     holds are not indexed), built on Ray (trained on a seeded sample, parts encoded by Ray tasks, lists
@@ -161,7 +161,7 @@ def ray_index_run(root: str | Path, dataset: str, variant: Variant, query_emb, d
     import shutil
 
     from .index import index_path, load_index
-    from .index_ray import build_ivfpq_ray
+    from .index.ray import build_ivfpq_ray
     from .storage import safe_name
 
     if not variant.is_raw:

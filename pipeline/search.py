@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .index import IndexBuildError, _wanted, index_path, load_index
+from .index import IndexBuildError, index_path, load_index, wanted_variants
 from .variants import Variant
 
 QUERY_ID_COLUMNS = ("query_id", "id", "_id")
@@ -75,7 +75,7 @@ def search_output(output: str | Path, variant: str, queries: str | Path, k: int 
     manifest = Output(str(output)).read_manifest()
     if not manifest:
         raise FileNotFoundError(f"{output}: no manifest.json (nothing embedded yet)")
-    v = _wanted(manifest, [variant], str(output))[0]
+    v = wanted_variants(manifest, [variant], str(output))[0]
     path = index_path(output, v)
     if not path.is_file():
         raise IndexBuildError(f"{v.name} has no index in {output}: run `strata index {output} --variants {v.name}`")

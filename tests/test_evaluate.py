@@ -179,13 +179,13 @@ def _tiny_beir(root, n_docs=160):
 def test_eval_index_engine_ray_scores_through_the_merged_on_disk_ivfpq(ray_local, model_dir, tmp_path, capsys,
                                                                         monkeypatch):
     """`eval retrieval --index ivfpq --index-engine ray`: the documents the ray engine cached are indexed by
-    index_ray's distributed build (2 parts) and the queries searched through the merged, memory-mapped index.
-    Reference: the same quantiser trained in-process on the same seeded sample (index_ray.train_ivfpq), every
+    index.ray's distributed build (2 parts) and the queries searched through the merged, memory-mapped index.
+    Reference: the same quantiser trained in-process on the same seeded sample (index.ray.train_ivfpq), every
     document added in one process, searched with nprobe = nlist; its nDCG@10 must be the Ray path's exactly
     (the merge only concatenates lists). Against exact search the agreement is recall-level (PQ is lossy)."""
     import faiss
 
-    from pipeline import index_ray as ir
+    from pipeline.index import ray as ir
     from pipeline.evaluate import RAY_INDEX_DIR, text_id
     from pipeline.index import recall_at_k
     from pipeline.metrics import retrieval_scores, retrieval_scores_from_run
@@ -222,10 +222,10 @@ def test_eval_index_engine_ray_scores_through_the_merged_on_disk_ivfpq(ray_local
     rec = ir.read_build_record(folder, v)
     # again: nothing re-embedded, the build's parts reused (same record), the same scores
     assert main([*args, "--index-engine", "ray"]) == 0
-    assert ir.read_build_record(folder, v)["shards"] == rec["shards"]
+    assert ir.read_build_record(folder, v).shards == rec.shards
     assert [r for r in json.loads((out / "eval" / "results.json").read_text())
             if r.get("quantization") == "index:ivfpq@ray"] == rows
-    assert rec["options"]["nlist"] == 2 and rec["options"]["nprobe"] == 2 and len(rec["shards"]) == 2
+    assert rec.options["nlist"] == 2 and rec.options["nprobe"] == 2 and len(rec.shards) == 2
     assert json.loads((folder / "indexes" / "L2.mean.json").read_text())["engine"] == "ray"
 
     # the cached vectors (ids are text digests), read back plainly
@@ -240,7 +240,7 @@ def test_eval_index_engine_ray_scores_through_the_merged_on_disk_ivfpq(ray_local
     manifest = json.loads((folder / "manifest.json").read_text())
     shards = ir.shards_of(folder, manifest)
     trained = ir.train_ivfpq(str(folder), [s.rel for s in shards], [s.rows for s in shards], v.column, d.shape[1],
-                             d.shape[1], rec["options"], 0)
+                             d.shape[1], rec.options, 0)
     assert bytes(trained) == (ir.parts_dir(folder, v) / ir.TRAINED).read_bytes()
     ref = faiss.deserialize_index(trained)
     ref.add(np.ascontiguousarray(d / np.linalg.norm(d, axis=1, keepdims=True)))

@@ -130,7 +130,7 @@ def test_auto_kind_follows_the_size_rule(tmp_path, data, monkeypatch):
     assert [choose_kind(n) for n in (99_999, 100_000, 1_000_000, 1_000_001)] == ["flat", "hnsw", "hnsw", "ivfpq"]
     files, _ = write_files(tmp_path, data[0])
     assert build_index(files, COL, tmp_path / "a.faiss")["kind"] == "flat"
-    monkeypatch.setattr(idx, "FLAT_MAX_ROWS", 1000)
+    monkeypatch.setattr(idx.params, "FLAT_MAX_ROWS", 1000)
     assert build_index(files, COL, tmp_path / "b.faiss")["kind"] == "hnsw"
 
 

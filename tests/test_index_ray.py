@@ -1,4 +1,4 @@
-"""Distributed IVF-PQ builds (pipeline/index_ray.py) on a 3-node ray.cluster_utils.Cluster.
+"""Distributed IVF-PQ builds (pipeline/index/ray/) on a 3-node ray.cluster_utils.Cluster.
 
 Small on purpose (12k x 32 clustered vectors, 4 shards, nodes of 1 CPU, tasks of 0.5 CPU):
 the module-scoped cluster is started once and every test shares it.
@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import index_ray as ir
+from pipeline.index import ray as ir
 from pipeline.index import IndexBuildError, load_index, recall_at_k
 from pipeline.variants import Variant
 
@@ -74,10 +74,10 @@ def data():
 def reference(out, x, rec):
     """The single-process build: the same trained quantiser, every vector added in one process."""
     trained = faiss.read_index(str(ir.parts_dir(out, V) / ir.TRAINED))
-    labels = np.concatenate([np.arange(r["offset"], r["offset"] + r["rows"]) for r in
-                             sorted(rec["shards"].values(), key=lambda r: r["fingerprint"]["rel"])])
+    labels = np.concatenate([np.arange(r.offset, r.offset + r.rows) for r in
+                             sorted(rec.shards.values(), key=lambda r: r.fingerprint["rel"])])
     trained.add_with_ids(np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True)), labels)
-    trained.nprobe = rec["options"]["nprobe"]
+    trained.nprobe = rec.options["nprobe"]
     return trained
 
 
@@ -97,7 +97,7 @@ def test_distributed_equals_single_process_ids_exact_and_recall(tmp_path, cluste
     # the quantiser trained on a Ray worker is the one trained in-process on the same seeded sample
     shards = ir.shards_of(tmp_path, json.loads((tmp_path / "manifest.json").read_text()))
     local = ir.train_ivfpq(str(tmp_path), [s.rel for s in shards], [s.rows for s in shards], COL, DIM, DIM,
-                           rec["options"], 0, 2000)
+                           rec.options, 0, 2000)
     assert bytes(local) == (ir.parts_dir(tmp_path, V) / ir.TRAINED).read_bytes()
 
     loaded = load_index(tmp_path / "indexes" / "L3.mean.faiss")
@@ -117,9 +117,8 @@ def test_distributed_equals_single_process_ids_exact_and_recall(tmp_path, cluste
     r_default = recall_at_k(got, truth, 10)
     _, wide = load_index(tmp_path / "indexes" / "L3.mean.faiss", nprobe=32).search(q, 10)
     assert recall_at_k(wide, truth, 10) >= r_default >= 0.8
-    print(f"recall@10 vs flat: nprobe {rec['options']['nprobe']} {r_default:.3f}, nprobe 32 "
-          f"{recall_at_k(wide, truth, 10):.3f}; peak rss per task (MB): "
-          f"{[r['peak_rss_mb'] for r in rec['shards'].values()]}")
+    print(f"recall@10 vs flat: nprobe {rec.options['nprobe']} {r_default:.3f}, nprobe 32 "
+          f"{recall_at_k(wide, truth, 10):.3f}; seconds per encode task: {[r.seconds for r in rec.shards.values()]}")
     built_rec = json.loads((tmp_path / "indexes" / "_built.json").read_text())
     assert built_rec[V.name]["engine"] == "ray"
 
@@ -147,9 +146,9 @@ def test_resume_after_a_kill_reencodes_only_unrecorded_shards(tmp_path, cluster,
     with pytest.raises(Killed):
         ir.build_ivfpq_ray(tmp_path, on_shard=kill_after_two, **OPTS)
     rec = ir.read_build_record(tmp_path, V)
-    assert sorted(rec["shards"]) == sorted(seen)
+    assert sorted(rec.shards) == sorted(seen)
     trained_mtime = os.stat(ir.parts_dir(tmp_path, V) / ir.TRAINED).st_mtime_ns
-    parts_mtime = {k: os.stat(ir.parts_dir(tmp_path, V) / r["part"]).st_mtime_ns for k, r in rec["shards"].items()}
+    parts_mtime = {k: os.stat(ir.parts_dir(tmp_path, V) / r.part).st_mtime_ns for k, r in rec.shards.items()}
     assert not (tmp_path / "indexes" / "L3.mean.faiss").exists()
 
     built = ir.build_ivfpq_ray(tmp_path, **OPTS)[V]
@@ -157,7 +156,7 @@ def test_resume_after_a_kill_reencodes_only_unrecorded_shards(tmp_path, cluster,
     assert not set(built["encoded"]) & set(seen)
     assert os.stat(ir.parts_dir(tmp_path, V) / ir.TRAINED).st_mtime_ns == trained_mtime  # quantiser reused
     for k, t in parts_mtime.items():
-        assert os.stat(ir.parts_dir(tmp_path, V) / rec["shards"][k]["part"]).st_mtime_ns == t  # untouched
+        assert os.stat(ir.parts_dir(tmp_path, V) / rec.shards[k].part).st_mtime_ns == t  # untouched
 
     loaded = load_index(tmp_path / "indexes" / "L3.mean.faiss")
     assert list(loaded.ids) == ids  # the killed build's label ranges were reused: no hole, nothing twice
@@ -309,7 +308,7 @@ def test_a_node_removed_mid_build_loses_nothing(tmp_path, cluster, data):
         xs = x[:8_000]
         trained.add_with_ids(np.ascontiguousarray(xs / np.linalg.norm(xs, axis=1, keepdims=True)),
                              np.arange(len(xs)))
-        trained.nprobe = rec["options"]["nprobe"]
+        trained.nprobe = rec.options["nprobe"]
         _, labels = trained.search(np.ascontiguousarray(q / np.linalg.norm(q, axis=1, keepdims=True)), 10)
         assert loaded.search(q, 10)[1] == [[ids[i] for i in row] for row in labels]
 

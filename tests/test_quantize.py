@@ -102,7 +102,7 @@ def test_a_dimension_constant_in_the_calibration_decodes_to_its_value():
     in and out of the calibrated range, by quantize and by FAISS's QT_8bit given the same ranges."""
     import faiss
 
-    from pipeline.index import _sq_trained
+    from pipeline.index import sq_trained
 
     x = vectors(40, 16)
     x[:, 3] = 0.0
@@ -117,9 +117,9 @@ def test_a_dimension_constant_in_the_calibration_decodes_to_its_value():
     back_x = qz.dequantize_int8(qz.quantize_int8(x, ranges), ranges)
     assert np.all(np.abs(back_x[:, keep] - qz.unit_rows(x)[:, keep]) <= half)
     sq = faiss.IndexScalarQuantizer(16, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
-    faiss.copy_array_to_vector(_sq_trained(ranges), sq.sq.trained)
+    faiss.copy_array_to_vector(sq_trained(ranges), sq.sq.trained)
     sq.is_trained = True
-    for rows in (x, new):  # the index adds bucket centres (index._add): FAISS codes them to the same bytes
+    for rows in (x, new):  # the index adds bucket centres (index.factory.add_vectors): FAISS codes them to the same bytes
         q = qz.quantize_int8(rows, ranges)
         codes = sq.sa_encode(qz.dequantize_int8(q, ranges))
         assert np.array_equal(codes.view(np.uint8).astype(np.int16) - 128, q)

@@ -1,13 +1,13 @@
 """``python -m pipeline.bench.index_memory``: peak memory per Ray index task while the corpus grows 4x.
 
 Makes synthetic clustered float32 outputs of N and 4N rows (dim 64) cut into parts of the *same*
-size (so 4N has 4x the parts), builds each with ``index_ray.build_ivfpq_ray`` on a local Ray (tasks
+size (so 4N has 4x the parts), builds each with ``index.ray.build_ivfpq_ray`` on a local Ray (tasks
 of 1 CPU, FAISS on 1 thread) with the IVF-PQ options fixed (nlist, m, train rows), and reports per
-task kind (sample, train, encode) the peak RSS of each task, taken inside the task
-(``index_ray._peak_mb``: VmHWM after resetting it at the task's start, so a reused Ray worker does
-not carry an earlier task's peak), and the driver's peak during the merge (reset after the last
-encode). What should stay flat: sample, train and encode (a part's chunk + its codes); what grows:
-the merge (the driver holds every id) and the wall time.
+task kind (sample, train, encode) the peak RSS of each task, taken inside the task by ``TaskPeaks``,
+the probe the build passes to every task (``index/ray/tasks.py``: VmHWM after resetting it at the
+task's start, so a reused Ray worker does not carry an earlier task's peak), and the driver's peak
+during the merge (reset after the last encode). What should stay flat: sample, train and encode (a
+part's chunk + its codes); what grows: the merge (the driver holds every id) and the wall time.
 
 Prints a table and writes ``{out}/index_memory.md`` and ``{out}/index_memory.json`` (the JSON is
 what ``pipeline.bench.scale_check`` reads when copied to ``docs/scale_measured.json``).
@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import tempfile
 import time
@@ -30,6 +31,42 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 COL = "emb_3_mean"
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+class TaskPeaks:
+    """The build's task probe (``build_ivfpq_ray(probe=...)``): a task's own peak RSS, appended to ``path``
+    as ``{"task", "rel", "rows", "peak_rss_mb", "start_rss_mb", "pid"}`` per task (pickled into each task)."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self.start_mb = 0.0
+
+    def start(self) -> None:
+        """Start a task's own peak: a reused Ray worker's lifetime peak would carry earlier tasks' memory
+        (Linux: writing 5 to clear_refs resets VmHWM; elsewhere the lifetime peak is what is reported)."""
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.start_mb = round(_status_kb("VmRSS:") / 1024, 1)
+        except (OSError, StopIteration):
+            pass
+
+    def stop(self, task: str, rel: str = "", rows: int = 0) -> dict:
+        """This process's peak RSS (MB) since ``start``, appended to the file and returned."""
+        try:
+            kb = _status_kb("VmHWM:")
+        except (OSError, StopIteration):
+            kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        mb = round(kb / 1024, 1)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"task": task, "rel": rel, "rows": rows, "peak_rss_mb": mb,
+                                "start_rss_mb": self.start_mb, "pid": os.getpid()}) + "\n")
+        return {"peak_rss_mb": mb}
 
 
 def clustered(n: int, dim: int, seed: int, clusters: int = 200) -> np.ndarray:
@@ -58,8 +95,9 @@ def make_output(root: Path, parts: int, part_rows: int, dim: int, seed: int = 0)
 
 
 def build(root: Path, opts: dict, peaks_file: Path) -> dict:
-    from pipeline import index_ray as ir
+    from pipeline.index.ray import build_ivfpq_ray
 
+    probe = TaskPeaks(peaks_file.resolve())
     n_shards = len(json.loads((root / "manifest.json").read_text())["shards"])
     seen, merge = [], {}
 
@@ -69,18 +107,18 @@ def build(root: Path, opts: dict, peaks_file: Path) -> dict:
         seen.append(key)
         encode_s.append(result["seconds"])
         if len(seen) == n_shards:
-            ir._peak_reset()  # the driver's peak from here on is the merge's
+            probe.start()  # the driver's peak from here on is the merge's
             tracemalloc.start()  # and its Python heap (the ids): RSS hides it under memory freed earlier
 
     def on_built(v, params, seconds):
-        merge["peak_rss_mb"] = ir._peak_mb("merge", "", params["rows"])
+        merge["peak_rss_mb"] = probe.stop("merge", "", params["rows"])["peak_rss_mb"]
         merge["py_heap_mb"] = round(tracemalloc.get_traced_memory()[1] / 2**20, 2)
         tracemalloc.stop()
         merge["seconds"] = round(seconds, 2)
 
     peaks_file.write_text("")
     t0 = time.perf_counter()
-    ir.build_ivfpq_ray(root, on_shard=on_shard, on_built=on_built, **opts)
+    build_ivfpq_ray(root, on_shard=on_shard, on_built=on_built, probe=probe, **opts)
     wall = time.perf_counter() - t0
     tasks = [json.loads(line) for line in peaks_file.read_text().splitlines() if line.strip()]
     by = {}
@@ -150,7 +188,6 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     peaks_file = out / "task-peaks.jsonl"
-    os.environ["STRATA_INDEX_TASK_PEAKS"] = str(peaks_file.resolve())  # before ray.init: workers inherit it
     os.environ["OMP_NUM_THREADS"] = "1"
     ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="WARNING")
     opts = dict(nlist=args.nlist, m=args.m, train_rows=args.train_rows, chunk_rows=args.chunk_rows,

@@ -37,7 +37,7 @@ GPU_PEAK_FLOPS = 989e12  # H100 SXM bf16 dense peak (vendor figure)
 GPU_EFFICIENCY = 0.30  # assumed share of that peak doing useful work; not measured (no GPU was lent)
 NODE_CPUS = 16  # index-build node size assumed for the memory-per-node row
 PART_ROWS = 1_000_000  # part size assumed at scale (an embed part of 1M rows)
-CHUNK_ROWS = 65_536  # index_ray's default chunk
+CHUNK_ROWS = 65_536  # the Ray index build's default chunk (index/ray/driver.py)
 PROBE_QUERIES = 500  # probe.DEFAULT_ITEMS, checked below
 
 # architectures (config.json of each model): hidden, layers, intermediate, heads, kv heads, vocab

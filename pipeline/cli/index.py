@@ -38,7 +38,7 @@ def cmd_index(args) -> int:
     variants = [v for v in (args.variants or "").split(",") if v] or None
     engine = _index_engine(args)
     if engine == "ray":
-        from ..index_ray import build_ivfpq_ray
+        from ..index.ray import build_ivfpq_ray
 
         built = build_ivfpq_ray(args.output, variants, ray_address=args.ray_address, nprobe=args.nprobe,
                                 nlist=args.nlist)
@@ -58,7 +58,7 @@ def cmd_index(args) -> int:
 def _index_engine(args) -> str:
     """``strata index --engine``: ray builds ivfpq only; auto picks ray above index_ray.RAY_MIN_ROWS rows
     (or with --ray-address) when the kind allows it."""
-    from ..index_ray import RAY_MIN_ROWS, choose_engine, output_rows
+    from ..index.ray import RAY_MIN_ROWS, choose_engine, output_rows
     from ..storage import Output
 
     if args.engine == "local" or (args.engine == "auto" and args.kind in ("flat", "hnsw")):

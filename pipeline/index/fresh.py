@@ -1,0 +1,85 @@
+"""Output-level freshness: which of an output's indexes are up to date (``indexes/_built.json``).
+
+An index is up to date when its three files exist and ``indexes/_built.json`` says it was built,
+with this kind, from exactly the manifest's committed files (a re-embedded shard gets a new
+folder name, so any change of the embeddings makes it stale) *and* through the same fitted pieces
+(``fitted.py``: mix weights, transform matrices, int8 ranges, by content), which can change with
+no file of the embeddings changing. Both engines write the record after the index itself (a crash
+leaves it stale, never wrong).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+import zipfile
+from pathlib import Path
+from typing import Sequence
+
+from ..storage import utc_now
+from ..variants import Variant
+from .fitted import output_digest
+from .layout import BUILT_FILE, INDEXES, IndexBuildError, index_path, sidecars
+
+
+def committed_files(manifest: dict) -> list[str]:
+    """Committed embedding files relative to the output root, in the order indexes add them."""
+    return [f"{s['output']}/{f}" for s in sorted(manifest.get("shards", []), key=lambda s: s["path"])
+            for f in s["files"]]
+
+
+def wanted_variants(manifest: dict, variants: Sequence[Variant | str] | None, where: str) -> list[Variant]:
+    """The variants asked for (None: every stored and derived one), each checked to be in the output."""
+    from ..derive import DERIVED
+
+    known = [Variant.from_row(v) for v in manifest.get("variants", [])]
+    known += [Variant.parse(name) for name in manifest.get(DERIVED, {})]
+    if variants is None:
+        return known
+    wanted = [Variant.parse(v) for v in variants]
+    unknown = [v.name for v in wanted if v not in known]
+    if unknown:
+        raise IndexBuildError(f"variant(s) {', '.join(unknown)} not in {where}; it has "
+                              f"{', '.join(v.name for v in known)}")
+    return wanted
+
+
+def index_status(output: str | Path, manifest: dict, variants: Sequence[Variant | str] | None = None,
+                 kind: str = "auto") -> tuple[list[Variant], list[Variant]]:
+    """(variants whose index must be (re)built, variants whose index is up to date), for an
+    output at any fsspec URL (only the records and the fitted pieces are read; module doc)."""
+    from .. import quantize
+    from ..storage import Output
+
+    out = Output(str(output))
+    built = out.read_json(f"{INDEXES}/{BUILT_FILE}") or {}
+    files = committed_files(manifest)
+    int8 = (manifest.get("signature", {}).get("dtype") or "float32") == "int8"
+    ranges = None
+    stale, fresh = [], []
+    for v in wanted_variants(manifest, variants, str(output)):
+        rec = built.get(v.name)
+        name = index_path("", v).name
+        present = all(out.fs.exists(out.path(INDEXES, p.name)) for p in (Path(name), *sidecars(Path(name))))
+        ok = present and rec is not None and rec.get("files") == files and rec.get("kind") == kind
+        if ok:
+            try:
+                if int8 and ranges is None:
+                    ranges = quantize.read_ranges(str(output))[0]
+                ok = rec.get("fitted") == output_digest(out, manifest, v, (ranges or {}).get(v.name))
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+                ok = False  # a piece it was built through is gone or unreadable: rebuilding says what
+        (fresh if ok else stale).append(v)
+    return stale, fresh
+
+
+def record_built(out_dir: Path, v: Variant, entry: dict) -> None:
+    """Record (after the index is in place) what ``v``'s index was built from: ``entry`` holds the
+    committed ``files``, the ``kind`` asked, the ``fitted`` digest and what the engine adds."""
+    path = Path(out_dir) / INDEXES / BUILT_FILE
+    built = json.loads(path.read_text()) if path.is_file() else {}
+    built[v.name] = {**entry, "built_at": utc_now()}
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(built, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)

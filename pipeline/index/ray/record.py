@@ -1,0 +1,188 @@
+"""The Ray engine's build record, ``indexes/{variant}.build.json``: what a resumed build may reuse.
+
+Pure types (``BuildKey``, ``BuildRecord``: no file access, no Ray) and the small functions that read
+and write them. The record holds:
+
+- ``user`` (``BuildKey``): what must match to reuse the trained quantiser and any part: the options
+  as given, the source columns, the dim, and ``fitted``, the digest of the fitted pieces the vectors
+  are made with (``index/fitted.py``: transform matrices, mix weights, by content; a refit into the
+  same transform path changes it). Any difference starts a new record: retrain, re-encode every part.
+- ``options``: the concrete IVF-PQ parameters (``params.ivfpq_options``);
+- ``trained_at``: set once ``parts/trained.faiss`` is in place;
+- ``shards``: per committed part (``Shard.key``) its ``Part``: fingerprint (path relative to the
+  output, size, rows), label offset, rows and part index file; a part counts as done only once
+  recorded here;
+- ``allocated`` and ``next_offset``: label ranges handed out, kept across a killed build so its
+  parts reuse their range (no hole, nothing twice); a changed part gets a new range.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from ...storage import safe_name
+from ...variants import Variant
+from ..layout import INDEXES
+
+TRAINED = "trained.faiss"
+OPTION_NAMES = ("nlist", "m", "nbits", "nprobe", "train_rows", "seed")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One committed embedding part as the Ray build sees it."""
+
+    rel: str  # the committed part, relative to the output root
+    size: int
+    rows: int
+
+    @property
+    def key(self) -> str:
+        return f"{safe_name(Path(self.rel).stem, 40)}-{hashlib.sha256(self.rel.encode()).hexdigest()[:10]}"
+
+    @property
+    def fingerprint(self) -> dict:
+        return {"rel": self.rel, "size": self.size, "rows": self.rows}
+
+
+@dataclass(frozen=True)
+class BuildKey:
+    """What a record was built for; a record is reused only under an equal key."""
+
+    nlist: int | None = None
+    m: int | None = None
+    nbits: int = 8
+    nprobe: int | None = None
+    train_rows: int | None = None
+    seed: int = 0
+    columns: tuple[str, ...] = ()
+    dim: int = 0
+    fitted: str | None = None  # fitted.pieces_digest of the variant's mix weights and transform
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "columns": list(self.columns)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "BuildKey":
+        d = dict(d)
+        if "fitted" not in d:  # a record from before the digest: it knew the transform's path only
+            path = d.get("transform")
+            d["fitted"] = None if path is None else f"unknown: transform {path} of an older record"
+        return cls(**{k: d.get(k) for k in (*OPTION_NAMES, "dim", "fitted")}, columns=tuple(d.get("columns") or ()))
+
+
+@dataclass
+class Allocation:
+    fingerprint: dict
+    offset: int
+    rows: int
+
+
+@dataclass
+class Part:
+    """A part's lists, encoded and recorded: labels ``offset .. offset + rows`` in file ``part``."""
+
+    fingerprint: dict
+    offset: int
+    rows: int
+    part: str
+    encoded_at: str = ""
+    seconds: float = 0.0
+
+    @property
+    def ids_file(self) -> str:
+        return str(Path(self.part).with_suffix(".ids.parquet"))
+
+
+def _pick(cls, d: dict):
+    return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass
+class BuildRecord:
+    key: BuildKey
+    options: dict
+    shards: dict[str, Part] = field(default_factory=dict)
+    allocated: dict[str, Allocation] = field(default_factory=dict)
+    next_offset: int = 0
+    trained_at: str | None = None
+
+    def trained(self, at: str) -> None:
+        """A new quantiser is in place: no list encoded before is valid, no range is kept."""
+        self.trained_at, self.shards, self.allocated, self.next_offset = at, {}, {}, 0
+
+    def reusable(self, shard: Shard) -> Part | None:
+        """The recorded part of this shard, if recorded with its current fingerprint."""
+        got = self.shards.get(shard.key)
+        return got if got is not None and got.fingerprint == shard.fingerprint else None
+
+    def allocate(self, shard: Shard) -> int:
+        """The label offset for (re-)encoding ``shard``: its range from a killed build when the
+        fingerprint still matches, else a new range (a changed shard's old one is given up)."""
+        self.shards.pop(shard.key, None)
+        got = self.allocated.get(shard.key)
+        if got is not None and got.fingerprint == shard.fingerprint:
+            return got.offset
+        offset = self.next_offset
+        self.next_offset += shard.rows
+        self.allocated[shard.key] = Allocation(shard.fingerprint, offset, shard.rows)
+        return offset
+
+    def done(self, shard: Shard, offset: int, part: str, at: str, seconds: float = 0.0) -> Part:
+        self.shards[shard.key] = Part(shard.fingerprint, offset, shard.rows, part, at, seconds)
+        return self.shards[shard.key]
+
+    def forget(self, current: Iterable[str]) -> list[Part]:
+        """Drop the ranges and parts of shards no longer committed; returns the dropped parts."""
+        current = set(current)
+        self.allocated = {k: a for k, a in self.allocated.items() if k in current}
+        gone = [p for k, p in self.shards.items() if k not in current]
+        self.shards = {k: p for k, p in self.shards.items() if k in current}
+        return gone
+
+    @property
+    def labels(self) -> int:
+        """One past the highest label any recorded part holds."""
+        return max((p.offset + p.rows for p in self.shards.values()), default=0)
+
+    def to_json(self) -> dict:
+        return {"user": self.key.to_json(), "options": self.options, "trained_at": self.trained_at,
+                "next_offset": self.next_offset, "shards": {k: asdict(p) for k, p in self.shards.items()},
+                "allocated": {k: asdict(a) for k, a in self.allocated.items()}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "BuildRecord":
+        return cls(BuildKey.from_json(d.get("user") or {}), dict(d.get("options") or {}),
+                   {k: _pick(Part, p) for k, p in (d.get("shards") or {}).items()},
+                   {k: _pick(Allocation, a) for k, a in (d.get("allocated") or {}).items()},
+                   int(d.get("next_offset") or 0), d.get("trained_at"))
+
+
+def parts_dir(out_dir: Path, v: Variant) -> Path:
+    return Path(out_dir) / INDEXES / f"{safe_name(v.name)}.parts"
+
+
+def build_record_path(out_dir: Path, v: Variant) -> Path:
+    return Path(out_dir) / INDEXES / f"{safe_name(v.name)}.build.json"
+
+
+def write_json(path: Path, obj) -> None:
+    """Written aside, then renamed."""
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_build_record(out_dir: Path, v: Variant) -> BuildRecord | None:
+    p = build_record_path(out_dir, v)
+    return BuildRecord.from_json(json.loads(p.read_text())) if p.is_file() else None
+
+
+def write_build_record(out_dir: Path, v: Variant, record: BuildRecord) -> None:
+    write_json(build_record_path(out_dir, v), record.to_json())
