@@ -249,16 +249,15 @@ def fit_output(out_dir, manifest: dict, mixes, transforms: Sequence[str],
 
 
 def reader(out_dir, manifest: dict, variant: Variant) -> str | Reader:
-    """The column of a raw variant, or the Reader of a derived one recorded in the manifest."""
-    from pathlib import Path
-
+    """The column of a raw variant, or the Reader of a derived one recorded in the manifest (``out_dir``:
+    a local folder or any fsspec URL)."""
     if variant.is_raw:
         return variant.column
     entry = manifest.get(DERIVED, {}).get(variant.name)
     if entry is None:
         raise SpecError(f"{variant.name} is not in this output; derived variants are made with `strata embed "
                         f"--mixes/--transforms`")
-    transform = Transform.load(Path(out_dir) / entry["transform"]) if entry.get("transform") else None
+    transform = Transform.load(f"{str(out_dir).rstrip('/')}/{entry['transform']}") if entry.get("transform") else None
     weights = tuple(entry["weights"]) if entry.get("weights") else None
     return Reader(variant, tuple(entry["sources"]), weights, transform)
 

@@ -10,13 +10,15 @@ score the index's cosine.
 from __future__ import annotations
 
 import dataclasses
+import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .index import IndexBuildError, index_path, load_index, wanted_variants
+from .index import INDEXES, IndexBuildError, index_path, load_index, sidecars, wanted_variants
 from .variants import Variant
 
 QUERY_ID_COLUMNS = ("query_id", "id", "_id")
@@ -63,28 +65,48 @@ def query_request(manifest: dict, variant: Variant):
     return dataclasses.replace(request, variants=tuple(dict.fromkeys(sources)))
 
 
+def _fetch_index(store, v, scratch: Path) -> Path | None:
+    """An index on an object store copied to ``scratch`` (its three files, and a Ray-built index's
+    inverted lists): FAISS reads local files. None where it has none."""
+    name = index_path("", v).name
+    local = scratch / INDEXES / name
+    files = [local, *sidecars(local)]
+    if not all(store.fs.exists(store.path(INDEXES, f.name)) for f in files):
+        return None
+    local.parent.mkdir(parents=True)
+    for f in files:
+        store.fs.get_file(store.path(INDEXES, f.name), str(f))
+    ondisk = json.loads(files[2].read_text()).get("ondisk")
+    if ondisk:
+        store.fs.get_file(store.path(INDEXES, ondisk), str(local.parent / ondisk))
+    return local
+
+
 def search_output(output: str | Path, variant: str, queries: str | Path, k: int = 10, out: str | Path | None = None,
                   *, text_column: str = "text", id_column: str | None = None, nprobe: int | None = None,
                   encoder=None) -> pa.Table:
     """Search a variant's index with the queries' texts; write (and return) the results table."""
     from .derive import vectors_for
     from .encoder import Encoder
-    from .storage import Output
+    from .storage import Output, is_local, redact
 
-    output = Path(output)
-    manifest = Output(str(output)).read_manifest()
+    store = Output(str(output))
+    remote = not is_local(store.fs)
+    output = redact(store.url) if remote else Path(output)
+    manifest = store.read_manifest()
     if not manifest:
         raise FileNotFoundError(f"{output}: no manifest.json (nothing embedded yet)")
     v = wanted_variants(manifest, [variant], str(output))[0]
-    path = index_path(output, v)
-    if not path.is_file():
-        raise IndexBuildError(f"{v.name} has no index in {output}: run `strata index {output} --variants {v.name}`")
     if k < 1:
         raise ValueError(f"--k must be positive, got {k}")
+    with tempfile.TemporaryDirectory(prefix="strata-search-") as scratch:
+        path = _fetch_index(store, v, Path(scratch)) if remote else index_path(output, v)
+        if path is None or not path.is_file():
+            raise IndexBuildError(f"{v.name} has no index in {output}: run `strata index {output} --variants {v.name}`")
+        index = load_index(path, nprobe=nprobe)
     ids, texts = read_queries(queries, text_column, id_column)
-    index = load_index(path, nprobe=nprobe)
     encoder = encoder or Encoder.from_request(query_request(manifest, v))
-    q = vectors_for(output, manifest, v, encoder.encode(texts)) if texts else np.zeros((0, index.index.d), np.float32)
+    q = vectors_for(store.url if remote else output, manifest, v, encoder.encode(texts)) if texts else np.zeros((0, index.index.d), np.float32)
     scores, found = index.search(q, k) if len(q) else (np.zeros((0, 0), np.float32), [])
     rows = {"query_id": [], "rank": [], "doc_id": [], "score": []}
     for qid, srow, drow in zip(ids, scores, found):

@@ -119,9 +119,20 @@ class Transform:
 
     @classmethod
     def load(cls, path: str | Path) -> "Transform":
-        path = Path(path)
-        meta = json.loads(_with(path, ".json").read_text())
-        with np.load(_with(path, ".npz")) as z:
+        """A saved transform: a local path, or a URL on any fsspec store."""
+        if "://" in str(path):
+            import io
+
+            from .storage import filesystem
+
+            fs, p = filesystem(str(path))
+            meta = json.loads(fs.cat_file(p + ".json"))
+            npz = io.BytesIO(fs.cat_file(p + ".npz"))
+        else:
+            path = Path(path)
+            meta = json.loads(_with(path, ".json").read_text())
+            npz = _with(path, ".npz")
+        with np.load(npz) as z:
             return cls(meta["name"], z["mean"], z["basis"] if "basis" in z else None, meta.get("fitted_on", {}))
 
 

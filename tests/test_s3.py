@@ -205,3 +205,34 @@ def test_two_concurrent_runs_one_refused(model_dir, s3, tmp_path):
     set_storage_options(s3.url(), s3.options)
     got = read_embeddings(s3.url("out"), ["id"]).column("id").to_pylist()
     assert sorted(got) == sorted(ids)
+
+
+def test_index_and_search_an_output_on_s3(ray_local, model_dir, s3, tmp_path):
+    """`strata index s3://…` reads the committed parts in ranged reads (no copy of the output on local
+    disk) and uploads the index; its search results equal those of the same output indexed on local
+    disk; `--engine ray` is refused in one line naming why; a re-index of nothing changed is fresh."""
+    from pipeline.cli import main
+    from pipeline.index import index_status
+
+    shards(s3.fs, f"{s3.name}/in", 2, 30)
+    set_storage_options(s3.url(), s3.options)
+    embed(s3.url("in"), s3.url("out"), model=model_dir, **OPTS)
+    local = tmp_path / "out"
+    s3.fs.get(f"{s3.name}/out/", str(local), recursive=True)
+    queries = tmp_path / "q.parquet"
+    pq.write_table(pa.table({"id": ["q0", "q1", "q2"], "text": ["river stone cloud", "bird fish cat dog", "sun moon hill"]}),
+                   queries)
+    opts = ["--output-options", json.dumps(s3.options)]
+    assert main(["index", s3.url("out"), "--kind", "flat", *opts]) == 0
+    assert main(["index", str(local), "--kind", "flat"]) == 0
+    names = {p.rsplit("/", 1)[-1] for p in s3.fs.find(f"{s3.name}/out/indexes")}
+    assert {"L4.mean.faiss", "L4.mean.ids.parquet", "L4.mean.json", "_built.json"} <= names
+    stale, fresh = index_status(s3.url("out"), json.loads(s3.fs.cat(f"{s3.name}/out/manifest.json")), kind="flat")
+    assert not stale and len(fresh) == 4
+    for where, dest in ((s3.url("out"), tmp_path / "r-s3.parquet"), (str(local), tmp_path / "r-local.parquet")):
+        args = ["search", where, "L4.mean", "--queries", str(queries), "--id-column", "id", "--k", "5", "--out", str(dest)]
+        assert main(args + (opts if where.startswith("s3://") else [])) == 0
+    a, b = pq.read_table(tmp_path / "r-s3.parquet"), pq.read_table(tmp_path / "r-local.parquet")
+    assert a.num_rows == 15 and a.column("doc_id").to_pylist() == b.column("doc_id").to_pylist()
+    r = cli(["index", s3.url("out"), "--kind", "ivfpq", "--engine", "ray"], s3.env)
+    assert r.returncode == 2 and "--engine ray writes its inverted lists to a local disk" in r.stderr, r.stderr

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .options import add_ray_address
+from .options import add_ray_address, add_storage_options
 
 
 def register(sub) -> None:
@@ -26,6 +26,7 @@ def register(sub) -> None:
     p.add_argument("--nlist", type=int, default=None,
                    help="IVF kinds: inverted lists (default: 4*sqrt(rows), at most rows/39); --engine ray keeps the "
                         "first build's quantiser until an option changes")
+    add_storage_options(p, "output")
     p.set_defaults(func=cmd_index)
 
 
@@ -59,13 +60,20 @@ def _index_engine(args) -> str:
     """``strata index --engine``: ray builds ivfpq only; auto picks ray above index_ray.RAY_MIN_ROWS rows
     (or with --ray-address) when the kind allows it."""
     from ..index.ray import RAY_MIN_ROWS, choose_engine, output_rows
-    from ..storage import Output
+    from ..storage import Output, is_local, redact
 
     if args.engine == "local" or (args.engine == "auto" and args.kind in ("flat", "hnsw")):
         return "local"
     if args.engine == "ray" and args.kind in ("flat", "hnsw"):
         raise ValueError(f"--engine ray builds ivfpq indexes only (got --kind {args.kind}); use --engine local")
-    manifest = Output(args.output).read_manifest() or {}
+    out = Output(args.output)
+    if not is_local(out.fs):  # its inverted lists are one memory-mapped file on a local disk
+        if args.engine == "ray":
+            raise ValueError(f"--engine ray writes its inverted lists to a local disk (memory-mapped); "
+                             f"{redact(args.output)} is on an object store: use --engine local (it reads the parts "
+                             "in ranged reads and uploads the index), or index a local copy")
+        return "local"
+    manifest = out.read_manifest() or {}
     if args.engine == "auto" and (manifest.get("signature", {}).get("dtype") in ("int8", "binary")):
         return "local"
     rows = output_rows(args.output, manifest) if manifest.get("shards") and not args.ray_address else RAY_MIN_ROWS

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .options import add_storage_options
+
 
 def register(sub) -> None:
     p = sub.add_parser("search", help="search a variant's index with query texts embedded as the output's documents",
@@ -16,6 +18,7 @@ def register(sub) -> None:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--nprobe", type=int, default=None, help="IVF indexes: lists to search (default: the recorded one)")
     p.add_argument("--out", required=True, help="results Parquet file")
+    add_storage_options(p, "output")
     p.set_defaults(func=cmd_search)
 
 

@@ -25,10 +25,10 @@ from ..variants import Variant
 from .factory import add_vectors, make_index
 from .fitted import source_digest
 from .fresh import committed_files, record_built, wanted_variants
-from .layout import IndexBuildError, index_path, sidecars
+from .layout import INDEXES, IndexBuildError, index_path, sidecars
 from .loaded import LoadedIndex
 from .params import DEFAULTS, KINDS, base_params, choose_kind
-from .reading import read_vectors, source_columns, survey
+from .reading import part_ref, read_vectors, source_columns, survey
 
 
 def _training_sample(files, source, dim, chunk_rows, rows, n, seed, source_dim, raw=False) -> np.ndarray:
@@ -63,7 +63,7 @@ def build_index(embedding_files: Sequence[str | Path], column, out_path: str | P
         raise IndexBuildError(f"kind {kind!r}: choose from {', '.join(KINDS)}")
     if chunk_rows < 1:
         raise IndexBuildError(f"chunk_rows must be positive, got {chunk_rows}")
-    files = [Path(f) for f in embedding_files]
+    files = [part_ref(f) for f in embedding_files]
     if not files:
         raise IndexBuildError("no embedding files given")
     out_path = Path(out_path)
@@ -140,39 +140,53 @@ def memory_index(ids: Sequence[str], stored: np.ndarray, dtype: str = "float32",
 
 def build_indexes(out_dir: str | Path, variants: Sequence[Variant | str] | None = None, kind: str = "auto", *,
                   manifest: dict | None = None, on_built=None, **options) -> dict[Variant, dict]:
-    """One index per variant of an embedding output (a local directory): ``indexes/{variant}.faiss``.
+    """One index per variant of an embedding output: ``indexes/{variant}.faiss``.
 
     Streams the committed parts the manifest lists (never a directory listing) and records in
     ``indexes/_built.json`` what each index was built from, after the index itself (a crash
     leaves the record stale, never wrong): the files, the kind and the digest of the fitted
     pieces read through (``fitted.py``). ``on_built(variant, params, seconds)`` is called after each one.
-    """
-    from ..derive import reader
-    from ..storage import Output
 
-    out_dir = Path(out_dir)
-    manifest = manifest if manifest is not None else Output(str(out_dir)).read_manifest()
+    An output on an object store (any fsspec URL) is read part by part in ranged reads, never
+    downloaded whole; each index is written on local disk (FAISS writes files) and uploaded, its
+    JSON last, then recorded.
+    """
+    import tempfile
+
+    from ..derive import reader
+    from ..storage import Output, is_local, redact
+
+    out = Output(str(out_dir))
+    remote = not is_local(out.fs)
+    where = redact(out.url) if remote else str(out_dir)
+    manifest = manifest if manifest is not None else out.read_manifest()
     if not manifest:
-        raise IndexBuildError(f"{out_dir} has no manifest.json: run `strata embed` first")
-    wanted = wanted_variants(manifest, variants, str(out_dir))
+        raise IndexBuildError(f"{where} has no manifest.json: run `strata embed` first")
+    wanted = wanted_variants(manifest, variants, where)
     files = committed_files(manifest)
     if not files:
-        raise IndexBuildError(f"{out_dir} has no committed embeddings to index")
-    missing = [f for f in files if not (out_dir / f).is_file()]
+        raise IndexBuildError(f"{where} has no committed embeddings to index")
+    missing = [f for f in files if not out.fs.isfile(out.path(f))]
     if missing:
-        raise FileNotFoundError(f"{out_dir / missing[0]}: listed in the manifest but missing")
-    Output(str(out_dir)).check_parts(manifest)  # a damaged part is named (DamagedOutput), never read
+        raise FileNotFoundError(f"{redact(out.url.rstrip('/') + '/' + missing[0]) if remote else Path(out_dir) / missing[0]}"
+                                ": listed in the manifest but missing")
+    out.check_parts(manifest)  # a damaged part is named (DamagedOutput), never read
     dtype = manifest.get("signature", {}).get("dtype") or "float32"
     ranges = quantize.read_ranges(str(out_dir))[0] if dtype == "int8" else {}
+    parts = [f"{out.url.rstrip('/')}/{f}" if remote else Path(out_dir) / f for f in files]
     built = {}
-    for v in wanted:
-        t0 = time.perf_counter()
-        source = reader(out_dir, manifest, v)  # loaded once: what is built through is what is digested
-        params = build_index([out_dir / f for f in files], source, index_path(out_dir, v), kind, dtype=dtype,
-                             ranges=ranges.get(v.name), **options)
-        built[v] = params
-        record_built(out_dir, v, {"files": files, "kind": kind, "built_kind": params["kind"], "rows": params["rows"],
+    with tempfile.TemporaryDirectory(prefix="strata-index-") as scratch:
+        for v in wanted:
+            t0 = time.perf_counter()
+            source = reader(out_dir, manifest, v)  # loaded once: what is built through is what is digested
+            target = index_path(scratch if remote else out_dir, v)
+            params = build_index(parts, source, target, kind, dtype=dtype, ranges=ranges.get(v.name), **options)
+            if remote:  # the three files, the JSON last: its presence means they belong together
+                for local in (target, *sidecars(target)):
+                    out.fs.put_file(str(local), out.path(INDEXES, local.name))
+            built[v] = params
+            record_built(out, v, {"files": files, "kind": kind, "built_kind": params["kind"], "rows": params["rows"],
                                   "fitted": source_digest(source, ranges.get(v.name))})
-        if on_built:
-            on_built(v, params, time.perf_counter() - t0)
+            if on_built:
+                on_built(v, params, time.perf_counter() - t0)
     return built

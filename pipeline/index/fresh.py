@@ -10,9 +10,6 @@ leaves it stale, never wrong).
 
 from __future__ import annotations
 
-import json
-import os
-import uuid
 import zipfile
 from pathlib import Path
 from typing import Sequence
@@ -74,12 +71,14 @@ def index_status(output: str | Path, manifest: dict, variants: Sequence[Variant 
     return stale, fresh
 
 
-def record_built(out_dir: Path, v: Variant, entry: dict) -> None:
+def record_built(out, v: Variant, entry: dict) -> None:
     """Record (after the index is in place) what ``v``'s index was built from: ``entry`` holds the
-    committed ``files``, the ``kind`` asked, the ``fitted`` digest and what the engine adds."""
-    path = Path(out_dir) / INDEXES / BUILT_FILE
-    built = json.loads(path.read_text()) if path.is_file() else {}
+    committed ``files``, the ``kind`` asked, the ``fitted`` digest and what the engine adds. ``out``: the
+    output (an ``Output``, or its local folder)."""
+    from ..storage import Output
+
+    out = out if isinstance(out, Output) else Output(str(out))
+    rel = f"{INDEXES}/{BUILT_FILE}"
+    built = out.read_json(rel) or {}
     built[v.name] = {**entry, "built_at": utc_now()}
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(built, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    out.write_json(rel, built)

@@ -22,11 +22,39 @@ import pyarrow.parquet as pq
 from .layout import IndexBuildError
 
 
-def _is_parquet(path: Path) -> bool:
-    return path.suffix.lower() in (".parquet", ".pq")
+def part_ref(path) -> "Path | str":
+    """A part as this module reads it: a local ``Path``, or a URL (``s3://…``) kept as a string and read
+    through fsspec with its registered storage options, in ranged reads (never downloaded whole)."""
+    return str(path) if "://" in str(path) else Path(path)
 
 
-def _ipc_reader(path: Path):
+def _remote(path) -> bool:
+    return isinstance(path, str)
+
+
+def _open(path):
+    from ..storage import filesystem
+
+    fs, p = filesystem(path)
+    return fs.open(p, "rb")
+
+
+def _is_parquet(path) -> bool:
+    return str(path).lower().endswith((".parquet", ".pq"))
+
+
+def _parquet(path) -> pq.ParquetFile:
+    return pq.ParquetFile(_open(path) if _remote(path) else path)
+
+
+def _ipc_reader(path):
+    if _remote(path):
+        f = _open(path)
+        try:
+            return pa.ipc.open_file(f)
+        except pa.ArrowInvalid:
+            f.seek(0)
+            return pa.ipc.open_stream(f)
     source = pa.memory_map(str(path))
     try:
         return pa.ipc.open_file(source)
@@ -34,10 +62,16 @@ def _ipc_reader(path: Path):
         return pa.ipc.open_stream(pa.memory_map(str(path)))
 
 
-def _schema(path: Path) -> pa.Schema:
-    if not path.is_file():
+def _schema(path) -> pa.Schema:
+    if _remote(path):
+        from ..storage import filesystem, redact
+
+        fs, p = filesystem(path)
+        if not fs.isfile(p):
+            raise IndexBuildError(f"{redact(path)}: embedding file not found")
+    elif not path.is_file():
         raise IndexBuildError(f"{path}: embedding file not found")
-    return pq.read_schema(path) if _is_parquet(path) else _ipc_reader(path).schema
+    return _parquet(path).schema_arrow if _is_parquet(path) else _ipc_reader(path).schema
 
 
 def _vector_dim(path: Path, schema: pa.Schema, column: str) -> int:
@@ -58,7 +92,7 @@ def _vector_dim(path: Path, schema: pa.Schema, column: str) -> int:
 def file_rows(path: Path) -> int:
     """Rows of one embedding file (Parquet: from its footer)."""
     if _is_parquet(path):
-        return pq.ParquetFile(path).metadata.num_rows
+        return _parquet(path).metadata.num_rows
     reader = _ipc_reader(path)
     if isinstance(reader, pa.ipc.RecordBatchFileReader):
         return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
@@ -73,7 +107,7 @@ def source_columns(source) -> list[str]:
 def _batches(path: Path, source, chunk_rows: int) -> Iterator[pa.RecordBatch]:
     columns = source_columns(source)
     if _is_parquet(path):
-        yield from pq.ParquetFile(path).iter_batches(columns=["id", *columns], batch_size=chunk_rows)
+        yield from _parquet(path).iter_batches(columns=["id", *columns], batch_size=chunk_rows)
         return
     reader = _ipc_reader(path)
     batches = (reader.get_batch(i) for i in range(reader.num_record_batches)) \
@@ -133,7 +167,7 @@ def read_vectors(files: Sequence[Path], source, dim: int, chunk_rows: int, sourc
     stored one). ``raw``: a quantised column's stored values, as they are."""
     source_dim = dim if source_dim is None else source_dim
     for path in files:
-        path = Path(path)
+        path = part_ref(path)
         for batch in _batches(path, source, chunk_rows):
             if batch.column("id").null_count:
                 raise IndexBuildError(f"{path}: null id")
