@@ -236,3 +236,19 @@ def test_index_and_search_an_output_on_s3(ray_local, model_dir, s3, tmp_path):
     assert a.num_rows == 15 and a.column("doc_id").to_pylist() == b.column("doc_id").to_pylist()
     r = cli(["index", s3.url("out"), "--kind", "ivfpq", "--engine", "ray"], s3.env)
     assert r.returncode == 2 and "--engine ray writes its inverted lists to a local disk" in r.stderr, r.stderr
+
+
+def test_commit_dir_on_s3_copies_each_object_and_leaves_no_staging(s3):
+    """On an object store a commit copies each staged object (nested ones too) to its own key: no
+    folder object is ever copied (fsspec 2026.6's recursive move failed on exactly that)."""
+    set_storage_options(s3.url(), s3.options)
+    out = Output(s3.url("out"))
+    staged = out.path("_staging", "run1", "shard-a")
+    files = {"part-0.parquet": b"a" * 10, "rejects-part-0.parquet": b"r", "sub/part-1.arrow": b"b" * 3}
+    for name, data in files.items():
+        out.fs.pipe_file(f"{staged}/{name}", data)
+    rel = out.commit_dir(staged, "shard-a", "run1")
+    fs = s3.fs
+    got = {p[len(f"{s3.name}/out/{rel}") + 1:]: fs.cat_file(p) for p in fs.find(f"{s3.name}/out/{rel}")}
+    assert got == files
+    assert not fs.find(f"{s3.name}/out/_staging")

@@ -102,3 +102,21 @@ def test_parts_are_written_for_vectors_and_read_back_exactly(tmp_path, value_typ
     assert col.compression == "ZSTD" and col.statistics is None
     assert "PLAIN_DICTIONARY" not in col.encodings and "RLE_DICTIONARY" not in col.encodings
     assert ("BYTE_STREAM_SPLIT" in col.encodings) == (value_type == pa.float32())
+
+
+def test_commit_dir_moves_nested_staged_files_exactly(tmp_path):
+    """The commit of a staged folder relies on no directory semantics beyond one local rename: every
+    staged file, nested or not, arrives under embeddings/ byte for byte and staging is left empty
+    (fsspec 2026.6 changed recursive moves; this fails if what Strata relies on changes again)."""
+    out = Output(str(tmp_path / "out"))
+    staged = out.path("_staging", "run1", "shard-a")
+    files = {"part-0.parquet": b"a" * 10, "rejects-part-0.parquet": b"r", "sub/part-1.arrow": b"b" * 3}
+    for name, data in files.items():
+        out.fs.makedirs(f"{staged}/{name}".rsplit("/", 1)[0], exist_ok=True)
+        with out.fs.open(f"{staged}/{name}", "wb") as f:
+            f.write(data)
+    rel = out.commit_dir(staged, "shard-a", "run1")
+    assert rel == "embeddings/shard-a-run1"
+    got = {p[len(out.path(rel)) + 1:]: out.fs.cat_file(p) for p in out.fs.find(out.path(rel))}
+    assert got == files
+    assert not out.fs.exists(staged)
