@@ -230,7 +230,10 @@ def test_index_only_job_on_an_object_store_output(tmp_path, monkeypatch):
     first = run(spec)
     assert [i["variant"] for i in first["indexes"]["built"]] == ["L2.mean"]
     assert fs.exists(f"{root}/indexes/L2.mean.faiss") and fs.exists(f"{root}/indexes/_built.json")
-    local = load_index(tmp_path / "cache" / "jobs" / "idx" / "out" / "indexes" / "L2.mean.faiss")
+    assert not (tmp_path / "cache" / "jobs" / "idx" / "out" / "embeddings").exists()  # parts read, not copied
+    for suffix in (".faiss", ".ids.parquet", ".json"):
+        fs.get_file(f"{root}/indexes/L2.mean{suffix}", str(tmp_path / f"L2.mean{suffix}"))
+    local = load_index(tmp_path / "L2.mean.faiss")
     scores, ids = local.search(vectors[:2], 1)
     assert [row[0] for row in ids] == ["d0", "d1"]
     again = run(spec)

@@ -177,6 +177,7 @@ storage: {{"s3://{s3.name}": {json.dumps(s3.options)}}}
     manifest = json.loads(fs.cat(f"{version}/manifest.json"))
     assert sum(s["rows_written"] for s in manifest["shards"]) == len(ids)
     assert {p.rsplit("/", 1)[-1] for p in fs.find(f"{version}/indexes")} >= {"L1.mean.faiss", "L4.mean.faiss"}
+    assert not list((tmp_path / "cache").rglob("part-*"))  # indexed from the store: no embeddings copied
     job_file = fs.cat(f"{version}/job.json").decode()
     assert SECRET_KEY not in job_file and json.loads(job_file)["spec"]["storage"][f"s3://{s3.name}"]["secret"] == "***"
     again = cli(["run", str(spec)], env)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,25 +26,19 @@ JOB_FILE = "job.json"
 
 
 def build_indexes(job: Job, ws: Workspace, variants: list, manifest: dict, say) -> list[dict]:
-    """Build the job's stale indexes in its version folder (a remote one through the local mirror)."""
-    from ..index import build_indexes as build, committed_files
+    """Build the job's stale indexes in its version folder; on an object store the parts are read in
+    ranged reads and each index is uploaded (``pipeline.index.build_indexes``): no copy of the
+    embeddings on local disk."""
+    from ..index import build_indexes as build
 
-    for f in committed_files(manifest):
-        if ws.fetch(f) is None:
-            raise FileNotFoundError(f"{redact(job.version_url)}/{f}: listed in the manifest but missing")
-    ws.fetch("indexes/_built.json", refresh=True)
-    if manifest.get("calibration"):  # an int8 output: its indexes code with its ranges
-        ws.fetch(manifest["calibration"]["ranges"], refresh=True)
     done = []
 
     def built(v, params, seconds):
-        ws.push(*(f"indexes/{v.name}{s}" for s in (".faiss", ".ids.parquet", ".json")), "indexes/_built.json")
         done.append({"variant": v.name, "kind": params["kind"], "rows": params["rows"], "seconds": round(seconds, 3)})
         say(f"  index {v.name}: {params['kind']}, {params['rows']:,} vectors")
 
-    build(ws.dir, variants, job.spec.indexes.kind, manifest=manifest, on_built=built, rescore=job.spec.indexes.rescore)
-    if not ws.is_local:
-        shutil.rmtree(ws.dir / "embeddings", ignore_errors=True)  # downloaded only to build from
+    build(str(ws.dir) if ws.is_local else job.version_url, variants, job.spec.indexes.kind, manifest=manifest,
+          on_built=built, rescore=job.spec.indexes.rescore)
     return done
 
 

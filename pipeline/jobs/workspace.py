@@ -1,7 +1,8 @@
 """Where a job's files are: URLs and local paths of a spec, and the version folder's ``Workspace``.
 
-pipeline.index, evaluate and report need local paths; a version folder on a remote filesystem
-(s3://, gs://, …) is worked on through a local mirror, and what they write is uploaded after.
+evaluate and report need local paths; for them a version folder on a remote filesystem (s3://,
+gs://, …) is worked on through a local mirror, and what they write is uploaded after. Embedding
+and indexing work on the store itself.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..storage import Output, safe_name
+from ..storage import Output, is_local, safe_name
 
 
 def is_url(text: str) -> bool:
@@ -27,21 +28,16 @@ def join(url: str, *parts: str) -> str:
     return "/".join([url.rstrip("/"), *parts])
 
 
-def _is_local_fs(fs) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
-
-
 class Workspace:
-    """A version folder. Local: used in place. Remote (s3://, gs://, …): pipeline.index, evaluate and
-    report need local paths, so they work in a local mirror under the strata cache and the files
+    """A version folder. Local: used in place. Remote (s3://, gs://, …): evaluate and report need
+    local paths, so they work in a local mirror under the strata cache and the files
     they write are uploaded afterwards."""
 
     def __init__(self, url: str, name: str, version: str):
         from ..models import cache_root
 
         self.out = Output(url)
-        self.is_local = _is_local_fs(self.out.fs)
+        self.is_local = is_local(self.out.fs)
         self.dir = Path(self.out.root) if self.is_local else cache_root() / "jobs" / safe_name(name) / version
 
     def fetch(self, rel: str, *, refresh: bool = False) -> Path | None:
