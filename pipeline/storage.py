@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import re
 import socket
 import threading
@@ -45,6 +46,7 @@ MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings"
 STAGING = "_staging"
 LOCK = "_lock.json"
+RETIRED = "retired"  # manifest key: committed folders no longer current, kept for published versions
 LOCK_HEARTBEAT_S = 30.0  # the holder rewrites its lock this often
 LOCK_STALE_S = 300.0  # a lock not rewritten for this long belongs to a dead run
 FORMAT_VERSION = 1
@@ -167,7 +169,19 @@ class Output:
         self.root = self.root.rstrip("/")
 
     def path(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
+        """A path under the root. A manifest's entries may step up (a published version's
+        ``../../embeddings/...``) but never out of the folder the manifest declares as its
+        ``data_root`` (default: the root itself): a manifest is data and never steers reads or
+        deletions elsewhere."""
+        joined = "/".join([self.root, *parts])
+        if ".." not in joined.split("/"):
+            return joined
+        normal = posixpath.normpath(joined)
+        base = self._base()
+        if normal != base and not normal.startswith(base.rstrip("/") + "/"):
+            raise DamagedOutput(f"{redact(self.url)}: path {'/'.join(parts)!r} points outside "
+                                f"{'the output' if base == self.root else 'its data root'}; refused")
+        return normal
 
     def check_writable(self) -> None:
         probe = self.path(f".strata-probe-{uuid.uuid4().hex}")
@@ -316,7 +330,25 @@ class Output:
         write_atomic(self.fs, path, (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode())
 
     def read_manifest(self) -> dict | None:
-        return self.read_json(MANIFEST)
+        manifest = self.read_json(MANIFEST)
+        self._set_base(manifest)
+        return manifest
+
+    def _set_base(self, manifest: dict | None) -> None:
+        data_root = (manifest or {}).get("data_root")
+        if data_root and data_root != "../..":
+            raise DamagedOutput(f"{redact(self.url)}: {MANIFEST} has data_root {data_root!r}; a published "
+                                "version's is '../..'")
+        # a published version of a job (pipeline/jobs/versions.py): its parts are in the series folder above
+        self.base = posixpath.normpath(f"{self.root}/{data_root}") if data_root else self.root
+
+    def _base(self) -> str:
+        if getattr(self, "base", None) is None:
+            try:
+                self._set_base(self.read_json(MANIFEST))
+            except ValueError:
+                self.base = self.root
+        return self.base
 
     def write_manifest(self, manifest: dict) -> None:
         self.write_json(MANIFEST, dict(manifest, format=FORMAT_VERSION, updated_at=utc_now()))
@@ -344,6 +376,16 @@ class Output:
         if self.fs.exists(p):
             self.fs.rm(p, recursive=True)
 
+    def retire(self, manifest: dict, rel: str) -> None:
+        """A replaced or dropped shard's committed folder: removed, or, where published versions may
+        still reference it (``manifest["retain_replaced"]``, set by jobs), listed in ``retired`` for
+        the job's garbage collection (``pipeline/jobs/versions.py``) and left in place."""
+        if manifest.get("retain_replaced"):
+            if rel not in manifest.setdefault(RETIRED, []):
+                manifest[RETIRED].append(rel)
+        else:
+            self.remove(rel)
+
     def sweep(self, manifest: dict | None) -> list[str]:
         """Remove what Strata's own earlier runs left behind, and nothing else: the staging
         folders of the run ids the manifest records (``runs``), and embedding folders named by
@@ -351,7 +393,7 @@ class Output:
         manifest was written). Anything else under ``_staging/`` or ``embeddings/`` is not
         Strata's and is left alone."""
         runs = [r for r in (manifest or {}).get("runs", []) if r]
-        keep = {s["output"] for s in (manifest or {}).get("shards", [])}
+        keep = {s["output"] for s in (manifest or {}).get("shards", [])} | set((manifest or {}).get(RETIRED, []))
         removed = []
         for r in runs:
             rel = f"{STAGING}/{r}"

@@ -69,8 +69,14 @@ def tree(root: Path) -> dict:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def index_mtimes(vdir: Path) -> dict:
-    return {v: (vdir / "indexes" / f"{v}.faiss").stat().st_mtime_ns for v in VARIANTS}
+def index_mtimes(pdir: Path) -> dict:
+    return {v: (pdir / "indexes" / f"{v}.faiss").stat().st_mtime_ns for v in VARIANTS}
+
+
+def published(job_dir: Path) -> Path:
+    """The published version LATEST names (its manifest, indexes and job.json; parts by reference)."""
+    latest = read_latest(str(job_dir))
+    return job_dir / latest["version"] / "published" / latest["published"]
 
 
 def by_id(path: Path) -> dict:
@@ -89,11 +95,12 @@ def test_rerun_embeds_only_the_changed_shard_rebuilds_only_stale_indexes_and_equ
 
     first = run(spec)
     vdir = tmp_path / "out" / "tiny" / first["version"]
-    assert first["new_version"] and first["embed"]["shards_embedded"] == 3
+    assert first["new_version"] and first["embed"]["shards_embedded"] == 3 and first["published_new"]
     assert read_latest("out/tiny")["version"] == first["version"]
     assert sorted(i["variant"] for i in first["indexes"]["built"]) == sorted(VARIANTS)
     m1 = {s["rel"]: s for s in json.loads((vdir / "manifest.json").read_text())["shards"]}
-    built1 = index_mtimes(vdir)
+    pdir1 = published(tmp_path / "out" / "tiny")
+    snapshot1 = tree(pdir1)
     eval_cache1 = json.loads((vdir / "eval-cache" / "manifest.json").read_text())["shards"]
 
     # change one shard's texts
@@ -114,34 +121,39 @@ def test_rerun_embeds_only_the_changed_shard_rebuilds_only_stale_indexes_and_equ
     assert tree(tmp_path / "out") == before
 
     second = run(spec)
-    assert second["version"] == first["version"] and not second["new_version"]
+    assert second["version"] == first["version"] and not second["new_version"] and second["published_new"]
     assert (second["embed"]["shards_embedded"], second["embed"]["shards_skipped"]) == (1, 2)
     m2 = {s["rel"]: s for s in json.loads((vdir / "manifest.json").read_text())["shards"]}
     assert {rel for rel in m2 if m2[rel]["output"] != m1[rel]["output"]} == {"part-1.parquet"}
     assert all(m2[rel]["committed_at"] == m1[rel]["committed_at"] for rel in ("part-0.parquet", "part-2.parquet"))
-    # every index covers every shard, so all were rebuilt, from the new files
-    built2 = index_mtimes(vdir)
-    assert all(built2[v] != built1[v] for v in VARIANTS)
-    record = json.loads((vdir / "indexes" / "_built.json").read_text())
-    files = sorted(f"{s['output']}/{f}" for s in m2.values() for f in s["files"])
+    # a new published version, indexed from the new files; the previous one is untouched and readable,
+    # its replaced shard's folder kept (retired) because it still reads it
+    pdir2 = published(tmp_path / "out" / "tiny")
+    assert pdir2 != pdir1 and tree(pdir1) == snapshot1
+    assert read_embeddings(str(pdir1)).num_rows == read_embeddings(str(pdir2)).num_rows == 60
+    assert json.loads((vdir / "manifest.json").read_text())["retired"] == [m1["part-1.parquet"]["output"]]
+    record = json.loads((pdir2 / "indexes" / "_built.json").read_text())
+    files = sorted(f"../../{s['output']}/{f}" for s in m2.values() for f in s["files"])
     assert all(sorted(record[v]["files"]) == files for v in VARIANTS)
+    built2 = index_mtimes(pdir2)
     # the evaluation texts were not embedded again
     assert json.loads((vdir / "eval-cache" / "manifest.json").read_text())["shards"] == eval_cache1
 
-    # nothing changed but one index is gone: only that one is built
+    # nothing changed but one index is gone: no new version, only that index is built
     for suffix in (".faiss", ".ids.parquet", ".json"):
-        (vdir / "indexes" / f"L1.mean{suffix}").unlink()
+        (pdir2 / "indexes" / f"L1.mean{suffix}").unlink()
     third = run(spec)
-    assert third["embed"]["shards_embedded"] == 0
+    assert third["embed"]["shards_embedded"] == 0 and not third["published_new"]
+    assert published(tmp_path / "out" / "tiny") == pdir2
     assert [i["variant"] for i in third["indexes"]["built"]] == ["L1.mean"]
-    built3 = index_mtimes(vdir)
+    built3 = index_mtimes(pdir2)
     assert all(built3[v] == built2[v] for v in VARIANTS if v != "L1.mean")
 
     # a fresh full run of the same spec elsewhere gives the same embeddings, indexes and evaluation
     fresh = run(write_spec(tmp_path / "fresh.yaml", model_dir, output="fresh"))
     fdir = tmp_path / "fresh" / "tiny" / fresh["version"]
     assert fresh["version"] == first["version"]  # the version names the settings, not the place
-    inc, new = by_id(vdir), by_id(fdir)
+    inc, new = by_id(pdir2), by_id(fdir)
     assert inc.keys() == new.keys()
     for col in new:
         assert inc[col].keys() == new[col].keys()
@@ -154,8 +166,9 @@ def test_rerun_embeds_only_the_changed_shard_rebuilds_only_stale_indexes_and_equ
     np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in want], atol=1e-6)
     assert (vdir / "report.md").is_file() and list(vdir.glob("heatmap_*.png"))
     query = np.stack(list(new["emb_4_mean"].values())[:3])
+    fpub = published(tmp_path / "fresh" / "tiny")
     for v in VARIANTS:
-        a, b = load_index(vdir / "indexes" / f"{v}.faiss"), load_index(fdir / "indexes" / f"{v}.faiss")
+        a, b = load_index(pdir2 / "indexes" / f"{v}.faiss"), load_index(fpub / "indexes" / f"{v}.faiss")
         assert sorted(a.ids) == sorted(b.ids)
         if v == "L4.mean":
             assert a.search(query, 5)[1] == b.search(query, 5)[1]
@@ -180,7 +193,8 @@ def test_changed_variants_write_a_new_version_and_leave_the_old_one_intact(ray_l
     assert tree(old_dir) == snapshot
     t = read_embeddings(str(old_dir))
     assert [c for c in t.column_names if c.startswith("emb_")] == ["emb_1_mean", "emb_4_mean"] and t.num_rows == 20
-    assert load_index(old_dir / "indexes" / "L4.mean.faiss").index.ntotal == 20
+    old_pub = next((old_dir / "published").iterdir())
+    assert load_index(old_pub / "indexes" / "L4.mean.faiss").index.ntotal == 20
     t = read_embeddings(str(tmp_path / "out" / "tiny" / new["version"]))
     assert {c for c in t.column_names if c.startswith("emb_")} == {"emb_1_mean", "emb_1_max", "emb_4_mean",
                                                                     "emb_4_max"}

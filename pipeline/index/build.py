@@ -173,7 +173,7 @@ def build_indexes(out_dir: str | Path, variants: Sequence[Variant | str] | None 
     out.check_parts(manifest)  # a damaged part is named (DamagedOutput), never read
     dtype = manifest.get("signature", {}).get("dtype") or "float32"
     ranges = quantize.read_ranges(str(out_dir))[0] if dtype == "int8" else {}
-    parts = [f"{out.url.rstrip('/')}/{f}" if remote else Path(out_dir) / f for f in files]
+    parts = [out.fs.unstrip_protocol(out.path(f)) if remote else Path(out.path(f)) for f in files]
     built = {}
     with tempfile.TemporaryDirectory(prefix="strata-index-") as scratch:
         for v in wanted:

@@ -169,7 +169,7 @@ def _resolve_existing(spec: JobSpec) -> Job:
         if latest is None:
             raise Problem("input.embeddings", f"no strata output at {redact(url)} (neither manifest.json nor "
                                               f"{LATEST} found)")
-        url = join(url, latest["version"])
+        url = join(url, latest["version"], *(("published", latest["published"]) if latest.get("published") else ()))
         manifest = Output(url).read_manifest()
         if manifest is None:
             raise Problem("input.embeddings", f"{LATEST} points to {redact(url)}, which has no manifest.json")
@@ -221,12 +221,13 @@ def index_targets(job: Job) -> list[Variant]:
     return job.recipe.variants if job.recipe is not None else list(job.variants)
 
 
-def index_status(job: Job, manifest: dict | None) -> tuple[list[Variant], list[Variant]]:
-    """(indexes to (re)build, indexes up to date) of a job's version folder."""
+def index_status(job: Job, manifest: dict | None, url: str | None = None) -> tuple[list[Variant], list[Variant]]:
+    """(indexes to (re)build, indexes up to date) of the folder the job indexes (``url``: its published
+    version; default the version folder)."""
     targets = index_targets(job)
     if not targets:
         return [], []
-    return _index_status(job.version_url, manifest or {}, targets, job.spec.indexes.kind)
+    return _index_status(url or job.version_url, manifest or {}, targets, job.spec.indexes.kind)
 
 
 def _text_bytes(fs, path: str, column: str) -> int:
@@ -282,8 +283,18 @@ def plan_job(job: Job) -> dict:
             # every index covers every shard: any embedded or dropped shard touches all of them
             plan_d["indexes"] = {"build": [v.name for v in index_targets(job)], "up_to_date": []}
         else:
-            stale, fresh = index_status(job, manifest)
-            plan_d["indexes"] = {"build": [v.name for v in stale], "up_to_date": [v.name for v in fresh]}
+            url = job.version_url
+            if job.job_url:  # a versioned job indexes its published version (versions.py)
+                from . import versions
+
+                latest = Output(job.job_url).read_json(LATEST)
+                published = versions.current(out, latest, job.version) or versions.latest_of_series(out)
+                url = versions.published_url(job.version_url, published) if published else None
+            if url is None:  # a new version will be published: every index is built for it
+                plan_d["indexes"] = {"build": [v.name for v in index_targets(job)], "up_to_date": []}
+            else:
+                stale, fresh = index_status(job, Output(url).read_manifest(), url)
+                plan_d["indexes"] = {"build": [v.name for v in stale], "up_to_date": [v.name for v in fresh]}
     plan_d["evaluations"] = _eval_plan(job)
     plan_d["report"] = spec.wants_report
     return plan_d

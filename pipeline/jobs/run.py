@@ -20,15 +20,16 @@ from .load import load_spec
 from .messages import short_list
 from .plan import (EVAL_CACHE, LATEST, VERSION_FILE, Job, index_status, index_targets, plan_job, preflight, print_plan,
                    resolve_job)
+from . import versions
 from .workspace import Workspace, join, local_path
 
 JOB_FILE = "job.json"
 
 
-def build_indexes(job: Job, ws: Workspace, variants: list, manifest: dict, say) -> list[dict]:
-    """Build the job's stale indexes in its version folder; on an object store the parts are read in
-    ranged reads and each index is uploaded (``pipeline.index.build_indexes``): no copy of the
-    embeddings on local disk."""
+def build_indexes(job: Job, url: str, variants: list, manifest: dict, say) -> list[dict]:
+    """Build the job's stale indexes in ``url`` (its published version, or an existing output); on an
+    object store the parts are read in ranged reads and each index is uploaded
+    (``pipeline.index.build_indexes``): no copy of the embeddings on local disk."""
     from ..index import build_indexes as build
 
     done = []
@@ -37,8 +38,7 @@ def build_indexes(job: Job, ws: Workspace, variants: list, manifest: dict, say) 
         done.append({"variant": v.name, "kind": params["kind"], "rows": params["rows"], "seconds": round(seconds, 3)})
         say(f"  index {v.name}: {params['kind']}, {params['rows']:,} vectors")
 
-    build(str(ws.dir) if ws.is_local else job.version_url, variants, job.spec.indexes.kind, manifest=manifest,
-          on_built=built, rescore=job.spec.indexes.rescore)
+    build(url, variants, job.spec.indexes.kind, manifest=manifest, on_built=built, rescore=job.spec.indexes.rescore)
     return done
 
 
@@ -126,15 +126,14 @@ def run_job(spec_path: str | os.PathLike, dry_run: bool = False, *, progress: bo
     else:
         say(f"job {spec.name}: existing output {redact(job.version_url)}")
 
-    changed = False
     if spec.mode == "corpus":
         from ..runner import embed
 
         es = embed(job.request, local_path(spec.input.location), job.version_url, text_column=spec.input.text_column,
                    id_column=spec.input.id_column, progress=progress,
-                   calibration_rows=spec.embedding.calibration_rows, break_lock=break_lock)
+                   calibration_rows=spec.embedding.calibration_rows, break_lock=break_lock,
+                   retain_replaced=job.job_url is not None)
         summary["embed"] = es.as_dict()
-        changed = bool(es.shards_embedded or es.shards_dropped)
         say(f"  embed: {es.line()}")
         if spec.variants.mixes or set(spec.variants.transforms) != {"none"}:
             from ..derive import add_to_output
@@ -148,11 +147,21 @@ def run_job(spec_path: str | os.PathLike, dry_run: bool = False, *, progress: bo
             made = add_recipe(job.version_url, job.recipe)
             say(f"  from the probe recipe: {', '.join(made)}")
 
+    # Readers follow LATEST to a published version (versions.py): the one LATEST names if it still
+    # holds what the series commits, else a new one, published (and indexed) before LATEST moves.
+    index_url, published = job.version_url, None
+    if job.job_url:
+        published = versions.current(ws.out, latest, job.version) or versions.latest_of_series(ws.out)
+        summary["published_new"] = published is None
+        if published is None:
+            published = versions.publish(ws.out)
+            say(f"  published version {published}")
+        index_url = versions.published_url(job.version_url, published)
+        summary["published"] = published
     if spec.indexes is not None:
-        manifest = ws.out.read_manifest() or {}
-        # every index covers every shard: after a change all are stale (the file check would say so too)
-        stale, fresh = (index_targets(job), []) if changed else index_status(job, manifest)
-        summary["indexes"] = {"built": build_indexes(job, ws, stale, manifest, say) if stale else [],
+        manifest = Output(index_url).read_manifest() or {}
+        stale, fresh = index_status(job, manifest, index_url)
+        summary["indexes"] = {"built": build_indexes(job, index_url, stale, manifest, say) if stale else [],
                               "up_to_date": [v.name for v in fresh]}
         if fresh:
             say(f"  indexes up to date: {short_list([v.name for v in fresh])}")
@@ -172,15 +181,23 @@ def run_job(spec_path: str | os.PathLike, dry_run: bool = False, *, progress: bo
 
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     summary["completed_at"] = utc_now()
-    ws.out.write_json(JOB_FILE, {"spec": dict(spec.model_dump(mode="json"), storage=hide_secrets(spec.storage)),
-                                 "summary": summary})
-    if job.job_url:  # the pointer moves only once everything above has succeeded
-        Output(job.job_url).write_json(LATEST, {"version": job.version, "path": redact(job.version_url),
-                                                  "job": spec.name, "spec": spec.source, "model": job.model_ref,
-                                                  "weights_digest": job.weights_digest, "variants": job.variant_names,
+    record = {"spec": dict(spec.model_dump(mode="json"), storage=hide_secrets(spec.storage)), "summary": summary}
+    ws.out.write_json(JOB_FILE, record)
+    if job.job_url:  # the pointer moves only once everything above has succeeded: one atomic write
+        Output(index_url).write_json(JOB_FILE, record)
+        Output(job.job_url).write_json(LATEST, {"version": job.version, "published": published,
+                                                  "path": redact(index_url), "job": spec.name, "spec": spec.source,
+                                                  "model": job.model_ref, "weights_digest": job.weights_digest,
+                                                  "variants": job.variant_names,
                                                   "completed_at": summary["completed_at"]})
         summary["latest"] = job.version
-        say(f"  {LATEST} -> {job.version}")
+        say(f"  {LATEST} -> {job.version}/{versions.PUBLISHED}/{published}")
+        with ws.out.lock():  # the series' retired folders are in its manifest
+            r = spec.retention
+            summary["retention"] = versions.collect(ws.out, r.keep, r.days, protect=published)
+        if summary["retention"]["removed"] or summary["retention"]["freed_folders"]:
+            say(f"  retention: {len(summary['retention']['removed'])} version(s) removed, "
+                f"{summary['retention']['freed_folders']} shard folder(s) no version reads freed")
     say(f"job {spec.name} done in {summary['seconds']:.1f}s")
     return summary
 

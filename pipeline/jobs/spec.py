@@ -191,6 +191,14 @@ class IndexSpec(_Section):
     rescore: NonNegativeInt = 0  # quantised outputs: re-score rescore x k candidates with float queries
 
 
+class RetentionSpec(_Section):
+    """Which published versions a job keeps (``pipeline/jobs/versions.py``): the ``keep`` newest, and
+    any younger than ``days``; LATEST's always."""
+
+    keep: PositiveInt = 3
+    days: NonNegativeFloat | None = None
+
+
 class StsEval(_Section):
     task: Literal["sts"]
     data: LocalPath
@@ -221,6 +229,7 @@ class JobSpec(_Section):
     indexes: IndexSpec | None = None
     evaluations: list[Evaluation] = Field(default_factory=list)
     report: bool | None = None  # default: true when there are evaluations
+    retention: RetentionSpec = Field(default_factory=RetentionSpec)
     # fsspec storage options per URL prefix ({"s3://bucket-a": {"endpoint_url": ..., "profile": ...}}): two
     # stores in one job each get their own; secret values are never echoed, and job.json holds "***"
     storage: Annotated[dict[str, dict[str, Any]], AfterValidator(_check_storage)] = Field(default_factory=dict)
@@ -245,5 +254,6 @@ class JobSpec(_Section):
 
 # the sections of a spec, by key: for naming the allowed keys of the one with an unknown key
 SECTIONS: dict[str, type[BaseModel]] = {"input": InputSpec, "model": ModelSpec, "variants": VariantsSpec,
-                                         "embedding": EmbeddingSpec, "resources": ResourcesSpec, "indexes": IndexSpec}
+                                         "embedding": EmbeddingSpec, "resources": ResourcesSpec, "indexes": IndexSpec,
+                                         "retention": RetentionSpec}
 TASKS: dict[str, type[BaseModel]] = {"sts": StsEval, "retrieval": RetrievalEval}

@@ -185,6 +185,8 @@ def _commit(out: Output, manifest: dict, shard: Shard, p: _Pending, run_id: str 
     manifest.get("failed", {}).pop(shard.rel, None)
     out.write_manifest(manifest)
     for e in old:  # the replaced output of a changed shard goes only after the new one is committed
-        out.remove(e["output"])
+        out.retire(manifest, e["output"])
+    if old and manifest.get("retain_replaced"):
+        out.write_manifest(manifest)
 
 

@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from .. import quantize
 from ..request import Request, signature_difference
-from ..storage import EMBEDDINGS, MANIFEST, STAGING, Output, overlap, read_part, redact, storage_options
+from ..storage import EMBEDDINGS, MANIFEST, RETIRED, STAGING, Output, overlap, read_part, redact, storage_options
 from .commit import Committer, EmbedError, EmbedSummary, _commit, _Pending
 from .shards import UNIT_ROWS, Shard, first_texts, inspect_shards, list_shards, plan, work_units
 from .stages import EMBED_BATCH_ROWS, MAX_CALLS_PER_ACTOR, EmbedActor, read_and_tokenize, write_parts
@@ -73,7 +73,7 @@ def _resources(ray, actors: int | None, gpus_per_actor: float | None) -> tuple[i
 def embed(request: Request, input: str, output: str, *, text_column: str = "text", id_column: str | None = None,
           force: bool = False, progress: bool = True, stall_timeout_s: float = 600.0,
           unit_rows: int = UNIT_ROWS, calibration_rows: int = quantize.DEFAULT_CALIBRATION_ROWS,
-          int8_ranges: str | None = None, break_lock: bool = False) -> EmbedSummary:
+          int8_ranges: str | None = None, break_lock: bool = False, retain_replaced: bool = False) -> EmbedSummary:
     """Embed every row of the Parquet shards at ``input`` into ``output`` (see module doc).
 
     ``request`` (``pipeline.request.resolve``) fixes the model, the variants, the settings and
@@ -83,6 +83,9 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
     those of ``int8_ranges`` (an earlier output, or its ranges file), else calibrated on the
     input's first ``calibration_rows`` texts, embedded here on the driver before Ray starts
     (``pipeline/quantize.py``).
+
+    ``retain_replaced`` (jobs): the folders of replaced or dropped shards stay, listed in the
+    manifest's ``retired``, for the published versions that still read them.
     """
     t_start = time.perf_counter()
     problem = overlap(input, output)
@@ -140,6 +143,8 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
             if q:
                 entry["quantization"] = q
         manifest["runs"] = [run_id]  # earlier runs' leftovers are swept: only this run's can remain
+        if retain_replaced:
+            manifest["retain_replaced"] = True
 
         todo, keep, drop = plan(manifest, shards)
         by_rel = {s.rel: s for s in shards}
@@ -152,7 +157,7 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
         failed = {s.rel: s.error for s in todo if s.error}
         todo = [s for s in todo if s.error is None]
         for e in drop:
-            out.remove(e["output"])
+            out.retire(manifest, e["output"])
         # A changed (or now unreadable) shard keeps its old output until a new one is committed.
         dropped = {e["rel"] for e in drop}
         manifest["shards"] = [e for e in manifest["shards"] if e["rel"] not in dropped]
@@ -188,7 +193,7 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
         out.write_manifest(manifest)
         # again at the end: a failed run's tasks that were still writing (a driver that lives on, as
         # in-process callers do) may have staged more since the first sweep
-        out.sweep({"runs": earlier_runs, "shards": manifest["shards"]})
+        out.sweep({"runs": earlier_runs, "shards": manifest["shards"], RETIRED: manifest.get(RETIRED, [])})
         out.remove_if_empty(STAGING)
         if summary.shards_failed:
             lines = "; ".join(f"{rel}: {msg}" for rel, msg in sorted(summary.shards_failed.items()))
