@@ -1,0 +1,172 @@
+"""``python studies/index_recall.py``: recall@10 of each approximate index against an exact flat one.
+
+The measurement behind docs/indexes.md's recall figures. SciFact's corpus (5,183 documents; the
+300 test queries), all-MiniLM-L6-v2 (last layer, mean pooling, its own max length 256) unless
+``--model``/``--layers``/``--pooling`` say otherwise. What ``strata embed`` and ``strata index`` do,
+through the library they call:
+
+1. the corpus is written as ``--parts`` Parquet shards (``id``, ``text``; corpus order) and embedded
+   by ``runner.embed`` (Ray Data) into an output of as many committed parts;
+2. the local engine (``index.build_index`` over the committed parts, as ``strata index --kind K``)
+   builds ``flat`` (exact: the reference), ``hnsw`` and ``ivfpq`` (with its exact re-ranking) with
+   their default parameters; the Ray engine (``index.ray.build_ivfpq_ray``, as ``strata index
+   --engine ray``) builds the on-disk IVF-PQ, one encode task per part;
+3. the queries are embedded in-process with the same request (``Encoder.from_request``) and
+   searched through each index (``index.load_index``; IVF-PQ at every ``--nprobe``); recall@k is
+   ``index.recall_at_k`` of its top k against flat's.
+
+Prints the table and writes ``{out}/index_recall.json|md``. Each index's parameters are read back
+from the JSON written beside it, so the table says what was built (nlist, m, nbits, efSearch, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from anywhere: this checkout's pipeline, not another installed one
+    sys.path.insert(0, str(ROOT))
+
+from pipeline.evaldata import default_data_dir, load_beir  # noqa: E402
+
+K = 10
+
+
+def write_shards(data, folder: Path, parts: int) -> None:
+    """The corpus as ``parts`` Parquet shards of (nearly) equal size, in corpus order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    bounds = np.linspace(0, len(data.doc_ids), parts + 1).astype(int)
+    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        pq.write_table(pa.table({"id": data.doc_ids[lo:hi], "text": data.doc_texts[lo:hi]}),
+                       folder / f"part-{i:03d}.parquet")
+
+
+def describe(params: dict) -> str:
+    """An index's parameters as its JSON records them (those its kind uses)."""
+    keys = {"hnsw": ("hnsw_M", "efConstruction", "efSearch"), "ivfpq": ("nlist", "m", "nbits", "rerank", "train_rows")}
+    return ", ".join(f"{k} {params[k]}" for k in keys.get(params["kind"], ()) if params.get(k) is not None) or "exact"
+
+
+def measure(args) -> dict:
+    import faiss
+    import ray
+
+    from pipeline.encoder import Encoder
+    from pipeline.index import build_index, committed_files, index_path, load_index, recall_at_k
+    from pipeline.index.ray import build_ivfpq_ray
+    from pipeline.request import resolve
+    from pipeline.runner import embed
+    from pipeline.storage import Output
+
+    faiss.omp_set_num_threads(1)  # deterministic k-means, and fair on a shared machine
+    data = load_beir(Path(args.data) / "scifact", split=args.split)
+    work = Path(args.work)
+    request = resolve(args.model, layers=args.layers, poolings=args.pooling, max_length=args.max_length)
+    (variant,) = request.variants
+    shards, out = work / "input", work / "output"
+    write_shards(data, shards, args.parts)
+    started = not ray.is_initialized()  # a caller's Ray (a test's) is used as it is
+    if started:  # address="local": a Ray of its own, even while another is up on this machine
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, logging_level="WARNING",
+                 log_to_driver=False)
+    try:
+        t0 = time.perf_counter()
+        embed(request, str(shards), str(out), id_column="id", progress=False)
+        embed_s = time.perf_counter() - t0
+        print(f"  embedded {len(data.doc_ids):,} documents into {out} in {embed_s:.0f}s", flush=True)
+        manifest = Output(str(out)).read_manifest()
+        files = [out / f for f in committed_files(manifest)]
+        queries = Encoder.from_request(request).encode(data.query_texts)[variant]
+
+        def search(path, **knobs):
+            return load_index(path, **knobs).search(queries, K)[1]
+
+        built, rows = {}, []
+        for kind in ("flat", "hnsw", "ivfpq"):
+            t0 = time.perf_counter()
+            built[kind] = build_index(files, variant.column, work / "local" / f"{kind}.faiss", kind)
+            print(f"  {kind}: built in {time.perf_counter() - t0:.1f}s ({describe(built[kind])})", flush=True)
+        exact = search(work / "local" / "flat.faiss")
+        rows.append({"index": "hnsw", "engine": "local", "parameters": describe(built["hnsw"]), "nprobe": None,
+                     "recall": recall_at_k(search(work / "local" / "hnsw.faiss"), exact, K)})
+        for nprobe in args.nprobe:
+            rows.append({"index": "ivfpq", "engine": "local", "parameters": describe(built["ivfpq"]),
+                         "nprobe": nprobe, "recall": recall_at_k(search(work / "local" / "ivfpq.faiss", nprobe=nprobe),
+                                                                 exact, K)})
+        t0 = time.perf_counter()
+        params = build_ivfpq_ray(out, [variant])[variant]
+        print(f"  ivfpq on Ray: {len(files)} parts, built in {time.perf_counter() - t0:.1f}s ({describe(params)})",
+              flush=True)
+        for nprobe in args.nprobe:
+            rows.append({"index": "ivfpq", "engine": f"ray ({len(files)} parts)", "parameters": describe(params),
+                         "nprobe": nprobe, "recall": recall_at_k(search(index_path(out, variant), nprobe=nprobe),
+                                                                 exact, K)})
+    finally:
+        if started:
+            ray.shutdown()
+    return {"model": request.model.name, "variant": variant.name, "max_length": request.settings.max_length,
+            "data": f"{data.name}/{data.split}", "documents": len(data.doc_ids), "queries": len(data.query_ids),
+            "dim": int(queries.shape[1]), "parts": len(files), "k": K, "rows": rows, "embed_seconds": round(embed_s, 1)}
+
+
+def to_markdown(result: dict) -> str:
+    lines = [f"{result['data']}: {result['documents']:,} documents, {result['queries']} queries; {result['model']} "
+             f"`{result['variant']}` (dim {result['dim']}, max length {result['max_length']}); recall@{result['k']} "
+             f"against the exact flat index. Commit {result['commit']}.", "",
+             f"| index | engine | parameters | nprobe | recall@{result['k']} |", "|---|---|---|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['index']} | {r['engine']} | {r['parameters']} | {r['nprobe'] or '–'} | {r['recall']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def commit() -> str:
+    """The checkout's commit, ``+dirty`` when this script differs from it (figures name their commit)."""
+    def git(*a):
+        return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "-"
+    return head + ("+dirty" if git("status", "--porcelain", "--", str(Path(__file__).resolve())) else "")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python studies/index_recall.py", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="all-minilm-l6-v2")
+    p.add_argument("--layers", default="-1")
+    p.add_argument("--pooling", default="mean")
+    p.add_argument("--max-length", type=int, default=None, help="default: the model's own")
+    p.add_argument("--data", default=str(default_data_dir()), help="folder with scifact/ (default: %(default)s)")
+    p.add_argument("--split", default="test", help="whose judged queries are searched (default: %(default)s)")
+    p.add_argument("--parts", type=int, default=4, help="shards, so committed parts and Ray encode tasks")
+    p.add_argument("--nprobe", default="8,16,32", help="IVF lists searched, comma-separated (default: %(default)s)")
+    p.add_argument("--cpus", type=int, default=min(2, os.cpu_count() or 1), help="CPUs given to Ray")
+    p.add_argument("--work", default="bench-index-recall/work", help="the output and indexes (kept; a rerun "
+                   "re-embeds nothing)")
+    p.add_argument("--out", default="bench-index-recall", help="writes index_recall.json and index_recall.md here")
+    args = p.parse_args(argv)
+    args.nprobe = [int(n) for n in args.nprobe.split(",")]
+    t0 = time.perf_counter()
+    result = {**measure(args), "commit": commit(), "argv": sys.argv[1:] if argv is None else list(argv)}
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "index_recall.json").write_text(json.dumps(result, indent=1) + "\n")
+    md = to_markdown(result)
+    (out / "index_recall.md").write_text(md)
+    print(md)
+    print(f"{result['seconds']:.0f}s; written: {out / 'index_recall.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
