@@ -32,7 +32,9 @@ abstracts + 192 sentences on CPU, 1024 + 3072 on CUDA; about 25 minutes on 2 CPU
 Modules: ``options`` (command line, settings, grids), ``sample`` (the texts), ``driver``
 (the parent: one child process per mode, then the report), ``modes`` (what each child
 runs), ``measure`` (clocks, memory, FLOPs, machine, comparisons and ratios), ``markdown``
-(the tables).
+(the tables), ``overhead`` (``--embed-vs-encoder``). The studies behind the documentation's tables
+(families, quantised outputs, index recall and memory, ...) are scripts in ``studies/``, outside
+this package.
 """
 
 from .driver import main, run

@@ -19,7 +19,7 @@ def register(sub) -> None:
                         "the index's JSON; 0: off)")
     p.add_argument("--engine", choices=["auto", "local", "ray"], default="auto",
                    help="local: this process; ray: IVF-PQ trained on one worker, shards encoded in parallel Ray "
-                        "tasks, lists merged on disk, resumable (README 'Indexes'); auto: ray above 1,000,000 rows "
+                        "tasks, lists merged on disk, resumable (docs/indexes.md); auto: ray above 1,000,000 rows "
                         "or with --ray-address (default: %(default)s)")
     add_ray_address(p)
     p.add_argument("--nprobe", type=int, default=None, help="IVF kinds: lists searched by default (recorded)")
@@ -57,7 +57,7 @@ def cmd_index(args) -> int:
 
 
 def _index_engine(args) -> str:
-    """``strata index --engine``: ray builds ivfpq only; auto picks ray above index_ray.RAY_MIN_ROWS rows
+    """``strata index --engine``: ray builds ivfpq only; auto picks ray above index.ray.RAY_MIN_ROWS rows
     (or with --ray-address) when the kind allows it."""
     from ..index.ray import RAY_MIN_ROWS, choose_engine, output_rows
     from ..storage import Output, is_local, redact

@@ -24,8 +24,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="tokens per text (default: the model's own: sentence_bert_config.json, else the tokenizer's "
                         "model_max_length, else 512)")
     g.add_argument("--dtype", choices=["float32", "float16", "int8", "binary"], default="float32",
-                   help="output dtype; int8 (per-dimension ranges) and binary (sign bits) are quantised: README "
-                        "'Quantised outputs' (default: %(default)s)")
+                   help="output dtype; int8 (per-dimension ranges) and binary (sign bits) are quantised: "
+                        "docs/indexes.md, 'Quantised outputs' (default: %(default)s)")
     g.add_argument("--normalize", action="store_true", help="L2-normalise every embedding")
     g.add_argument("--batch-tokens", type=int, default=None,
                    help="padded tokens per forward pass (default: 4096 on CPU, 16384 on GPU)")

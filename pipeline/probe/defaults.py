@@ -8,7 +8,7 @@ TRANSFORMS = ("center", "abtt1", "whiten128")
 MIXES = "all,50%:100%,learned:all"
 FOLDS = 5
 MIN_PER_FOLD = 10
-DEFAULT_ITEMS = 500  # labelled items sampled (STS pairs / queries): see README "How big a probe sample"
+DEFAULT_ITEMS = 500  # labelled items sampled (STS pairs / queries): see docs/probe.md "How big a probe sample"
 DEFAULT_DOCS = 1000  # retrieval: corpus documents (every judged one, then distractors)
 SIGNAL_TEXTS = 512
 

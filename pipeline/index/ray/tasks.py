@@ -1,8 +1,8 @@
 """Worker code of the Ray build: sample a part, train the quantiser, encode a part. Each is a plain
 function (tests and ``train_ivfpq`` call them in-process) that the driver runs as a Ray task.
 
-``probe``: None, or a picklable object a benchmark passes to look inside each task
-(``pipeline/bench/index_memory.py``: peak RSS per task): ``probe.start()`` when the task starts,
+``probe``: None, or a picklable object a study passes to look inside each task
+(``studies/index_memory.py``: peak RSS per task): ``probe.start()`` when the task starts,
 ``probe.stop(task, rel, rows)`` when it ends (``task``: ``sample``, ``train`` or ``encode``); what
 ``stop`` returns (a dict) joins an encode task's result, which the driver hands to ``on_shard``.
 """

@@ -1,9 +1,9 @@
-"""``python -m pipeline.bench.quantize``: what int8 and binary outputs cost in retrieval quality, and save.
+"""``python studies/quantize.py``: what int8 and binary outputs cost in retrieval quality, and save.
 
 SciFact test over its full corpus (5,183 documents, 300 queries; ``evaldata.load_beir``), for
-two variants: SmolLM2-135M's best raw cell on SciFact (``L1.mean``, README's families table)
-and all-MiniLM-L6-v2 (last layer, mean pooling, L2-normalised as MTEB does); documents and
-queries cut at 256 tokens. The float32 vectors are embedded once with the in-process
+two variants: SmolLM2-135M's best raw cell on SciFact (``L1.mean``, docs/findings.md's families
+table) and all-MiniLM-L6-v2 (last layer, mean pooling, L2-normalised as MTEB does); documents and
+queries cut at 256 tokens (``--model``, ``--layers``, ``--pooling`` measure one other variant instead). The float32 vectors are embedded once with the in-process
 ``Encoder`` and cached (``--cache``), so a rerun only measures.
 
 Per output dtype (float32, float16, int8, binary, binary + rescoring) the documents are stored
@@ -15,23 +15,30 @@ float query). Reported: nDCG@10 (x100, ``metrics``; the top 10 is all nDCG@10 re
 against float32's top 10, bytes per stored vector and per vector of the index file, the index
 build time and the search time for all queries (median of ``--repeats``; every dtype is timed
 in each repeat, side by side, FAISS on one thread). Timings on a shared machine are noisy:
-read the medians and the ratios, not the milliseconds.
+read the medians and the ratios, not the milliseconds. Writes ``{out}/quantize.json|md`` (docs/indexes.md
+quotes the table).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .. import quantize as qz
-from ..evaldata import default_data_dir, load_beir
-from ..metrics import retrieval_scores_from_run
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from anywhere: this checkout's pipeline, not another installed one
+    sys.path.insert(0, str(ROOT))
+
+from pipeline import quantize as qz  # noqa: E402
+from pipeline.evaldata import default_data_dir, load_beir  # noqa: E402
+from pipeline.metrics import retrieval_scores_from_run  # noqa: E402
 
 VARIANTS = [
     {"label": "SmolLM2-135M `L1.mean`", "model": "smollm2-135m", "layers": "1", "pooling": "mean", "normalize": False},
@@ -45,10 +52,11 @@ K = 10
 
 def embed_cached(spec: dict, data, cache: Path, max_length: int) -> tuple[np.ndarray, np.ndarray, float]:
     """(documents, queries) float32 vectors of one variant, from the cache or embedded now."""
-    from ..encoder import Encoder
-    from ..request import resolve
+    from pipeline.encoder import Encoder
+    from pipeline.request import resolve
 
-    key = f"{spec['model']}-L{spec['layers']}.{spec['pooling']}-{max_length}-{'norm' if spec['normalize'] else 'raw'}"
+    model = re.sub(r"[^A-Za-z0-9_.-]", "_", spec["model"])  # a model directory's path, flattened
+    key = f"{model}-L{spec['layers']}.{spec['pooling']}-{max_length}-{'norm' if spec['normalize'] else 'raw'}"
     path = cache / f"scifact-{data.split}-{len(data.doc_ids)}-{len(data.query_ids)}-{key}.npz"
     if path.exists():
         z = np.load(path, allow_pickle=False)
@@ -73,7 +81,7 @@ def measure(docs: np.ndarray, queries: np.ndarray, data, work: Path, repeats: in
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ..index import build_index, load_index, recall_at_k
+    from pipeline.index import build_index, load_index, recall_at_k
 
     ranges = qz.calibrate(docs[:qz.DEFAULT_CALIBRATION_ROWS])
     cases = []
@@ -140,7 +148,7 @@ def to_markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.bench.quantize", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python studies/quantize.py", description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(default_data_dir()), help="folder with scifact/ (default: %(default)s)")
     p.add_argument("--out", default="bench-quantize", help="writes quantize.json and quantize.md here")
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "strata-quantize-cache"),
@@ -148,6 +156,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--rescore", type=int, default=4, help="rescore multiplier of the last row (default: %(default)s)")
     p.add_argument("--only", choices=["smollm2", "minilm"], default=None)
+    p.add_argument("--model", default=None, help="measure this model's one variant instead of the two above")
+    p.add_argument("--layers", default="-1", help="with --model: its layer (default: %(default)s)")
+    p.add_argument("--pooling", default="mean", help="with --model: its pooling (default: %(default)s)")
+    p.add_argument("--normalize", action="store_true", help="with --model: L2-normalise its vectors")
+    p.add_argument("--max-length", type=int, default=MAX_LENGTH)
     args = p.parse_args(argv)
 
     import os
@@ -159,14 +172,17 @@ def main(argv=None) -> int:
     data = load_beir(Path(args.data) / "scifact", split="test")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"docs": len(data.doc_ids), "queries": len(data.query_ids), "max_length": MAX_LENGTH,
+    result = {"docs": len(data.doc_ids), "queries": len(data.query_ids), "max_length": args.max_length,
               "repeats": args.repeats, "rescore": args.rescore,
               "machine": f"{os.cpu_count()} CPUs ({platform.machine()}), shared", "variants": []}
-    for spec in VARIANTS:
+    specs = VARIANTS if not args.model else [
+        {"label": f"{Path(args.model).name} `L{args.layers}.{args.pooling}`", "model": args.model,
+         "layers": args.layers, "pooling": args.pooling, "normalize": args.normalize}]
+    for spec in specs:
         if args.only and args.only not in spec["model"]:
             continue
         print(f"{spec['label']}:", flush=True)
-        docs, queries, seconds = embed_cached(spec, data, Path(args.cache), MAX_LENGTH)
+        docs, queries, seconds = embed_cached(spec, data, Path(args.cache), args.max_length)
         with tempfile.TemporaryDirectory() as work:
             rows = measure(docs, queries, data, Path(work), args.repeats, args.rescore)
         result["variants"].append({**spec, "dim": int(docs.shape[1]), "embed_seconds": seconds, "rows": rows})

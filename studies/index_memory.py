@@ -1,4 +1,4 @@
-"""``python -m pipeline.bench.index_memory``: peak memory per Ray index task while the corpus grows 4x.
+"""``python studies/index_memory.py``: peak memory per Ray index task while the corpus grows 4x.
 
 Makes synthetic clustered float32 outputs of N and 4N rows (dim 64) cut into parts of the *same*
 size (so 4N has 4x the parts), builds each with ``index.ray.build_ivfpq_ray`` on a local Ray (tasks
@@ -10,7 +10,7 @@ during the merge (reset after the last encode). What should stay flat: sample, t
 part's chunk + its codes); what grows: the merge (the driver holds every id) and the wall time.
 
 Prints a table and writes ``{out}/index_memory.md`` and ``{out}/index_memory.json`` (the JSON is
-what ``pipeline.bench.scale_check`` reads when copied to ``docs/scale_measured.json``).
+what ``studies/scale_check.py`` reads when copied to ``docs/scale_measured.json``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import os
 import platform
 import resource
 import subprocess
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -29,6 +30,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from anywhere: this checkout's pipeline, not another installed one
+    sys.path.insert(0, str(ROOT))
 
 COL = "emb_3_mean"
 
@@ -168,7 +173,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python studies/index_memory.py", description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=50_000, help="N (the small corpus); the large one is 4N")
     ap.add_argument("--part-rows", type=int, default=12_500)
     ap.add_argument("--dim", type=int, default=64)
@@ -189,7 +194,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     peaks_file = out / "task-peaks.jsonl"
     os.environ["OMP_NUM_THREADS"] = "1"
-    ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="WARNING")
+    started = not ray.is_initialized()  # a caller's Ray (a test's) is used as it is
+    if started:  # address="local": a Ray of its own, even while another is up on this machine
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, logging_level="WARNING")
     opts = dict(nlist=args.nlist, m=args.m, train_rows=args.train_rows, chunk_rows=args.chunk_rows,
                 task_cpus=1.0, threads=1)
     results = []
@@ -207,7 +214,8 @@ def main(argv=None) -> int:
                     runs[label].append(row(label, rows, parts, r))
                     print(json.dumps(runs[label][-1]), flush=True)
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
     for label, rs in runs.items():  # medians over the repeats, field by field
         results.append({k: (rs[0][k] if isinstance(rs[0][k], str) else
                             round(float(np.median([r[k] for r in rs])), 2)) for k in rs[0]})
@@ -215,7 +223,8 @@ def main(argv=None) -> int:
             results[-1][k] = int(results[-1][k])
     results_all = runs
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip() or "-"
     except OSError:
         commit = "-"
     meta = {"repeats": args.repeats, "options": opts, "dim": args.dim, "commit": commit,

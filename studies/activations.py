@@ -1,6 +1,6 @@
 """The first-token massive activation and the mean collapse, measured per layer.
 
-``python -m pipeline.bench.activations --model smollm2-135m --model gemma3-270m`` prints, and
+``python studies/activations.py --model smollm2-135m --model gemma3-270m`` prints, and
 writes as markdown, per layer of each model, over the first N sentences of STS-B test (the
 demo's vendored copy):
 
@@ -16,16 +16,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from anywhere: this checkout's pipeline, not another installed one
+    sys.path.insert(0, str(ROOT))
+
 
 def _sentences(n: int) -> list[str]:
-    from ..demo import DEMO_DATA
-    from ..evaldata import load_sts
+    from pipeline.demo import DEMO_DATA
+    from pipeline.evaldata import load_sts
 
     pairs = load_sts(DEMO_DATA / "stsb" / "sts-test.csv")
     return list(dict.fromkeys([*pairs.sentence1, *pairs.sentence2]))[:n]
@@ -39,7 +44,7 @@ def _mean_cos(x: np.ndarray) -> float:
 
 @torch.inference_mode()
 def measure(model: str, texts: list[str], max_length: int = 128) -> list[dict]:
-    from ..encoder import Encoder
+    from pipeline.encoder import Encoder
 
     enc = Encoder.load(model, layers="all", poolings="mean", max_length=max_length, device="cpu")
     ids, _ = enc.tokenize(texts)
@@ -75,7 +80,7 @@ def markdown(model: str, rows: list[dict], n_texts: int) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.bench.activations", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python studies/activations.py", description=__doc__.split("\n")[0])
     p.add_argument("--model", action="append", help="model spec (repeatable; default smollm2-135m and gemma3-270m)")
     p.add_argument("--texts", type=int, default=200)
     p.add_argument("--out", default="bench-activations")

@@ -1,4 +1,4 @@
-"""``python -m pipeline.bench.probe_curve``: how big must a probe sample be?
+"""``python studies/probe_curve.py --labels DATA --out DIR``: how big must a probe sample be?
 
 Embeds the whole labelled set once (every template x layer x pooling), then draws seeded
 subsamples of 100 / 300 / 500 / 1,000 labelled items (STS pairs or queries; retrieval keeps the
@@ -12,23 +12,32 @@ whole sampled corpus) and, per size, measures against the full set:
 The variants are the raw cells and the uniform mixes: nothing fitted, so a subsample's scores
 are the per-item scores of the full pass restricted to it (fitted variants would need a refit
 per draw). The probe's default sample size (``probe.DEFAULT_ITEMS``) is read off this curve.
+
+Writes ``{out}/curve-{data}-{split}.json|md`` and prints the table (docs/probe.md quotes it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from scipy import stats as st
 
-from .. import stats
-from ..encoder import Encoder
-from ..evaldata import load_beir, load_sts
-from ..probe import POOLINGS, TEMPLATES, choose, encode_with_progress, make_task, sample_labels, score_variants
-from ..request import resolve
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from anywhere: this checkout's pipeline, not another installed one
+    sys.path.insert(0, str(ROOT))
+
+from pipeline import stats  # noqa: E402
+from pipeline.encoder import Encoder  # noqa: E402
+from pipeline.evaldata import load_beir, load_sts  # noqa: E402
+from pipeline.mixes import apply_mix  # noqa: E402
+from pipeline.probe import (POOLINGS, TEMPLATES, choose, encode_with_progress, make_task, sample_labels,  # noqa: E402
+                            score_variants)
+from pipeline.request import resolve  # noqa: E402
 
 SIZES = (100, 300, 500, 1000)  # 500: the probe's default
 
@@ -58,7 +67,7 @@ def curve(task, per_item: dict, draws: int, seed: int = 0, full_tied: set | None
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.bench.probe_curve", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python studies/probe_curve.py", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--labels", required=True)
     p.add_argument("--split", default="test")
@@ -80,8 +89,6 @@ def main(argv=None) -> int:
     vectors = encode_with_progress(encoder, task.texts, f"{data.name}/{data.split}")
     scored = score_variants(task, vectors, n_layers=n_layers, mixes="all,50%:100%", transforms=(), say=print)
     choice = choose(scored, n_layers)
-    from ..mixes import apply_mix
-
     all_items = np.arange(task.n)
     per_item = {}
     for s in scored:

@@ -1,8 +1,8 @@
-"""``python -m pipeline.bench.scale_check``: recompute every table number of ``docs/scale.md``.
+"""``python studies/scale_check.py``: recompute every table number of ``docs/scale.md``.
 
 Each number in the doc's checked tables is recomputed here from its inputs: measured CPU figures
 (constants below, each naming its source in BENCHMARKS.md), the index-build measurement
-(``docs/scale_measured.json``, written by ``python -m pipeline.bench.index_memory`` and copied),
+(``docs/scale_measured.json``, written by ``python studies/index_memory.py`` and copied),
 ``pipeline.sizing``'s storage formula, and assumptions named as such (the GPU rate: no GPU was
 measured). A table row of the doc whose first cell is one of the rows computed here must equal it
 cell for cell; a computed row missing from the doc is an error too; so is an input the doc's text
@@ -17,9 +17,12 @@ import json
 import sys
 from pathlib import Path
 
-from .. import probe, sizing
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from anywhere: this checkout's pipeline, not another installed one
+    sys.path.insert(0, str(ROOT))
 
-ROOT = Path(__file__).resolve().parents[2]
+from pipeline import probe, sizing  # noqa: E402
+
 DOC = ROOT / "docs" / "scale.md"
 MEASURED = ROOT / "docs" / "scale_measured.json"
 
@@ -166,7 +169,7 @@ def check(doc: Path = DOC, measured: Path = MEASURED) -> list[str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python studies/scale_check.py", description=__doc__.split("\n")[0])
     ap.add_argument("--print", action="store_true", help="print the computed rows")
     ap.add_argument("--doc", default=str(DOC))
     ap.add_argument("--measured", default=str(MEASURED))

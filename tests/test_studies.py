@@ -1,0 +1,230 @@
+"""Every study in studies/ runs end to end on tiny data, and its figures have the expected shape.
+
+The studies are plain scripts (``python studies/NAME.py``) outside the installed package. Each is
+loaded here by its path and its ``main(argv)`` run top to bottom, on the tiny random LLaMA
+(``model_dir``) and a few rows of the vendored demo data (STS-B test, the SciFact subset), so no
+../shared is needed; the two Ray studies share one local Ray. One child process runs every script
+as a user does (``--help``, from another folder). What is checked is shape (rows, columns, sizes,
+the files written), never the figures themselves. Studies use the public API only (checked too).
+"""
+
+import ast
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.demo import DEMO_DATA
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDIES = ROOT / "studies"
+NAMES = ["activations", "families", "float16", "index_memory", "index_recall", "probe_curve", "quantize",
+         "scale_check"]
+
+
+def load_study(name: str):
+    """studies/NAME.py as a module (its ``main`` not run)."""
+    spec = importlib.util.spec_from_file_location(f"studies_{name}", STUDIES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(module)  # its classes reach Ray workers by value, as from __main__
+    return module
+
+
+def table_rows(md: str, head: str) -> list[list[str]]:
+    """The body rows of the first Markdown table whose header starts with ``head``, as cells."""
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(head))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """torch on one thread while the studies run in this process: two OpenMP threads on a busy 2-core
+    machine spin against each other (a tiny model's step is all barriers)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """stsb/ (train, dev, test: disjoint slices of the demo's STS-B test, 40/30/30 pairs), probe-sts.csv (150
+    other pairs) and scifact/ (the demo subset's first 80 documents with every judged one, 130 in all; its 60
+    judged queries, split into train and test qrels of 30 each)."""
+    root = tmp_path_factory.mktemp("data")
+    sts = (DEMO_DATA / "stsb" / "sts-test.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+    (root / "stsb").mkdir()
+    for name, part in (("train", sts[:40]), ("dev", sts[40:70]), ("test", sts[70:100])):
+        (root / "stsb" / f"sts-{name}.csv").write_text("".join(part), encoding="utf-8")
+    (root / "probe-sts.csv").write_text("".join(sts[100:250]), encoding="utf-8")  # 150 pairs: a 100-item draw
+    src, dst = DEMO_DATA / "scifact", root / "scifact"
+    (dst / "qrels").mkdir(parents=True)
+    head, *qrels = (src / "qrels" / "test.tsv").read_text().splitlines()
+    queries = list(dict.fromkeys(line.split("\t")[0] for line in qrels))
+    judged = {line.split("\t")[1] for line in qrels}
+    train_q = set(queries[: len(queries) // 2])
+    for split, keep in (("train", train_q), ("test", set(queries) - train_q)):
+        body = [line for line in qrels if line.split("\t")[0] in keep]
+        (dst / "qrels" / f"{split}.tsv").write_text("\n".join([head, *body]) + "\n")
+    docs = [line for i, line in enumerate((src / "corpus.jsonl").read_text().splitlines())
+            if i < 80 or json.loads(line)["_id"] in judged]
+    (dst / "corpus.jsonl").write_text("\n".join(docs) + "\n")
+    shutil.copy(src / "queries.jsonl", dst / "queries.jsonl")
+    return root
+
+
+def test_every_study_is_here_and_runs_as_a_script_from_another_folder(tmp_path):
+    assert sorted(p.stem for p in STUDIES.glob("*.py")) == NAMES
+    code = ("import runpy, sys\n"
+            f"for name in {NAMES!r}:\n"
+            f"    path = {str(STUDIES)!r} + '/' + name + '.py'\n"
+            "    sys.argv = [path, '--help']\n"
+            "    try:\n"
+            "        runpy.run_path(path, run_name='__main__')\n"
+            "    except SystemExit as e:\n"
+            "        assert e.code in (0, None), (name, e.code)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for name in NAMES:
+        assert f"usage: python studies/{name}.py" in proc.stdout, name
+
+
+def test_studies_import_no_private_names():
+    for name in NAMES:
+        tree = ast.parse((STUDIES / f"{name}.py").read_text())
+        modules = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                assert not node.module.startswith(("studies", ".")) and node.level == 0, (name, node.module)
+                assert not any(a.name.startswith("_") for a in node.names), (name, node.module)
+                modules |= {a.asname or a.name for a in node.names}
+            elif isinstance(node, ast.Import):
+                modules |= {a.asname or a.name.split(".")[0] for a in node.names}
+        private = [f"{n.value.id}.{n.attr}" for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                   and isinstance(n.value, ast.Name) and n.value.id in modules and n.attr.startswith("_")
+                   and not n.attr.startswith("__")]
+        assert not private, (name, private)
+
+
+def test_families(model_dir, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    assert load_study("families").main(["--model", model_dir, "--data", str(tiny_data), "--out", str(out),
+                                         "--train-pairs", "30", "--transforms", "none,center",
+                                         "--sts-max-length", "32", "--scifact-max-length", "48"]) == 0
+    result = json.loads((out / "families.json").read_text())
+    md = (out / "families.md").read_text()
+    want = {"best raw cell", "best with post-processing", "best uniform mix", "best learned mix"}
+    for key, select, templates in (("stsb", "dev", {"echo", "prompteol"}),
+                                   ("scifact", "train-select", {"echo~plain", "prompteol~plain"})):
+        head, *fams = result[key]["families"]
+        assert head["default"] == "L4.last" and head["default_test"] is not None
+        labels = {f["family"] for f in fams}
+        assert want | {f"best with template {t}" for t in templates} <= labels, labels
+        section = next(part for part in md.split("### ") if f"| family | chosen on {select} |" in part)
+        assert len(table_rows(section, "| family |")) == len(fams)
+        assert all(f["test_score"] is not None and f["select_score"] is not None for f in fams)
+    learned = next(f for f in result["scifact"]["families"][1:] if f["family"] == "best learned mix")
+    assert "scifact/train-fit" in learned["fitted_on"]
+    q = result["scifact"]["queries"]
+    assert q["fit"] + q["select"] == 30 and q["test"] == 30  # the tiny train and test splits, every query once
+    assert {r["split"] for r in result["scifact"]["select"]} == {"train-select"}
+    assert {r["split"] for r in result["scifact"]["test"]} == {"test"}
+
+
+def test_probe_curve(model_dir, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    assert load_study("probe_curve").main(["--model", model_dir, "--labels", str(tiny_data / "probe-sts.csv"),
+                                            "--templates", "plain", "--max-length", "32", "--draws", "3",
+                                            "--out", str(out)]) == 0
+    (curve,) = out.glob("curve-*.json")
+    result = json.loads(curve.read_text())
+    assert result["items"] == 150 and result["variants"] == 5 * 5 + 2 * 5  # 5 layers x 5 poolings, 2 uniform mixes
+    assert [(r["items"], r["draws"]) for r in result["curve"]] == [(100, 3), (150, 1)]
+    assert all(0 <= r["same_winner"] <= 1 and r["regret_median"] >= 0 for r in result["curve"])
+    assert len(table_rows(curve.with_suffix(".md").read_text(), "| items |")) == 2
+
+
+def test_float16(model_dir, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    assert load_study("float16").main(["--model", model_dir, "--stsb", str(tiny_data / "stsb" / "sts-test.csv"),
+                                        "--scifact", str(tiny_data / "scifact"), "--max-length", "32",
+                                        "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    for key in ("stsb", "scifact"):
+        r = result[key]
+        assert r["variants"] == 5 * 5 and r["undefined"] < 5 and 0 <= r["median_change"] <= r["largest_change"] < 1, r
+        assert r["best_float32"].startswith("L") and r["best_float16"].startswith("L")
+    assert result["stsb"]["pairs"] == 30 and result["scifact"]["queries"] == 30
+
+
+def test_quantize(model_dir, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    assert load_study("quantize").main(["--model", model_dir, "--layers", "2", "--pooling", "mean",
+                                         "--data", str(tiny_data), "--repeats", "1", "--max-length", "32",
+                                         "--cache", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    (v,) = json.loads((out / "quantize.json").read_text())["variants"]
+    assert [r["dtype"] for r in v["rows"]] == ["float32", "float16", "int8", "binary", "binary + rescore x4"]
+    assert v["rows"][0]["recall_at_10_vs_float32"] == 1.0 and v["dim"] == 32
+    assert [r["bytes_stored"] for r in v["rows"]] == [128, 64, 32, 4, 4]
+    assert len(table_rows((out / "quantize.md").read_text(), "| output |")) == 5
+
+
+def test_activations(model_dir, tmp_path):
+    out = tmp_path / "out"
+    assert load_study("activations").main(["--model", model_dir, "--texts", "6", "--out", str(out)]) == 0
+    rows = json.loads((out / "activations.json").read_text())[model_dir]
+    assert [r["layer"] for r in rows] == [0, 1, 2, 3, 4]
+    assert all(r["first_over_other"] > 0 and -1 <= r["cos_mean"] <= 1 for r in rows)
+    assert len(table_rows((out / "activations.md").read_text(), "| layer |")) == 5
+
+
+def test_scale_check_prints_every_checked_row(capsys):
+    study = load_study("scale_check")
+    assert study.main(["--print"]) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(printed) == len(study.tables(json.loads(study.MEASURED.read_text())))
+    assert study.main([]) == 0  # docs/scale.md agrees (tests/test_scale_doc.py checks it in detail)
+
+
+def test_index_memory(ray_local, faiss_one_thread, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the study sets it for its Ray tasks; restored after
+    out = tmp_path / "out"
+    assert load_study("index_memory").main(["--rows", "400", "--part-rows", "200", "--dim", "16", "--nlist", "4",
+                                             "--m", "4", "--train-rows", "400", "--chunk-rows", "100",
+                                             "--repeats", "1", "--out", str(out)]) == 0
+    result = json.loads((out / "index_memory.json").read_text())
+    assert [(r["corpus"], r["rows"], r["parts"], r["encode_tasks"]) for r in result["rows"]] == [
+        ("1x", 400, 2, 2), ("4x", 1600, 8, 8)]
+    assert all(r["encode_mb_max"] > 0 and r["merge_mb"] > 0 for r in result["rows"])
+    assert len(table_rows((out / "index_memory.md").read_text(), "| corpus |")) == 2
+
+
+def test_index_recall(ray_local, faiss_one_thread, model_dir, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    assert load_study("index_recall").main(["--model", model_dir, "--layers", "2", "--pooling", "mean",
+                                             "--max-length", "48", "--data", str(tiny_data), "--parts", "2",
+                                             "--nprobe", "1,2", "--work", str(tmp_path / "work"),
+                                             "--out", str(out)]) == 0
+    result = json.loads((out / "index_recall.json").read_text())
+    assert (result["documents"], result["queries"], result["parts"], result["dim"]) == (130, 30, 2, 32)
+    assert [(r["index"], r["engine"], r["nprobe"]) for r in result["rows"]] == [
+        ("hnsw", "local", None), ("ivfpq", "local", 1), ("ivfpq", "local", 2), ("ivfpq", "ray (2 parts)", 1),
+        ("ivfpq", "ray (2 parts)", 2)]
+    assert all(0 <= r["recall"] <= 1 for r in result["rows"])
+    assert len(table_rows((out / "index_recall.md").read_text(), "| index |")) == 5
