@@ -167,6 +167,8 @@ class Output:
     def __post_init__(self):
         self.fs, self.root = filesystem(self.url)
         self.root = self.root.rstrip("/")
+        if not is_local(self.fs):  # listings cached by an earlier Output of this process may be stale
+            self.fs.invalidate_cache(self.root)
 
     def path(self, *parts: str) -> str:
         """A path under the root. A manifest's entries may step up (a published version's

@@ -253,3 +253,74 @@ def test_commit_dir_on_s3_copies_each_object_and_leaves_no_staging(s3):
     got = {p[len(f"{s3.name}/out/{rel}") + 1:]: fs.cat_file(p) for p in fs.find(f"{s3.name}/out/{rel}")}
     assert got == files
     assert not fs.find(f"{s3.name}/out/_staging")
+
+
+def test_nightly_job_on_s3_publishes_versions_and_a_crash_never_reaches_latest(ray_local, model_dir, s3, tmp_path,
+                                                                                 monkeypatch):
+    """Nightly re-embedding on S3: a shard edited, one added, one removed; the run crashes after its
+    commits, before LATEST moves. A reader of LATEST still gets the previous version whole; the next
+    run publishes the new one without embedding again, and retention (keep 1) then removes the old
+    version and the shard folders only it read."""
+    import io
+
+    import pipeline.jobs.run as jobs
+    from pipeline.jobs import read_latest, run_job
+
+    fs = s3.fs
+    ids_a = shards(fs, f"{s3.name}/in", 3, 20)
+    spec = tmp_path / "nightly.yaml"
+    spec.write_text(f"""
+name: nightly
+input: {{location: "{s3.url('in')}", id_column: id}}
+model: {model_dir}
+variants: {{layers: "1,-1", poolings: [mean]}}
+embedding: {{max_length: 64, batch_tokens: 2048}}
+resources: {{actors: 1}}
+output: "{s3.url('jobs')}"
+indexes: {{variants: [L4.mean], kind: flat}}
+retention: {{keep: 1}}
+storage: {{"s3://{s3.name}": {json.dumps(s3.options)}}}
+""")
+    monkeypatch.setenv("STRATA_CACHE", str(tmp_path / "cache"))
+    run = lambda: run_job(spec, progress=False, stream=io.StringIO())  # noqa: E731
+    first = run()
+    job = s3.url("jobs", "nightly")
+    latest_a = read_latest(job)
+    url_a = f"{job}/{latest_a['version']}/published/{latest_a['published']}"
+    assert sorted(read_embeddings(url_a, ["id"]).column("id").to_pylist()) == sorted(ids_a)
+
+    # upstream: shard 1 edited, shard 2 removed, shard 3 added
+    t = pq.read_table(fs.open(f"{s3.name}/in/shard-01.parquet", "rb"))
+    with fs.open(f"{s3.name}/in/shard-01.parquet", "wb") as f:
+        pq.write_table(t.set_column(1, "text", pa.array([x.upper() for x in t.column("text").to_pylist()])), f)
+    fs.rm(f"{s3.name}/in/shard-02.parquet")
+    with fs.open(f"{s3.name}/in/shard-03.parquet", "wb") as f:
+        pq.write_table(pa.table({"id": [f"new-{i}" for i in range(20)], "text": [f"fresh text {i}" for i in range(20)]}), f)
+    ids_b = [i for i in ids_a if not i.startswith("s2-")] + [f"new-{i}" for i in range(20)]
+
+    def crash(*a, **k):
+        raise RuntimeError("killed between commit and flip")
+
+    monkeypatch.setattr(jobs, "build_indexes", crash)
+    with pytest.raises(RuntimeError, match="between commit and flip"):
+        run()
+    monkeypatch.undo()
+    monkeypatch.setenv("STRATA_CACHE", str(tmp_path / "cache"))
+    assert read_latest(job) == latest_a  # the reader's view: the previous version, whole
+    got = read_embeddings(url_a, ["id", "emb_4_mean"])
+    assert sorted(got.column("id").to_pylist()) == sorted(ids_a)
+
+    second = run()
+    assert second["embed"]["shards_embedded"] == 0  # its version was frozen by the crashed run: now indexed, named
+    latest_b = read_latest(job)
+    url_b = f"{job}/{latest_b['version']}/published/{latest_b['published']}"
+    assert latest_b["published"] != latest_a["published"]
+    assert sorted(read_embeddings(url_b, ["id"]).column("id").to_pylist()) == sorted(ids_b)
+    assert second["retention"]["removed"] == [latest_a["published"]] and second["retention"]["freed_folders"] == 2
+    fs.invalidate_cache()
+    assert not fs.exists(url_a.split("://", 1)[1])
+    series = f"{s3.name}/jobs/nightly/{latest_b['version']}"
+    manifest = json.loads(fs.cat(f"{series}/manifest.json"))
+    assert manifest.get("retired") == []
+    on_store = {p.split("/embeddings/")[1].split("/")[0] for p in fs.find(f"{series}/embeddings")}
+    assert on_store == {s["output"].split("/")[-1] for s in manifest["shards"]}

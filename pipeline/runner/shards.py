@@ -38,8 +38,11 @@ def is_data(rel: str) -> bool:
 
 
 def list_shards(url: str) -> tuple[Any, list[Shard]]:
-    """Parquet files at a URL: a file, a directory (searched recursively) or a glob."""
+    """Parquet files at a URL: a file, a directory (searched recursively) or a glob. Listed afresh:
+    an object store's filesystem is cached per process with its listings, which would hide new,
+    changed (their ETag) or removed shards from a long-lived driver."""
     fs, root = filesystem(url)
+    fs.invalidate_cache()
     if any(c in root for c in "*?["):
         base = root.split("*")[0].rsplit("/", 1)[0]
         paths = sorted(p for p in fs.glob(root) if p.endswith(".parquet") and is_data(p[len(base):]))
