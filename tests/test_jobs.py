@@ -331,3 +331,17 @@ def test_missing_spec_and_missing_eval_data_fail_before_any_work(model_dir, tmp_
     with pytest.raises(JobSpecError, match=r"job.yaml: evaluations\[0\].data: missing.jsonl: file not found"):
         run("job.yaml")
     assert not Path("out").exists()
+
+
+def test_an_evaluation_only_job_moves_latest_to_its_version_folder(ray_local, model_dir, sentences, tmp_path,
+                                                                    monkeypatch):
+    """No corpus, so nothing is published: LATEST names the version folder holding the report."""
+    monkeypatch.chdir(tmp_path)
+    write_inputs(tmp_path, sentences, shards=1)
+    Path("job.yaml").write_text(f"name: ev\ninput: null\noutput: out\nmodel: {model_dir}\n"
+                                "variants: {layers: '1,-1', poolings: [mean]}\nembedding: {max_length: 64}\n"
+                                "evaluations: [{task: sts, data: pairs.jsonl}]\n")
+    summary = run("job.yaml")
+    latest = read_latest("out/ev")
+    assert latest["version"] == summary["version"] and latest["published"] is None
+    assert summary["evaluations"] > 0 and (tmp_path / "out" / "ev" / summary["version"] / "report.md").is_file()

@@ -147,6 +147,39 @@ def test_incremental_touches_only_changed_shards_and_equals_fresh_run(ray_local,
             np.testing.assert_allclose(inc[col][k], v, rtol=0, atol=1e-6)
 
 
+def test_a_changed_shard_reembeds_only_its_new_texts(ray_local, model_dir, corpus, tmp_path):
+    """Two texts of a shard edited and one row deleted: only the two edited rows go through the
+    model; every other row's vectors are copied bit for bit from the shard's previous parts (keyed on
+    the text and the output's settings), and the result equals a fresh run of the new input."""
+    ids, texts = corpus
+    src = tmp_path / "in"
+    write_shards(src, ids[:240], texts[:240], k=3)
+    embed(str(src), str(tmp_path / "out"), model=model_dir, **OPTS)
+    old = by_id(read_embeddings(str(tmp_path / "out")))
+    t = pq.read_table(src / "part-1.parquet").to_pylist()
+    t[3]["text"], t[10]["text"] = "An edited first text.", "A second edited text, longer than the first one."
+    del t[20]
+    pq.write_table(pa.Table.from_pylist(t), src / "part-1.parquet", row_group_size=37)
+    summary = embed(str(src), str(tmp_path / "out"), model=model_dir, **OPTS)
+    assert (summary.shards_embedded, summary.rows, summary.rows_reused) == (1, 79, 77)
+    entry = next(e for e in manifest(tmp_path / "out")["shards"] if e["rel"] == "part-1.parquet")
+    assert entry["rows_reused"] == 77 and entry["rows_written"] == 79
+    inc = by_id(read_embeddings(str(tmp_path / "out")))
+    edited = {t[3]["id"], t[10]["id"]}
+    for col in old:
+        if col == "_ids":
+            continue
+        for r in t:
+            if r["id"] not in edited:
+                assert np.array_equal(inc[col][r["id"]], old[col][r["id"]])  # copied, bit for bit
+    embed(str(src), str(tmp_path / "fresh"), model=model_dir, **OPTS)
+    fresh = by_id(read_embeddings(str(tmp_path / "fresh")))
+    assert sorted(inc.pop("_ids")) == sorted(fresh.pop("_ids"))
+    for col in fresh:
+        for k, v in fresh[col].items():
+            np.testing.assert_allclose(inc[col][k], v, rtol=0, atol=1e-6)
+
+
 def test_changed_settings_refused_without_force(ray_local, model_dir, corpus, tmp_path):
     ids, texts = corpus
     write_shards(tmp_path / "in", ids[:40], texts[:40], k=2)

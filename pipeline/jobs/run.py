@@ -150,7 +150,7 @@ def run_job(spec_path: str | os.PathLike, dry_run: bool = False, *, progress: bo
     # Readers follow LATEST to a published version (versions.py): the one LATEST names if it still
     # holds what the series commits, else a new one, published (and indexed) before LATEST moves.
     index_url, published = job.version_url, None
-    if job.job_url:
+    if job.job_url and spec.mode == "corpus":  # an evaluation-only job has no corpus to publish
         published = versions.current(ws.out, latest, job.version) or versions.latest_of_series(ws.out)
         summary["published_new"] = published is None
         if published is None:
@@ -184,18 +184,20 @@ def run_job(spec_path: str | os.PathLike, dry_run: bool = False, *, progress: bo
     record = {"spec": dict(spec.model_dump(mode="json"), storage=hide_secrets(spec.storage)), "summary": summary}
     ws.out.write_json(JOB_FILE, record)
     if job.job_url:  # the pointer moves only once everything above has succeeded: one atomic write
-        Output(index_url).write_json(JOB_FILE, record)
+        if published:
+            Output(index_url).write_json(JOB_FILE, record)
         Output(job.job_url).write_json(LATEST, {"version": job.version, "published": published,
                                                   "path": redact(index_url), "job": spec.name, "spec": spec.source,
                                                   "model": job.model_ref, "weights_digest": job.weights_digest,
                                                   "variants": job.variant_names,
                                                   "completed_at": summary["completed_at"]})
         summary["latest"] = job.version
-        say(f"  {LATEST} -> {job.version}/{versions.PUBLISHED}/{published}")
-        with ws.out.lock():  # the series' retired folders are in its manifest
-            r = spec.retention
-            summary["retention"] = versions.collect(ws.out, r.keep, r.days, protect=published)
-        if summary["retention"]["removed"] or summary["retention"]["freed_folders"]:
+        say(f"  {LATEST} -> {job.version}" + (f"/{versions.PUBLISHED}/{published}" if published else ""))
+        if published:
+            with ws.out.lock():  # the series' retired folders are in its manifest
+                r = spec.retention
+                summary["retention"] = versions.collect(ws.out, r.keep, r.days, protect=published)
+        if published and (summary["retention"]["removed"] or summary["retention"]["freed_folders"]):
             say(f"  retention: {len(summary['retention']['removed'])} version(s) removed, "
                 f"{summary['retention']['freed_folders']} shard folder(s) no version reads freed")
     say(f"job {spec.name} done in {summary['seconds']:.1f}s")

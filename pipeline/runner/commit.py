@@ -31,6 +31,7 @@ class EmbedSummary:
     shards_failed: dict[str, str] = field(default_factory=dict)
     rows: int = 0
     rows_rejected: int = 0
+    rows_reused: int = 0  # committed rows whose vectors were copied from the shard's previous parts
     tokens: int = 0
     padded_tokens: int = 0
     truncated: int = 0
@@ -61,7 +62,8 @@ class EmbedSummary:
     def line(self) -> str:
         fail = f", {len(self.shards_failed)} FAILED" if self.shards_failed else ""
         return (f"{self.shards_embedded} shards embedded, {self.shards_skipped} skipped, {self.shards_dropped} dropped{fail}; "
-                f"{self.rows:,} rows ({self.rows_rejected:,} rejected), {self.tokens:,} tokens in {self.seconds:.1f}s "
+                f"{self.rows:,} rows ({self.rows_rejected:,} rejected"
+                + (f", {self.rows_reused:,} reused" if self.rows_reused else "") + f"), {self.tokens:,} tokens in {self.seconds:.1f}s "
                 f"= {self.tokens_per_second:,.0f} tok/s (steady {self.steady_tokens_per_second:,.0f}, "
                 f"Ray start-up {self.startup_seconds:.1f}s), padding efficiency {self.padding_efficiency:.2f}, "
                 f"{self.truncated:,} truncated" + (f", {self.duplicate_ids:,} DUPLICATE ids" if self.duplicate_ids else ""))
@@ -79,6 +81,7 @@ class _Pending:
     tokens: int = 0
     padded: int = 0
     truncated: int = 0
+    reused: int = 0
     error: str | None = None
 
     def add(self, m: dict) -> None:
@@ -95,6 +98,7 @@ class _Pending:
         self.tokens += m["tokens"]
         self.padded += m["padded"]
         self.truncated += m["truncated"]
+        self.reused += m.get("reused") or 0
 
     @property
     def complete(self) -> bool:
@@ -136,6 +140,7 @@ class Committer:
             self.summary.rows += p.shard.rows
             self.summary.rows_rejected += sum(p.reasons.values())
             self.summary.truncated += p.truncated
+            self.summary.rows_reused += p.reused
             del self.pending[m["shard"]]
 
     def _fail(self, p: _Pending, msg: str) -> None:
@@ -180,6 +185,7 @@ def _commit(out: Output, manifest: dict, shard: Shard, p: _Pending, run_id: str 
         "files": sorted(p.parts), "rejects_files": sorted(p.rejects_parts), "rows": shard.rows,
         "rows_written": shard.rows - sum(p.reasons.values()), "rows_rejected": sum(p.reasons.values()),
         "rejected_reasons": dict(p.reasons), "tokens": p.tokens, "truncated": p.truncated,
+        "rows_reused": p.reused,
         "parts": info, "committed_at": utc_now(),
     }]
     manifest.get("failed", {}).pop(shard.rel, None)

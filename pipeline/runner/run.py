@@ -33,7 +33,7 @@ from ..request import Request, signature_difference
 from ..storage import EMBEDDINGS, MANIFEST, RETIRED, STAGING, Output, overlap, read_part, redact, storage_options
 from .commit import Committer, EmbedError, EmbedSummary, _commit, _Pending
 from .shards import UNIT_ROWS, Shard, first_texts, inspect_shards, list_shards, plan, work_units
-from .stages import EMBED_BATCH_ROWS, MAX_CALLS_PER_ACTOR, EmbedActor, read_and_tokenize, write_parts
+from .stages import EMBED_BATCH_ROWS, MAX_CALLS_PER_ACTOR, EmbedActor, read_and_tokenize, reuse_salt, write_parts
 
 log = logging.getLogger(__name__)
 
@@ -282,8 +282,14 @@ def _run_ray(request: Request, out: Output, manifest: dict, todo: list[Shard], s
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     # Fractional CPUs: different resources keep Ray from fusing these tasks into the actor, so
     # reading and tokenising overlap the forward passes instead of running in series with them.
+    # A changed shard's rows whose text its previous parts already hold are copied, not embedded
+    # (stages.read_and_tokenize): the previous parts are still committed until the shard commits anew.
+    before_run = {e["rel"]: e for e in manifest.get("shards", [])}
+    previous = {i: [out.fs.unstrip_protocol(out.path(before_run[s.rel]["output"], f))
+                    for f in before_run[s.rel]["files"]] for i, s in enumerate(todo) if s.rel in before_run}
     ds = ds.map_batches(read_and_tokenize, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
-                        fn_kwargs=dict(fs=fs, request=request, text_column=text_column, id_column=id_column))
+                        fn_kwargs=dict(fs=fs, request=request, text_column=text_column, id_column=id_column,
+                                       salt=reuse_salt(manifest["signature"]), previous=previous))
     # Blocks of EMBED_BATCH_ROWS rows: each actor task is then one call, and its metadata streams
     # to the driver as it is made (a whole read unit in one task would reach it only at its end).
     ds = ds.repartition(target_num_rows_per_block=EMBED_BATCH_ROWS)
@@ -294,7 +300,8 @@ def _run_ray(request: Request, out: Output, manifest: dict, todo: list[Shard], s
         # A GPU makes vectors faster than one CPU thread writes them (a wide grid's block is ~90 MB):
         # write tasks spread the writing over the node's CPUs.
         ds = ds.map_batches(EmbedActor, compute=ActorPoolStrategy(size=n_actors), **embed_args,
-                            fn_constructor_kwargs=dict(request=request, threads=threads, ranges=ranges, write=None))
+                            fn_constructor_kwargs=dict(request=request, threads=threads, ranges=ranges, write=None,
+                                                       storage=storage_options()))
         ds = ds.map_batches(write_parts, batch_size=None, batch_format="pyarrow", num_cpus=0.5, fn_kwargs=write)
     else:
         # On CPUs the model is the bottleneck and shares the cores with everything else: the actor
@@ -304,7 +311,8 @@ def _run_ray(request: Request, out: Output, manifest: dict, todo: list[Shard], s
         pool = ActorPoolStrategy(size=n_actors, enable_true_multi_threading=True,
                                  max_concurrent_calls_per_actor=MAX_CALLS_PER_ACTOR)
         ds = ds.map_batches(EmbedActor, compute=pool, **embed_args,
-                            fn_constructor_kwargs=dict(request=request, threads=threads, ranges=ranges, write=write))
+                            fn_constructor_kwargs=dict(request=request, threads=threads, ranges=ranges, write=write,
+                                                       storage=storage_options()))
     committer = Committer(out, manifest, todo, summary, run_id)
     before = summary.shards_embedded  # empty shards committed already: not among ``todo``
     total_rows = sum(s.rows for s in todo)

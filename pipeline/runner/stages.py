@@ -7,6 +7,9 @@ account for every row exactly once (``commit.Committer``).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +24,9 @@ from ..encoder import Encoder
 from ..request import Request
 from ..templates import Tokenized, tokenize
 from .shards import strings
-from ..storage import STAGING, Output, use_storage_options, write_part
+from ..storage import STAGING, Output, read_part, use_storage_options, write_part
+
+log = logging.getLogger(__name__)
 
 EMBED_BATCH_ROWS = 256  # rows handed to an embed actor per call; sorted into token batches inside
 MAX_CALLS_PER_ACTOR = 2  # one call writing its parts while the next runs the model
@@ -55,9 +60,51 @@ def _span_column(k: int) -> str:
     return f"_span{k}"
 
 
-def read_and_tokenize(batch: pa.Table, *, fs, request: Request, text_column: str, id_column: str | None) -> pa.Table:
+def text_keys(texts: list, salt: bytes) -> list[bytes | None]:
+    """Each text's reuse key: blake2b-128 of its UTF-8 bytes, keyed by the output's signature digest
+    (``salt``), so equal keys mean equal vectors within an output (``reuse_salt``)."""
+    return [None if t is None else hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16,
+                                                    key=salt).digest() for t in texts]
+
+
+def reuse_salt(signature: dict) -> bytes:
+    """What a key is keyed on: the request's signature (model, weights, variants, templates, max
+    length, dtype, ...), which is fixed for an output."""
+    return hashlib.blake2b(json.dumps(signature, sort_keys=True, default=str).encode(), digest_size=32).digest()
+
+
+def _previous(urls: list[str]) -> dict[bytes, tuple[int, int]]:
+    """key -> (part index, row) over a shard's previous committed parts (those with a key column)."""
+    from ..storage import filesystem
+
+    found: dict[bytes, tuple[int, int]] = {}
+    for i, url in enumerate(urls):
+        fs, path = filesystem(url)
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f) if not path.endswith(".arrow") else None
+            if pf is not None:
+                if "key" not in pf.schema_arrow.names:
+                    continue
+                keys = pf.read(columns=["key"]).column("key").to_pylist()
+            else:
+                t = pa.ipc.open_file(f).read_all()
+                if "key" not in t.column_names:
+                    continue
+                keys = t.column("key").to_pylist()
+        for r, k in enumerate(keys):
+            if k is not None:
+                found.setdefault(k, (i, r))
+    return found
+
+
+def read_and_tokenize(batch: pa.Table, *, fs, request: Request, text_column: str, id_column: str | None,
+                      salt: bytes = b"", previous: dict | None = None) -> pa.Table:
     """Read one work unit and tokenise it under each of the request's templates (columns ``_ids{k}``,
-    ``_span{k}`` for template k). Returns one row per input row, always."""
+    ``_span{k}`` for template k). Returns one row per input row, always.
+
+    Every row gets its reuse key (``_key``). A row whose key is in its shard's previous committed
+    parts (``previous``: shard index -> part URLs) is not tokenised: it carries ``_src`` (the part's
+    URL) and ``_src_row``, and the embed stage copies its stored vectors."""
     unit = batch.to_pylist()[0]
     shard, row0, n = int(unit["shard"]), int(unit["row0"]), int(unit["rows"])
     rows = np.arange(row0, row0 + n, dtype=np.int64)
@@ -81,6 +128,22 @@ def read_and_tokenize(batch: pa.Table, *, fs, request: Request, text_column: str
         if v is None and reasons[i] is None:
             reasons[i] = "null id"
     good = [i for i, r in enumerate(reasons) if r is None]
+    keys = text_keys([texts[i] if reasons[i] is None else None for i in range(n)], salt)
+    src: list[str | None] = [None] * n
+    src_row = np.full(n, -1, dtype=np.int64)
+    urls = (previous or {}).get(shard)
+    if urls and good:
+        try:
+            old = _previous(urls)
+        except Exception as e:  # noqa: BLE001 - the shard's old parts unreadable: embed every row
+            log.warning("shard %s: its previous parts cannot be read for reuse (%s); embedding every row",
+                        unit["rel"], type(e).__name__)
+            old = {}
+        for i in good:
+            hit = old.get(keys[i])
+            if hit is not None:
+                src[i], src_row[i] = urls[hit[0]], hit[1]
+        good = [i for i in good if src[i] is None]
     k_templates = len(request.templates)
     token_ids: list[list[list[int] | None]] = [[None] * n for _ in range(k_templates)]
     spans = np.zeros((k_templates, n, 2), dtype=np.int32)
@@ -104,7 +167,9 @@ def read_and_tokenize(batch: pa.Table, *, fs, request: Request, text_column: str
         columns[_ids_column(k)] = pa.array(token_ids[k], type=pa.list_(pa.int32()))
         columns[_span_column(k)] = pa.FixedSizeListArray.from_arrays(pa.array(spans[k].reshape(-1)), 2)
     columns |= {"_truncated": pa.array(truncated), "_reject": pa.array(reasons, type=pa.string()),
-                "_error": pa.array([None] * n, type=pa.string())}
+                "_error": pa.array([None] * n, type=pa.string()),
+                "_key": pa.array(keys, type=pa.binary(16)), "_src": pa.array(src, type=pa.string()),
+                "_src_row": pa.array(src_row)}
     table = pa.table(columns)
     # Longest first: the embed stage's row batches then hold similar lengths, so token
     # batches pad little (row order does not matter: every row carries its shard and row).
@@ -119,7 +184,8 @@ def _unit_error(shard: int, message: str, k_templates: int) -> pa.Table:
         columns[_ids_column(k)] = pa.array([None], type=pa.list_(pa.int32()))
         columns[_span_column(k)] = pa.FixedSizeListArray.from_arrays(pa.array([0, 0], type=pa.int32()), 2)
     columns |= {"_truncated": pa.array([False]), "_reject": pa.array([None], type=pa.string()),
-                "_error": pa.array([message], type=pa.string())}
+                "_error": pa.array([message], type=pa.string()), "_key": pa.array([None], type=pa.binary(16)),
+                "_src": pa.array([None], type=pa.string()), "_src_row": pa.array([-1], type=pa.int64())}
     return pa.table(columns)
 
 
@@ -133,7 +199,7 @@ class EmbedActor:
     """
 
     def __init__(self, request: Request, threads: int | None, ranges: dict | None = None, *,
-                 write: dict | None = None):
+                 write: dict | None = None, storage: dict | None = None):
         # Every torch call of the actor runs on this one thread. libgomp keeps an OpenMP thread
         # pool per thread that starts parallel work: a model loaded on Ray's main thread and run on
         # Ray Data's UDF thread made two pools, more pooled threads than CPUs, and libgomp then
@@ -148,6 +214,7 @@ class EmbedActor:
         self.dtype, self.ranges = request.settings.dtype, ranges or {}
         self.type = {v: quantize.arrow_type(self.dtype, self.dim) for v in request.variants}
         self.write = write  # write_parts' keyword arguments, or None: the caller writes
+        use_storage_options(storage or {})  # reused rows are read from the output's parts
         # Parts are written on a thread at the OS's idle priority, so it runs mostly in the moments
         # torch leaves a core free: a write that preempts one of torch's two threads stalls the
         # other at the next barrier, so at normal priority the writing cost the model more than
@@ -185,25 +252,50 @@ class EmbedActor:
         lengths = sum(pc.fill_null(pc.list_value_length(batch.column(_ids_column(k))), 0).to_numpy()
                       for k in range(len(self.templates)))
         internal = [c for k in range(len(self.templates)) for c in (_ids_column(k), _span_column(k))]
+        internal += ["_src", "_src_row"]
+        reused = np.flatnonzero(pc.is_valid(batch.column("_src")).to_numpy(zero_copy_only=False))
+        stored = self._stored(batch, reused) if len(reused) else {}
         out = batch.drop_columns(internal).append_column("_tokens", pa.array(np.asarray(lengths, dtype=np.int64)))
         padded = np.zeros(n, dtype=np.int64)
         if res is not None and len(ok):
             padded[ok[0]] = res.stats.padded_tokens  # carried on one row; summed by the driver
         out = out.append_column("_padded", pa.array(padded))
         mask = None
-        if len(ok) < n:  # rows not embedded (rejected, or a unit's error row) are nulls
+        if len(ok) + len(reused) < n:  # rows not embedded (rejected, or a unit's error row) are nulls
             mask = np.ones(n, dtype=bool)
             mask[ok] = False
+            mask[reused] = False
             mask = pa.array(mask)
         for v, typ in self.type.items():
             arr = res[v] if res is not None else np.zeros((0, self.dim), dtype=np.float32)
             arr = quantize.quantize(self.dtype, arr, self.ranges.get(v.name))
-            if mask is not None:
+            if len(ok) < n:
                 full = np.zeros((n, typ.list_size), dtype=arr.dtype)
                 full[ok] = arr
+                if len(reused):
+                    full[reused] = stored[v.column]  # the stored values, bit for bit
                 arr = full
             values = pa.array(arr.reshape(-1), type=typ.value_type)  # no copy: Arrow takes numpy's buffer
             out = out.append_column(v.column, pa.FixedSizeListArray.from_arrays(values, typ.list_size, mask=mask))
+        return out
+
+
+    def _stored(self, batch: pa.Table, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The stored vectors of reused rows, per column, read from the parts they came from."""
+        from ..storage import filesystem
+
+        srcs = batch.column("_src").take(pa.array(rows)).to_pylist()
+        src_rows = batch.column("_src_row").take(pa.array(rows)).to_numpy()
+        columns = [v.column for v in self.type]
+        out = {c: np.zeros((len(rows), self.type[v].list_size), dtype=self.type[v].value_type.to_pandas_dtype())
+               for v, c in zip(self.type, columns)}
+        for url in dict.fromkeys(srcs):
+            mine = np.flatnonzero(np.array([s == url for s in srcs]))
+            fs, path = filesystem(url)
+            t = read_part(fs, path, columns).take(pa.array(src_rows[mine]))
+            for v, c in zip(self.type, columns):
+                col = t.column(c).combine_chunks()
+                out[c][mine] = col.values.to_numpy(zero_copy_only=False).reshape(len(mine), -1)
         return out
 
 
@@ -239,7 +331,7 @@ def write_parts(batch: pa.Table, *, output_url: str, run_id: str, keys: list[str
             continue
         mine = mine[np.argsort(rows[mine], kind="stable")]  # row order; one take per table, not three copies
         t = batch.select(["id", "_row", "_reject", "_padded"]).take(pa.array(mine))
-        accepted = batch.select(["id", "_tokens", "_truncated", *columns]).take(pa.array(mine[~rejected[mine]]))
+        accepted = batch.select(["id", "_key", "_tokens", "_truncated", *columns]).take(pa.array(mine[~rejected[mine]]))
         rej = t.filter(pc.is_valid(t.column("_reject")))
         stage = out.path(STAGING, run_id, keys[shard])
         out.fs.makedirs(stage, exist_ok=True)
@@ -247,7 +339,8 @@ def write_parts(batch: pa.Table, *, output_url: str, run_id: str, keys: list[str
         part = rej_part = None
         if accepted.num_rows:
             part = f"{name}.{fmt}"
-            write_part(out.fs, f"{stage}/{part}", accepted.select(["id", *columns]))
+            write_part(out.fs, f"{stage}/{part}", accepted.select(["id", "_key", *columns]).rename_columns(
+                ["id", "key", *columns]))
         if rej.num_rows:
             rej_part = f"rejects-{name}.parquet"
             write_part(out.fs, f"{stage}/{rej_part}", rej.select(["id", "_row", "_reject"]).rename_columns(["id", "row", "reason"]))
@@ -255,14 +348,16 @@ def write_parts(batch: pa.Table, *, output_url: str, run_id: str, keys: list[str
                      "rejects_part": rej_part, "rejected": rej.column("_reject").to_pylist(),
                      "tokens": int(pc.sum(accepted.column("_tokens")).as_py() or 0),
                      "padded": int(pc.sum(t.column("_padded")).as_py() or 0),
-                     "truncated": int(pc.sum(pc.cast(accepted.column("_truncated"), pa.int64())).as_py() or 0)})
+                     "truncated": int(pc.sum(pc.cast(accepted.column("_truncated"), pa.int64())).as_py() or 0),
+                     "reused": int(accepted.num_rows - pc.sum(pc.cast(pc.greater(accepted.column("_tokens"), 0),
+                                                                       pa.int64())).as_py() or 0)})
     return pa.Table.from_pylist(meta, schema=META_SCHEMA)
 
 
 META_SCHEMA = pa.schema([
     ("shard", pa.int32()), ("rows", pa.list_(pa.int64())), ("error", pa.string()), ("part", pa.string()),
     ("rejects_part", pa.string()), ("rejected", pa.list_(pa.string())), ("tokens", pa.int64()),
-    ("padded", pa.int64()), ("truncated", pa.int64()),
+    ("padded", pa.int64()), ("truncated", pa.int64()), ("reused", pa.int64()),
 ])
 
 
