@@ -1,4 +1,6 @@
 import os
+import sys
+
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,18 +40,47 @@ def smollm2_encoder():
                         poolings="last,first,mean,wmean,max,mean_nosink,wmean_nosink", batch_tokens=512)
 
 
+@pytest.fixture(scope="session")
+def _ray_session():
+    """Stops, at the end of the session, whatever Ray the tests left running in this process."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture(scope="module")
-def ray_local():
-    """A private local Ray (2 CPUs) shared by one test module."""
+def ray_local(_ray_session):
+    """ONE private local Ray (2 CPUs) shared by every module that asks for it: a Ray start costs about
+    7.5 s on 2 cores, once per session instead of once per module. Started by the first module that
+    asks; left running between modules; started again after a module with a Ray of its own
+    (``own_ray``) stopped it; stopped at the end of the session. A Ray the runner itself started
+    (``runner.embed`` starts one only if none is up) is used as it is."""
     import ray
 
-    # address="local": a private instance even while another Ray (another test run) is up on this machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, logging_level="ERROR")
-    yield ray
-    ray.shutdown()
+    if not ray.is_initialized():
+        # address="local": a private instance even while another Ray (another test run) is up on this machine
+        ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True,
+                 logging_level="ERROR")
+    return ray
 
 
 @pytest.fixture(scope="module")
+def own_ray(_ray_session):
+    """For a module whose tests start a Ray of their own (a multi-node ``Cluster``, an actor or node
+    killed on purpose): the shared one is stopped first, so theirs is the only Ray this process is
+    connected to and ``ray.init`` starts it rather than joining the shared one. Whatever is left is
+    stopped after the module; the next module that asks for ``ray_local`` starts the shared one again."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    yield ray
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     """A tiny random 4-layer LLaMA saved with SmolLM2's tokenizer: a real model directory, fast."""
     from reference import save_tiny_model_dir

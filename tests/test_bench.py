@@ -71,7 +71,8 @@ def test_every_mode_reports_throughput_and_the_same_embeddings(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_mode_embeds_the_same_as_the_encoder(tmp_path):
+def test_ray_mode_embeds_the_same_as_the_encoder(ray_local, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", ray_local.get_runtime_context().gcs_address)  # the mode's child joins it
     modes = ["strata-encoder", "strata-ray"]
     rc, report, _ = _run(tmp_path, "--modes", ",".join(modes), "--no-hardware", "--no-memory-scaling")
     assert rc == 0

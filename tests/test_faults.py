@@ -66,7 +66,7 @@ def _exactly_once(out, ids):
 
 
 @pytest.mark.slow
-def test_embedding_actor_killed_mid_run(model_dir, shards, tmp_path):
+def test_embedding_actor_killed_mid_run(own_ray, model_dir, shards, tmp_path):
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, logging_level="ERROR")
@@ -88,7 +88,7 @@ def test_embedding_actor_killed_mid_run(model_dir, shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_multi_node_cluster_with_gpu_node_and_node_loss(model_dir, shards, tmp_path):
+def test_multi_node_cluster_with_gpu_node_and_node_loss(own_ray, model_dir, shards, tmp_path):
     """Three Ray nodes on this machine; one advertises a GPU, so placement takes the GPU path
     (a CPU-only torch cannot use it: the actor is pinned there by resources, runs on CPU).
     A worker node is removed mid-run; the job still ends exactly once."""

@@ -52,7 +52,7 @@ def make_output(root, x, parts=4, prefix="doc"):
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(own_ray):
     import ray
     from ray.cluster_utils import Cluster
 
