@@ -24,6 +24,7 @@ def _embed_stage_batch(shard: int, rel: str, rows: list[int]) -> pa.Table:
         "id": pa.array([f"{rel}#{r}" for r in rows]), "_truncated": pa.array([False] * n),
         "_reject": pa.array([None] * n, pa.string()), "_error": pa.array([None] * n, pa.string()),
         "_tokens": pa.array([1] * n, pa.int64()), "_padded": pa.array([1] * n, pa.int64()),
+        "_key": pa.array([None] * n, pa.binary(16)),
         COLUMN: pa.FixedSizeListArray.from_arrays(values, DIM),
     })
 

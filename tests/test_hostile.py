@@ -166,6 +166,7 @@ def _stage_batch(rows: list[int], rel: str) -> pa.Table:
         "id": pa.array([f"{rel}#{r}" for r in rows]), "_truncated": pa.array([False] * n),
         "_reject": pa.array([None] * n, pa.string()), "_error": pa.array([None] * n, pa.string()),
         "_tokens": pa.array([1] * n, pa.int64()), "_padded": pa.array([1] * n, pa.int64()),
+        "_key": pa.array([None] * n, pa.binary(16)),
         "emb_1_mean": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(n * 2, dtype=np.float32)), 2),
     })
 
