@@ -2,18 +2,19 @@
 
 The measurement behind docs/indexes.md's recall figures. SciFact's corpus (5,183 documents; the
 300 test queries), all-MiniLM-L6-v2 (last layer, mean pooling, its own max length 256) unless
-``--model``/``--layers``/``--pooling`` say otherwise. What ``strata embed`` and ``strata index`` do,
-through the library they call:
+``--model``/``--layers``/``--pooling`` say otherwise. What ``strata index`` does, through the
+library it calls:
 
-1. the corpus is written as ``--parts`` Parquet shards (``id``, ``text``; corpus order) and embedded
-   by ``runner.embed`` (Ray Data) into an output of as many committed parts;
+1. the documents and the queries are embedded in-process with one request (``Encoder.from_request``:
+   the engine ``strata embed``'s actors run) and the documents written as a Strata output of
+   ``--parts`` committed parts (corpus order; the on-disk contract of ARCHITECTURE.md: ``manifest.json``,
+   ``embeddings/{shard}/part-0.parquet`` with ``id`` and the variant's column);
 2. the local engine (``index.build_index`` over the committed parts, as ``strata index --kind K``)
    builds ``flat`` (exact: the reference), ``hnsw`` and ``ivfpq`` (with its exact re-ranking) with
    their default parameters; the Ray engine (``index.ray.build_ivfpq_ray``, as ``strata index
    --engine ray``) builds the on-disk IVF-PQ, one encode task per part;
-3. the queries are embedded in-process with the same request (``Encoder.from_request``) and
-   searched through each index (``index.load_index``; IVF-PQ at every ``--nprobe``); recall@k is
-   ``index.recall_at_k`` of its top k against flat's.
+3. the queries are searched through each index (``index.load_index``; IVF-PQ at every
+   ``--nprobe``); recall@k is ``index.recall_at_k`` of its top k against flat's.
 
 Prints the table and writes ``{out}/index_recall.json|md``. Each index's parameters are read back
 from the JSON written beside it, so the table says what was built (nlist, m, nbits, efSearch, ...).
@@ -40,16 +41,27 @@ from pipeline.evaldata import default_data_dir, load_beir  # noqa: E402
 K = 10
 
 
-def write_shards(data, folder: Path, parts: int) -> None:
-    """The corpus as ``parts`` Parquet shards of (nearly) equal size, in corpus order."""
+def write_output(folder: Path, variant, ids: list[str], x: np.ndarray, parts: int) -> Path:
+    """A Strata output of one float32 column, ``parts`` committed parts of (nearly) equal size, in order."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    folder.mkdir(parents=True, exist_ok=True)
-    bounds = np.linspace(0, len(data.doc_ids), parts + 1).astype(int)
-    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-        pq.write_table(pa.table({"id": data.doc_ids[lo:hi], "text": data.doc_texts[lo:hi]}),
-                       folder / f"part-{i:03d}.parquet")
+    bounds = np.linspace(0, len(ids), parts + 1).astype(int)
+    shards = []
+    for p, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        part = folder / "embeddings" / f"d{p:05d}" / "part-0.parquet"
+        part.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"id": pa.array(ids[lo:hi], pa.string()), variant.column:
+                                 pa.FixedSizeListArray.from_arrays(pa.array(x[lo:hi].ravel(), pa.float32()),
+                                                                   x.shape[1])}), part)
+        shards.append({"path": f"documents/{p:05d}", "output": f"embeddings/d{p:05d}", "files": ["part-0.parquet"],
+                       "rows": int(hi - lo)})
+    manifest = {"signature": {"dtype": "float32"}, "shards": shards,
+                "variants": [{"name": variant.name, "column": variant.column, "layer": variant.layer,
+                              "pooling": variant.pooling, "template": variant.template, "dim": int(x.shape[1]),
+                              "dtype": "float32"}]}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return folder
 
 
 def describe(params: dict) -> str:
@@ -59,6 +71,8 @@ def describe(params: dict) -> str:
 
 
 def measure(args) -> dict:
+    import shutil
+
     import faiss
     import ray
 
@@ -66,58 +80,55 @@ def measure(args) -> dict:
     from pipeline.index import build_index, committed_files, index_path, load_index, recall_at_k
     from pipeline.index.ray import build_ivfpq_ray
     from pipeline.request import resolve
-    from pipeline.runner import embed
-    from pipeline.storage import Output
 
     faiss.omp_set_num_threads(1)  # deterministic k-means, and fair on a shared machine
     data = load_beir(Path(args.data) / "scifact", split=args.split)
     work = Path(args.work)
     request = resolve(args.model, layers=args.layers, poolings=args.pooling, max_length=args.max_length)
     (variant,) = request.variants
-    shards, out = work / "input", work / "output"
-    write_shards(data, shards, args.parts)
+    t0 = time.perf_counter()
+    res = Encoder.from_request(request).encode([*data.doc_texts, *data.query_texts])
+    x = np.asarray(res[variant], dtype=np.float32)
+    docs, queries = x[:len(data.doc_ids)], x[len(data.doc_ids):]
+    embed_s = time.perf_counter() - t0
+    print(f"  embedded {len(x):,} texts ({res.stats.tokens:,} tokens) in {embed_s:.0f}s", flush=True)
+    out = work / "output"
+    shutil.rmtree(work, ignore_errors=True)
+    write_output(out, variant, list(data.doc_ids), docs, args.parts)
+    files = [out / f for f in committed_files(json.loads((out / "manifest.json").read_text()))]
+
+    def search(path, **knobs):
+        return load_index(path, **knobs).search(queries, K)[1]
+
+    built, rows = {}, []
+    for kind in ("flat", "hnsw", "ivfpq"):
+        t0 = time.perf_counter()
+        built[kind] = build_index(files, variant.column, work / "local" / f"{kind}.faiss", kind)
+        print(f"  {kind}: built in {time.perf_counter() - t0:.1f}s ({describe(built[kind])})", flush=True)
+    exact = search(work / "local" / "flat.faiss")
+    rows.append({"index": "hnsw", "engine": "local", "parameters": describe(built["hnsw"]), "nprobe": None,
+                 "recall": recall_at_k(search(work / "local" / "hnsw.faiss"), exact, K)})
+    for nprobe in args.nprobe:
+        rows.append({"index": "ivfpq", "engine": "local", "parameters": describe(built["ivfpq"]), "nprobe": nprobe,
+                     "recall": recall_at_k(search(work / "local" / "ivfpq.faiss", nprobe=nprobe), exact, K)})
     started = not ray.is_initialized()  # a caller's Ray (a test's) is used as it is
     if started:  # address="local": a Ray of its own, even while another is up on this machine
         ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, logging_level="WARNING",
                  log_to_driver=False)
     try:
         t0 = time.perf_counter()
-        embed(request, str(shards), str(out), id_column="id", progress=False)
-        embed_s = time.perf_counter() - t0
-        print(f"  embedded {len(data.doc_ids):,} documents into {out} in {embed_s:.0f}s", flush=True)
-        manifest = Output(str(out)).read_manifest()
-        files = [out / f for f in committed_files(manifest)]
-        queries = Encoder.from_request(request).encode(data.query_texts)[variant]
-
-        def search(path, **knobs):
-            return load_index(path, **knobs).search(queries, K)[1]
-
-        built, rows = {}, []
-        for kind in ("flat", "hnsw", "ivfpq"):
-            t0 = time.perf_counter()
-            built[kind] = build_index(files, variant.column, work / "local" / f"{kind}.faiss", kind)
-            print(f"  {kind}: built in {time.perf_counter() - t0:.1f}s ({describe(built[kind])})", flush=True)
-        exact = search(work / "local" / "flat.faiss")
-        rows.append({"index": "hnsw", "engine": "local", "parameters": describe(built["hnsw"]), "nprobe": None,
-                     "recall": recall_at_k(search(work / "local" / "hnsw.faiss"), exact, K)})
-        for nprobe in args.nprobe:
-            rows.append({"index": "ivfpq", "engine": "local", "parameters": describe(built["ivfpq"]),
-                         "nprobe": nprobe, "recall": recall_at_k(search(work / "local" / "ivfpq.faiss", nprobe=nprobe),
-                                                                 exact, K)})
-        t0 = time.perf_counter()
         params = build_ivfpq_ray(out, [variant])[variant]
         print(f"  ivfpq on Ray: {len(files)} parts, built in {time.perf_counter() - t0:.1f}s ({describe(params)})",
               flush=True)
-        for nprobe in args.nprobe:
-            rows.append({"index": "ivfpq", "engine": f"ray ({len(files)} parts)", "parameters": describe(params),
-                         "nprobe": nprobe, "recall": recall_at_k(search(index_path(out, variant), nprobe=nprobe),
-                                                                 exact, K)})
     finally:
         if started:
             ray.shutdown()
+    for nprobe in args.nprobe:
+        rows.append({"index": "ivfpq", "engine": f"ray ({len(files)} parts)", "parameters": describe(params),
+                     "nprobe": nprobe, "recall": recall_at_k(search(index_path(out, variant), nprobe=nprobe), exact, K)})
     return {"model": request.model.name, "variant": variant.name, "max_length": request.settings.max_length,
             "data": f"{data.name}/{data.split}", "documents": len(data.doc_ids), "queries": len(data.query_ids),
-            "dim": int(queries.shape[1]), "parts": len(files), "k": K, "rows": rows, "embed_seconds": round(embed_s, 1)}
+            "dim": int(docs.shape[1]), "parts": len(files), "k": K, "rows": rows, "embed_seconds": round(embed_s, 1)}
 
 
 def to_markdown(result: dict) -> str:
@@ -150,8 +161,7 @@ def main(argv=None) -> int:
     p.add_argument("--parts", type=int, default=4, help="shards, so committed parts and Ray encode tasks")
     p.add_argument("--nprobe", default="8,16,32", help="IVF lists searched, comma-separated (default: %(default)s)")
     p.add_argument("--cpus", type=int, default=min(2, os.cpu_count() or 1), help="CPUs given to Ray")
-    p.add_argument("--work", default="bench-index-recall/work", help="the output and indexes (kept; a rerun "
-                   "re-embeds nothing)")
+    p.add_argument("--work", default="bench-index-recall/work", help="the output and its indexes (replaced)")
     p.add_argument("--out", default="bench-index-recall", help="writes index_recall.json and index_recall.md here")
     args = p.parse_args(argv)
     args.nprobe = [int(n) for n in args.nprobe.split(",")]
