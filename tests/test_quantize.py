@@ -483,8 +483,10 @@ evaluations:
     version = Path(summary["version_path"])
     manifest = json.loads((version / "manifest.json").read_text())
     assert manifest["signature"]["dtype"] == "int8" and manifest["calibration"]["rows"] == 30
-    params = json.loads((version / "indexes" / "L1.mean.json").read_text())
+    published = version / "published" / summary["published"]  # indexes belong to the published version
+    params = json.loads((published / "indexes" / "L1.mean.json").read_text())
     assert params["dtype"] == "int8" and params["rescore"] == 2 and params["rows"] == 80
+    assert (published / "quantization" / "int8_ranges.parquet").is_file()  # its ranges travel with it
     rows = json.loads((version / "eval" / "results.json").read_text())
     assert rows and {r.get("quantization") for r in rows} == {"int8"}
     spec.write_text(spec.read_text().replace("poolings: [mean]}", "poolings: [mean], transforms: [center]}"))
@@ -493,7 +495,7 @@ evaluations:
 
 
 def test_index_only_job_on_an_object_store_int8_output(tmp_path, monkeypatch):
-    """The local mirror of a remote int8 output fetches its ranges too."""
+    """An int8 output on a store is indexed from the store, with its ranges (nothing mirrored)."""
     import io
     import os
 
@@ -525,7 +527,9 @@ def test_index_only_job_on_an_object_store_int8_output(tmp_path, monkeypatch):
     summary = run_job(spec, progress=False, stream=io.StringIO())
     assert [i["variant"] for i in summary["indexes"]["built"]] == ["L2.mean"]
     assert fs.exists(f"{root}/indexes/L2.mean.faiss")
-    local = idx.load_index(tmp_path / "cache" / "jobs" / "idx" / "out" / "indexes" / "L2.mean.faiss")
+    for suffix in (".faiss", ".ids.parquet", ".json"):
+        fs.get_file(f"{root}/indexes/L2.mean{suffix}", str(tmp_path / f"L2.mean{suffix}"))
+    local = idx.load_index(tmp_path / "L2.mean.faiss")
     assert local.params["dtype"] == "int8" and local.params["rescore"] == 3
     assert [row[0] for row in local.search(x[:3], 1)[1]] == ["d0", "d1", "d2"]
     fs.rm(f"/strata-q-{os.getpid()}", recursive=True)

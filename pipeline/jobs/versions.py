@@ -89,7 +89,9 @@ def publish(series: Output) -> str:
         src = series.path(piece)
         if series.fs.exists(src):
             for path in series.fs.find(src):
-                series.fs.copy(path, series.path(prefix, path[len(series.root) + 1:]))
+                dest = series.path(prefix, path[len(series.root) + 1:])
+                series.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)  # a local disk needs the folder
+                series.fs.copy(path, dest)
     frozen = {k: v for k, v in manifest.items() if k not in (RETIRED, "runs", "retain_replaced")}
     frozen["shards"] = [dict(s, output=f"{DATA_ROOT}/{s['output']}") for s in manifest.get("shards", [])]
     frozen["data_root"] = DATA_ROOT
