@@ -285,8 +285,10 @@ def _run_ray(request: Request, out: Output, manifest: dict, todo: list[Shard], s
     # A changed shard's rows whose text its previous parts already hold are copied, not embedded
     # (stages.read_and_tokenize): the previous parts are still committed until the shard commits anew.
     before_run = {e["rel"]: e for e in manifest.get("shards", [])}
+    # (Only from parts as the manifest recorded them: a damaged shard is embedded afresh.)
     previous = {i: [out.fs.unstrip_protocol(out.path(before_run[s.rel]["output"], f))
-                    for f in before_run[s.rel]["files"]] for i, s in enumerate(todo) if s.rel in before_run}
+                    for f in before_run[s.rel]["files"]] for i, s in enumerate(todo)
+                if s.rel in before_run and not out.damaged_parts(before_run[s.rel])}
     ds = ds.map_batches(read_and_tokenize, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
                         fn_kwargs=dict(fs=fs, request=request, text_column=text_column, id_column=id_column,
                                        salt=reuse_salt(manifest["signature"]), previous=previous))
