@@ -32,6 +32,16 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[list[lis
     return tokenize_plain(tokenizer, texts, max_length)
 
 
+def check_texts(texts: Sequence, note: str = "") -> None:
+    """Every text a str with something besides white space; the first that is not is named (``note``
+    follows the type error)."""
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"text {i} is {type(t).__name__}, not str{note}")
+        if not t.strip():
+            raise ValueError(f"text {i} is empty or whitespace-only")
+
+
 class _StopForward(Exception):
     pass
 
@@ -373,11 +383,7 @@ class Encoder:
 
     def encode(self, texts: Sequence[str]) -> EncodeResult:
         """Embed texts; every variant as an (n, dim) array in input order ({Variant: array})."""
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"text {i} is {type(t).__name__}, not str")
-            if not t.strip():
-                raise ValueError(f"text {i} is empty or whitespace-only")
+        check_texts(texts)
         t0 = time.perf_counter()
         res = self.encode_tokenized(self.tokenize_templates(texts))
         res.stats.seconds = time.perf_counter() - t0

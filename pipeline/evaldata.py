@@ -171,13 +171,17 @@ def _header_tsv_rows(path: Path, lines) -> tuple[list, list, list]:
     return s1, s2, scores
 
 
+def _json_line(path: Path, n: int, line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise EvalDataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+
+
 def _jsonl_rows(path: Path, lines) -> tuple[list, list, list]:
     s1, s2, scores = [], [], []
     for n, line in lines:
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EvalDataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+        obj = _json_line(path, n, line)
         missing = [c for c in PAIR_COLUMNS if not isinstance(obj, dict) or c not in obj]
         if missing:
             raise EvalDataError(f"{path}:{n}: missing field(s) {', '.join(missing)}")
@@ -254,10 +258,7 @@ def _jsonl_objects(path: Path, required: tuple[str, ...]):
     if not path.is_file():
         raise EvalDataError(f"{path}: file not found (BEIR layout needs corpus.jsonl, queries.jsonl, qrels/)")
     for n, line in _read_lines(path):
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EvalDataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+        obj = _json_line(path, n, line)
         if not isinstance(obj, dict) or any(k not in obj for k in required):
             raise EvalDataError(f"{path}:{n}: expected an object with {', '.join(required)}")
         yield n, obj

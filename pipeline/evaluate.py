@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Mapping, Protocol, Sequence
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,7 +35,7 @@ from .evaldata import BeirData, StsData, load_beir, load_sts
 from .metrics import retrieval_scores, retrieval_scores_from_run, sts_scores
 from .report import merge_results
 from .request import Request, signature_difference
-from .storage import Output
+from .storage import Output, write_json_atomic, write_part
 from .variants import SpecError, Variant
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ def ray_index_run(root: str | Path, dataset: str, variant: Variant, query_emb, d
             pq.write_table(pa.table({"id": pa.array(doc_ids[rows], pa.string()),
                                      variant.column: pa.FixedSizeListArray.from_arrays(
                                          pa.array(x.ravel(), pa.float32()), x.shape[1])}), part)
-        (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        write_json_atomic(None, folder / "manifest.json", manifest)
         stamp.write_text(digest + "\n")
     params = build_ivfpq_ray(folder, [variant], manifest=manifest, nlist=nlist, nprobe=nprobe, seed=seed,
                              ray_address=ray_address, **build_options)[variant]
@@ -360,9 +360,7 @@ class RayEncoder:
             path = self.dir / "inputs" / f"texts-{name}.parquet"
             if not path.exists():  # the same missing set after a crash: staged already
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                pq.write_table(pa.table({"id": order, "text": [missing[i] for i in order]}), tmp)
-                tmp.replace(path)
+                write_part(fsspec.filesystem("file"), str(path), pa.table({"id": order, "text": [missing[i] for i in order]}))
         return ids, len(missing)
 
     def encode(self, texts: Sequence[str]) -> dict[Variant, np.ndarray]:

@@ -26,6 +26,8 @@ import numpy as np
 import pytrec_eval
 from scipy import stats
 
+from .norms import l2_normalize
+
 STS_METRICS = ("cosine_spearman", "cosine_pearson")
 RETRIEVAL_METRICS = ("ndcg_at_10", "recall_at_100", "mrr_at_10")
 MAIN_METRIC = {"sts": "cosine_spearman", "retrieval": "ndcg_at_10"}
@@ -38,13 +40,6 @@ def _as_2d(name: str, x) -> np.ndarray:
     if x.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D (rows, dim) array, got shape {x.shape}")
     return x
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Unit rows; a zero row stays zero (cosine 0 with everything), as in scikit-learn."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
 
 
 def spearman(gold, sims) -> float:

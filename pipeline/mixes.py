@@ -25,15 +25,13 @@ from typing import Sequence
 
 import numpy as np
 
+from .norms import l2_normalize
+from .storage import write_json_atomic
+
 STEPS = 300
 LEARNING_RATE = 0.05
 CONTRASTIVE_SCALE = 20.0  # sentence-transformers' MultipleNegativesRankingLoss default
 BATCH = 256
-
-
-def normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def apply_mix(per_layer: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
@@ -42,7 +40,7 @@ def apply_mix(per_layer: Sequence[np.ndarray], weights: Sequence[float]) -> np.n
         raise ValueError(f"{len(per_layer)} layer arrays for {len(weights)} weights")
     out = np.zeros_like(np.asarray(per_layer[0], dtype=np.float32))
     for v, w in zip(per_layer, weights):
-        out += np.float32(w) * normalize(v)
+        out += np.float32(w) * l2_normalize(v)
     return out
 
 
@@ -53,15 +51,11 @@ class LearnedMix:
     fitted_on: dict = field(default_factory=dict)  # task, data, split, pairs/queries, loss, steps
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         fitted = self.fitted_on
-        tmp.write_text(json.dumps({**(extra or {}), "layers": self.layers, "weights": self.weights,
-                                   "fitted_on": f"{fitted.get('data')}/{fitted.get('split')}, {fitted.get('pairs')} "
-                                                f"labelled pairs ({fitted.get('task')})" if fitted else "",
-                                   "fit": fitted}, indent=1) + "\n")
-        tmp.replace(path)
+        write_json_atomic(None, path, {**(extra or {}), "layers": self.layers, "weights": self.weights,
+                                       "fitted_on": f"{fitted.get('data')}/{fitted.get('split')}, {fitted.get('pairs')} "
+                                                    f"labelled pairs ({fitted.get('task')})" if fitted else "",
+                                       "fit": fitted})
 
     @classmethod
     def load(cls, path: str | Path) -> "LearnedMix":
@@ -72,7 +66,7 @@ class LearnedMix:
 def _stack(per_layer: Sequence[np.ndarray]):
     import torch
 
-    return torch.from_numpy(np.stack([normalize(v) for v in per_layer]))  # (L, n, d)
+    return torch.from_numpy(np.stack([l2_normalize(v) for v in per_layer]))  # (L, n, d)
 
 
 def _fit(per_layer: Sequence[np.ndarray], loss, n: int, steps: int, seed: int) -> np.ndarray:

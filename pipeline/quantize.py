@@ -47,6 +47,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .norms import l2_normalize
+
 QUANTIZED = ("int8", "binary")
 LEVELS = 255  # int8: 256 codes, 255 steps between min and max
 ZERO_STEP = 1e-30  # the step of a dimension whose calibrated min == max: every code decodes to ~min
@@ -108,12 +110,11 @@ def float_request(request):
 
 
 def unit_rows(x) -> np.ndarray:
-    """float32 rows of unit length (a zero row stays zero)."""
+    """float32 rows of unit length (``norms.l2_normalize``: a zero row stays zero), checked to be (rows, dim)."""
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise QuantizationError(f"expected a (rows, dim) array, got shape {x.shape}")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, np.float32(1e-12))
+    return l2_normalize(x)
 
 
 def calibrate(x) -> np.ndarray:

@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from .derive import Reader
+from .storage import write_json_atomic
 from .templates import check_tokens_rule
 from .transforms import Transform
 from .variants import Variant
@@ -34,10 +35,8 @@ class RecipeError(ValueError):
 
 
 def write_probe_json(path: Path, result: dict) -> None:
-    """Write ``probe.json`` atomically (a temporary file, then a rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(path)
+    """Write ``probe.json`` atomically (``storage.write_json_atomic``)."""
+    write_json_atomic(None, path, result)
 
 
 @dataclass

@@ -20,10 +20,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from fsspec.implementations.local import LocalFileSystem
-
 from .metrics import MAIN_METRIC
-from .storage import write_atomic
+from .storage import write_json_atomic
 from .variants import POOLINGS, Variant
 
 ROW_KEYS = ("task", "dataset", "split", "metric", "layer", "pooling", "score")
@@ -84,10 +82,9 @@ def validate_rows(rows: Iterable[dict]) -> list[dict]:
 
 
 def write_results(path: str | Path, rows: list[dict]) -> Path:
-    """Replace a results file atomically (write aside, then rename)."""
+    """Replace a results file atomically (``storage.write_json_atomic``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(LocalFileSystem(), str(path), (json.dumps(rows, indent=1) + "\n").encode())
+    write_json_atomic(None, path, rows)
     return path
 
 

@@ -98,12 +98,10 @@ class StrataTransformer(InputModule):
 
     def preprocess(self, inputs: Sequence[str], prompt: str | None = None, **kwargs) -> dict[str, torch.Tensor]:
         """Token ids under the template, padded (``padding_side``), the attention mask and the text's span."""
+        from .encoder import check_texts
+
         texts = list(inputs)
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"text {i} is {type(t).__name__}, not str: an exported Strata variant embeds texts")
-            if not t.strip():
-                raise ValueError(f"text {i} is empty or whitespace-only")
+        check_texts(texts, ": an exported Strata variant embeds texts")
         if prompt:
             texts = [prompt + t for t in texts]
         tok = tokenize_template(self.tokenizer, texts, self.max_length, self.template, self.append_eos)

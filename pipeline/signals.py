@@ -18,19 +18,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from .norms import l2_normalize
+
 SIGNALS = ("anisotropy", "entropy", "uniformity")
 # The sign under which a signal is expected to agree with quality (higher = better after it).
 EXPECTED_SIGN = {"anisotropy": -1.0, "entropy": 1.0, "uniformity": -1.0}
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def anisotropy(x: np.ndarray) -> float:
     """Mean cosine over distinct pairs: (||sum z||^2 - n) / (n (n - 1)) for unit rows z."""
-    z = _unit(x)
+    z = l2_normalize(x, np.float64)
     n = len(z)
     s = z.sum(axis=0)
     return float((s @ s - n) / (n * (n - 1)))
@@ -38,7 +35,7 @@ def anisotropy(x: np.ndarray) -> float:
 
 def entropy(x: np.ndarray) -> float:
     """Shannon entropy of the eigenvalues of Z Z^T / n (trace 1), over log(min(n, d))."""
-    z = _unit(x)
+    z = l2_normalize(x, np.float64)
     n, d = z.shape
     gram = z.T @ z if d < n else z @ z.T  # same nonzero spectrum
     lam = np.clip(np.linalg.eigvalsh(gram), 0.0, None)
@@ -49,7 +46,7 @@ def entropy(x: np.ndarray) -> float:
 
 def uniformity(x: np.ndarray) -> float:
     """log of the mean of exp(-2 ||z_i - z_j||^2) over distinct pairs (||z_i - z_j||^2 = 2 - 2 cos)."""
-    z = _unit(x)
+    z = l2_normalize(x, np.float64)
     n = len(z)
     cos = z @ z.T
     e = np.exp(-2.0 * (2.0 - 2.0 * cos))

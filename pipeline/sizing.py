@@ -76,17 +76,22 @@ def plan_lines(request, rows: int) -> list[str]:
             f"{request.settings.dtype} = {human(p['total'])} ({human(each)} per variant, {human(p['ids'])} ids)"]
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15}
+_SIZE_SHAPE = re.compile(r"\s*[0-9]+(?:\.[0-9]+)?\s*(?:[kmgtpe]i?)?b?\s*", re.IGNORECASE)  # bytes, never bits
 
 
 def parse_size(text: str | int | None) -> int | None:
-    """'500GB', '20 TB', '1.5TB' or a number of bytes -> bytes (decimal units, as ``human`` prints)."""
+    """'500GB', '20 TB', '1.5TB', '2TiB' or a number of bytes -> bytes, read by pydantic's ``ByteSize``:
+    kB..PB (and a bare k..P) are decimal, as ``human`` prints and docs/scale.md counts; KiB..PiB binary."""
     if text is None or isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMgGtTpP]?[bB]?)\s*", str(text))
-    if not m or m.group(2).upper() not in _UNITS:
-        raise ValueError(f"size {text!r}: write a number with a unit, e.g. 500GB or 20TB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    from pydantic import ByteSize, TypeAdapter, ValidationError
+
+    try:
+        if not _SIZE_SHAPE.fullmatch(str(text)):  # ByteSize reads a prefix only ('5.GB' as 5, '5 GB more' as 5 GB)
+            raise ValueError
+        return int(TypeAdapter(ByteSize).validate_python(str(text)))
+    except (ValueError, ValidationError):
+        raise ValueError(f"size {text!r}: write a number with a unit, e.g. 500GB or 20TB") from None
 
 
 def check_size(request, rows: int, yes: bool, limit: int | str | None = None) -> None:

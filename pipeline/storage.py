@@ -519,6 +519,17 @@ def write_atomic(fs, path: str, data: bytes) -> None:
     fs.mv(tmp, path)
 
 
+def write_json_atomic(fs, path, obj, *, sort_keys: bool = False) -> None:
+    """``obj`` as JSON (indent 1, a final newline) through ``write_atomic``, its folder made if
+    needed; ``fs`` None: the local disk."""
+    fs = fsspec.filesystem("file") if fs is None else fs
+    path = str(path)
+    folder = path.rsplit("/", 1)[0] if "/" in path else ""
+    if folder:
+        fs.makedirs(folder, exist_ok=True)
+    write_atomic(fs, path, (json.dumps(obj, indent=1, sort_keys=sort_keys) + "\n").encode())
+
+
 def parquet_options(schema: pa.Schema) -> dict:
     """How embedding parts are written (measured in BENCHMARKS.md, "Writing embedding parts"): vector
     columns without dictionary encoding (float values hardly repeat: a dictionary made parts 1.56x

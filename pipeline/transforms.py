@@ -107,15 +107,22 @@ class Transform:
         return c.astype(np.float32)
 
     def save(self, path: str | Path) -> None:
-        """``path.npz`` (arrays) and ``path.json`` (name, fitted_on), the JSON written last."""
+        """``path.npz`` (arrays) and ``path.json`` (name, fitted_on), each whole or not at all
+        (``storage.write_atomic``), the JSON written last."""
+        import io
+
+        import fsspec
+
+        from .storage import write_atomic, write_json_atomic
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {"mean": self.mean} | ({"basis": self.basis} if self.basis is not None else {})
-        tmp = _with(path, ".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(_with(path, ".npz"))
+        npz = io.BytesIO()
+        np.savez(npz, **arrays)
+        write_atomic(fsspec.filesystem("file"), str(_with(path, ".npz")), npz.getvalue())
         meta = {"name": self.name, "dim": int(self.mean.shape[0]), "fitted_on": self.fitted_on}
-        _with(path, ".json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        write_json_atomic(None, _with(path, ".json"), meta, sort_keys=True)
 
     @classmethod
     def load(cls, path: str | Path) -> "Transform":

@@ -15,7 +15,8 @@ import numpy as np
 from .. import stats
 from ..evaldata import BeirData, StsData
 from ..evaluate import unique_texts
-from ..metrics import l2_normalize, per_query_scores, search_run, spearman
+from ..metrics import per_query_scores, search_run, spearman
+from ..norms import l2_normalize
 
 
 def _components(rows1: np.ndarray, rows2: np.ndarray, n_texts: int) -> np.ndarray:

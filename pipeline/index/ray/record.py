@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from ...storage import safe_name
+from ...storage import safe_name, write_json_atomic
 from ...variants import Variant
 from ..layout import INDEXES
 
@@ -172,17 +170,10 @@ def build_record_path(out_dir: Path, v: Variant) -> Path:
     return Path(out_dir) / INDEXES / f"{safe_name(v.name)}.build.json"
 
 
-def write_json(path: Path, obj) -> None:
-    """Written aside, then renamed."""
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def read_build_record(out_dir: Path, v: Variant) -> BuildRecord | None:
     p = build_record_path(out_dir, v)
     return BuildRecord.from_json(json.loads(p.read_text())) if p.is_file() else None
 
 
 def write_build_record(out_dir: Path, v: Variant, record: BuildRecord) -> None:
-    write_json(build_record_path(out_dir, v), record.to_json())
+    write_json_atomic(None, build_record_path(out_dir, v), record.to_json(), sort_keys=True)
