@@ -42,6 +42,14 @@ def check_texts(texts: Sequence, note: str = "") -> None:
             raise ValueError(f"text {i} is empty or whitespace-only")
 
 
+def pad_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS token, else 0."""
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return int(pad)
+
+
 class _StopForward(Exception):
     pass
 
@@ -245,10 +253,7 @@ class Encoder:
             for t in self.templates}
         self.blocks = find_blocks(model)
         check_truncation(self)
-        pad = tokenizer.pad_token_id
-        if pad is None:
-            pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-        self.pad_id = int(pad)
+        self.pad_id = pad_id(tokenizer)
         self.pad_multiple = 8 if self.device.type == "cuda" else 1
 
     @property

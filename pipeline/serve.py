@@ -79,10 +79,9 @@ class StrataTransformer(InputModule):
         if deepest == self.n_layers and len(blocks) != self.n_layers:
             raise ValueError(f"layer {deepest} is after the final norm of all {self.n_layers} blocks, but the saved "
                              f"model has {len(blocks)}")
-        pad = tokenizer.pad_token_id
-        if pad is None:
-            pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-        self.pad_id = int(pad)
+        from .encoder import pad_id
+
+        self.pad_id = pad_id(tokenizer)
 
     # ------------------------------------------------------------------ sentence-transformers API
     @property
