@@ -5,11 +5,13 @@ scored on another, and every fitted piece is fitted on labels that neither choos
 unlabelled texts; nothing is scored on what it was fitted or chosen on:
 
 - STS-B: variants chosen on **dev**, scored on **test**. Learned mixes are fitted on a seeded
-  sample of **train** pairs (labels); transforms on the same train **sentences** (no labels).
+  sample of **train** pairs (labels), drawn from those that share no pair with dev or test (STS-B
+  repeats a few); transforms on the same train **sentences** (no labels).
   Templates: plain, prompteol, echo (each a forward pass of its own).
 - SciFact: the **train** queries are cut in two by a seeded draw (``--mix-share`` of them, default
-  half): learned mixes are fitted on the first part's qrels (``train-fit``), every family's variant
-  is chosen on the other part (``train-select``), and scored on the **test** queries, over the
+  half; a train query also asked in test is on neither side): learned mixes are fitted on the
+  first part's qrels (``train-fit``), every family's variant is chosen on the other part
+  (``train-select``), and scored on the **test** queries, over the
   whole corpus (documents cut at 256 tokens). Transforms are fitted on the corpus documents (no
   labels). Templates are applied to the queries only, documents stay plain (``QUERY~plain``):
   symmetric templates over 5,183 documents would cost a full corpus pass each on this CPU.
@@ -119,12 +121,22 @@ def choose(select_rows: list[dict], score_rows: list[dict], n_layers: int) -> li
     return [{"default": Variant(n_layers, "last").name, "default_test": default["score"] if default else None}, *out]
 
 
-def run_sts(model: str, data: Path, train_pairs: int, max_length: int, transforms: str) -> dict:
+def sts_splits(data: Path, train_pairs: int, seed: int = 0) -> tuple[StsData, StsData, StsData, dict]:
+    """(dev, test, train): train a seeded sample of ``train_pairs`` of the train pairs that share no pair
+    (either order) with dev or test; and the counts."""
     dev, test, train_all = (load_sts(data / "stsb" / f"sts-{s}.csv") for s in ("dev", "test", "train"))
-    rng = np.random.default_rng(0)
-    keep = np.sort(rng.choice(len(train_all), size=min(train_pairs, len(train_all)), replace=False))
+    evaluated = {frozenset(p) for split in (dev, test) for p in zip(split.sentence1, split.sentence2)}
+    pool = [i for i, p in enumerate(zip(train_all.sentence1, train_all.sentence2)) if frozenset(p) not in evaluated]
+    keep = np.sort(np.random.default_rng(seed).choice(pool, size=min(train_pairs, len(pool)), replace=False))
     train = StsData("stsb", [train_all.sentence1[i] for i in keep], [train_all.sentence2[i] for i in keep],
                     train_all.scores[keep], split="train")
+    return dev, test, train, {"sampled": len(keep), "pool": len(pool), "train": len(train_all)}
+
+
+def run_sts(model: str, data: Path, train_pairs: int, max_length: int, transforms: str) -> dict:
+    dev, test, train, counts = sts_splits(data, train_pairs)
+    print(f"  STS-B: {counts['sampled']:,} train pairs fit the learned mixes and transforms, drawn from the "
+          f"{counts['pool']:,} of {counts['train']:,} that share no pair with dev or test", flush=True)
     fit_texts = tuple(dict.fromkeys(train.sentence1 + train.sentence2))
     rows_dev, rows_test = [], []
     n_layers = None
@@ -140,8 +152,8 @@ def run_sts(model: str, data: Path, train_pairs: int, max_length: int, transform
         rows_dev += evaluate_sts(enc, dev, d)
         rows_test += evaluate_sts(enc, test, d)
         del enc
-    return {"n_layers": n_layers, "dev": rows_dev, "test": rows_test,
-            "families": choose(rows_dev, rows_test, n_layers)}
+    return {"n_layers": n_layers, "train_pairs": counts,
+            "dev": rows_dev, "test": rows_test, "families": choose(rows_dev, rows_test, n_layers)}
 
 
 def query_rows(data: BeirData, qvec: dict, dvec: dict, template: str, doc_rows: np.ndarray) -> list[dict]:
@@ -156,17 +168,19 @@ def query_rows(data: BeirData, qvec: dict, dvec: dict, template: str, doc_rows: 
     return rows
 
 
-def split_queries(data: BeirData, share: float, seed: int = 0) -> tuple[BeirData, BeirData]:
+def split_queries(data: BeirData, share: float, seed: int = 0, exclude: set[str] = frozenset()
+                  ) -> tuple[BeirData, BeirData]:
     """The judged queries cut in two by a seeded draw over their distinct texts (a text asked twice
-    falls on one side): (``{split}-fit``, ``{split}-select``); the corpus is the same for both."""
-    texts = list(dict.fromkeys(data.query_texts))
+    falls on one side): (``{split}-fit``, ``{split}-select``); the corpus is the same for both.
+    Queries whose text is in ``exclude`` (asked in the scored split too) are on neither side."""
+    texts = [t for t in dict.fromkeys(data.query_texts) if t not in exclude]
     n_fit = int(round(share * len(texts)))
     if not 0 < n_fit < len(texts):
         raise SystemExit(f"--mix-share {share}: {len(texts)} distinct {data.split} queries leave one side empty")
     fit_texts = {texts[i] for i in np.random.default_rng(seed).choice(len(texts), size=n_fit, replace=False)}
 
     def side(keep: bool, name: str) -> BeirData:
-        ids = [q for q, t in zip(data.query_ids, data.query_texts) if (t in fit_texts) == keep]
+        ids = [q for q, t in zip(data.query_ids, data.query_texts) if t not in exclude and (t in fit_texts) == keep]
         text = dict(zip(data.query_ids, data.query_texts))
         return BeirData(name=data.name, doc_ids=data.doc_ids, doc_texts=data.doc_texts, query_ids=ids,
                         query_texts=[text[q] for q in ids], qrels={q: data.qrels[q] for q in ids},
@@ -175,11 +189,18 @@ def split_queries(data: BeirData, share: float, seed: int = 0) -> tuple[BeirData
     return side(True, "fit"), side(False, "select")
 
 
-def run_scifact(model: str, data: Path, max_length: int, transforms: str, mix_share: float) -> dict:
+def scifact_splits(data: Path, mix_share: float) -> tuple[BeirData, BeirData, BeirData, int]:
+    """(train-fit, train-select, test) and how many train queries were left out (asked in test too)."""
     train, test = load_beir(data / "scifact", split="train"), load_beir(data / "scifact", split="test")
-    fit, select = split_queries(train, mix_share)
-    print(f"  SciFact: {len(fit.query_ids)} train queries fit the learned mixes, {len(select.query_ids)} choose, "
-          f"{len(test.query_ids)} test queries score; {len(test.doc_ids):,} documents", flush=True)
+    fit, select = split_queries(train, mix_share, exclude=set(test.query_texts))
+    return fit, select, test, len(train.query_ids) - len(fit.query_ids) - len(select.query_ids)
+
+
+def run_scifact(model: str, data: Path, max_length: int, transforms: str, mix_share: float) -> dict:
+    fit, select, test, shared = scifact_splits(data, mix_share)
+    print(f"  SciFact: {len(fit.query_ids)} train queries fit the learned mixes, {len(select.query_ids)} choose "
+          f"({shared} asked in test too: left out), {len(test.query_ids)} test queries score; "
+          f"{len(test.doc_ids):,} documents", flush=True)
     print("  SciFact, plain documents and queries", flush=True)
     enc = encoder_for(model, "plain", max_length)
     n_layers = enc.encoder.n_layers
@@ -195,7 +216,7 @@ def run_scifact(model: str, data: Path, max_length: int, transforms: str, mix_sh
         for split, rows in ((select, rows_select), (test, rows_test)):
             rows += query_rows(split, qenc.encode(split.query_texts), docs, name, doc_rows)
     return {"n_layers": n_layers, "queries": {"fit": len(fit.query_ids), "select": len(select.query_ids),
-                                              "test": len(test.query_ids)},
+                                              "left_out": shared, "test": len(test.query_ids)},
             "documents": len(test.doc_ids), "max_length": max_length,
             "select": rows_select, "test": rows_test, "families": choose(rows_select, rows_test, n_layers)}
 
@@ -206,11 +227,15 @@ def to_markdown(result: dict) -> str:
         if key not in result:
             continue
         if key == "stsb":
-            title, sel = "STS-B (Spearman x100; chosen on dev, scored on test)", "dev"
+            t = result[key]["train_pairs"]
+            title = (f"STS-B (Spearman x100; chosen on dev, scored on test; mixes and transforms fitted on "
+                     f"{t['sampled']:,} train pairs of the {t['pool']:,} sharing no pair with dev or test)")
+            sel = "dev"
         else:
             q = result[key]["queries"]
             title = (f"SciFact (nDCG@10 x100; learned mixes fitted on {q['fit']} train queries, chosen on the other "
-                     f"{q['select']}, scored on the {q['test']} test queries)")
+                     f"{q['select']} ({q['left_out']} asked in test too: left out), scored on the {q['test']} test "
+                     "queries)")
             sel = "train-select"
         head, *fams = result[key]["families"]
         default = "–" if head["default_test"] is None else f"{head['default_test']:.2f}"

@@ -11,7 +11,6 @@ the files written), never the figures themselves. Studies use the public API onl
 import ast
 import importlib.util
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,13 +63,15 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    """stsb/ (train, dev, test: disjoint slices of the demo's STS-B test, 40/30/30 pairs), probe-sts.csv (150
-    other pairs) and scifact/ (the demo subset's first 80 documents with every judged one, 130 in all; its 60
-    judged queries, split into train and test qrels of 30 each)."""
+    """stsb/ (train, dev, test: slices of the demo's STS-B test, 40/30/30 pairs, and train repeats one test
+    pair), probe-sts.csv (150 other pairs) and scifact/ (the demo subset's first 80 documents with every judged
+    one, 130 in all; its 60 judged queries split into train and test qrels of 30 each, and train judges one
+    more query, ``again``, asked in test too). The repeats are what the real sets have (STS-B repeats pairs
+    across splits, SciFact asks two claims in train and test): a study must leave them out of its fits."""
     root = tmp_path_factory.mktemp("data")
     sts = (DEMO_DATA / "stsb" / "sts-test.csv").read_text(encoding="utf-8").splitlines(keepends=True)
     (root / "stsb").mkdir()
-    for name, part in (("train", sts[:40]), ("dev", sts[40:70]), ("test", sts[70:100])):
+    for name, part in (("train", sts[:40] + sts[70:71]), ("dev", sts[40:70]), ("test", sts[70:100])):
         (root / "stsb" / f"sts-{name}.csv").write_text("".join(part), encoding="utf-8")
     (root / "probe-sts.csv").write_text("".join(sts[100:250]), encoding="utf-8")  # 150 pairs: a 100-item draw
     src, dst = DEMO_DATA / "scifact", root / "scifact"
@@ -79,13 +80,17 @@ def tiny_data(tmp_path_factory) -> Path:
     queries = list(dict.fromkeys(line.split("\t")[0] for line in qrels))
     judged = {line.split("\t")[1] for line in qrels}
     train_q = set(queries[: len(queries) // 2])
+    asked_twice = next(line for line in qrels if line.split("\t")[0] not in train_q)  # a test query, in train too
     for split, keep in (("train", train_q), ("test", set(queries) - train_q)):
         body = [line for line in qrels if line.split("\t")[0] in keep]
+        body += ["\t".join(["again", *asked_twice.split("\t")[1:]])] if split == "train" else []
         (dst / "qrels" / f"{split}.tsv").write_text("\n".join([head, *body]) + "\n")
     docs = [line for i, line in enumerate((src / "corpus.jsonl").read_text().splitlines())
             if i < 80 or json.loads(line)["_id"] in judged]
     (dst / "corpus.jsonl").write_text("\n".join(docs) + "\n")
-    shutil.copy(src / "queries.jsonl", dst / "queries.jsonl")
+    text = {q["_id"]: q["text"] for q in map(json.loads, (src / "queries.jsonl").read_text().splitlines())}
+    again = json.dumps({"_id": "again", "text": text[asked_twice.split("\t")[0]], "metadata": {}})
+    (dst / "queries.jsonl").write_text((src / "queries.jsonl").read_text().rstrip("\n") + "\n" + again + "\n")
     return root
 
 
@@ -142,7 +147,8 @@ def test_families(model_dir, tiny_data, tmp_path):
     learned = next(f for f in result["scifact"]["families"][1:] if f["family"] == "best learned mix")
     assert "scifact/train-fit" in learned["fitted_on"]
     q = result["scifact"]["queries"]
-    assert q["fit"] + q["select"] == 30 and q["test"] == 30  # the tiny train and test splits, every query once
+    assert (q["fit"] + q["select"], q["left_out"], q["test"]) == (30, 1, 30)  # the query asked in both: in neither
+    assert result["stsb"]["train_pairs"] == {"sampled": 30, "pool": 40, "train": 41}  # the repeated test pair: out
     assert {r["split"] for r in result["scifact"]["select"]} == {"train-select"}
     assert {r["split"] for r in result["scifact"]["test"]} == {"test"}
 
