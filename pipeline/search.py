@@ -71,7 +71,7 @@ def _fetch_index(store, v, scratch: Path) -> Path | None:
     name = index_path("", v).name
     local = scratch / INDEXES / name
     files = [local, *sidecars(local)]
-    if not all(store.fs.exists(store.path(INDEXES, f.name)) for f in files):
+    if not all(exists(store.fs, store.path(INDEXES, f.name)) for f in files):
         return None
     local.parent.mkdir(parents=True)
     for f in files:
@@ -88,7 +88,7 @@ def search_output(output: str | Path, variant: str, queries: str | Path, k: int 
     """Search a variant's index with the queries' texts; write (and return) the results table."""
     from .derive import vectors_for
     from .encoder import Encoder
-    from .storage import Output, is_local, redact
+    from .storage import Output, exists, is_local, redact
 
     store = Output(str(output))
     remote = not is_local(store.fs)

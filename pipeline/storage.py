@@ -115,6 +115,17 @@ STRATA_NAMES = frozenset({"manifest.json", "_lock.json", "_staging", "embeddings
 STRATA_PREFIXES = (".strata-probe-", "manifest.json.tmp-", "_lock.json.", "heatmap_", "mix_")
 
 
+def exists(fs, path: str) -> bool:
+    """Whether ``path`` exists, where only "not found" means no. fsspec's own ``exists`` answers
+    False on any exception, Ctrl-C and a denied or failed request included (a commit then took a
+    stop for staged parts gone missing)."""
+    try:
+        fs.info(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def is_local(fs) -> bool:
     """A local disk (rename is atomic, folders exist), as against an object store (a PUT of one
     object is atomic; there are no folders and no rename, only copy and delete)."""
@@ -283,7 +294,7 @@ class Output:
         except FileExistsError:
             return False
         except (ValueError, NotImplementedError, TypeError):  # no exclusive mode on this store
-            if self.fs.exists(self.path(LOCK)):
+            if exists(self.fs, self.path(LOCK)):
                 return False
             write_atomic(self.fs, self.path(LOCK), data)
             return True
@@ -375,7 +386,7 @@ class Output:
 
     def remove(self, rel: str) -> None:
         p = self.path(rel)
-        if self.fs.exists(p):
+        if exists(self.fs, p):
             self.fs.rm(p, recursive=True)
 
     def retire(self, manifest: dict, rel: str) -> None:
@@ -399,11 +410,11 @@ class Output:
         removed = []
         for r in runs:
             rel = f"{STAGING}/{r}"
-            if self.fs.exists(self.path(rel)):
+            if exists(self.fs, self.path(rel)):
                 self.fs.rm(self.path(rel), recursive=True)
                 removed.append(rel)
         self.remove_if_empty(STAGING)
-        if runs and self.fs.exists(self.path(EMBEDDINGS)):
+        if runs and exists(self.fs, self.path(EMBEDDINGS)):
             for p in self.fs.ls(self.path(EMBEDDINGS), detail=False):
                 name = PurePosixPath(p).name
                 rel = f"{EMBEDDINGS}/{name}"
@@ -421,7 +432,7 @@ class Output:
     def check_is_strata_output(self) -> None:
         """Refuse a folder that is neither empty nor a Strata output (before any work): Strata
         must never mix its files with, or sweep, someone else's."""
-        if self.fs.exists(self.path(MANIFEST)) or not self.fs.isdir(self.root):
+        if exists(self.fs, self.path(MANIFEST)) or not self.fs.isdir(self.root):
             return
         foreign = sorted(n for n in (PurePosixPath(p).name for p in self.fs.ls(self.root, detail=False))
                          if n not in STRATA_NAMES and not n.startswith(STRATA_PREFIXES))

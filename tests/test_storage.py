@@ -120,3 +120,20 @@ def test_commit_dir_moves_nested_staged_files_exactly(tmp_path):
     got = {p[len(out.path(rel)) + 1:]: out.fs.cat_file(p) for p in out.fs.find(out.path(rel))}
     assert got == files
     assert not out.fs.exists(staged)
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, PermissionError])
+def test_exists_answers_no_only_for_not_found(tmp_path, monkeypatch, error):
+    # fsspec's own exists() returns False on any exception: a Ctrl-C during a commit's check was
+    # swallowed and the shard's staged parts reported missing (the run then exited 2, not 130)
+    fs, _ = storage.filesystem(str(tmp_path))
+    (tmp_path / "here").write_text("x")
+    assert storage.exists(fs, str(tmp_path / "here")) and not storage.exists(fs, str(tmp_path / "gone"))
+
+    def info(path, **kw):
+        raise error("stop")
+
+    monkeypatch.setattr(fs, "info", info)
+    assert fs.exists(str(tmp_path / "here")) is False  # fsspec's answer, which storage.exists replaces
+    with pytest.raises(error):
+        storage.exists(fs, str(tmp_path / "here"))

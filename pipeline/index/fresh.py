@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 from typing import Sequence
 
-from ..storage import utc_now
+from ..storage import exists, utc_now
 from ..variants import Variant
 from .fitted import output_digest
 from .layout import BUILT_FILE, INDEXES, IndexBuildError, index_path, sidecars
@@ -58,7 +58,7 @@ def index_status(output: str | Path, manifest: dict, variants: Sequence[Variant 
     for v in wanted_variants(manifest, variants, str(output)):
         rec = built.get(v.name)
         name = index_path("", v).name
-        present = all(out.fs.exists(out.path(INDEXES, p.name)) for p in (Path(name), *sidecars(Path(name))))
+        present = all(exists(out.fs, out.path(INDEXES, p.name)) for p in (Path(name), *sidecars(Path(name))))
         ok = present and rec is not None and rec.get("files") == files and rec.get("kind") == kind
         if ok:
             try:

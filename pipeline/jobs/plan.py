@@ -51,7 +51,7 @@ from typing import Any
 from .. import models
 from ..index import index_status as _index_status
 from ..request import EncodeSettings, ModelInfo, Request, Resources, device_type, resolve
-from ..storage import Output, redact
+from ..storage import Output, exists, redact
 from ..templates import SLOT, Template
 from ..variants import Variant
 from .checks import check_variants
@@ -255,7 +255,7 @@ def plan_job(job: Job) -> dict:
     if job.job_url:
         latest = Output(job.job_url).read_json(LATEST)
         plan_d["latest"] = latest["version"] if latest else None
-        plan_d["version_exists"] = out.fs.exists(out.path(VERSION_FILE))
+        plan_d["version_exists"] = exists(out.fs, out.path(VERSION_FILE))
     manifest = out.read_manifest()
     if spec.mode == "corpus":
         fs, shards = list_shards(local_path(spec.input.location))

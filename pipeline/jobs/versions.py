@@ -28,7 +28,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 
-from ..storage import MANIFEST, RETIRED, Output, redact
+from ..storage import MANIFEST, RETIRED, Output, exists, redact
 from .workspace import join
 
 PUBLISHED = "published"
@@ -87,7 +87,7 @@ def publish(series: Output) -> str:
     prefix = f"{PUBLISHED}/{vid}"
     for piece in PIECES:
         src = series.path(piece)
-        if series.fs.exists(src):
+        if exists(series.fs, src):
             for path in series.fs.find(src):
                 dest = series.path(prefix, path[len(series.root) + 1:])
                 series.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)  # a local disk needs the folder
@@ -102,7 +102,7 @@ def publish(series: Output) -> str:
 
 def _version_ids(series: Output) -> list[str]:
     root = series.path(PUBLISHED)
-    if not series.fs.exists(root):
+    if not exists(series.fs, root):
         return []
     names = [p.rstrip("/").rsplit("/", 1)[-1] for p in series.fs.ls(root, detail=False)]
     return sorted(n for n in names if VERSION_ID.match(n))

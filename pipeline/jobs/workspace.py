@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..storage import Output, is_local, safe_name
+from ..storage import Output, exists, is_local, safe_name
 
 
 def is_url(text: str) -> bool:
@@ -46,7 +46,7 @@ class Workspace:
         local = self.dir / rel
         if self.is_local:
             return local if local.exists() else None
-        if not self.out.fs.exists(self.out.path(rel)):
+        if not exists(self.out.fs, self.out.path(rel)):
             local.unlink(missing_ok=True)
             return None
         if refresh or not local.exists():
@@ -64,4 +64,4 @@ class Workspace:
             self.out.fs.put(str(self.dir / rel), self.out.path(rel))
 
     def exists(self, rel: str) -> bool:
-        return self.out.fs.exists(self.out.path(rel))
+        return exists(self.out.fs, self.out.path(rel))

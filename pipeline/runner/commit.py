@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..storage import STAGING, Output, redact, utc_now
+from ..storage import STAGING, Output, exists, redact, utc_now
 from .shards import Shard
 
 
@@ -160,7 +160,7 @@ def _commit(out: Output, manifest: dict, shard: Shard, p: _Pending, run_id: str 
     that their rows add up to the shard's (``CommitError`` otherwise: nothing is recorded)."""
     staged = out.path(STAGING, run_id or "none", shard.key)
     listed = set(p.parts) | set(p.rejects_parts)
-    present = {f.rsplit("/", 1)[-1] for f in out.fs.ls(staged, detail=False)} if out.fs.exists(staged) else set()
+    present = {f.rsplit("/", 1)[-1] for f in out.fs.ls(staged, detail=False)} if exists(out.fs, staged) else set()
     missing = sorted(listed - present)
     if missing:
         raise CommitError(f"shard {shard.rel}: {len(missing)} staged part(s) vanished before the commit (e.g. "

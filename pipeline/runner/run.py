@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from .. import quantize
 from ..request import Request, signature_difference
-from ..storage import EMBEDDINGS, MANIFEST, RETIRED, STAGING, Output, overlap, read_part, redact, storage_options
+from ..storage import EMBEDDINGS, MANIFEST, RETIRED, STAGING, Output, exists, overlap, read_part, redact, storage_options
 from .commit import Committer, EmbedError, EmbedSummary, _commit, _Pending
 from .shards import UNIT_ROWS, Shard, first_texts, inspect_shards, list_shards, plan, work_units
 from .stages import EMBED_BATCH_ROWS, MAX_CALLS_PER_ACTOR, EmbedActor, read_and_tokenize, reuse_salt, write_parts
@@ -105,7 +105,7 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
         manifest = out.read_manifest()
         earlier_runs = (manifest or {}).get("runs", [])
         out.sweep(manifest)  # only what earlier runs of Strata left (their run ids), before anything else
-        if manifest is None and out.fs.exists(out.path(EMBEDDINGS)):
+        if manifest is None and exists(out.fs, out.path(EMBEDDINGS)):
             orphans = sorted(out.fs.ls(out.path(EMBEDDINGS), detail=False))
             if orphans:  # the manifest was deleted: nothing is known to be committed
                 log.warning("%s has no %s but %d folder(s) under %s/ (e.g. %s): every shard is embedded again; "

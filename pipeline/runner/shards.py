@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..storage import filesystem, redact, shard_key
+from ..storage import exists, filesystem, redact, shard_key
 
 UNIT_ROWS = 2048  # rows per read task
 
@@ -49,7 +49,7 @@ def list_shards(url: str) -> tuple[Any, list[Shard]]:
     elif fs.isdir(root):
         base = root.rstrip("/")
         paths = sorted(p for p in fs.find(root) if p.endswith(".parquet") and is_data(p[len(base):]))
-    elif fs.exists(root):
+    elif exists(fs, root):
         paths, base = [root], root.rsplit("/", 1)[0]
     else:
         raise FileNotFoundError(f"input {redact(url)} does not exist")
