@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from anywhere: this checkout's pipeline, not another installed one
     sys.path.insert(0, str(ROOT))
 
+from pipeline.bench.measure import git_commit  # noqa: E402
 from pipeline.derive import Derivations  # noqa: E402
 from pipeline.encoder import Encoder  # noqa: E402
 from pipeline.evaldata import BeirData, StsData, default_data_dir, load_beir, load_sts  # noqa: E402
@@ -252,17 +253,6 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def commit() -> str:
-    """The checkout's commit, ``+dirty`` when this script differs from it (figures name their commit)."""
-    import subprocess
-
-    def git(*a):
-        return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True).stdout.strip()
-
-    head = git("rev-parse", "--short", "HEAD") or "-"
-    return head + ("+dirty" if git("status", "--porcelain", "--", str(Path(__file__).resolve())) else "")
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python studies/families.py", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -279,7 +269,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"model": args.model, "poolings": POOLINGS, "transforms": args.transforms, "mixes": MIXES,
-              "commit": commit(), "argv": sys.argv[1:] if argv is None else list(argv)}
+              "commit": git_commit(__file__) or "-", "argv": sys.argv[1:] if argv is None else list(argv)}
     t0 = time.perf_counter()
     if args.only in (None, "stsb"):
         result["stsb"] = run_sts(args.model, Path(args.data), args.train_pairs, args.sts_max_length, args.transforms)

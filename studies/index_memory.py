@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +33,8 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from anywhere: this checkout's pipeline, not another installed one
     sys.path.insert(0, str(ROOT))
+
+from pipeline.bench.measure import git_commit  # noqa: E402
 
 COL = "emb_3_mean"
 
@@ -222,11 +223,7 @@ def main(argv=None) -> int:
         for k in ("rows", "parts", "part_rows", "encode_tasks"):
             results[-1][k] = int(results[-1][k])
     results_all = runs
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip() or "-"
-    except OSError:
-        commit = "-"
+    commit = git_commit(__file__) or "-"
     meta = {"repeats": args.repeats, "options": opts, "dim": args.dim, "commit": commit,
             "date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
             "machine": f"{os.cpu_count()} CPUs visible, {args.cpus} given to Ray, {platform.machine()}"}

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from anywhere: this checkout's pipeline, not another installed one
     sys.path.insert(0, str(ROOT))
 
+from pipeline.bench.measure import git_commit  # noqa: E402
 from pipeline.evaldata import default_data_dir, load_beir  # noqa: E402
 
 K = 10
@@ -141,15 +141,6 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def commit() -> str:
-    """The checkout's commit, ``+dirty`` when this script differs from it (figures name their commit)."""
-    def git(*a):
-        return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True).stdout.strip()
-
-    head = git("rev-parse", "--short", "HEAD") or "-"
-    return head + ("+dirty" if git("status", "--porcelain", "--", str(Path(__file__).resolve())) else "")
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python studies/index_recall.py", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="all-minilm-l6-v2")
@@ -166,7 +157,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.nprobe = [int(n) for n in args.nprobe.split(",")]
     t0 = time.perf_counter()
-    result = {**measure(args), "commit": commit(), "argv": sys.argv[1:] if argv is None else list(argv)}
+    result = {**measure(args), "commit": git_commit(__file__) or "-", "argv": sys.argv[1:] if argv is None else list(argv)}
     result["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -164,12 +164,23 @@ def versions() -> dict:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             out[pkg] = None
-    try:
-        out["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                                           capture_output=True, text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        out["git_commit"] = None
+    out["git_commit"] = git_commit()
     return out
+
+
+def git_commit(script: str | Path | None = None) -> str | None:
+    """This checkout's commit (short), with ``+dirty`` when ``script`` differs from it: what a
+    published figure names (None outside a git checkout)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
+                              timeout=5).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = head and script is not None and git("status", "--porcelain", "--", str(Path(script).resolve()))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
 
 
 # ---------------------------------------------------------------------------- comparing modes

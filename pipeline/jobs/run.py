@@ -18,7 +18,7 @@ from ..errors import hide_secrets, redact_text
 from ..storage import Output, redact, utc_now
 from .load import load_spec
 from .messages import short_list
-from .plan import (EVAL_CACHE, LATEST, VERSION_FILE, Job, index_status, index_targets, plan_job, preflight, print_plan,
+from .plan import (EVAL_CACHE, LATEST, VERSION_FILE, Job, index_status, plan_job, preflight, print_plan,
                    resolve_job)
 from . import versions
 from .workspace import Workspace, join, local_path
