@@ -19,8 +19,11 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/strata demo
 
+# Test files spread over up to 4 worker processes (pytest-xdist; a file's tests stay together, so
+# its module fixtures are made once); each worker shares one local Ray among its files.
+WORKERS ?= $(shell python3 -c "import os; print(min(4, len(os.sched_getaffinity(0))))")
 test: setup
-	$(PY) -m pytest -q --durations=10
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile --durations=15
 
 bench: setup
 	$(VENV)/bin/strata bench

@@ -178,11 +178,18 @@ def materialize(src: ModelSource) -> Path | str:
     """A directory (or hub id) that ``from_pretrained`` loads fast; converts GGUF on first use."""
     if src.gguf_file is None:
         return src.path
+    from filelock import FileLock
+
     dest = gguf_cache_dir(src)
     if _read_marker(dest) is None:
-        _convert_gguf(src, dest)
-        if _read_marker(dest) is None:
-            raise ModelError(f"GGUF conversion of {src.gguf_file} left an invalid cache at {dest}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        # processes sharing the cache (test workers, two commands at once) convert once: the one
+        # that waited finds the folder made, and never replaces one another reads
+        with FileLock(f"{dest}.lock"):
+            if _read_marker(dest) is None:
+                _convert_gguf(src, dest)
+                if _read_marker(dest) is None:
+                    raise ModelError(f"GGUF conversion of {src.gguf_file} left an invalid cache at {dest}")
     return dest
 
 

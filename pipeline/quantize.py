@@ -238,7 +238,7 @@ def write_ranges(out, ranges: Mapping[str, np.ndarray], columns: Mapping[str, st
 def read_ranges(source: str) -> tuple[dict[str, np.ndarray], dict]:
     """int8 ranges {variant name: (2, dim)} and their calibration record, from an output (any fsspec URL)
     or a ranges file."""
-    from .storage import filesystem
+    from .stores import filesystem
 
     from .storage import Output
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .index import INDEXES, IndexBuildError, index_path, load_index, sidecars, wanted_variants
-from .storage import exists
+from .stores import exists
 from .variants import Variant
 
 QUERY_ID_COLUMNS = ("query_id", "id", "_id")
@@ -89,7 +89,8 @@ def search_output(output: str | Path, variant: str, queries: str | Path, k: int 
     """Search a variant's index with the queries' texts; write (and return) the results table."""
     from .derive import vectors_for
     from .encoder import Encoder
-    from .storage import Output, is_local, redact
+    from .storage import Output, redact
+    from .stores import is_local
 
     store = Output(str(output))
     remote = not is_local(store.fs)

@@ -39,8 +39,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import add_secrets
 from .errors import redact_text as redact  # a URL or any text safe to log (the one redaction)
+from .stores import exists, filesystem, is_local
 
 MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings"
@@ -50,48 +50,6 @@ RETIRED = "retired"  # manifest key: committed folders no longer current, kept f
 LOCK_HEARTBEAT_S = 30.0  # the holder rewrites its lock this often
 LOCK_STALE_S = 300.0  # a lock not rewritten for this long belongs to a dead run
 FORMAT_VERSION = 1
-
-
-# fsspec storage options per URL prefix (``--input-options``/``--output-options``, a job's
-# ``storage_options``): two stores in one run each get their own endpoint and credentials.
-_STORAGE_OPTIONS: dict[str, dict] = {}
-
-
-def set_storage_options(url: str, options: dict | None) -> None:
-    """Use ``options`` (fsspec keyword arguments: ``endpoint_url``, ``key``, ``secret``, ``anon``,
-    ``requester_pays``, ``profile``, ``client_kwargs`` ...) for every URL under ``url``. Their secret
-    values are hidden from every message and log line from now on."""
-    if not options:
-        return
-    if not isinstance(options, dict):
-        raise ValueError(f"storage options for {redact(url)} must be a mapping of fsspec options, "
-                         f"got {type(options).__name__}")
-    add_secrets(options)
-    _STORAGE_OPTIONS[url.rstrip("/")] = dict(options)
-
-
-def storage_options() -> dict[str, dict]:
-    """Every registered prefix and its options: what a Ray task needs to reach the same stores."""
-    return dict(_STORAGE_OPTIONS)
-
-
-def use_storage_options(registered: dict[str, dict]) -> None:
-    """In a Ray worker: the driver's ``storage_options()``."""
-    for url, options in registered.items():
-        set_storage_options(url, options)
-
-
-def options_for(url: str) -> dict:
-    """The storage options of the longest registered prefix of ``url`` (none: {})."""
-    url = str(url)
-    best = max((p for p in _STORAGE_OPTIONS if url == p or url.startswith(p + "/")), key=len, default=None)
-    return dict(_STORAGE_OPTIONS[best]) if best is not None else {}
-
-
-def filesystem(url: str):
-    """``(fs, path)`` for any fsspec URL, with the storage options registered for it. The one place
-    Strata opens a filesystem from a URL."""
-    return fsspec.core.url_to_fs(str(url), **options_for(url))
 
 
 def utc_now() -> str:
@@ -113,24 +71,6 @@ STRATA_NAMES = frozenset({"manifest.json", "_lock.json", "_staging", "embeddings
                           "transforms", "mixes", "inputs", "eval", "eval-cache", "version.json", "job.json",
                           "report.md", "probe.json", "pieces", "LATEST"})
 STRATA_PREFIXES = (".strata-probe-", "manifest.json.tmp-", "_lock.json.", "heatmap_", "mix_")
-
-
-def exists(fs, path: str) -> bool:
-    """Whether ``path`` exists, where only "not found" means no. fsspec's own ``exists`` answers
-    False on any exception, Ctrl-C and a denied or failed request included (a commit then took a
-    stop for staged parts gone missing)."""
-    try:
-        fs.info(path)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def is_local(fs) -> bool:
-    """A local disk (rename is atomic, folders exist), as against an object store (a PUT of one
-    object is atomic; there are no folders and no rename, only copy and delete)."""
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
 
 
 def _local_real(fs, path: str) -> str:

@@ -130,7 +130,7 @@ class Transform:
         if "://" in str(path):
             import io
 
-            from .storage import filesystem
+            from .stores import filesystem
 
             fs, p = filesystem(str(path))
             meta = json.loads(fs.cat_file(p + ".json"))

@@ -1,4 +1,7 @@
 import json
+import shutil
+import threading
+import time
 
 import pytest
 
@@ -12,21 +15,31 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-def _count_conversions(monkeypatch):
+def _count_conversions(monkeypatch, tmp_path):
+    """Counts conversions. The first is the real one; later ones (the rebuilds) put a copy of its
+    result in place, as the real one would write it again (file times kept, so its marker holds):
+    what is tested is when the cache converts, and a real conversion of SmolLM2 costs ~25 s."""
     calls = []
     real = models._convert_gguf
+    first = tmp_path / "first-conversion"
 
     def counting(src, dest):
         calls.append(dest)
-        real(src, dest)
+        if len(calls) == 1:
+            real(src, dest)
+            shutil.copytree(dest, first)
+        else:
+            if dest.exists():
+                shutil.rmtree(dest)
+            shutil.copytree(first, dest)
 
     monkeypatch.setattr(models, "_convert_gguf", counting)
     return calls
 
 
 @pytest.mark.slow
-def test_gguf_converted_once_then_cached_and_corrupt_cache_rebuilt(cache, monkeypatch):
-    calls = _count_conversions(monkeypatch)
+def test_gguf_converted_once_then_cached_and_corrupt_cache_rebuilt(cache, monkeypatch, tmp_path):
+    calls = _count_conversions(monkeypatch, tmp_path)
     src = models.resolve("smollm2-135m")
     first = models.materialize(src)
     assert len(calls) == 1 and (first / "model.safetensors").exists()
@@ -49,6 +62,33 @@ def test_gguf_converted_once_then_cached_and_corrupt_cache_rebuilt(cache, monkey
     model, tok, _ = models.load("smollm2-135m")
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
     assert not hasattr(model, "lm_head")
+
+
+def test_concurrent_first_loads_convert_once(cache, monkeypatch, tmp_path):
+    """Two loads of a GGUF at once (two processes on one cache: test workers, two commands): one
+    converts, the other waits for it and uses its folder, never converting again over it."""
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    calls = []
+
+    def slow_convert(src, dest):  # writes what the real one writes: weights, then the marker last
+        calls.append(dest)
+        time.sleep(0.5)
+        dest.mkdir(parents=True)
+        (dest / "model.safetensors").write_bytes(b"w" * 10)
+        st = (dest / "model.safetensors").stat()
+        files = {"model.safetensors": {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": "-"}}
+        (dest / models.CACHE_MARKER).write_text(json.dumps({"files": files}))
+
+    monkeypatch.setattr(models, "_convert_gguf", slow_convert)
+    src = models.ModelSource("m", str(tmp_path), "m.gguf")
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(models.materialize(src))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(got) == 3 and len(set(got)) == 1
 
 
 def test_pickle_weights_refused_unless_opted_in(tmp_path):

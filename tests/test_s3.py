@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.runner import read_embeddings
-from pipeline.storage import LOCK, Output, OutputInUse, set_storage_options
+from pipeline.storage import LOCK, Output, OutputInUse
+from pipeline.stores import set_storage_options
 from reference import embed
 from s3server import SECRET_KEY
 

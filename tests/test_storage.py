@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import cli, storage
+from pipeline import cli, storage, stores
 from pipeline.storage import LOCK, Output, OutputInUse
 
 
@@ -126,14 +126,14 @@ def test_commit_dir_moves_nested_staged_files_exactly(tmp_path):
 def test_exists_answers_no_only_for_not_found(tmp_path, monkeypatch, error):
     # fsspec's own exists() returns False on any exception: a Ctrl-C during a commit's check was
     # swallowed and the shard's staged parts reported missing (the run then exited 2, not 130)
-    fs, _ = storage.filesystem(str(tmp_path))
+    fs, _ = stores.filesystem(str(tmp_path))
     (tmp_path / "here").write_text("x")
-    assert storage.exists(fs, str(tmp_path / "here")) and not storage.exists(fs, str(tmp_path / "gone"))
+    assert stores.exists(fs, str(tmp_path / "here")) and not stores.exists(fs, str(tmp_path / "gone"))
 
     def info(path, **kw):
         raise error("stop")
 
     monkeypatch.setattr(fs, "info", info)
-    assert fs.exists(str(tmp_path / "here")) is False  # fsspec's answer, which storage.exists replaces
+    assert fs.exists(str(tmp_path / "here")) is False  # fsspec's answer, which stores.exists replaces
     with pytest.raises(error):
-        storage.exists(fs, str(tmp_path / "here"))
+        stores.exists(fs, str(tmp_path / "here"))

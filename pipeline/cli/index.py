@@ -60,7 +60,8 @@ def _index_engine(args) -> str:
     """``strata index --engine``: ray builds ivfpq only; auto picks ray above index.ray.RAY_MIN_ROWS rows
     (or with --ray-address) when the kind allows it."""
     from ..index.ray import RAY_MIN_ROWS, choose_engine, output_rows
-    from ..storage import Output, is_local, redact
+    from ..storage import Output, redact
+    from ..stores import is_local
 
     if args.engine == "local" or (args.engine == "auto" and args.kind in ("flat", "hnsw")):
         return "local"

@@ -110,7 +110,7 @@ def add_storage_options(p, *locations: str) -> None:
 
 def use_storage_options(args) -> None:
     """Register every ``--{location}-options`` given for its URL (see ``add_storage_options``)."""
-    from ..storage import set_storage_options
+    from ..stores import set_storage_options
 
     for name, value in vars(args).items():
         if name.endswith("_options") and isinstance(value, dict):

@@ -154,7 +154,8 @@ def build_indexes(out_dir: str | Path, variants: Sequence[Variant | str] | None 
     import tempfile
 
     from ..derive import reader
-    from ..storage import Output, is_local, redact
+    from ..storage import Output, redact
+    from ..stores import is_local
 
     out = Output(str(out_dir))
     remote = not is_local(out.fs)

@@ -14,7 +14,9 @@ import zipfile
 from pathlib import Path
 from typing import Sequence
 
-from ..storage import exists, utc_now
+from ..storage import utc_now
+
+from ..stores import exists
 from ..variants import Variant
 from .fitted import output_digest
 from .layout import BUILT_FILE, INDEXES, IndexBuildError, index_path, sidecars

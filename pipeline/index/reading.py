@@ -33,7 +33,7 @@ def _remote(path) -> bool:
 
 
 def _open(path):
-    from ..storage import filesystem
+    from ..stores import filesystem
 
     fs, p = filesystem(path)
     return fs.open(p, "rb")
@@ -64,7 +64,8 @@ def _ipc_reader(path):
 
 def _schema(path) -> pa.Schema:
     if _remote(path):
-        from ..storage import filesystem, redact
+        from ..storage import redact
+        from ..stores import filesystem
 
         fs, p = filesystem(path)
         if not fs.isfile(p):

@@ -12,7 +12,7 @@ import yaml
 from pydantic import ValidationError
 
 from .. import models
-from ..storage import set_storage_options
+from ..stores import set_storage_options
 from .checks import check_variants, cross_checks
 from .messages import JobSpecError, Problem, one_line, validation_line
 from .spec import JobSpec

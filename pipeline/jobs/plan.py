@@ -51,7 +51,8 @@ from typing import Any
 from .. import models
 from ..index import index_status as _index_status
 from ..request import EncodeSettings, ModelInfo, Request, Resources, device_type, resolve
-from ..storage import Output, exists, redact
+from ..storage import Output, redact
+from ..stores import exists
 from ..templates import SLOT, Template
 from ..variants import Variant
 from .checks import check_variants

@@ -28,7 +28,9 @@ import time
 import uuid
 from datetime import datetime, timezone
 
-from ..storage import MANIFEST, RETIRED, Output, exists, redact
+from ..storage import MANIFEST, RETIRED, Output, redact
+
+from ..stores import exists
 from .workspace import join
 
 PUBLISHED = "published"

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..storage import Output, exists, is_local, safe_name
+from ..storage import Output, safe_name
+
+from ..stores import exists, is_local
 
 
 def is_url(text: str) -> bool:

@@ -9,7 +9,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..storage import STAGING, Output, exists, redact, utc_now
+from ..storage import STAGING, Output, redact, utc_now
+
+from ..stores import exists
 from .shards import Shard
 
 

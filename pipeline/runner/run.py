@@ -30,7 +30,8 @@ import pyarrow as pa
 
 from .. import quantize
 from ..request import Request, signature_difference
-from ..storage import EMBEDDINGS, MANIFEST, RETIRED, STAGING, Output, exists, overlap, read_part, redact, storage_options
+from ..storage import EMBEDDINGS, MANIFEST, RETIRED, STAGING, Output, overlap, read_part, redact
+from ..stores import exists, storage_options
 from .commit import Committer, EmbedError, EmbedSummary, _commit, _Pending
 from .shards import UNIT_ROWS, Shard, first_texts, inspect_shards, list_shards, plan, work_units
 from .stages import EMBED_BATCH_ROWS, MAX_CALLS_PER_ACTOR, EmbedActor, read_and_tokenize, reuse_salt, write_parts

@@ -11,7 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..storage import exists, filesystem, redact, shard_key
+from ..storage import redact, shard_key
+
+from ..stores import exists, filesystem
 
 UNIT_ROWS = 2048  # rows per read task
 

@@ -24,7 +24,8 @@ from ..encoder import Encoder
 from ..request import Request
 from ..templates import Tokenized, tokenize
 from .shards import strings
-from ..storage import STAGING, Output, read_part, use_storage_options, write_part
+from ..storage import STAGING, Output, read_part, write_part
+from ..stores import use_storage_options
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def reuse_salt(signature: dict) -> bytes:
 
 def _previous(urls: list[str]) -> dict[bytes, tuple[int, int]]:
     """key -> (part index, row) over a shard's previous committed parts (those with a key column)."""
-    from ..storage import filesystem
+    from ..stores import filesystem
 
     found: dict[bytes, tuple[int, int]] = {}
     for i, url in enumerate(urls):
@@ -282,7 +283,7 @@ class EmbedActor:
 
     def _stored(self, batch: pa.Table, rows: np.ndarray) -> dict[str, np.ndarray]:
         """The stored vectors of reused rows, per column, read from the parts they came from."""
-        from ..storage import filesystem
+        from ..stores import filesystem
 
         srcs = batch.column("_src").take(pa.array(rows)).to_pylist()
         src_rows = batch.column("_src_row").take(pa.array(rows)).to_numpy()
@@ -314,7 +315,7 @@ def idle_priority() -> None:
 def write_parts(batch: pa.Table, *, output_url: str, run_id: str, keys: list[str], columns: list[str],
                 fmt: str, storage: dict | None = None) -> pa.Table:
     """Write each shard's rows of this batch as a staged part; return one metadata row per shard.
-    ``storage``: the driver's registered storage options (``storage.storage_options()``)."""
+    ``storage``: the driver's registered storage options (``stores.storage_options()``)."""
     import pyarrow.compute as pc
 
     use_storage_options(storage or {})
