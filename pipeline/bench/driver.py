@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -86,8 +87,8 @@ def run(args) -> int:
     if args.layers_full and args.layers_full.lower() != "none":
         grids.append(resolve_grid("full-depth", args.layers_full, args.poolings, n_layers))
     report: dict[str, Any] = {
-        "schema": "strata-bench/1", "date": now_utc(), "machine": machine_info(), "versions": versions(),
-        "settings": st, "grids": [], "notes": [],
+        "schema": "strata-bench/1", "date": now_utc(), "command": command_line(args), "machine": machine_info(),
+        "versions": versions(), "settings": st, "grids": [], "notes": [],
     }
     work = Path(tempfile.mkdtemp(prefix="strata-bench-"))
     try:
@@ -177,6 +178,19 @@ def run(args) -> int:
         log(f"failed: {failed}; embeddings differing from the reference: {mismatched}")
         return 1
     return 0
+
+
+def command_line(args) -> str:
+    """``strata bench`` and the options of ``args`` that differ from their defaults (the report names its command)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    words = ["strata", "bench"]
+    for dest, default in vars(parser.parse_args([])).items():
+        value = getattr(args, dest, default)
+        if value != default:
+            flag = "--" + dest.replace("_", "-")
+            words += [flag] if value is True else [flag, str(value)]
+    return shlex.join(words)
 
 
 def _mean_len(texts, kinds, kind) -> float | None:

@@ -29,6 +29,7 @@ def to_markdown(report: dict) -> str:
     m, v, st = report["machine"], report["versions"], report["settings"]
     lines = [f"# Strata benchmark{' (quick)' if st['quick'] else ''}", ""]
     lines.append(f"- date: {report['date']}")
+    lines.append(f"- command: `{report.get('command') or 'strata bench'}`")
     lines.append(f"- machine: {m.get('cpu')}, {m.get('usable_cpus', m.get('logical_cpus'))} usable CPU cores"
                  + (f", {m['memory_bytes'] / 2**30:.0f} GiB RAM" if m.get("memory_bytes") else "")
                  + (f", GPU {report['hardware'].get('gpu')}" if report.get("hardware", {}).get("gpu") else ""))
