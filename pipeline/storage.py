@@ -482,8 +482,8 @@ def write_json_atomic(fs, path, obj, *, sort_keys: bool = False) -> None:
 
 
 def parquet_options(schema: pa.Schema) -> dict:
-    """How embedding parts are written (measured in BENCHMARKS.md, "Writing embedding parts"): vector
-    columns without dictionary encoding (float values hardly repeat: a dictionary made parts 1.56x
+    """How embedding parts are written (BENCHMARKS.md, "Writing embedding parts"): vector columns
+    without dictionary encoding (float values hardly repeat: a dictionary made parts larger than
     their raw size and cost most of the write time) and without min/max statistics (meaningless for
     vectors), zstd level 1, and float32 values byte-stream-split (their exponent bytes then compress;
     float16 keeps the plain layout that every Parquet reader of FLOAT16 understands)."""

@@ -204,8 +204,7 @@ class EmbedActor:
         # Every torch call of the actor runs on this one thread. libgomp keeps an OpenMP thread
         # pool per thread that starts parallel work: a model loaded on Ray's main thread and run on
         # Ray Data's UDF thread made two pools, more pooled threads than CPUs, and libgomp then
-        # stops spinning at barriers almost at once. On 2 CPU cores that left 0.16 cores idle
-        # (BENCHMARKS.md, "One OpenMP pool in the embed actor").
+        # stops spinning at barriers almost at once, leaving cores idle.
         # ``threads``: torch's thread count, set by from_request (Ray sets OMP_NUM_THREADS=1 in workers).
         self._torch = ThreadPoolExecutor(1, thread_name_prefix="strata-torch")
         self.encoder = self._torch.submit(Encoder.from_request, quantize.float_request(request), device="auto",
