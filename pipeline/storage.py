@@ -283,7 +283,21 @@ class Output:
         write_atomic(self.fs, path, (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode())
 
     def read_manifest(self) -> dict | None:
-        manifest = self.read_json(MANIFEST)
+        """The manifest (None where there is none), refused in one line, naming the file, when it is
+        not JSON, not a manifest, or of a format this Strata does not write."""
+        where = f"{redact(self.url)}/{MANIFEST}"
+        try:
+            manifest = self.read_json(MANIFEST)
+        except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+            raise DamagedOutput(f"{where} is not valid JSON ({e}); restore it, or embed into a new output") from None
+        if manifest is not None:
+            if not isinstance(manifest, dict) or not isinstance(manifest.get("shards", []), list):
+                raise DamagedOutput(f"{where} is not a Strata manifest (a JSON {type(manifest).__name__} without a "
+                                    "list of shards)")
+            fmt = manifest.get("format", FORMAT_VERSION)
+            if fmt != FORMAT_VERSION:
+                raise DamagedOutput(f"{where} has format {fmt!r}; this version of Strata reads and writes format "
+                                    f"{FORMAT_VERSION} only")
         self._set_base(manifest)
         return manifest
 

@@ -137,3 +137,20 @@ def test_exists_answers_no_only_for_not_found(tmp_path, monkeypatch, error):
     assert fs.exists(str(tmp_path / "here")) is False  # fsspec's answer, which stores.exists replaces
     with pytest.raises(error):
         stores.exists(fs, str(tmp_path / "here"))
+
+
+@pytest.mark.parametrize("text, says", [
+    ('{"shards": [', "is not valid JSON (Expecting value"),
+    ('[1, 2]', "is not a Strata manifest (a JSON list"),
+    ('{"format": 99, "shards": []}', "has format 99; this version of Strata reads and writes format 1 only"),
+])
+def test_a_manifest_from_elsewhere_is_refused_naming_the_file(tmp_path, capsys, text, says):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text(text)
+    with pytest.raises(storage.DamagedOutput) as e:
+        Output(str(out)).read_manifest()
+    assert f"{out}/manifest.json" in str(e.value) and says in str(e.value), e.value
+    assert cli.main(["index", str(out), "--kind", "flat"]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("strata index:")]
+    assert "manifest.json" in line and says in line and (out / "manifest.json").read_text() == text
