@@ -162,6 +162,15 @@ def text_column_missing_in_one_shard(root, model):
 
 
 @case
+def duplicate_text_column_in_one_shard(root, model):
+    simple(root / "in" / "a.parquet", "a")
+    twice = pa.Table.from_arrays([pa.array(["b-0"]), pa.array(["x"]), pa.array(["y"])], names=["id", "text", "text"])
+    pq.write_table(twice, root / "in" / "b.parquet")
+    return Case(embed_argv(root, model), 2, ["b.parquet has 2 columns named 'text'", "rename one"], rows=[],
+                unchanged=[root / "in"])
+
+
+@case
 def text_column_int_in_one_shard(root, model):
     simple(root / "in" / "a.parquet", "a")
     pq.write_table(pa.table({"id": ["b-0"], "text": [7]}), root / "in" / "b.parquet")

@@ -82,6 +82,10 @@ def inspect_shards(fs, shards: list[Shard], text_column: str, id_column: str | N
             s.error = f"not a readable Parquet file: {type(e).__name__}: {e}"
             continue
         names = schema.names
+        for column in (text_column, id_column):
+            if column and names.count(column) > 1:
+                raise ValueError(f"{s.rel} has {names.count(column)} columns named {column!r}: which one holds the "
+                                 f"{'text' if column == text_column else 'ids'} is ambiguous; rename one")
         if text_column not in names:
             raise ValueError(f"text column {text_column!r} not found in {s.rel}; available columns: {', '.join(names)}")
         t = schema.field(text_column).type
