@@ -38,6 +38,10 @@ def read_queries(path: str | Path, text_column: str = "text", id_column: str | N
     if any(t is None for t in texts):
         raise ValueError(f"{path}: {sum(t is None for t in texts)} null {text_column!r} value(s)")
     ids = [str(i) for i in table.column(id_column).to_pylist()] if id_column else [str(i) for i in range(len(texts))]
+    blank = [i for i, t in zip(ids, texts) if not str(t).strip()]
+    if blank:
+        raise ValueError(f"{path}: {len(blank)} empty or whitespace-only {text_column!r} value(s), e.g. query "
+                         f"{'id ' + repr(blank[0]) if id_column else 'row ' + blank[0]}; every query needs text")
     return ids, texts
 
 

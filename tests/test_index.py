@@ -160,3 +160,16 @@ def test_recall_at_k_by_hand():
     approx = [["a", "c", "q"], ["z", "y", "x"]]
     assert recall_at_k(approx, exact, 3) == pytest.approx((2 / 3 + 1) / 2)
     assert recall_at_k(approx, exact, 1) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("with_ids", [True, False])
+def test_an_empty_query_is_refused_naming_the_file_and_the_query(tmp_path, with_ids):
+    from pipeline.search import read_queries
+
+    path = tmp_path / "q.parquet"
+    pq.write_table(pa.table({"query_id": ["q0", "q1", "q2"], "text": ["rivers", "  ", ""]}) if with_ids else
+                   pa.table({"text": ["rivers", "  ", ""]}), path)
+    with pytest.raises(ValueError) as e:
+        read_queries(path)
+    assert str(e.value) == (f"{path}: 2 empty or whitespace-only 'text' value(s), e.g. query "
+                            f"{'id ' + repr('q1') if with_ids else 'row 1'}; every query needs text")

@@ -154,3 +154,4 @@ def test_a_manifest_from_elsewhere_is_refused_naming_the_file(tmp_path, capsys, 
     assert cli.main(["index", str(out), "--kind", "flat"]) == 2
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("strata index:")]
     assert "manifest.json" in line and says in line and (out / "manifest.json").read_text() == text
+
