@@ -84,7 +84,7 @@ def overlap(input_url: str, output_url: str) -> str | None:
     fs_out, p_out = filesystem(output_url)
     if type(fs_in) is not type(fs_out):
         return None
-    if any(c in p_in for c in "*?["):
+    if any(c in p_in for c in "*?[") and not exists(fs_in, p_in):  # a glob (list_shards reads it so)
         p_in = p_in.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0]
     a, b = _local_real(fs_in, p_in).rstrip("/"), _local_real(fs_out, p_out).rstrip("/")
     if a == b:

@@ -171,6 +171,19 @@ def duplicate_text_column_in_one_shard(root, model):
 
 
 @case
+def folder_name_with_brackets(root, model):
+    ids = simple(root / "in[v2]" / "a.parquet", "a")  # a folder that exists is read as given, not as a glob
+    return Case(embed_argv(root, model, inp=root / "in[v2]"), 0, ["1 shards embedded"], rows=ids)
+
+
+@case
+def fifo_named_parquet(root, model):
+    ids = simple(root / "in" / "a.parquet", "a")
+    os.mkfifo(root / "in" / "b.parquet")  # reading it would wait for a writer forever
+    return Case(embed_argv(root, model), 0, ["skipping", "b.parquet: not a regular file"], rows=ids)
+
+
+@case
 def text_column_int_in_one_shard(root, model):
     simple(root / "in" / "a.parquet", "a")
     pq.write_table(pa.table({"id": ["b-0"], "text": [7]}), root / "in" / "b.parquet")

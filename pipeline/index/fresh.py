@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Sequence
 
 from ..storage import utc_now
-
 from ..stores import exists
 from ..variants import Variant
 from .fitted import output_digest

@@ -29,7 +29,6 @@ import uuid
 from datetime import datetime, timezone
 
 from ..storage import MANIFEST, RETIRED, Output, redact
-
 from ..stores import exists
 from .workspace import join
 

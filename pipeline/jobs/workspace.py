@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 from ..storage import Output, safe_name
-
 from ..stores import exists, is_local
 
 

@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..storage import STAGING, Output, redact, utc_now
-
 from ..stores import exists
 from .shards import Shard
 

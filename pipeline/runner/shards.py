@@ -4,6 +4,7 @@ the incremental plan (which shards to embed, keep or drop against the manifest).
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,8 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..storage import redact, shard_key
-
 from ..stores import exists, filesystem
+
+log = logging.getLogger(__name__)
 
 UNIT_ROWS = 2048  # rows per read task
 
@@ -45,7 +47,7 @@ def list_shards(url: str) -> tuple[Any, list[Shard]]:
     changed (their ETag) or removed shards from a long-lived driver."""
     fs, root = filesystem(url)
     fs.invalidate_cache()
-    if any(c in root for c in "*?["):
+    if any(c in root for c in "*?[") and not exists(fs, root):  # a folder named "br[v2]" is a folder
         base = root.split("*")[0].rsplit("/", 1)[0]
         paths = sorted(p for p in fs.glob(root) if p.endswith(".parquet") and is_data(p[len(base):]))
     elif fs.isdir(root):
@@ -60,6 +62,9 @@ def list_shards(url: str) -> tuple[Any, list[Shard]]:
     shards = []
     for p in paths:
         info = fs.info(p)
+        if info.get("type", "file") != "file":  # a FIFO or a device would hang the reader
+            log.warning("skipping %s: not a regular file (%s)", redact(p), info.get("type"))
+            continue
         stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or info.get("updated")
         rel = p[len(base):].lstrip("/") or p.rsplit("/", 1)[-1]
         shards.append(Shard(p, rel, f"size={info.get('size')};stamp={stamp}"))
