@@ -200,14 +200,22 @@ def test_two_concurrent_runs_one_refused(model_dir, s3, tmp_path):
     ids = shards(s3.fs, f"{s3.name}/in", 4, 30)
     cmd = ["embed", s3.url("in"), s3.url("out"), "--model", model_dir, "--layers", "1", "--poolings", "mean",
            "--id-column", "id", "-q"]
-    first = subprocess.Popen([sys.executable, "-m", "pipeline", *cmd], env=s3.env, stdout=subprocess.PIPE,
+    # The first run holds its lock until the test lets it embed (a file appears): the second then
+    # surely meets a live run, however slowly a loaded machine starts it.
+    go = tmp_path / "go"
+    hold = ("import os, sys, time\nfrom pipeline.runner import run\nreal = run._run_ray\n"
+            "def held(*a, **k):\n    while not os.path.exists(sys.argv[1]):\n        time.sleep(0.1)\n"
+            "    return real(*a, **k)\nrun._run_ray = held\nfrom pipeline.cli import main\n"
+            "sys.exit(main(sys.argv[2:]))\n")
+    first = subprocess.Popen([sys.executable, "-c", hold, str(go), *cmd], env=s3.env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     fs = s3.fs
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while time.time() < deadline and not fs.exists(f"{s3.name}/out/{LOCK}"):
         fs.invalidate_cache()
         time.sleep(0.1)
     second = cli(cmd, s3.env)
+    go.touch()
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-2000:]
     assert second.returncode != 0
