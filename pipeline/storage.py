@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import redact_text as redact  # a URL or any text safe to log (the one redaction)
-from .stores import exists, filesystem, is_local
+from .stores import exists, filesystem, is_glob, is_local
 
 MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings"
@@ -84,7 +84,7 @@ def overlap(input_url: str, output_url: str) -> str | None:
     fs_out, p_out = filesystem(output_url)
     if type(fs_in) is not type(fs_out):
         return None
-    if any(c in p_in for c in "*?[") and not exists(fs_in, p_in):  # a glob (list_shards reads it so)
+    if is_glob(fs_in, p_in):
         p_in = p_in.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0]
     a, b = _local_real(fs_in, p_in).rstrip("/"), _local_real(fs_out, p_out).rstrip("/")
     if a == b:

@@ -70,3 +70,9 @@ def is_local(fs) -> bool:
     object is atomic; there are no folders and no rename, only copy and delete)."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")
+
+
+def is_glob(fs, path: str) -> bool:
+    """Whether an input path is a pattern: it has ``*``, ``?`` or ``[`` and does not exist as given
+    (a folder named ``br[v2]`` is a folder). The one rule for listing shards and for the overlap check."""
+    return any(c in path for c in "*?[") and not exists(fs, path)

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..storage import redact, shard_key
-from ..stores import exists, filesystem
+from ..stores import exists, filesystem, is_glob
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def list_shards(url: str) -> tuple[Any, list[Shard]]:
     changed (their ETag) or removed shards from a long-lived driver."""
     fs, root = filesystem(url)
     fs.invalidate_cache()
-    if any(c in root for c in "*?[") and not exists(fs, root):  # a folder named "br[v2]" is a folder
+    if is_glob(fs, root):
         base = root.split("*")[0].rsplit("/", 1)[0]
         paths = sorted(p for p in fs.glob(root) if p.endswith(".parquet") and is_data(p[len(base):]))
     elif fs.isdir(root):
