@@ -13,9 +13,19 @@ exactly as Strata made it there:
 - the pooling, the source's normalisation, the layer mix's recorded weights and the fitted
   transform, nothing refitted (``pipeline.serve``).
 
-``DIR`` then loads with ``SentenceTransformer(DIR, trust_remote_code=True)`` (see
-``pipeline.serve`` for why the flag, and why no code from DIR runs) and
-``model.encode(texts)`` gives the variant's vectors (float32).
+Two kinds of folder:
+
+- **standard** where the variant allows (``pipeline.standard`` says which, and checks each one):
+  sentence-transformers' own ``Transformer``, ``Pooling``, ``Normalize`` and ``Dense`` modules,
+  which Text Embeddings Inference, vLLM and Infinity serve; ``SentenceTransformer(DIR)`` loads it
+  with no remote code and no Strata installed;
+- **custom** otherwise (prompt templates, mixes, sink-free pooling, mean or max of a layer before
+  the final norm): Strata's modules, ``SentenceTransformer(DIR, trust_remote_code=True)`` where
+  the ``strata`` package is installed (see ``pipeline.serve`` for why the flag, and why no code
+  from DIR runs). The record, the folder's README and the command say why, and name the nearest
+  standard variant.
+
+Either way ``model.encode(texts)`` gives the variant's vectors (float32).
 """
 
 from __future__ import annotations
@@ -250,9 +260,18 @@ def _target(dest: Path, force: bool) -> None:
                               f"those: empty it yourself or choose another folder")
 
 
-def export(source: str | Path, variant: str, dest: str | Path, *, force: bool = False) -> dict:
-    """Write ``dest`` (module doc); returns the record written to ``dest/strata_export.json``."""
+def export(source: str | Path, variant: str | None, dest: str | Path, *, force: bool = False,
+           standard_only: bool = False) -> dict:
+    """Write ``dest`` (module doc); returns the record written to ``dest/strata_export.json``.
+
+    Standard modules where the variant allows (``pipeline.standard``), Strata's own otherwise, with
+    the reason recorded; ``standard_only`` refuses the latter. ``variant`` None (a recipe, with
+    ``standard_only``): the recipe's best-ranked variant that exports with standard modules."""
+    from . import standard
+
     dest = Path(dest)
+    if variant is None:
+        variant = first_standard(source)
     spec = read_spec(source, variant)
     check_spec(spec)
     _target(dest, force)
@@ -264,6 +283,11 @@ def export(source: str | Path, variant: str, dest: str | Path, *, force: bool = 
     bad = [s.layer for s in spec.sources if not 0 <= s.layer <= n_layers]
     if bad:
         raise ExportError(f"{spec.variant.name}: layer(s) {bad} out of range: {spec.model_name} has layers 0..{n_layers}")
+    because = standard.why_custom(spec.variant, n_layers=n_layers, normalize=spec.normalize,
+                                  template_text=spec.template_text, append_eos=spec.append_eos,
+                                  mixed=len(spec.sources) > 1)
+    if because and standard_only:
+        raise ExportError(f"{spec.variant.name} cannot be exported with standard modules: {because}")
     ids, mask, want = _reference(model, spec.layers)
     kept = truncate(model, max(spec.layers))
     t = spec.transform
@@ -275,6 +299,7 @@ def export(source: str | Path, variant: str, dest: str | Path, *, force: bool = 
                                  span=spec.template_text != "{text}", normalize=spec.normalize, dim=dim,
                                  weights=spec.weights, transform=spec.variant.transform,
                                  mean=None if t is None else t.mean, basis=None if t is None else t.basis)
+    strata_modules = SentenceTransformer(modules=[first, second], device="cpu")
     record = {"variant": spec.variant.name, "source": spec.source, "model": spec.model_name,
               "weights_digest": spec.weights_digest, "n_layers": n_layers, "blocks_kept": kept,
               "final_norm": max(spec.layers) == n_layers, "layers": spec.layers, "pooling": spec.variant.pooling,
@@ -286,8 +311,18 @@ def export(source: str | Path, variant: str, dest: str | Path, *, force: bool = 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
-        st = SentenceTransformer(modules=[first, second], device="cpu")
-        st.save(str(tmp), create_model_card=False)
+        if because is None:
+            because = _write_standard(tmp, spec, model, tokenizer, strata_modules, n_layers, dim)
+            if because and standard_only:
+                raise ExportError(f"{spec.variant.name} cannot be exported with standard modules: {because}")
+        if because is not None:
+            for p in list(tmp.iterdir()):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            strata_modules.save(str(tmp), create_model_card=False)
+            near = standard.nearest_standard(spec.variant, n_layers)
+            record["nearest_standard"] = {"variant": near.name, "probe_score": _probe_score(source, near.name)}
+        record["modules"] = "standard" if because is None else "custom"
+        record["custom_because"] = because
         (tmp / "README.md").write_text(model_card(record))
         (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=1) + "\n")
         _gemma_terms(tmp, model, record)
@@ -298,6 +333,85 @@ def export(source: str | Path, variant: str, dest: str | Path, *, force: bool = 
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return record
+
+
+def _write_standard(tmp: Path, spec: ExportSpec, model, tokenizer, strata_modules, n_layers: int, dim: int
+                    ) -> str | None:
+    """Write the folder with sentence-transformers' modules into ``tmp`` and check it (``pipeline.standard``);
+    returns None, or why the check failed (nothing usable is then left in ``tmp``)."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from . import standard
+
+    texts = list(standard.CHECK_TEXTS)
+    want = strata_modules.encode(texts, batch_size=4, convert_to_numpy=True)
+    norm = standard.final_norm(model) if max(spec.layers) < n_layers else None
+    saved = None if norm is None else norm.weight.detach().clone()
+    scratch = Path(tempfile.mkdtemp(prefix=".model-", dir=tmp.parent))
+    try:
+        if norm is not None:
+            standard.unit_final_norm(model)
+        model.save_pretrained(str(scratch), safe_serialization=True)
+        tokenizer.save_pretrained(str(scratch))
+        st = SentenceTransformer(modules=standard.modules(scratch, dim=dim, pooling=spec.variant.pooling,
+                                                          max_length=spec.max_length, normalize=spec.normalize,
+                                                          transform=spec.transform), device="cpu")
+        tok = st[0].tokenizer
+        side = tok.padding_side
+        worst = 0.0
+        for pad in ("right", "left"):
+            tok.padding_side = pad
+            worst = max(worst, standard.relative_error(st.encode(texts, batch_size=4), want))
+        tok.padding_side = side
+        if worst > VERIFY_TOLERANCE:
+            return (f"sentence-transformers' modules give relative error {worst:.1e} against Strata's on the check "
+                    f"texts (tolerance {VERIFY_TOLERANCE:.0e})")
+        st.save(str(tmp), create_model_card=False)
+        standard.write_max_length(tmp, spec.max_length)
+        standard.save_check(tmp, texts, want)
+        try:
+            seen = standard.check_folder(tmp)
+        except standard.NotServable as e:
+            return f"a server's view of the folder fails: {e}"
+        if not seen["ok"]:
+            return (f"a server's view of the folder gives relative error {max(seen['right'], seen['left']):.1e} "
+                    f"against Strata's vectors")
+        return None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if saved is not None:
+            with torch.no_grad():
+                norm.weight.copy_(saved)
+
+
+def _probe_score(source, name: str) -> float | None:
+    """The variant's score in the probe that wrote ``source``, when it is a recipe that ranked it."""
+    p = Path(source)
+    p = p / "probe.json" if p.is_dir() else p
+    if p.name != "probe.json" or not p.is_file():
+        return None
+    ranked = json.loads(p.read_text()).get("ranked", [])
+    return next((r.get("score") for r in ranked if r.get("variant") == name), None)
+
+
+def first_standard(source) -> str:
+    """The best-ranked variant of a recipe that exports with standard modules (``strata export probe.json DIR
+    --standard``), or a one-line refusal."""
+    from . import standard
+    from .recipe import Recipe
+
+    recipe = Recipe.load(source)
+    recipe = Recipe.load(recipe.path, top=len(json.loads(recipe.path.read_bytes())["recipe"]))
+    n = int(recipe.model["n_layers"])
+    for v, r in zip(recipe.variants, recipe.readers()):
+        text = recipe.templates.get(v.template) or _template_text(v.template, recipe.templates, str(recipe.path))
+        if standard.why_custom(v, n_layers=n, normalize=False, template_text=text,
+                               append_eos=bool(recipe.settings.get("append_eos", False)),
+                               mixed=len(r.columns) > 1) is None:
+            return v.name
+    raise ExportError(f"recipe {recipe.path}: none of its {len(recipe.entries)} variants exports with standard "
+                      f"modules (see its report's 'serving' column); name one to export it with Strata's")
 
 
 GEMMA_NOTICE = "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms"
@@ -324,6 +438,7 @@ def model_card(record: dict) -> str:
     t = record["template"]
     mix = f"a mix of layers {record['layers']} (weights {record['mix_weights']})" if record["mix_weights"] \
         else f"layer {record['layers'][0]} of {record['n_layers']}"
+    standard = record["modules"] == "standard"
     lines = [
         f"# {record['variant']} of {record['model']}",
         "",
@@ -333,19 +448,47 @@ def model_card(record: dict) -> str:
         + (", L2-normalised per layer" if record["normalize"] else "")
         + (f", fitted transform `{record['transform']}`" if record["transform"] != "none" else "") + ".",
         f"The model keeps {record['blocks_kept']} of {record['n_layers']} blocks"
-        + (" and its final norm." if record["final_norm"] else "; the final norm is not applied."),
-        "",
-        "```python",
-        "from sentence_transformers import SentenceTransformer",
-        "",
-        "# trust_remote_code: sentence-transformers >= 6 asks it to import the installed strata package's modules",
-        "# (pipeline.serve); this folder holds no code",
-        'model = SentenceTransformer("PATH/TO/THIS/FOLDER", trust_remote_code=True)',
-        'vectors = model.encode(["a sentence", "another one"])',
-        "```",
-        "",
-        f"Output: {record['dim']} dimensions, float32. Needs `{SERVE_EXTRA}`. What each fitted piece saw: "
-        f"`{EXPORT_RECORD}`.",
+        + (" and its final norm." if record["final_norm"] else
+           ("; its final norm's weight is set to one, so it only rescales each token, which the L2 normalisation "
+            "removes." if standard else "; the final norm is not applied.")),
         "",
     ]
+    if standard:
+        lines += [
+            "Standard sentence-transformers modules only (`modules.json`): Text Embeddings Inference, vLLM and "
+            "Infinity can serve it, with no custom code. `strata export --check THIS_FOLDER` loads it as they "
+            "do and compares with the vectors Strata made for the texts in `strata_check.safetensors`.",
+            "",
+            "```python",
+            "from sentence_transformers import SentenceTransformer",
+            "",
+            'model = SentenceTransformer("PATH/TO/THIS/FOLDER")',
+            'vectors = model.encode(["a sentence", "another one"])',
+            "```",
+            "",
+            "Strata tokenises corpus text as text: control-token markup inside a text (such as `<|im_end|>`) "
+            "is split into ordinary tokens. A serving stack reads it as the control token, so such texts can "
+            "get other vectors there.",
+        ]
+    else:
+        near = record.get("nearest_standard") or {}
+        score = near.get("probe_score")
+        lines += [
+            f"Custom modules (`pipeline.serve`): {record['custom_because']}. Text Embeddings Inference, vLLM "
+            f"and Infinity cannot serve it; sentence-transformers can, where the `strata` package is installed.",
+            f"The nearest variant that exports with standard modules is `{near.get('variant')}`"
+            + (f" (probe score {score:.2f})." if score is not None else "."),
+            "",
+            "```python",
+            "from sentence_transformers import SentenceTransformer",
+            "",
+            "# trust_remote_code: sentence-transformers >= 6 asks it to import the installed strata package's modules",
+            "# (pipeline.serve); this folder holds no code",
+            'model = SentenceTransformer("PATH/TO/THIS/FOLDER", trust_remote_code=True)',
+            'vectors = model.encode(["a sentence", "another one"])',
+            "```",
+        ]
+    lines += ["", f"Output: {record['dim']} dimensions, float32."
+              + ("" if standard else f" Needs `{SERVE_EXTRA}`.") + f" What each fitted piece saw: `{EXPORT_RECORD}`.",
+              ""]
     return "\n".join(lines)

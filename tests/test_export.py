@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -81,8 +82,12 @@ def rel_err(got: np.ndarray, want: np.ndarray) -> float:
 def load_and_encode(folder, texts, *, padding_side="right", batch_size=5) -> np.ndarray:
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(str(folder), device="cpu", trust_remote_code=True)
-    model[0].padding_side = padding_side
+    custom = json.loads((Path(folder) / "strata_export.json").read_text())["modules"] == "custom"
+    model = SentenceTransformer(str(folder), device="cpu", trust_remote_code=custom)
+    if custom:
+        model[0].padding_side = padding_side
+    else:  # sentence-transformers' Transformer pads as its tokenizer does
+        model[0].tokenizer.padding_side = padding_side
     return model.encode(texts, batch_size=batch_size, convert_to_numpy=True)
 
 
