@@ -79,6 +79,19 @@ def why_custom(variant, *, n_layers: int, normalize: bool, template_text: str, a
             + (" (this output is not normalised)" if variant.pooling in ("last", "first") else ""))
 
 
+def serving(name: str, *, n_layers: int, templates: dict[str, str], append_eos: bool, normalize: bool = False
+            ) -> str:
+    """"standard" or "custom": how ``strata export`` would write the variant named (a probe's ranking
+    marks each one so, for a user weighing a fraction of a point against deployability)."""
+    from .templates import BUILTIN
+    from .variants import Variant
+
+    v = Variant.parse(name)
+    text = templates.get(v.template) or BUILTIN.get(v.template, "")
+    return "custom" if why_custom(v, n_layers=n_layers, normalize=normalize, template_text=text,
+                                  append_eos=append_eos, mixed=v.mix is not None) else "standard"
+
+
 def nearest_standard(variant, n_layers: int):
     """The closest variant that exports with standard modules: plain template, layer N, the
     pooling's standard form (sink-free dropped, else mean), the same affine transform."""

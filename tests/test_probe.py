@@ -14,6 +14,7 @@ from pipeline.evaldata import BeirData, StsData
 from pipeline.metrics import per_query_scores, retrieval_scores_from_run
 from pipeline.recipe import Recipe, RecipeEncoder, RecipeError
 from pipeline.signals import anisotropy, entropy, uniformity
+from pipeline.standard import STANDARD_POOLING
 from pipeline.variants import Variant
 
 
@@ -301,6 +302,13 @@ def test_probe_writes_a_ranked_recipe_a_report_and_a_job(probed):
     assert result["chosen"]["variant"] in result["chosen"]["tied"]
     assert set(result["signals"]["agreement"]) == {"anisotropy", "entropy", "uniformity"}
     assert (out / "report.md").read_text().count("![") == 2
+    # each ranked variant says how `strata export` writes it; the tiny model has N = 4 and the probe
+    # does not normalise, so only plain layer-4 raw cells (and their affine transforms) are standard
+    for r in result["ranked"]:
+        v = Variant.parse(r["variant"])
+        want = v.template == "plain" and v.layer == 4 and v.mix is None and v.pooling in STANDARD_POOLING
+        assert r["serving"] == ("standard" if want else "custom"), r
+    assert "| serving |" in (out / "report.md").read_text()
     job = (out / "job.yaml").read_text()
     assert "recipe:" in job and str(out / "probe.json") in job
 

@@ -34,6 +34,11 @@ def summary_lines(result: dict) -> list[str]:
         d = c["vs_runner_up"]
         lines.append(f"  runner-up: {c['runner_up']['variant']}  {c['runner_up']['score']:.2f}; difference "
                      f"[{d['diff_low']:+.2f}, {d['diff_high']:+.2f}]{'' if d['significant'] else ' (a tie)'}")
+    serves = {r["variant"]: r.get("serving") for r in result["ranked"]}
+    std = next((r for r in result["ranked"] if r.get("serving") == "standard" and r["score"] is not None), None)
+    if std is not None and serves.get(c["variant"]) == "custom":
+        lines.append(f"  best standard export: {std['variant']}  {std['score']:.2f} (`strata export probe.json DIR "
+                     f"--standard`; the chosen one needs Strata's modules to serve)")
     lines.append("  the chosen score is the best of many on this sample (optimistic): check it on other labels "
                  "with `strata eval ... --recipe probe.json`")
     return lines
@@ -49,11 +54,14 @@ def write_probe_report(result: dict, scored: list[Scored], choice: Choice, out: 
     lines = ["# Probe", "", *[f"    {line}" for line in summary_lines(result)], ""]
     c = result["chosen"]
     lines += ["## Ranking (top 20)", "",
-              "| rank | variant | score | 95% interval | depth | fitted on |", "|---:|---|---:|---|---:|---|"]
+              "`serving`: standard when `strata export` writes the variant with sentence-transformers' own "
+              "modules (Text Embeddings Inference and vLLM serve it), custom when it needs Strata's.", "",
+              "| rank | variant | score | 95% interval | depth | fitted on | serving |",
+              "|---:|---|---:|---|---:|---|---|"]
     for i, r in enumerate([r for r in result["ranked"] if r["score"] is not None][:20], 1):
         mark = " (chosen)" if r["variant"] == c["variant"] else ""
         lines.append(f"| {i} | `{md_cell(r['variant'])}`{mark} | {r['score']:.2f} | [{r['low']:.2f}, {r['high']:.2f}] "
-                     f"| {r['depth']} | {md_cell(r['fitted_on'])} |")
+                     f"| {r['depth']} | {md_cell(r['fitted_on'])} | {r.get('serving', '')} |")
     lines += ["", "## Heatmaps", "",
               "Raw cells per template; a dot marks a cell whose 95% interval overlaps the chosen variant's (a "
               "looser test than the paired one that decides ties).", ""]

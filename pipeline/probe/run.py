@@ -15,6 +15,7 @@ from tqdm import tqdm
 from .. import stats
 from ..evaldata import StsData
 from ..recipe import CONTRACT, Recipe, write_probe_json
+from ..standard import serving
 from ..storage import safe_name
 from ..templates import TOKENS_RULE
 from ..variants import Variant
@@ -118,6 +119,9 @@ def run_probe(model: str, labels, output: str | Path, *, budget: Budget | None =
         "seconds": {"embed": round(t_embed, 1), "total": round(time.perf_counter() - t0, 1)},
         "ranked": [s.row() for s in best_first],
     }
+    for row in result["ranked"]:  # what `strata export` can write for each: standard modules, or Strata's
+        row["serving"] = serving(row["variant"], n_layers=n_layers, templates=result["settings"]["templates"],
+                                 append_eos=request.settings.append_eos)
     write_probe_json(out / "probe.json", result)
     (out / "job.yaml").write_text(job_yaml(result, out / "probe.json", text_column))
     write_probe_report(result, scored, choice, out)
