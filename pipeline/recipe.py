@@ -120,10 +120,30 @@ class Recipe:
     def readers(self) -> list[Reader]:
         out = []
         for e in self.entries:
-            t = Transform.load(self.path.parent / e["transform_path"]) if e.get("transform_path") else None
+            t = self._transform(e) if e.get("transform_path") else None
             w = tuple(e["weights"]) if e.get("weights") else None
             out.append(Reader(Variant.parse(e["variant"]), tuple(e["sources"]), w, t))
         return out
+
+    def _transform(self, entry: dict) -> Transform:
+        """An entry's fitted transform, read only from inside the recipe's folder (a probe.json is data:
+        it never steers a read elsewhere), its shape checked against the model's width."""
+        base = self.path.parent.resolve()
+        path = (self.path.parent / entry["transform_path"]).resolve()
+        if not path.is_relative_to(base):
+            raise RecipeError(f"recipe {self.path}: {entry['variant']}'s transform_path {entry['transform_path']!r} "
+                              f"points outside the recipe's folder; refused")
+        try:
+            t = Transform.load(path)
+        except FileNotFoundError as e:
+            raise RecipeError(f"recipe {self.path}: {entry['variant']}'s transform {entry['transform_path']!r} is "
+                              f"missing ({Path(e.filename or path).name})") from None
+        dim = self.model.get("dim")
+        shapes = [np.shape(t.mean)] + ([np.shape(t.basis)] if t.basis is not None else [])
+        if dim and (shapes[0] != (dim,) or (len(shapes) > 1 and shapes[1][0] != dim)):
+            raise RecipeError(f"recipe {self.path}: {entry['variant']}'s transform {entry['transform_path']!r} has "
+                              f"shape(s) {', '.join(map(str, shapes))}, but the model's vectors have {dim} dimensions")
+        return t
 
     def template_specs(self) -> list[str]:
         """The sources' templates as ``resolve`` takes them: built-in names, user templates by text."""

