@@ -90,7 +90,7 @@ def arch(request, model_dir, tmp_path_factory):
     make_output(model, normed, TEXTS, layers=f"{k},{n}", poolings="last,first,mean", normalize=True,
                 transforms="whiten8")
     plain = root / "plain"
-    make_output(model, plain, TEXTS, layers=str(n), poolings="mean,last,first,max", transforms="whiten8")
+    make_output(model, plain, TEXTS, layers=str(n), poolings="mean,last,first,max,wmean", transforms="whiten8,abtt1")
     return name, n, normed, plain
 
 
@@ -100,7 +100,7 @@ def test_standard_exports_load_without_strata_and_equal_the_stored_vectors(arch,
     cases = [(normed, f"L{k}.last"), (normed, f"L{k}.first"), (normed, f"L{n}.mean"),
              (normed, f"L{k}.last|whiten8"),  # layer < N: the final norm at unit scale, then normalised
              (plain, f"L{n}.mean"), (plain, f"L{n}.last"), (plain, f"L{n}.first"), (plain, f"L{n}.max"),
-             (plain, f"L{n}.mean|whiten8")]
+             (plain, f"L{n}.wmean"), (plain, f"L{n}.mean|whiten8"), (plain, f"L{n}.max|abtt1")]
     folders = []
     for i, (out, variant) in enumerate(cases):
         folder = tmp_path / f"e{i}"
