@@ -388,6 +388,24 @@ def output_made_with_other_settings(root, model):
     return Case(embed_argv(root, model, "--poolings", "last"), 2, ["different", "--force"], rows=ids, unchanged=[root / "out"])
 
 
+@case
+def different_input_into_an_existing_output(root, model):
+    ids = simple(root / "in" / "a.parquet", "a")
+    assert main(embed_argv(root, model)) == 0
+    simple(root / "other" / "b.parquet", "b")
+    return Case(embed_argv(root, model, inp=root / "other"), 2,
+                ["holds the embeddings of INPUT", "/in, not", "/other", "drop its 1 committed shard",
+                 "--replace-input"], rows=ids, unchanged=[root / "out"])
+
+
+@case
+def different_input_with_replace_input(root, model):
+    simple(root / "in" / "a.parquet", "a")
+    assert main(embed_argv(root, model)) == 0
+    ids = simple(root / "other" / "b.parquet", "b")
+    return Case(embed_argv(root, model, "--replace-input", inp=root / "other"), 0, ["1 dropped"], rows=ids)
+
+
 # ---------------------------------------------------------------- evaluation data
 def beir(root: Path, docs: list[dict], queries: list[tuple[str, str]], qrels: str) -> Path:
     d = root / "beir"

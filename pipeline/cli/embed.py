@@ -38,6 +38,8 @@ def register(sub) -> None:
                    help="take over OUTPUT's lock now (its holder is known to be dead, e.g. a crashed pod); without it "
                         "a lock not renewed for 5 min is taken over by the next run")
     p.add_argument("--force", action="store_true", help="replace an output made with other settings")
+    p.add_argument("--replace-input", action="store_true",
+                   help="embed a different INPUT into an output that holds another input's shards (they are dropped)")
     p.add_argument("--yes", action="store_true", help="go on when the projected output is above the limit "
                                                       "(docs/scale.md)")
     p.add_argument("--max-output-size", default=None, metavar="SIZE",
@@ -69,7 +71,8 @@ def cmd_embed(args) -> int:
     check_size(request, rows, args.yes, args.max_output_size)
     summary = embed(request, args.input, args.output, text_column=args.text_column, id_column=args.id_column,
                     force=args.force, progress=not args.quiet, calibration_rows=args.calibration_rows,
-                    int8_ranges=args.int8_ranges, break_lock=args.break_lock)
+                    int8_ranges=args.int8_ranges, break_lock=args.break_lock,
+                    replace_input=args.replace_input)
     print(summary.line())
     print(f"{request.model.name}: {request.max_length_line()}")
     if derived_asked:

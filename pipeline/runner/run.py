@@ -71,10 +71,33 @@ def _resources(ray, actors: int | None, gpus_per_actor: float | None) -> tuple[i
     return n, cpu_each, 0.0, threads
 
 
+def input_key(input: str) -> str:
+    """How an output records its INPUT: a URL without a trailing slash, a local path absolute; redacted."""
+    if "://" in input:
+        return redact(input).rstrip("/")
+    return redact(os.path.abspath(os.path.expanduser(input)))
+
+
+def check_same_input(manifest: dict, input: str, output: str, replace_input: bool) -> None:
+    """Refuse another INPUT into an output that holds committed shards (each would be dropped),
+    unless ``replace_input``; then, or for the same INPUT, record it (``input_key``)."""
+    here, was = input_key(input), manifest.get("input")
+    comparable = isinstance(was, str) and ("://" in was or os.path.isabs(was))  # older outputs kept it as given
+    if manifest.get("shards") and comparable and was != here:
+        if not replace_input:
+            raise ValueError(f"{redact(output)} holds the embeddings of INPUT {was}, not {here}: embedding another "
+                             f"input into it would drop its {len(manifest['shards'])} committed shard(s); use a new "
+                             f"output location, or --replace-input to replace them")
+        log.warning("%s: INPUT %s replaces %s (--replace-input); shards not in it are dropped", redact(output),
+                    here, was)
+    manifest["input"] = here
+
+
 def embed(request: Request, input: str, output: str, *, text_column: str = "text", id_column: str | None = None,
           force: bool = False, progress: bool = True, stall_timeout_s: float = 600.0,
           unit_rows: int = UNIT_ROWS, calibration_rows: int = quantize.DEFAULT_CALIBRATION_ROWS,
-          int8_ranges: str | None = None, break_lock: bool = False, retain_replaced: bool = False) -> EmbedSummary:
+          int8_ranges: str | None = None, break_lock: bool = False, retain_replaced: bool = False,
+          replace_input: bool = False) -> EmbedSummary:
     """Embed every row of the Parquet shards at ``input`` into ``output`` (see module doc).
 
     ``request`` (``pipeline.request.resolve``) fixes the model, the variants, the settings and
@@ -87,6 +110,9 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
 
     ``retain_replaced`` (jobs): the folders of replaced or dropped shards stay, listed in the
     manifest's ``retired``, for the published versions that still read them.
+
+    An output records its INPUT (``input_key``); another INPUT into it is refused, since its shards
+    would all be dropped, unless ``replace_input`` (``--replace-input``) says that is meant.
     """
     t_start = time.perf_counter()
     problem = overlap(input, output)
@@ -138,7 +164,8 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
                                           "n_layers": request.model.n_layers},
                                 "max_length": {"tokens": request.settings.max_length,
                                                "source": request.max_length_source},
-                                "variants": request.manifest_variants(), "input": redact(input), "shards": []}
+                                "variants": request.manifest_variants(), "input": input_key(input), "shards": []}
+        check_same_input(manifest, input, output, replace_input)
         for entry in manifest["variants"]:
             q = quantize.manifest_entry(request.settings.dtype, request.model.dim)
             if q:
