@@ -270,7 +270,7 @@ def describe(e: BaseException, url: str | None = None, *, expected: bool = False
         pkg = re.search(r"(s3fs|gcsfs|adlfs)", text, re.I).group(1).lower()
         extra = {"s3fs": "s3", "gcsfs": "gcs", "adlfs": "azure"}[pkg]
         return f"{pkg} is not installed{where}: pip install 'strata[{extra}]' (or pip install {pkg})"
-    if "UnpicklingError" in names or "Weights only load failed" in text:
+    if not expected and ("UnpicklingError" in names or "Weights only load failed" in text):
         return (f"torch refused to unpickle the weights{where} (weights_only): the file needs code that is not "
                 "allowed to run; convert it to safetensors, or load it only if you trust it and its source")
     if expected and text:

@@ -220,6 +220,42 @@ def check_weight_format(src: ModelSource, where, allow_pickle: bool) -> None:
                          "run arbitrary code when loaded; convert them to safetensors or opt in with allow_pickle")
 
 
+def check_weights_readable(src: ModelSource, where, allow_pickle: bool) -> None:
+    """Open the weights the way a load will, on the driver, before any actor starts: a safetensors
+    header that does not parse, or a pickle that torch's ``weights_only`` refuses, is one line naming
+    the model and the file here (in the actors it was a Ray traceback of a hundred lines). Cheap: a
+    safetensors header, or a memory-mapped zip pickle whose tensors are not read."""
+    if not Path(str(where)).is_dir():
+        return
+    files = _weight_files(Path(where))
+    safe = [p for p in files if p.suffix == ".safetensors"]
+    for path in safe:
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001 - any unreadable header is this one error
+            raise ModelError(f"model {src.name!r}: {path.name} is not a readable safetensors file "
+                             f"({type(e).__name__}: {str(e)[:160]})") from None
+    if safe or not allow_pickle:
+        return  # transformers loads the safetensors; pickles are refused without allow_pickle
+    import torch
+
+    for path in (p for p in files if p.suffix in PICKLE_SUFFIXES):
+        try:
+            torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" in str(e):  # an old (non-zip) pickle: only a full load could tell; the load will
+                continue
+            raise ModelError(f"model {src.name!r}: {path.name} cannot be loaded ({str(e)[:160]})") from None
+        except Exception as e:  # noqa: BLE001 - UnpicklingError (weights_only), a truncated file, ...
+            why = "torch refused to unpickle it (weights_only): it needs code that is not allowed to run; convert " \
+                  "it to safetensors" if "weights_only" in str(e) or "Unpickl" in type(e).__name__ else \
+                  f"{type(e).__name__}: {str(e)[:160]}"
+            raise ModelError(f"model {src.name!r}: {path.name}: {why}") from e  # the cause, in the log file
+
+
 MAX_LENGTH_FALLBACK = 512
 SANE_MODEL_MAX_LENGTH = 1_000_000  # tokenizers without a limit report ~1e30 (transformers' "very large")
 

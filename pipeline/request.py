@@ -206,6 +206,7 @@ def resolve(model: str | None = None, *, layers="-1", poolings="mean", max_lengt
     if resources.gpus_per_actor == 0:
         device = "cpu"
     models.check_weight_format(src, where, allow_pickle)  # here, not deep inside an actor
+    models.check_weights_readable(src, where, allow_pickle)
     try:
         cfg = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
     except OSError as e:

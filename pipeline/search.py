@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import tempfile
 from pathlib import Path
 
@@ -19,8 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .index import INDEXES, IndexBuildError, index_path, load_index, sidecars, wanted_variants
+from .index.fresh import staleness
 from .stores import exists
 from .variants import Variant
+
+log = logging.getLogger(__name__)
 
 QUERY_ID_COLUMNS = ("query_id", "id", "_id")
 
@@ -110,6 +114,10 @@ def search_output(output: str | Path, variant: str, queries: str | Path, k: int 
         if path is None or not path.is_file():
             raise IndexBuildError(f"{v.name} has no index in {output}: run `strata index {output} --variants {v.name}`")
         index = load_index(path, nprobe=nprobe)
+    why = staleness(store, manifest, v)
+    if why:
+        log.warning("the %s index of %s is stale: %s; its results miss what changed. Refresh it: strata index %s "
+                    "--variants '%s'", v.name, output, why, output, v.name)
     ids, texts = read_queries(queries, text_column, id_column)
     encoder = encoder or Encoder.from_request(query_request(manifest, v))
     q = vectors_for(store.url if remote else output, manifest, v, encoder.encode(texts)) if texts else np.zeros((0, index.index.d), np.float32)

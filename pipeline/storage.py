@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import redact_text as redact  # a URL or any text safe to log (the one redaction)
-from .stores import exists, filesystem, is_glob, is_local
+from .stores import MissingBucket, check_bucket, exists, filesystem, is_glob, is_local
 
 MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings"
@@ -141,10 +141,13 @@ class Output:
         if self.fs.isfile(self.root):
             raise NotADirectoryError(f"output location {redact(self.url)} is a file, not a directory")
         try:
+            check_bucket(self.fs, self.root, self.url)  # before makedirs, which would create it
             self.fs.makedirs(self.root, exist_ok=True)
             with self.fs.open(probe, "wb") as f:
                 f.write(b"ok")
             self.fs.rm(probe)
+        except MissingBucket:
+            raise
         except OSError as e:
             raise PermissionError(f"output location {redact(self.url)} is not writable: {e.strerror or e}") from None
 

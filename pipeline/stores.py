@@ -51,7 +51,12 @@ def options_for(url: str) -> dict:
 def filesystem(url: str):
     """``(fs, path)`` for any fsspec URL, with the storage options registered for it. The one place
     Strata opens a filesystem from a URL."""
-    return fsspec.core.url_to_fs(str(url), **options_for(url))
+    try:
+        return fsspec.core.url_to_fs(str(url), **options_for(url))
+    except ImportError as e:  # "Install s3fs to access S3": the URL it was for, not a guess from the frames
+        from .errors import redact_text
+
+        raise ImportError(str(e), path=redact_text(str(url))) from None
 
 
 def exists(fs, path: str) -> bool:
@@ -76,3 +81,24 @@ def is_glob(fs, path: str) -> bool:
     """Whether an input path is a pattern: it has ``*``, ``?`` or ``[`` and does not exist as given
     (a folder named ``br[v2]`` is a folder). The one rule for listing shards and for the overlap check."""
     return any(c in path for c in "*?[") and not exists(fs, path)
+
+
+class MissingBucket(FileNotFoundError):
+    """An object-store location whose bucket does not exist (``check_bucket``)."""
+
+
+def check_bucket(fs, path: str, url: str) -> None:
+    """Refuse an object-store location whose bucket does not exist: Strata never creates buckets
+    (fsspec's ``makedirs`` on a missing bucket creates it, so a typo made a new bucket)."""
+    if is_local(fs):
+        return
+    from .errors import redact_text
+
+    bucket = path.strip("/").split("/", 1)[0]
+    try:
+        found = not bucket or exists(fs, bucket)
+    except Exception as e:  # noqa: BLE001 - an endpoint that refuses, a denied request: named, as an OSError
+        raise OSError(f"cannot reach bucket {bucket!r} of {redact_text(url)}: {type(e).__name__}: {e}") from e
+    if not found:
+        raise MissingBucket(f"bucket {bucket!r} of {redact_text(url)} does not exist: Strata never creates "
+                                f"buckets; create it, or correct the name")

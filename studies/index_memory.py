@@ -151,6 +151,11 @@ def row(label: str, rows: int, parts: int, r: dict) -> dict:
             "encode_us_per_row": round(1e6 * r["encode_seconds"] / rows, 2)}
 
 
+def _ratio(b: dict, a: dict, key: str) -> str:
+    """b/a of one figure; "n/a" where the small corpus measured 0 (a sample too coarse for a tiny run)."""
+    return f"{b[key] / a[key]:.2f}x" if a[key] else "n/a"
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     head = ("| corpus | rows | parts x rows | sample task MB (median / max) | train task MB | "
             "encode task MB (median / max) | encode above its start MB (max) | merge (driver) MB | "
@@ -164,10 +169,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
                      f"{r['merge_seconds']:.1f} | {r['build_seconds']:.1f} | {r['encode_us_per_row']:.1f} |")
     a, b = rows[0], rows[-1]
     lines.append("")
-    lines.append(f"Ratios {b['corpus']}/{a['corpus']}: encode task max {b['encode_mb_max'] / a['encode_mb_max']:.2f}x, "
-                 f"train {b['train_mb'] / a['train_mb']:.2f}x, merge RSS {b['merge_mb'] / a['merge_mb']:.2f}x, "
-                 f"merge Python heap {b['merge_py_heap_mb'] / a['merge_py_heap_mb']:.2f}x, "
-                 f"build time {b['build_seconds'] / a['build_seconds']:.2f}x.")
+    lines.append(f"Ratios {b['corpus']}/{a['corpus']}: encode task max {_ratio(b, a, 'encode_mb_max')}, "
+                 f"train {_ratio(b, a, 'train_mb')}, merge RSS {_ratio(b, a, 'merge_mb')}, "
+                 f"merge Python heap {_ratio(b, a, 'merge_py_heap_mb')}, "
+                 f"build time {_ratio(b, a, 'build_seconds')}.")
     lines.append(f"Medians of {meta['repeats']} builds per size, interleaved. Options: {meta['options']}; "
                  f"dim {meta['dim']}; {meta['machine']}; commit {meta['commit']}.")
     return "\n".join(lines) + "\n"

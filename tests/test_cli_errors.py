@@ -276,3 +276,18 @@ def test_sigterm_during_a_ray_embed_stops_cleanly(model_dir, tmp_path):
     err = err_path.read_text()
     assert p.returncode == 143, err[-3000:]
     assert err.rstrip().endswith("strata embed: terminated") and "Traceback" not in err and "*** " not in err
+
+
+def test_a_missing_store_library_names_the_url_it_was_for(tmp_path, model_dir):
+    """Without s3fs, an s3 OUTPUT's error names that output and the extra to install, not the local
+    INPUT that a guess from the failing frame's variables named."""
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"text": ["a b c"]}), tmp_path / "in" / "a.parquet")
+    code = ("import sys; sys.modules['s3fs'] = None; from pipeline.cli import main; "
+            f"sys.exit(main(['embed', {str(tmp_path / 'in')!r}, 's3://bucket/out', '--model', {model_dir!r}, '-q']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "STRATA_LOG_DIR": str(tmp_path / "logs")})
+    assert r.returncode == 2, r.stderr[-2000:]
+    (line,) = [x for x in r.stderr.splitlines() if x.startswith("strata embed:")]
+    assert "s3fs is not installed (s3://bucket/out): pip install 'strata[s3]'" in line, line
+    assert str(tmp_path / "in") not in line

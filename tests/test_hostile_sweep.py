@@ -45,6 +45,7 @@ class Case:
     absent: list[Path] = field(default_factory=list)  # paths the command must not create (a marker)
     # (owner, attribute): callables the command must stop before; each is replaced by one that records its call
     never: list[tuple[object, str]] = field(default_factory=list)
+    writes: list[Path] = field(default_factory=list)  # files outside OUTPUT the command is asked to write
 
 
 CASES: dict[str, Callable[..., Case]] = {}
@@ -70,6 +71,14 @@ def embed_argv(root: Path, model: str, *extra: str, inp: Path | None = None, out
     """``strata embed`` with small defaults; ``extra`` options come last, so they override them."""
     return ["embed", str(inp or root / "in"), str(out or root / "out"), "--model", model, "--layers", "-1",
             "--poolings", "mean", "--id-column", "id", "-q", *extra]
+
+
+def _outside(top: Path, allowed: list[Path]) -> dict:
+    """``snapshot`` of ``top`` without what lies in (or is) an allowed path."""
+    skip = [str(a) for a in allowed]
+    # a folder's own mtime moves when an allowed entry appears in it: folders are compared by presence
+    return {k: None if (top / k).is_dir() else v for k, v in snapshot(top).items()
+            if not any(str(top / k) == a or str(top / k).startswith(a + "/") for a in skip)}
 
 
 def snapshot(path: Path) -> dict:
@@ -181,6 +190,23 @@ def fifo_named_parquet(root, model):
     ids = simple(root / "in" / "a.parquet", "a")
     os.mkfifo(root / "in" / "b.parquet")  # reading it would wait for a writer forever
     return Case(embed_argv(root, model), 0, ["skipping", "b.parquet: not a regular file"], rows=ids)
+
+
+@case
+def directory_symlink_in_input(root, model):
+    ids = simple(root / "in" / "a.parquet", "a") + simple(root / "elsewhere" / "2024" / "b.parquet", "b")
+    (root / "in" / "2024").symlink_to(root / "elsewhere" / "2024")  # fsspec's find skipped it, exit 0
+    (root / "in" / "loop").symlink_to(root / "in")  # a cycle: each real folder is read once
+    return Case(embed_argv(root, model), 0, ["2 shards embedded"], rows=ids)
+
+
+@case
+def directory_symlink_into_output(root, model):
+    simple(root / "in" / "a.parquet", "a")
+    (root / "out").mkdir()
+    (root / "in" / "back").symlink_to(root / "out")
+    return Case(embed_argv(root, model), 2, ["in/back under INPUT leads to", "inside OUTPUT"],
+                unchanged=[root / "in"])
 
 
 @case
@@ -394,7 +420,7 @@ def different_input_into_an_existing_output(root, model):
     assert main(embed_argv(root, model)) == 0
     simple(root / "other" / "b.parquet", "b")
     return Case(embed_argv(root, model, inp=root / "other"), 2,
-                ["holds the embeddings of INPUT", "/in, not", "/other", "drop its 1 committed shard",
+                ["holds the embeddings of INPUT", "/in, not", "/other", "drop or replace 1 of its 1 committed shard",
                  "--replace-input"], rows=ids, unchanged=[root / "out"])
 
 
@@ -576,6 +602,67 @@ def job_bad_name(root, model):
     return Case(["run", "--dry-run", str(p)], 2, ["name"])
 
 
+class _Evil:
+    def __reduce__(self):  # a pickle that calls print when loaded without weights_only
+        return (print, ("pwned",))
+
+
+def _model_copy(root: Path, model: str) -> Path:
+    import shutil
+
+    d = root / "model"
+    shutil.copytree(model, d)
+    return d
+
+
+@case
+def model_pickle_refused_by_weights_only(root, model):
+    import torch
+    from safetensors.torch import load_file
+
+    d = _model_copy(root, model)
+    sd = load_file(d / "model.safetensors")
+    sd["evil"] = _Evil()
+    torch.save(sd, d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+    simple(root / "in" / "a.parquet", "a")
+    return Case(embed_argv(root, str(d), "--allow-pickle"), 2,
+                ["pytorch_model.bin: torch refused to unpickle it (weights_only)"], rows=[], out=root / "out")
+
+
+@case
+def model_safetensors_garbage(root, model):
+    d = _model_copy(root, model)
+    (d / "model.safetensors").write_bytes(bytes(range(256)) * 64)  # a valid config, random weights bytes
+    simple(root / "in" / "a.parquet", "a")
+    return Case(embed_argv(root, str(d)), 2, ["model.safetensors is not a readable safetensors file"], rows=[],
+                out=root / "out")
+
+
+@case
+def stale_index_searched(root, model):
+    simple(root / "in" / "a.parquet", "a")
+    assert main(embed_argv(root, model)) == 0
+    assert main(["index", str(root / "out"), "--kind", "flat"]) == 0
+    simple(root / "in" / "b.parquet", "b")  # committed after the index was built
+    assert main(embed_argv(root, model)) == 0
+    pq.write_table(pa.table({"query_id": ["q0"], "text": ["rivers"]}), root / "q.parquet")
+    return Case(["search", str(root / "out"), "L4.mean", "--queries", str(root / "q.parquet"), "--out",
+                 str(root / "res.parquet")], 0,
+                ["index of", "is stale", "from 1 of the 2 committed file(s)", "Refresh it: strata index"],
+                writes=[root / "res.parquet"])
+
+
+@case
+def job_output_symlinked_into_input(root, model):
+    simple(root / "in" / "a.parquet", "a")
+    (root / "in" / "jobs").mkdir()
+    (root / "outlink").symlink_to(root / "in" / "jobs")  # the output, resolved, is inside INPUT
+    p = spec(root, f"name: x\ninput: {{location: {root / 'in'}, id_column: id}}\nmodel: {model}\n"
+                   f"variants: {{layers: '-1', poolings: [mean]}}\noutput: {root / 'outlink'}\n")
+    return Case(["run", str(p)], 2, ["output: OUTPUT is inside INPUT"], unchanged=[root / "in"])
+
+
 # ---------------------------------------------------------------- credentials in URLs
 @case
 def credentials_in_output_url(root, model):
@@ -672,6 +759,9 @@ def test_hostile_case(name, ray_local, model_dir, tmp_path, monkeypatch, capsys)
     capsys.readouterr()
     _check_preconditions(c)
     before = {p: snapshot(p) for p in c.unchanged}
+    out_dir = c.out or root / "out"
+    allowed = [out_dir, logs, *c.writes]
+    around = _outside(tmp_path, allowed)
     calls: list[str] = []
     for owner, attr in c.never:
         monkeypatch.setattr(owner, attr, _recorder(calls, f"{owner.__name__}.{attr}"))
@@ -691,7 +781,6 @@ def test_hostile_case(name, ray_local, model_dir, tmp_path, monkeypatch, capsys)
     else:
         assert any(all(s in x for s in c.says) for x in (out + err).splitlines()), (c.says, out, err)
     # 3. rows: written or recorded as rejected, once each; a refused command changes nothing
-    out_dir = c.out or root / "out"
     if c.rows is not None:
         assert sorted(accounted(out_dir)) == sorted(c.rows)
     for p, snap in before.items():
@@ -700,6 +789,8 @@ def test_hostile_case(name, ray_local, model_dir, tmp_path, monkeypatch, capsys)
         assert not c.out.exists() or not any(c.out.iterdir())
     for p in c.absent:
         assert not p.exists(), p
+    # 5. nothing outside OUTPUT (and the log folder, and a file the command was asked to write) changed
+    assert _outside(tmp_path, allowed) == around
     # 4. no secret anywhere
     for where, text in (("stdout", out), ("stderr", err), ("output", _texts_under(out_dir)),
                         ("strata logs", _texts_under(logs)), ("ray logs", _ray_logs())):

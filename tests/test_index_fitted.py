@@ -18,6 +18,7 @@ from pipeline.cli import main
 from pipeline.derive import reader
 from pipeline.index import index_path, index_status, load_index
 from pipeline.index import ray as ir
+from pipeline.index.fresh import staleness
 from pipeline.storage import Output
 from pipeline.transforms import Transform
 from pipeline.variants import Variant
@@ -100,12 +101,14 @@ def test_local_index_holds_the_current_fit_and_its_freshness_follows_the_pieces(
 
     # freshness: the record keys on the pieces' content, not only on the files and the kind
     assert index_status(out, manifest, [LOCAL], "flat") == ([], [LOCAL])
+    assert staleness(Output(str(out)), manifest, LOCAL) is None  # what `strata search` warns on
     built = json.loads((out / "indexes" / "_built.json").read_text())[LOCAL.name]
     assert built["fitted"].startswith("sha256:")
     path = out / manifest["derived"][LOCAL.name]["transform"]
     saved = path.with_name(path.name + ".npz").read_bytes()
     Transform(t.name, t.mean + 0.01, t.basis, t.fitted_on).save(path)  # refitted in place, no file of rows new
     assert index_status(out, manifest, [LOCAL], "flat") == ([LOCAL], [])
+    assert "fitted pieces it was built through" in staleness(Output(str(out)), manifest, LOCAL)
     path.with_name(path.name + ".npz").write_bytes(saved)  # the same content again: up to date again
     assert index_status(out, manifest, [LOCAL], "flat") == ([], [LOCAL])
     mixed = json.loads(json.dumps(manifest))  # a mix's weights are a fitted piece too

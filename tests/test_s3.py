@@ -96,6 +96,24 @@ def test_an_empty_lock_is_named_and_stale_after_the_timeout(s3, monkeypatch):
         assert json.loads(s3.fs.cat(f"{s3.name}/out/{LOCK}"))["pid"]
 
 
+def test_a_missing_bucket_is_refused_and_never_created(model_dir, s3, tmp_path):
+    """A mistyped bucket, as OUTPUT of `strata embed` and of a job: one line naming it, and no bucket made
+    (fsspec's makedirs creates a missing bucket)."""
+    shards(s3.fs, f"{s3.name}/in", 1, 5)
+    typo = f"{s3.name}-typo"
+    r = cli(["embed", s3.url("in"), f"s3://{typo}/out", "--model", model_dir, "--layers", "1", "--poolings", "mean",
+             "--id-column", "id", "-q"], s3.env)
+    assert r.returncode == 2, r.stderr[-2000:]
+    (line,) = [x for x in r.stderr.splitlines() if x.startswith("strata embed:")]
+    assert f"bucket '{typo}' of s3://{typo}/out does not exist: Strata never creates buckets" in line, line
+    spec = tmp_path / "job.yaml"
+    spec.write_text(job_spec(s3, model_dir, "all").replace(f'output: "{s3.url("jobs")}"', f'output: "s3://{typo}/jobs"'))
+    r = cli(["run", str(spec)], s3.env)
+    assert r.returncode == 2 and f"bucket '{typo}'" in r.stderr, r.stderr[-2000:]
+    s3.fs.invalidate_cache()
+    assert not s3.fs.exists(typo)
+
+
 def job_spec(s3, model_dir: str, index_variants: str, extra: str = "") -> str:
     """A job embedding s3://BUCKET/in into s3://BUCKET/jobs/nightly, its storage options in the spec."""
     return f"""

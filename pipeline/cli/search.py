@@ -24,9 +24,10 @@ def register(sub) -> None:
 
 def cmd_search(args) -> int:
     from ..search import search_output
+    from ..storage import redact
 
     table = search_output(args.output, args.variant, args.queries, args.k, args.out, text_column=args.text_column,
                           id_column=args.id_column, nprobe=args.nprobe)
     print(f"{args.variant}: {len(set(table.column('query_id').to_pylist())):,} queries, {table.num_rows:,} results "
-          f"-> {args.out}")
+          f"-> {redact(args.out)}")
     return 0

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import quantize
+from ..errors import redact_text
 from ..variants import Variant
 from .factory import add_vectors, make_index
 from .fitted import source_digest
@@ -87,7 +88,7 @@ def build_index(embedding_files: Sequence[str | Path], column, out_path: str | P
     params = {**base_params(kind, dtype, rows, dim, rescore),
               "column": column if isinstance(column, str) else None,
               "variant": None if isinstance(column, str) else column.variant.name,
-              "source_columns": source_columns(column), "files": [str(f) for f in files]}
+              "source_columns": source_columns(column), "files": [redact_text(str(f)) for f in files]}  # kept with the index
     read_dim = source_dim if raw else dim
 
     def sample(n: int) -> np.ndarray:

@@ -83,3 +83,28 @@ def record_built(out, v: Variant, entry: dict) -> None:
     built = out.read_json(rel) or {}
     built[v.name] = {**entry, "built_at": utc_now()}
     out.write_json(rel, built)
+
+
+def staleness(out, manifest: dict, v: Variant) -> str | None:
+    """Why ``v``'s index no longer covers exactly what the output holds (the output moved on since it
+    was built: shards committed, replaced or dropped, pieces refitted), or None. ``out``: an ``Output``."""
+    from .. import quantize
+
+    rec = (out.read_json(f"{INDEXES}/{BUILT_FILE}") or {}).get(v.name)
+    if rec is None:
+        return "it has no build record, so what it covers is unknown"
+    files = committed_files(manifest)
+    if rec.get("files") != files:
+        had = set(rec.get("files") or [])
+        return (f"it was built at {rec.get('built_at', '?')} from {len(had & set(files))} of the "
+                f"{len(files)} committed file(s) now in the manifest"
+                + (f" and {len(had - set(files))} since replaced or dropped" if had - set(files) else ""))
+    try:
+        ranges = None
+        if (manifest.get("signature", {}).get("dtype") or "float32") == "int8":
+            ranges = quantize.read_ranges(out.url)[0].get(v.name)
+        if rec.get("fitted") != output_digest(out, manifest, v, ranges):
+            return "the fitted pieces it was built through (mix weights, transform, int8 ranges) changed since"
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return "a fitted piece it was built through is gone or unreadable"
+    return None

@@ -51,7 +51,8 @@ from typing import Any
 from .. import models
 from ..index import index_status as _index_status
 from ..request import EncodeSettings, ModelInfo, Request, Resources, device_type, resolve
-from ..storage import Output, redact
+from ..storage import Output, overlap, redact
+from ..stores import check_bucket, filesystem
 from ..stores import exists
 from ..templates import SLOT, Template
 from ..variants import Variant
@@ -202,7 +203,18 @@ def _resolve_existing(spec: JobSpec) -> Job:
 
 
 def preflight(job: Job) -> None:
-    """Problems that would otherwise surface only after the (expensive) embedding."""
+    """Problems that would otherwise surface only after the (expensive) embedding, or after a first
+    write: an output that overlaps the input (resolved, so a symlink into INPUT counts) or whose
+    bucket does not exist."""
+    if job.job_url:
+        check_bucket(*filesystem(job.job_url), job.job_url)
+        if job.spec.mode == "corpus":
+            problem = overlap(local_path(job.spec.input.location), job.job_url)
+            if problem:
+                raise JobSpecError(one_line(job.spec.source, "output", f"{problem} (INPUT "
+                                            f"{redact(job.spec.input.location)}, OUTPUT {redact(job.job_url)}): Strata "
+                                            f"would read its own output as input or sweep your input; use an output "
+                                            f"location outside the input"))
     for i, ev in enumerate(job.spec.evaluations):
         p = Path(local_path(ev.data))
         if ev.task == "sts" and not p.is_file():

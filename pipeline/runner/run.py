@@ -78,18 +78,20 @@ def input_key(input: str) -> str:
     return redact(os.path.abspath(os.path.expanduser(input)))
 
 
-def check_same_input(manifest: dict, input: str, output: str, replace_input: bool) -> None:
-    """Refuse another INPUT into an output that holds committed shards (each would be dropped),
-    unless ``replace_input``; then, or for the same INPUT, record it (``input_key``)."""
+def check_same_input(manifest: dict, input: str, output: str, replace_input: bool, kept: int) -> None:
+    """Refuse another INPUT into an output whose committed shards it would drop or replace (``kept``:
+    how many stay as they are), unless ``replace_input``; the same shards at a new place (a moved or
+    copied input) are no loss. Then record the INPUT (``input_key``)."""
     here, was = input_key(input), manifest.get("input")
     comparable = isinstance(was, str) and ("://" in was or os.path.isabs(was))  # older outputs kept it as given
-    if manifest.get("shards") and comparable and was != here:
+    committed = len(manifest.get("shards", []))
+    if comparable and was != here and kept < committed:
         if not replace_input:
-            raise ValueError(f"{redact(output)} holds the embeddings of INPUT {was}, not {here}: embedding another "
-                             f"input into it would drop its {len(manifest['shards'])} committed shard(s); use a new "
-                             f"output location, or --replace-input to replace them")
-        log.warning("%s: INPUT %s replaces %s (--replace-input); shards not in it are dropped", redact(output),
-                    here, was)
+            raise ValueError(f"{redact(output)} holds the embeddings of INPUT {was}, not {here}: embedding this input "
+                             f"into it would drop or replace {committed - kept} of its {committed} committed "
+                             f"shard(s); use a new output location, or --replace-input to replace them")
+        log.warning("%s: INPUT %s replaces %s (--replace-input); %d committed shard(s) dropped or replaced",
+                    redact(output), here, was, committed - kept)
     manifest["input"] = here
 
 
@@ -122,7 +124,7 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
     if not os.path.isdir(request.model.path):
         raise ValueError(f"model {request.model.name!r} must be a local directory or a .gguf file for "
                          "distributed runs")
-    fs, shards = list_shards(input)
+    fs, shards = list_shards(input, output)
     inspect_shards(fs, shards, text_column, id_column)  # column errors before any model loads
     out = Output(output)
     out.check_writable()
@@ -165,7 +167,6 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
                                 "max_length": {"tokens": request.settings.max_length,
                                                "source": request.max_length_source},
                                 "variants": request.manifest_variants(), "input": input_key(input), "shards": []}
-        check_same_input(manifest, input, output, replace_input)
         for entry in manifest["variants"]:
             q = quantize.manifest_entry(request.settings.dtype, request.model.dim)
             if q:
@@ -175,6 +176,7 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
             manifest["retain_replaced"] = True
 
         todo, keep, drop = plan(manifest, shards)
+        check_same_input(manifest, input, output, replace_input, kept=len(keep))
         by_rel = {s.rel: s for s in shards}
         for entry in list(keep):  # a committed part damaged since: re-embed that shard, saying so
             bad = out.damaged_parts(entry)

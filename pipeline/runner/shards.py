@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..storage import redact, shard_key
-from ..stores import exists, filesystem, is_glob
+from ..stores import exists, filesystem, is_glob, is_local
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,30 @@ def is_data(rel: str) -> bool:
     return not any(part.startswith(("_", ".")) for part in rel.strip("/").split("/") if part)
 
 
-def list_shards(url: str) -> tuple[Any, list[Shard]]:
-    """Parquet files at a URL: a file, a directory (searched recursively) or a glob. Listed afresh:
-    an object store's filesystem is cached per process with its listings, which would hide new,
-    changed (their ETag) or removed shards from a long-lived driver."""
+def _find_local(root: str, output: str | None) -> list[str]:
+    """Every file under a local folder, following directory links (fsspec's ``find`` does not: the
+    shards behind ``data/2024 -> elsewhere`` were skipped silently), each real folder once (a link
+    cycle ends there); a link that leads into ``output`` is refused."""
+    out_real = os.path.realpath(output) if output and "://" not in output else None
+    seen, found = set(), []
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if out_real and (real == out_real or real.startswith(out_real.rstrip("/") + "/")):
+            raise ValueError(f"{redact(folder)} under INPUT leads to {redact(real)}, inside OUTPUT: Strata would read "
+                             f"its own output as input; remove the link or choose another output")
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        found += [os.path.join(folder, f) for f in files]
+    return found
+
+
+def list_shards(url: str, output: str | None = None) -> tuple[Any, list[Shard]]:
+    """Parquet files at a URL: a file, a directory (searched recursively, directory links followed
+    on a local disk, none into ``output``) or a glob. Listed afresh: an object store's filesystem is
+    cached per process with its listings, which would hide new, changed (their ETag) or removed
+    shards from a long-lived driver."""
     fs, root = filesystem(url)
     fs.invalidate_cache()
     if is_glob(fs, root):
@@ -52,7 +73,8 @@ def list_shards(url: str) -> tuple[Any, list[Shard]]:
         paths = sorted(p for p in fs.glob(root) if p.endswith(".parquet") and is_data(p[len(base):]))
     elif fs.isdir(root):
         base = root.rstrip("/")
-        paths = sorted(p for p in fs.find(root) if p.endswith(".parquet") and is_data(p[len(base):]))
+        every = _find_local(base, output) if is_local(fs) else fs.find(root)
+        paths = sorted(p for p in every if p.endswith(".parquet") and is_data(p[len(base):]))
     elif exists(fs, root):
         paths, base = [root], root.rsplit("/", 1)[0]
     else:
