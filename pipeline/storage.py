@@ -32,6 +32,7 @@ import socket
 import threading
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -406,10 +407,11 @@ class Output:
             info[n] = {"rows": part_rows(self.fs, path), "bytes": int(self.fs.info(path)["size"])}
         return info
 
-    def damaged_parts(self, entry: dict, *, rows: bool = False) -> list[str]:
+    def damaged_parts(self, entry: dict, *, rows: bool = False, checksums: bool = False) -> list[str]:
         """The parts of a committed shard that are missing or differ from what the manifest
-        recorded at commit (size; with ``rows`` also the row count). Entries written before
-        parts were recorded (no ``parts``) are checked for existence only."""
+        recorded at commit (size; with ``checksums`` the CRC-32 of every byte, which reads each part
+        whole; with ``rows`` also the row count). Entries written before parts were recorded (no
+        ``parts``) are checked for existence only, and parts without a ``crc32`` for size and rows."""
         recorded = entry.get("parts") or {}
         bad = []
         for n in list(entry.get("files", [])) + list(entry.get("rejects_files", [])):
@@ -424,6 +426,9 @@ class Output:
                 continue
             if size != want["bytes"]:
                 bad.append(f"{entry['output']}/{n} has {size} bytes, the manifest recorded {want['bytes']}")
+            elif checksums and want.get("crc32") and file_crc32(self.fs, path) != want["crc32"]:
+                bad.append(f"{entry['output']}/{n} does not match its checksum (CRC-32 {want['crc32']} at commit): "
+                           f"its bytes changed since")
             elif rows:
                 try:
                     got = part_rows(self.fs, path)
@@ -435,10 +440,11 @@ class Output:
         return bad
 
     def check_parts(self, manifest: dict | None = None) -> None:
-        """Raise ``DamagedOutput`` naming the first damaged committed part (before reading any)."""
+        """Raise ``DamagedOutput`` naming the first damaged committed part (before reading any): size,
+        rows and checksum, so a flipped byte is never served (the cost: BENCHMARKS.md)."""
         manifest = manifest or self.read_manifest() or {}
         for entry in sorted(manifest.get("shards", []), key=lambda s: s["path"]):
-            bad = self.damaged_parts(entry, rows=True)
+            bad = self.damaged_parts(entry, rows=True, checksums=True)
             if bad:
                 raise DamagedOutput(f"{redact(self.url)}: committed part {bad[0]}: the output is damaged; "
                                     f"re-run `strata embed` to re-embed shard {entry['rel']}")
@@ -513,23 +519,44 @@ def parquet_options(schema: pa.Schema) -> dict:
                 **({"column_encoding": split} if split else {}))
 
 
-def write_part(fs, path: str, table: pa.Table) -> None:
+def write_part(fs, path: str, table: pa.Table) -> str:
     """Write a Parquet or Arrow IPC part aside, then rename it into place (on an object store,
-    one upload straight to its key: an upload is never seen half-done)."""
+    one upload straight to its key: an upload is never seen half-done). Returns the CRC-32 of the
+    bytes written (``crc32_hex``), which the manifest records for each committed part."""
+    sink = pa.BufferOutputStream()
+    if path.endswith(".arrow"):
+        with pa.ipc.new_file(sink, table.schema) as w:
+            w.write_table(table)
+    else:
+        pq.write_table(table, sink, **parquet_options(table.schema))
+    data = sink.getvalue()
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if is_local(fs) else path
     try:
         with fs.open(tmp, "wb") as f:
-            if path.endswith(".arrow"):
-                with pa.ipc.new_file(f, table.schema) as w:
-                    w.write_table(table)
-            else:
-                pq.write_table(table, f, **parquet_options(table.schema))
+            f.write(data)
     except OSError as e:  # name the file (a full disk says only "No space left on device")
         if e.errno and not e.filename:
             raise OSError(e.errno, e.strerror, redact(path)) from e
         raise
     if tmp != path:
         fs.mv(tmp, path)
+    return crc32_hex(memoryview(data))
+
+
+def crc32_hex(data, crc: int = 0) -> str:
+    return f"{zlib.crc32(data, crc) & 0xFFFFFFFF:08x}"
+
+
+CHECKSUM_CHUNK = 8 << 20
+
+
+def file_crc32(fs, path: str) -> str:
+    """CRC-32 of a file's bytes, read in 8 MiB chunks (never whole in memory)."""
+    crc = 0
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(CHECKSUM_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc32_hex(b"", crc)
 
 
 def part_rows(fs, path: str) -> int:

@@ -89,17 +89,18 @@ def test_any_interleaving_and_crashes_end_exactly_once(sizes, crashes, data):
 def test_a_write_that_fails_halfway_is_never_visible(tmp_path, monkeypatch):
     """The part is written aside and renamed only when complete: a failure leaves no part file."""
     import pyarrow.parquet as pq
+    from fsspec.implementations.local import LocalFileOpener
 
-    from pipeline import storage
+    real_write = LocalFileOpener.write
 
-    def half_then_fail(table, where, **kw):
-        where.write(b"PAR1" + b"\0" * 100)
+    def half_then_fail(self, data):  # the upload of a part's bytes stops halfway
+        real_write(self, bytes(memoryview(data)[: len(data) // 2]))
         raise OSError("disk full (injected)")
 
-    monkeypatch.setattr(storage.pq, "write_table", half_then_fail)
     out = Output(str(tmp_path / "out"))
     batch = _embed_stage_batch(0, "s0.parquet", [0, 1, 2])
     out.write_manifest({"variants": [{"name": "L1.mean", "column": COLUMN}], "shards": [], "runs": ["r1"]})
+    monkeypatch.setattr(LocalFileOpener, "write", half_then_fail)
     try:
         write_parts(batch, output_url=out.url, run_id="r1", keys=["s0"], columns=[COLUMN], fmt="parquet")
     except OSError:

@@ -602,6 +602,21 @@ def job_bad_name(root, model):
     return Case(["run", "--dry-run", str(p)], 2, ["name"])
 
 
+@case
+def flipped_byte_in_a_committed_part(root, model):
+    simple(root / "in" / "a.parquet", "a")
+    assert main(embed_argv(root, model)) == 0
+    m = json.loads((root / "out" / "manifest.json").read_text())
+    (entry,) = m["shards"]
+    part = root / "out" / entry["output"] / entry["files"][0]
+    data = bytearray(part.read_bytes())
+    data[len(data) // 3] ^= 0x01  # same size, same rows: only the checksum tells
+    part.write_bytes(bytes(data))
+    return Case(["index", str(root / "out"), "--kind", "flat"], 2,
+                [entry["files"][0], "does not match its checksum", "re-run `strata embed`"],
+                absent=[root / "out" / "indexes"])
+
+
 class _Evil:
     def __reduce__(self):  # a pickle that calls print when loaded without weights_only
         return (print, ("pwned",))

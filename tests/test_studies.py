@@ -21,8 +21,8 @@ from pipeline.demo import DEMO_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = ROOT / "studies"
-NAMES = ["activations", "families", "float16", "index_memory", "index_recall", "probe_curve", "quantize",
-         "scale_check"]
+NAMES = ["activations", "checksums", "families", "float16", "index_memory", "index_recall", "probe_curve",
+         "quantize", "scale_check"]
 
 
 def load_study(name: str):
@@ -234,3 +234,12 @@ def test_index_recall(ray_local, faiss_one_thread, model_dir, tiny_data, tmp_pat
         ("ivfpq", "ray (2 parts)", 2)]
     assert all(0 <= r["recall"] <= 1 for r in result["rows"])
     assert len(table_rows((out / "index_recall.md").read_text(), "| index |")) == 5
+
+
+def test_checksums(tmp_path):
+    out = tmp_path / "out"
+    assert load_study("checksums").main(["--parts", "2", "--rows", "50", "--dim", "8", "--repeats", "2",
+                                         "--out", str(out)]) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert set(r["seconds"]) == {"write_with_crc", "write_without_crc", "read", "crc"} and r["parts"] == 2
+    assert len(table_rows((out / "checksums.md").read_text(), "| parts x rows x dim |")) == 1

@@ -78,6 +78,7 @@ class _Pending:
     seen: np.ndarray
     parts: list[str] = field(default_factory=list)
     rejects_parts: list[str] = field(default_factory=list)
+    crc32: dict[str, str] = field(default_factory=dict)  # part -> CRC-32 of the bytes its writer wrote
     reasons: Counter = field(default_factory=Counter)
     tokens: int = 0
     padded: int = 0
@@ -95,6 +96,9 @@ class _Pending:
         self.seen[rows] = True
         self.parts += [m["part"]] if m["part"] else []
         self.rejects_parts += [m["rejects_part"]] if m["rejects_part"] else []
+        for name, crc in ((m["part"], m.get("part_crc32")), (m["rejects_part"], m.get("rejects_crc32"))):
+            if name and crc:
+                self.crc32[name] = crc
         self.reasons.update(m["rejected"] or [])
         self.tokens += m["tokens"]
         self.padded += m["padded"]
@@ -169,6 +173,9 @@ def _commit(out: Output, manifest: dict, shard: Shard, p: _Pending, run_id: str 
     for name in present - listed:  # parts of retried tasks are orphans: never committed
         out.fs.rm(f"{staged}/{name}")
     info = out.part_info(staged, sorted(listed))
+    for name in listed:  # the writer's checksum, verified whenever the output is read (Output.check_parts)
+        if name in p.crc32:
+            info[name]["crc32"] = p.crc32[name]
     rejected = sum(p.reasons.values())
     got_written = sum(info[n]["rows"] for n in p.parts)
     got_rejected = sum(info[n]["rows"] for n in p.rejects_parts)

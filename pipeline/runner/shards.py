@@ -47,10 +47,13 @@ def _find_local(root: str, output: str | None) -> list[str]:
     shards behind ``data/2024 -> elsewhere`` were skipped silently), each real folder once (a link
     cycle ends there); a link that leads into ``output`` is refused."""
     out_real = os.path.realpath(output) if output and "://" not in output else None
+    inside = (lambda real: real == out_real or real.startswith(out_real.rstrip("/") + "/")) if out_real else None
+    if inside and inside(os.path.realpath(root)):
+        inside = None  # INPUT itself inside OUTPUT (an evaluation's staged texts): storage.overlap decides that
     seen, found = set(), []
     for folder, subfolders, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
-        if out_real and (real == out_real or real.startswith(out_real.rstrip("/") + "/")):
+        if inside and inside(real):
             raise ValueError(f"{redact(folder)} under INPUT leads to {redact(real)}, inside OUTPUT: Strata would read "
                              f"its own output as input; remove the link or choose another output")
         if real in seen:

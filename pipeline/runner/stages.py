@@ -336,16 +336,18 @@ def write_parts(batch: pa.Table, *, output_url: str, run_id: str, keys: list[str
         stage = out.path(STAGING, run_id, keys[shard])
         out.fs.makedirs(stage, exist_ok=True)
         name = f"part-{int(t.column('_row')[0].as_py()):012d}-{uuid.uuid4().hex[:8]}"
-        part = rej_part = None
+        part = rej_part = crc = rej_crc = None
         if accepted.num_rows:
             part = f"{name}.{fmt}"
-            write_part(out.fs, f"{stage}/{part}", accepted.select(["id", "_key", *columns]).rename_columns(
+            crc = write_part(out.fs, f"{stage}/{part}", accepted.select(["id", "_key", *columns]).rename_columns(
                 ["id", "key", *columns]))
         if rej.num_rows:
             rej_part = f"rejects-{name}.parquet"
-            write_part(out.fs, f"{stage}/{rej_part}", rej.select(["id", "_row", "_reject"]).rename_columns(["id", "row", "reason"]))
+            rej_crc = write_part(out.fs, f"{stage}/{rej_part}", rej.select(["id", "_row", "_reject"]).rename_columns(
+                ["id", "row", "reason"]))
         meta.append({"shard": int(shard), "rows": t.column("_row").to_pylist(), "error": None, "part": part,
-                     "rejects_part": rej_part, "rejected": rej.column("_reject").to_pylist(),
+                     "rejects_part": rej_part, "part_crc32": crc, "rejects_crc32": rej_crc,
+                     "rejected": rej.column("_reject").to_pylist(),
                      "tokens": int(pc.sum(accepted.column("_tokens")).as_py() or 0),
                      "padded": int(pc.sum(t.column("_padded")).as_py() or 0),
                      "truncated": int(pc.sum(pc.cast(accepted.column("_truncated"), pa.int64())).as_py() or 0),
@@ -358,6 +360,7 @@ META_SCHEMA = pa.schema([
     ("shard", pa.int32()), ("rows", pa.list_(pa.int64())), ("error", pa.string()), ("part", pa.string()),
     ("rejects_part", pa.string()), ("rejected", pa.list_(pa.string())), ("tokens", pa.int64()),
     ("padded", pa.int64()), ("truncated", pa.int64()), ("reused", pa.int64()),
+    ("part_crc32", pa.string()), ("rejects_crc32", pa.string()),
 ])
 
 
