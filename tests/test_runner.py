@@ -419,3 +419,25 @@ def test_embed_actor_runs_all_torch_work_on_one_thread(model_dir, tmp_path, monk
         for v in request.variants:
             np.testing.assert_allclose(np.stack(written.column(v.column).to_numpy(zero_copy_only=False)), want[v],
                                        rtol=1e-5, atol=1e-6)
+
+
+def test_a_shard_replaced_while_being_read_fails_alone(model_dir, tmp_path):
+    """A shard swapped for a shorter file after it was listed: its unit comes back as one error row
+    naming what changed (its shard fails, the others commit); it used to raise out of the read stage
+    and abort the whole run ("UDF failed to process a data block")."""
+    import fsspec
+
+    from pipeline.request import resolve
+    from pipeline.runner import stages
+
+    request = resolve(model_dir, layers="-1", poolings="mean", max_length=32, digest=False)
+    path = tmp_path / "s.parquet"
+    pq.write_table(pa.table({"text": [f"text {i}" for i in range(10)]}), path)
+    unit = pa.table({"shard": [3], "row0": [0], "rows": [10], "rgs": [[0]], "skip": [0], "rel": ["s.parquet"],
+                     "path": [str(path)]})
+    pq.write_table(pa.table({"text": ["only", "four", "rows", "now"]}), path)  # replaced after listing
+    block = stages.read_and_tokenize(unit, fs=fsspec.filesystem("file"), request=request, text_column="text",
+                                     id_column=None)
+    assert block.num_rows == 1 and block.column("_shard").to_pylist() == [3]
+    (error,) = block.column("_error").to_pylist()
+    assert "4 rows where 10 were listed from row 0: the file changed while it was being read" in error

@@ -113,6 +113,9 @@ def read_and_tokenize(batch: pa.Table, *, fs, request: Request, text_column: str
         cols = [text_column] + ([id_column] if id_column and id_column != text_column else [])
         with fs.open(unit["path"], "rb") as f:
             t = pq.ParquetFile(f).read_row_groups(list(unit["rgs"]), columns=cols).slice(int(unit["skip"]), n)
+        if t.num_rows != n:  # the file was replaced since it was listed (a shorter one): this shard fails alone
+            raise ValueError(f"{t.num_rows} rows where {n} were listed from row {row0}: the file changed while "
+                             f"it was being read")
         texts, bad_text = strings(t.column(text_column))
         if id_column:
             raw_ids, bad_id = strings(t.column(id_column))
