@@ -244,3 +244,24 @@ def test_gemma3_270m_standard_exports_equal_strata(tmp_path):
     for variant, folder in zip(variants, folders):
         for side in ("right", "left"):
             assert rel_err(got[(folder, side)], stored(out, variant)) <= TOL, (variant, side)
+
+
+def test_why_templates_are_refused_sentence_transformers_prompts_pool_other_tokens(model_dir):
+    """Checked, not assumed: with a prefix template ("query: {text}") as a sentence-transformers prompt and
+    include_prompt=False, the tokens pooled are not Strata's span. sentence-transformers tokenises prompt
+    and text as one string and drops as many leading tokens as the prompt alone has; Strata tokenises
+    the text apart (its leading space with it). If this ever agrees, prefix templates can be standard."""
+    from transformers import AutoTokenizer
+
+    from pipeline.templates import Template, tokenize
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompt, texts = "query: ", ["A man is playing a guitar.", "rivers", "3 birds"]
+    strata = tokenize(tok, texts, 64, Template("t_query", prompt + "{text}"))
+    differ = []
+    for i, text in enumerate(texts):
+        span = strata.ids[i][int(strata.spans[i, 0]):int(strata.spans[i, 1])]
+        joint = tok(prompt + text)["input_ids"]
+        pooled = joint[len(tok(prompt)["input_ids"]):]  # sentence-transformers' _get_prompt_length rule
+        differ.append(pooled != span)
+    assert any(differ), "sentence-transformers' prompt span now equals Strata's: prefix templates can be standard"
