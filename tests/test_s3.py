@@ -140,28 +140,41 @@ def test_cli_kill_then_resume_is_exactly_once(model_dir, s3, tmp_path):
     ids = shards(s3.fs, f"{s3.name}/in", 8, 150)
     cmd = [sys.executable, "-m", "pipeline", "embed", s3.url("in"), s3.url("out"), "--model", model_dir,
            "--layers", "1,-1", "--poolings", "mean", "--id-column", "id", "-q"]
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cmd, env=s3.env, start_new_session=True, stdout=log, stderr=log)
-    fs = s3.fs
-    deadline = time.time() + 420  # a loaded 2-core machine has taken over 180 s to the first commit
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if json.loads(fs.cat(f"{s3.name}/out/manifest.json")).get("shards"):
-                break
-        except (FileNotFoundError, ValueError):
-            pass
-        time.sleep(0.05)
     import contextlib
     import os
 
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    fs.invalidate_cache()
-    committed = len(json.loads(fs.cat(f"{s3.name}/out/manifest.json"))["shards"])
+    fs = s3.fs
+    # Ray's own failures on a loaded 2-core machine (a raylet declared dead, a node that times out at
+    # start-up) end a first run before it commits anything: that run is started again, once. What is
+    # tested is what follows a kill after a commit, never Ray's start-up.
+    ray_failure = ("node it was running on is dead", "timed out during startup", "raylet")
+    for attempt in (1, 2):
+        log_path = tmp_path / f"first-{attempt}.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, env=s3.env, start_new_session=True, stdout=log, stderr=log)
+            deadline = time.time() + 420  # a loaded 2-core machine has taken over 180 s to the first commit
+            while time.time() < deadline and proc.poll() is None:
+                try:
+                    if json.loads(fs.cat(f"{s3.name}/out/manifest.json")).get("shards"):
+                        break
+                except (FileNotFoundError, ValueError):
+                    pass
+                time.sleep(0.05)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        fs.invalidate_cache()
+        committed = 0
+        with contextlib.suppress(FileNotFoundError):
+            committed = len(json.loads(fs.cat(f"{s3.name}/out/manifest.json"))["shards"])
+        said = log_path.read_text()
+        if committed == 0 and proc.returncode != -signal.SIGKILL and attempt == 1 and any(
+                x in said for x in ray_failure):
+            continue
+        break
     assert 1 <= committed < 8, (f"{committed} committed when killed; the first run "
                                 + ("had exited" if proc.returncode != -signal.SIGKILL else "was killed") + ": "
-                                + (tmp_path / "first.log").read_text()[-2000:])
+                                + said[-2000:])
     done = subprocess.run(cmd, env=s3.env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"{8 - committed} shards embedded, {committed} skipped" in done.stdout
