@@ -125,12 +125,17 @@ def from_output(out_dir: Path, name: str) -> ExportSpec:
                       append_eos=bool(sig.get("append_eos", False)), source=where, fitted_on=fitted)
 
 
-def from_recipe(path: Path, name: str) -> ExportSpec:
-    """The spec of one of a probe recipe's variants, its pieces as recorded."""
+def _whole_recipe(path):
+    """A probe recipe with every variant it ranks (``Recipe.load`` checks the file and its contract)."""
     from .recipe import Recipe
 
-    first = Recipe.load(path)  # checks the file and its contract
-    recipe = Recipe.load(first.path, top=len(json.loads(first.path.read_bytes())["recipe"]))
+    first = Recipe.load(path)
+    return Recipe.load(first.path, top=len(json.loads(first.path.read_bytes())["recipe"]))
+
+
+def from_recipe(path: Path, name: str) -> ExportSpec:
+    """The spec of one of a probe recipe's variants, its pieces as recorded."""
+    recipe = _whole_recipe(path)
     where = f"recipe {recipe.path}"
     variant = _choose(name, recipe.variants, where)
     entry, r = next((e, r) for e, r in zip(recipe.entries, recipe.readers()) if r.variant == variant)
@@ -398,17 +403,12 @@ def _probe_score(source, name: str) -> float | None:
 def first_standard(source) -> str:
     """The best-ranked variant of a recipe that exports with standard modules (``strata export probe.json DIR
     --standard``), or a one-line refusal."""
-    from . import standard
-    from .recipe import Recipe
+    from .standard import serving
 
-    recipe = Recipe.load(source)
-    recipe = Recipe.load(recipe.path, top=len(json.loads(recipe.path.read_bytes())["recipe"]))
-    n = int(recipe.model["n_layers"])
-    for v, r in zip(recipe.variants, recipe.readers()):
-        text = recipe.templates.get(v.template) or _template_text(v.template, recipe.templates, str(recipe.path))
-        if standard.why_custom(v, n_layers=n, normalize=False, template_text=text,
-                               append_eos=bool(recipe.settings.get("append_eos", False)),
-                               mixed=len(r.columns) > 1) is None:
+    recipe = _whole_recipe(source)
+    for v in recipe.variants:  # the rule the probe's ranking marks each variant by
+        if serving(v.name, n_layers=int(recipe.model["n_layers"]), templates=recipe.templates,
+                   append_eos=bool(recipe.settings.get("append_eos", False))) == "standard":
             return v.name
     raise ExportError(f"recipe {recipe.path}: none of its {len(recipe.entries)} variants exports with standard "
                       f"modules (see its report's 'serving' column); name one to export it with Strata's")
