@@ -47,27 +47,15 @@ def index_status(output: str | Path, manifest: dict, variants: Sequence[Variant 
                  kind: str = "auto") -> tuple[list[Variant], list[Variant]]:
     """(variants whose index must be (re)built, variants whose index is up to date), for an
     output at any fsspec URL (only the records and the fitted pieces are read; module doc)."""
-    from .. import quantize
     from ..storage import Output
 
     out = Output(str(output))
     built = out.read_json(f"{INDEXES}/{BUILT_FILE}") or {}
-    files = committed_files(manifest)
-    int8 = (manifest.get("signature", {}).get("dtype") or "float32") == "int8"
-    ranges = None
     stale, fresh = [], []
     for v in wanted_variants(manifest, variants, str(output)):
-        rec = built.get(v.name)
         name = index_path("", v).name
         present = all(exists(out.fs, out.path(INDEXES, p.name)) for p in (Path(name), *sidecars(Path(name))))
-        ok = present and rec is not None and rec.get("files") == files and rec.get("kind") == kind
-        if ok:
-            try:
-                if int8 and ranges is None:
-                    ranges = quantize.read_ranges(str(output))[0]
-                ok = rec.get("fitted") == output_digest(out, manifest, v, (ranges or {}).get(v.name))
-            except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-                ok = False  # a piece it was built through is gone or unreadable: rebuilding says what
+        ok = present and (built.get(v.name) or {}).get("kind") == kind and staleness(out, manifest, v, built) is None
         (fresh if ok else stale).append(v)
     return stale, fresh
 
@@ -85,12 +73,14 @@ def record_built(out, v: Variant, entry: dict) -> None:
     out.write_json(rel, built)
 
 
-def staleness(out, manifest: dict, v: Variant) -> str | None:
+def staleness(out, manifest: dict, v: Variant, built: dict | None = None) -> str | None:
     """Why ``v``'s index no longer covers exactly what the output holds (the output moved on since it
-    was built: shards committed, replaced or dropped, pieces refitted), or None. ``out``: an ``Output``."""
+    was built: shards committed, replaced or dropped, pieces refitted), or None. ``out``: an ``Output``;
+    ``built``: its ``_built.json``, where the caller has read it already."""
     from .. import quantize
 
-    rec = (out.read_json(f"{INDEXES}/{BUILT_FILE}") or {}).get(v.name)
+    built = (out.read_json(f"{INDEXES}/{BUILT_FILE}") or {}) if built is None else built
+    rec = built.get(v.name)
     if rec is None:
         return "it has no build record, so what it covers is unknown"
     files = committed_files(manifest)
@@ -105,6 +95,6 @@ def staleness(out, manifest: dict, v: Variant) -> str | None:
             ranges = quantize.read_ranges(out.url)[0].get(v.name)
         if rec.get("fitted") != output_digest(out, manifest, v, ranges):
             return "the fitted pieces it was built through (mix weights, transform, int8 ranges) changed since"
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # rebuilding says what
         return "a fitted piece it was built through is gone or unreadable"
     return None
