@@ -99,6 +99,15 @@ def overlap(input_url: str, output_url: str) -> str | None:
     return None
 
 
+def overlap_message(input_url: str, output_url: str) -> str | None:
+    """The one-line refusal of an INPUT and OUTPUT that ``overlap``, or None."""
+    problem = overlap(input_url, output_url)
+    if problem is None:
+        return None
+    return (f"{problem} (INPUT {redact(input_url)}, OUTPUT {redact(output_url)}): Strata would read its own output "
+            f"as input or sweep your input; use an output location outside the input")
+
+
 def safe_name(text: str, max_len: int = 80) -> str:
     """A file-name-safe form of ``text`` that cannot escape a directory."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "x"

@@ -51,7 +51,7 @@ from typing import Any
 from .. import models
 from ..index import index_status as _index_status
 from ..request import EncodeSettings, ModelInfo, Request, Resources, device_type, resolve
-from ..storage import Output, overlap, redact
+from ..storage import Output, overlap_message, redact
 from ..stores import check_bucket, filesystem
 from ..stores import exists
 from ..templates import SLOT, Template
@@ -209,12 +209,9 @@ def preflight(job: Job) -> None:
     if job.job_url:
         check_bucket(*filesystem(job.job_url), job.job_url)
         if job.spec.mode == "corpus":
-            problem = overlap(local_path(job.spec.input.location), job.job_url)
+            problem = overlap_message(local_path(job.spec.input.location), job.job_url)
             if problem:
-                raise JobSpecError(one_line(job.spec.source, "output", f"{problem} (INPUT "
-                                            f"{redact(job.spec.input.location)}, OUTPUT {redact(job.job_url)}): Strata "
-                                            f"would read its own output as input or sweep your input; use an output "
-                                            f"location outside the input"))
+                raise JobSpecError(one_line(job.spec.source, "output", problem))
     for i, ev in enumerate(job.spec.evaluations):
         p = Path(local_path(ev.data))
         if ev.task == "sts" and not p.is_file():

@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from .. import quantize
 from ..request import Request, signature_difference
-from ..storage import EMBEDDINGS, MANIFEST, RETIRED, STAGING, Output, overlap, read_part, redact
+from ..storage import EMBEDDINGS, MANIFEST, RETIRED, STAGING, Output, overlap_message, read_part, redact
 from ..stores import exists, storage_options
 from .commit import Committer, EmbedError, EmbedSummary, _commit, _Pending
 from .shards import UNIT_ROWS, Shard, first_texts, inspect_shards, list_shards, plan, work_units
@@ -113,14 +113,13 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
     ``retain_replaced`` (jobs): the folders of replaced or dropped shards stay, listed in the
     manifest's ``retired``, for the published versions that still read them.
 
-    An output records its INPUT (``input_key``); another INPUT into it is refused, since its shards
-    would all be dropped, unless ``replace_input`` (``--replace-input``) says that is meant.
+    An output records its INPUT (``input_key``); another INPUT that would drop or replace its committed
+    shards is refused unless ``replace_input`` (``--replace-input``) says that is meant.
     """
     t_start = time.perf_counter()
-    problem = overlap(input, output)
+    problem = overlap_message(input, output)
     if problem:
-        raise ValueError(f"{problem} (INPUT {redact(input)}, OUTPUT {redact(output)}): Strata would read its own "
-                         "output as input or sweep your input; use an output location outside the input")
+        raise ValueError(problem)
     if not os.path.isdir(request.model.path):
         raise ValueError(f"model {request.model.name!r} must be a local directory or a .gguf file for "
                          "distributed runs")
