@@ -7,6 +7,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+from pipeline.raystart import patient_health_checks  # noqa: E402
+
+# Every Ray the tests start (the shared one, multi-node ``Cluster``s, CLI subprocesses) keeps a
+# raylet starved by two busy test workers alive, as the CLI does for the Ray it starts.
+patient_health_checks()
+
 from pathlib import Path  # noqa: E402
 
 # The evaluation data beside the checkout (../shared/data); STRATA_DATA points elsewhere. The one

@@ -62,6 +62,7 @@ def committed(out: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------- SIGINT / SIGTERM mid-run, then resume
+@pytest.mark.alone
 @pytest.mark.parametrize("sig, rc, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_stopped_mid_run_then_resumed_is_exactly_once(model_dir, tmp_path, sig, rc, word):
     ids = corpus(tmp_path / "in", shards=10, rows=400, words=30)

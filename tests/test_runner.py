@@ -247,6 +247,7 @@ def test_derived_ids_and_empty_shard(ray_local, model_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_driver_killed_then_rerun_is_exactly_once(model_dir, corpus, tmp_path):
     """A real SIGKILL of the `strata embed` driver after its first commit, then the same command."""
     ids, texts = corpus

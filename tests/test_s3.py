@@ -134,6 +134,7 @@ def cli(args: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
                           timeout=600, **kw)
 
 
+@pytest.mark.alone
 def test_cli_kill_then_resume_is_exactly_once(model_dir, s3, tmp_path):
     """A SIGKILL of `strata embed` after its first commit on S3, then the same command: every row
     exactly once; credentials from the environment, as a pod has them."""
@@ -202,6 +203,7 @@ def test_secret_in_storage_options_never_reaches_a_message(model_dir, s3, tmp_pa
         assert SECRET_KEY not in text and SECRET_KEY.split("/")[-1] not in text
 
 
+@pytest.mark.alone
 def test_job_on_s3_commits_indexes_and_moves_latest(model_dir, s3, tmp_path):
     """`strata run` of a job whose input and output are on S3, its storage options in the spec (none
     in the environment): LATEST names a version whose manifest lists every shard, its indexes are on
@@ -227,6 +229,7 @@ def test_job_on_s3_commits_indexes_and_moves_latest(model_dir, s3, tmp_path):
     assert json.loads(fs.cat(f"{s3.name}/jobs/nightly/LATEST"))["published"] == latest["published"]  # no change
 
 
+@pytest.mark.alone
 def test_two_concurrent_runs_one_refused(model_dir, s3, tmp_path):
     """A second `strata embed` into an S3 output a live run holds is refused in one line naming the
     lock; the first run completes with every row once."""

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from .. import quantize
+from ..raystart import connect
 from ..request import Request, signature_difference
 from ..storage import EMBEDDINGS, MANIFEST, RETIRED, STAGING, Output, overlap_message, read_part, redact
 from ..stores import exists, storage_options
@@ -37,22 +38,6 @@ from .shards import UNIT_ROWS, Shard, first_texts, inspect_shards, list_shards, 
 from .stages import EMBED_BATCH_ROWS, MAX_CALLS_PER_ACTOR, EmbedActor, read_and_tokenize, reuse_salt, write_parts
 
 log = logging.getLogger(__name__)
-
-
-def _ray_init(ray_address: str | None):
-    import ray
-
-    if not ray.is_initialized():
-        address = ray_address or os.environ.get("RAY_ADDRESS") or None
-        # log_to_driver=False: workers' and raylets' own output stays in Ray's session logs (a raylet's
-        # "Failed to send wait complete" at shutdown used to follow the command's last line); task
-        # failures still reach the driver as exceptions, reported in one line
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-                 log_to_driver=False, configure_logging=True, ignore_reinit_error=True)
-        from ..errors import reinstall_sigterm
-
-        reinstall_sigterm()  # ray.init replaced the CLI's SIGTERM handler (clean stop, exit 143)
-    return ray
 
 
 def _resources(ray, actors: int | None, gpus_per_actor: float | None) -> tuple[int, float, float, int]:
@@ -292,7 +277,7 @@ def _run_ray(request: Request, out: Output, manifest: dict, todo: list[Shard], s
              t_start: float, ranges: dict[str, np.ndarray] | None = None, run_id: str | None = None) -> None:
     t0 = time.perf_counter()
     res = request.resources
-    ray = _ray_init(res.ray_address)
+    ray = connect(res.ray_address)
     from ray.data import ActorPoolStrategy, DataContext
 
     ctx = DataContext.get_current()

@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ...raystart import connect
 from ...storage import Output, utc_now
 from ...variants import Variant
 from ..fitted import source_digest
@@ -86,17 +87,6 @@ def _check_dims(out_dir: Path, shards: Sequence[Shard], source) -> int:
     if not seen:
         raise IndexBuildError("no rows to index")
     return next(iter(seen))
-
-
-def _ray(address: str | None):
-    import logging
-
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=False, ignore_reinit_error=True)
-    return ray
 
 
 def _unwrap(ray, e: Exception) -> Exception:
@@ -159,7 +149,7 @@ def build_ivfpq_ray(out_dir: str | Path, variants: Sequence[Variant | str] | Non
     given = {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": nprobe, "train_rows": train_rows, "seed": seed}
     plans = [_plan(out_dir, manifest, v, shards, given) for v in wanted]
 
-    ray = _ray(ray_address)
+    ray = connect(ray_address)
     remote = dict(num_cpus=task_cpus, max_retries=3, retry_exceptions=False)
     sample_task = ray.remote(**remote)(sample_shard)
     train_task = ray.remote(**remote)(train_sample)
