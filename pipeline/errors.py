@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import os
 import re
 import time
@@ -225,27 +227,37 @@ def _object(e: BaseException) -> str | None:
 
 
 _PACKAGE = str(Path(__file__).resolve().parent)
-_OBJECT_NAMES = ("url", "path", "source", "input", "output", "location", "where")
 
 
-def object_of(e: BaseException) -> str | None:
-    """The file or URL a failure was about, read from the innermost frame of this package that names one."""
+@contextmanager
+def about(url: str):
+    """Name ``url`` as the object of any error raised inside (one that names no file or URL of its own):
+    the code that knows what it is reading says so, and the one-line error repeats it."""
+    try:
+        yield
+    except Exception as e:
+        if _object(e) is None:
+            try:
+                e.url = url
+            except AttributeError:  # an exception type without a __dict__
+                pass
+        raise
+
+
+def owner_of(e: BaseException) -> str | None:
+    """The URL of the storage object whose method failed: the innermost frame of this package that
+    is a method of an object with a ``url`` (an ``Output``, a store). Never a guess from the names of
+    local variables (an input, a model path): where no such object was at work, no object is named."""
     frames = []
     tb = e.__traceback__
     while tb is not None:
         frames.append(tb.tb_frame)
         tb = tb.tb_next
     for frame in reversed(frames):
-        if not frame.f_code.co_filename.startswith(_PACKAGE):
-            continue
-        loc = frame.f_locals
-        owner = loc.get("self")
-        if isinstance(getattr(owner, "url", None), str):
-            return owner.url
-        for name in _OBJECT_NAMES:
-            v = loc.get(name)
-            if isinstance(v, (str, os.PathLike)) and str(v):
-                return str(v)
+        if frame.f_code.co_filename.startswith(_PACKAGE):
+            owner = frame.f_locals.get("self")
+            if isinstance(getattr(owner, "url", None), str):
+                return owner.url
     return None
 
 
@@ -253,7 +265,7 @@ def describe(e: BaseException, url: str | None = None, *, expected: bool = False
     """One line naming the cause (and the object, where known) of ``e``; an ``expected`` error (the
     CLI's own kinds: its message is written for the user) keeps its message as it is."""
     e = unwrap(e)
-    url = url or _object(e) or object_of(e)
+    url = url or _object(e) or owner_of(e)
     name = getattr(e, "kind", None) or type(e).__name__
     text = str(e)
     chain = [e]

@@ -256,6 +256,42 @@ def check_weights_readable(src: ModelSource, where, allow_pickle: bool) -> None:
             raise ModelError(f"model {src.name!r}: {path.name}: {why}") from e  # the cause, in the log file
 
 
+def check_weight_shapes(src: ModelSource, where, cfg) -> None:
+    """Every tensor the config's model expects, where the safetensors carry it, has the config's shape:
+    weights of another size (a different checkpoint beside this config) are one line naming the
+    file, the tensor and both shapes, on the driver. Cheap: the model is built on the meta device
+    (no memory) and only the headers are read. Models with remote code are left to the load."""
+    if not Path(str(where)).is_dir() or getattr(cfg, "auto_map", None):
+        return
+    safe = [p for p in _weight_files(Path(where)) if p.suffix == ".safetensors"]
+    if not safe:
+        return
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModel
+
+    have: dict[str, tuple[tuple[int, ...], str]] = {}
+    for path in safe:
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                have[key] = (tuple(f.get_slice(key).get_shape()), path.name)
+    try:
+        with torch.device("meta"):
+            expected = AutoModel.from_config(cfg)
+    except Exception:  # noqa: BLE001 - an architecture this transformers cannot build: the load will say so
+        return
+    prefix = getattr(expected, "base_model_prefix", "") or ""
+    for name, tensor in expected.state_dict().items():
+        for key in (name, f"{prefix}.{name}" if prefix else name):
+            if key in have:
+                got, file = have[key]
+                if got != tuple(tensor.shape):
+                    raise ModelError(f"model {src.name!r}: {file}: tensor {key} has shape {list(got)}, but its "
+                                     f"config.json ({cfg.model_type}, hidden_size {getattr(cfg, 'hidden_size', '?')}) "
+                                     f"expects {list(tensor.shape)}: the weights and the config are of different models")
+                break
+
+
 MAX_LENGTH_FALLBACK = 512
 SANE_MODEL_MAX_LENGTH = 1_000_000  # tokenizers without a limit report ~1e30 (transformers' "very large")
 

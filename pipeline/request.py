@@ -211,6 +211,7 @@ def resolve(model: str | None = None, *, layers="-1", poolings="mean", max_lengt
         cfg = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise models.ModelError(f"cannot read the config of model {src.name!r} at {where}: {e}") from None
+    models.check_weight_shapes(src, where, cfg)
     info = ModelInfo(name=src.name, path=where, n_layers=int(cfg.num_hidden_layers), dim=int(cfg.hidden_size),
                      weights_digest=models.weights_digest(src) if digest else None,
                      trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)

@@ -1,4 +1,6 @@
-"""``python studies/index_recall.py``: recall@10 of each approximate index against an exact flat one.
+"""``python studies/index_recall.py``: recall@10 of each approximate index against an exact flat one,
+and IVF-PQ's recall/latency curve over nprobe x rerank (the measurement behind the defaults in
+``pipeline/index/params.py``).
 
 The measurement behind docs/indexes.md's recall figures. SciFact's corpus (5,183 documents; the
 300 test queries), all-MiniLM-L6-v2 (last layer, mean pooling, its own max length 256) unless
@@ -14,7 +16,13 @@ library it calls:
    their default parameters; the Ray engine (``index.ray.build_ivfpq_ray``, as ``strata index
    --engine ray``) builds the on-disk IVF-PQ, one encode task per part;
 3. the queries are searched through each index (``index.load_index``; IVF-PQ at every
-   ``--nprobe``); recall@k is ``index.recall_at_k`` of its top k against flat's.
+   ``--nprobe`` x ``--rerank``, with the median wall time per query of ``--repeats`` searches on
+   one FAISS thread); recall@k is ``index.recall_at_k`` of its top k against flat's.
+
+``--synthetic N`` replaces the model and SciFact with N vectors of a seeded Gaussian mixture
+(``--dim``, 1 centre per 1,000 vectors, unequal spreads) and 1,000 queries drawn from the same
+mixture but not indexed; ``--no-ray`` skips the Ray engine (its index is the local engine's, same
+sample and seed, so its curve is the same; the tests assert it).
 
 Prints the table and writes ``{out}/index_recall.json|md``. Each index's parameters are read back
 from the JSON written beside it, so the table says what was built (nlist, m, nbits, efSearch, ...).
@@ -24,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -70,74 +77,124 @@ def describe(params: dict) -> str:
     return ", ".join(f"{k} {params[k]}" for k in keys.get(params["kind"], ()) if params.get(k) is not None) or "exact"
 
 
-def measure(args) -> dict:
-    import shutil
+def synthetic(n: int, dim: int, queries: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` indexed vectors and ``queries`` held-out ones from one seeded Gaussian mixture (module doc)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((max(1, n // 1000), dim)).astype(np.float32)
+    spread = rng.uniform(0.5, 2.0, len(centres)).astype(np.float32)
 
-    import faiss
-    import ray
+    def draw(m: int) -> np.ndarray:
+        out = np.empty((m, dim), np.float32)
+        for lo in range(0, m, 100_000):
+            c = rng.integers(0, len(centres), min(100_000, m - lo))
+            out[lo:lo + len(c)] = centres[c] + spread[c, None] * rng.standard_normal((len(c), dim), dtype=np.float32)
+        return out
 
+    return draw(n), draw(queries)
+
+
+def vectors(args):
+    """(name, variant, doc ids, docs, queries, details) from the model on SciFact, or synthetic."""
+    from pipeline.variants import Variant
+
+    if args.synthetic:
+        docs, queries = synthetic(args.synthetic, args.dim, args.queries)
+        return (Variant(1, "mean"), [f"v{i}" for i in range(len(docs))], docs, queries,
+                {"model": "synthetic", "data": "Gaussian mixture, seed 0", "max_length": None, "embed_seconds": 0})
     from pipeline.encoder import Encoder
-    from pipeline.index import build_index, committed_files, index_path, load_index, recall_at_k
-    from pipeline.index.ray import build_ivfpq_ray
     from pipeline.request import resolve
 
-    faiss.omp_set_num_threads(1)  # deterministic k-means, and fair on a shared machine
     data = load_beir(Path(args.data) / "scifact", split=args.split)
-    work = Path(args.work)
     request = resolve(args.model, layers=args.layers, poolings=args.pooling, max_length=args.max_length)
     (variant,) = request.variants
     t0 = time.perf_counter()
     res = Encoder.from_request(request).encode([*data.doc_texts, *data.query_texts])
     x = np.asarray(res[variant], dtype=np.float32)
-    docs, queries = x[:len(data.doc_ids)], x[len(data.doc_ids):]
     embed_s = time.perf_counter() - t0
     print(f"  embedded {len(x):,} texts ({res.stats.tokens:,} tokens) in {embed_s:.0f}s", flush=True)
+    return (variant, list(data.doc_ids), x[:len(data.doc_ids)], x[len(data.doc_ids):],
+            {"model": request.model.name, "data": f"{data.name}/{data.split}",
+             "max_length": request.settings.max_length, "embed_seconds": round(embed_s, 1)})
+
+
+def measure(args) -> dict:
+    import shutil
+
+    import faiss
+
+    from pipeline.index import build_index, committed_files, index_path, load_index, recall_at_k
+    from pipeline.index.ray import build_ivfpq_ray
+    from pipeline.raystart import connect
+
+    faiss.omp_set_num_threads(args.threads)  # builds; every timed search runs on one thread
+    work = Path(args.work)
+    variant, doc_ids, docs, queries, details = vectors(args)
     out = work / "output"
     shutil.rmtree(work, ignore_errors=True)
-    write_output(out, variant, list(data.doc_ids), docs, args.parts)
+    write_output(out, variant, doc_ids, docs, args.parts)
     files = [out / f for f in committed_files(json.loads((out / "manifest.json").read_text()))]
 
-    def search(path, **knobs):
-        return load_index(path, **knobs).search(queries, K)[1]
+    def timed(path, **knobs):
+        faiss.omp_set_num_threads(1)
+        ix = load_index(path, **knobs)
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            found = ix.search(queries, K)[1]
+            times.append(time.perf_counter() - t0)
+        return found, 1000 * float(np.median(times)) / len(queries)
 
     built, rows = {}, []
-    for kind in ("flat", "hnsw", "ivfpq"):
+    kinds = ("flat", "ivfpq") if args.synthetic else ("flat", "hnsw", "ivfpq")
+    for kind in kinds:
+        faiss.omp_set_num_threads(args.threads)
         t0 = time.perf_counter()
         built[kind] = build_index(files, variant.column, work / "local" / f"{kind}.faiss", kind)
         print(f"  {kind}: built in {time.perf_counter() - t0:.1f}s ({describe(built[kind])})", flush=True)
-    exact = search(work / "local" / "flat.faiss")
-    rows.append({"index": "hnsw", "engine": "local", "parameters": describe(built["hnsw"]), "nprobe": None,
-                 "recall": recall_at_k(search(work / "local" / "hnsw.faiss"), exact, K)})
-    for nprobe in args.nprobe:
-        rows.append({"index": "ivfpq", "engine": "local", "parameters": describe(built["ivfpq"]), "nprobe": nprobe,
-                     "recall": recall_at_k(search(work / "local" / "ivfpq.faiss", nprobe=nprobe), exact, K)})
-    started = not ray.is_initialized()  # a caller's Ray (a test's) is used as it is
-    if started:  # address="local": a Ray of its own, even while another is up on this machine
-        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, logging_level="WARNING",
-                 log_to_driver=False)
-    try:
-        t0 = time.perf_counter()
-        params = build_ivfpq_ray(out, [variant])[variant]
-        print(f"  ivfpq on Ray: {len(files)} parts, built in {time.perf_counter() - t0:.1f}s ({describe(params)})",
-              flush=True)
-    finally:
-        if started:
-            ray.shutdown()
-    for nprobe in args.nprobe:
-        rows.append({"index": "ivfpq", "engine": f"ray ({len(files)} parts)", "parameters": describe(params),
-                     "nprobe": nprobe, "recall": recall_at_k(search(index_path(out, variant), nprobe=nprobe), exact, K)})
-    return {"model": request.model.name, "variant": variant.name, "max_length": request.settings.max_length,
-            "data": f"{data.name}/{data.split}", "documents": len(data.doc_ids), "queries": len(data.query_ids),
-            "dim": int(docs.shape[1]), "parts": len(files), "k": K, "rows": rows, "embed_seconds": round(embed_s, 1)}
+    exact, exact_ms = timed(work / "local" / "flat.faiss")
+    rows.append({"index": "flat", "engine": "local", "parameters": "exact", "nprobe": None, "rerank": None,
+                 "recall": 1.0, "ms_per_query": exact_ms})
+    if "hnsw" in built:
+        found, ms = timed(work / "local" / "hnsw.faiss")
+        rows.append({"index": "hnsw", "engine": "local", "parameters": describe(built["hnsw"]), "nprobe": None,
+                     "rerank": None, "recall": recall_at_k(found, exact, K), "ms_per_query": ms})
+    engines = [("local", work / "local" / "ivfpq.faiss", built["ivfpq"])]
+    if not args.no_ray:
+        started = not __import__("ray").is_initialized()  # a caller's Ray (a test's) is used as it is
+        ray = connect(None)
+        try:
+            t0 = time.perf_counter()
+            params = build_ivfpq_ray(out, [variant])[variant]
+            print(f"  ivfpq on Ray: {len(files)} parts, built in {time.perf_counter() - t0:.1f}s ({describe(params)})",
+                  flush=True)
+        finally:
+            if started:
+                ray.shutdown()
+        engines.append((f"ray ({len(files)} parts)", index_path(out, variant), params))
+    nlist = built["ivfpq"]["nlist"]
+    nprobes = [n for n in args.nprobe if n <= nlist] or [nlist]
+    for engine, path, params in engines:
+        for nprobe in nprobes:
+            for rerank in args.rerank:
+                found, ms = timed(path, nprobe=nprobe, rerank=rerank)
+                rows.append({"index": "ivfpq", "engine": engine, "parameters": describe(params), "nprobe": nprobe,
+                             "rerank": rerank, "recall": recall_at_k(found, exact, K), "ms_per_query": ms})
+            print(f"  {engine} nprobe {nprobe}: " + ", ".join(f"r{r['rerank']} {r['recall']:.3f}" for r in rows[-len(args.rerank):]),
+                  flush=True)
+    return {**details, "variant": variant.name, "documents": len(doc_ids), "queries": len(queries),
+            "dim": int(docs.shape[1]), "parts": len(files), "k": K, "nlist": nlist, "rows": rows}
 
 
 def to_markdown(result: dict) -> str:
-    lines = [f"{result['data']}: {result['documents']:,} documents, {result['queries']} queries; {result['model']} "
+    lines = [f"{result['data']}: {result['documents']:,} documents, {result['queries']:,} queries; {result['model']} "
              f"`{result['variant']}` (dim {result['dim']}, max length {result['max_length']}); recall@{result['k']} "
-             f"against the exact flat index. Commit {result['commit']}.", "",
-             f"| index | engine | parameters | nprobe | recall@{result['k']} |", "|---|---|---|---:|---:|"]
+             f"against the exact flat index; search time per query on one FAISS thread (median of "
+             f"{result['repeats']}). Commit {result['commit']}.", "",
+             f"| index | engine | parameters | nprobe | rerank | recall@{result['k']} | ms/query |",
+             "|---|---|---|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        lines.append(f"| {r['index']} | {r['engine']} | {r['parameters']} | {r['nprobe'] or '–'} | {r['recall']:.3f} |")
+        lines.append(f"| {r['index']} | {r['engine']} | {r['parameters']} | {r['nprobe'] or '–'} | "
+                     f"{r['rerank'] or '–'} | {r['recall']:.3f} | {r['ms_per_query']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -150,14 +207,23 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=str(default_data_dir()), help="folder with scifact/ (default: %(default)s)")
     p.add_argument("--split", default="test", help="whose judged queries are searched (default: %(default)s)")
     p.add_argument("--parts", type=int, default=4, help="shards, so committed parts and Ray encode tasks")
-    p.add_argument("--nprobe", default="8,16,32", help="IVF lists searched, comma-separated (default: %(default)s)")
-    p.add_argument("--cpus", type=int, default=min(2, os.cpu_count() or 1), help="CPUs given to Ray")
+    p.add_argument("--nprobe", default="1,2,4,8,16,32,64,128,256",
+                   help="IVF lists searched, comma-separated; those above nlist are skipped (default: %(default)s)")
+    p.add_argument("--rerank", default="1,2,4,8,16", help="re-rank depths, comma-separated (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="searches timed per setting; the median is kept")
+    p.add_argument("--synthetic", type=int, default=0, metavar="N", help="N synthetic vectors instead of SciFact")
+    p.add_argument("--dim", type=int, default=384, help="--synthetic: the vectors' dim (default: %(default)s)")
+    p.add_argument("--queries", type=int, default=1000, help="--synthetic: held-out queries (default: %(default)s)")
+    p.add_argument("--no-ray", action="store_true", help="the local engine only")
+    p.add_argument("--threads", type=int, default=1, help="FAISS threads for the builds (searches: 1)")
     p.add_argument("--work", default="bench-index-recall/work", help="the output and its indexes (replaced)")
     p.add_argument("--out", default="bench-index-recall", help="writes index_recall.json and index_recall.md here")
     args = p.parse_args(argv)
     args.nprobe = [int(n) for n in args.nprobe.split(",")]
+    args.rerank = [int(n) for n in args.rerank.split(",")]
     t0 = time.perf_counter()
-    result = {**measure(args), "commit": git_commit(__file__) or "-", "argv": sys.argv[1:] if argv is None else list(argv)}
+    result = {**measure(args), "commit": git_commit(__file__) or "-", "repeats": args.repeats,
+              "argv": sys.argv[1:] if argv is None else list(argv)}
     result["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

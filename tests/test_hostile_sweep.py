@@ -299,7 +299,7 @@ def unicode_mix(root, model):
 # ---------------------------------------------------------------- ids
 @case
 def null_ids(root, model):
-    ids = shard(root / "in" / "a.parquet", ["a", None, "c"], ["one", "two", "three"])
+    shard(root / "in" / "a.parquet", ["a", None, "c"], ["one", "two", "three"])
     return Case(embed_argv(root, model), 0, ["3 rows (1 rejected)"], rows=["a", "a.parquet#1", "c"])
 
 
@@ -617,6 +617,36 @@ def flipped_byte_in_a_committed_part(root, model):
                 absent=[root / "out" / "indexes"])
 
 
+@case
+def build_record_steering_deletion_outside(root, model):
+    simple(root / "in" / "a.parquet", "a")
+    assert main(embed_argv(root, model)) == 0
+    elsewhere = root / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "victim.faiss").write_bytes(b"keep me")
+    record = root / "out" / "indexes" / "L4.mean.build.json"  # a record is data: never steers a deletion
+    record.parent.mkdir()
+    record.write_text(json.dumps({"user": {}, "options": {}, "shards": {"gone-0123456789": {
+        "fingerprint": {}, "offset": 0, "rows": 4, "part": "../../../elsewhere/victim.faiss"}}}))
+    return Case(["index", str(root / "out"), "--variants", "L4.mean", "--kind", "ivfpq", "--engine", "ray"], 2,
+                ["L4.mean.build.json", "'gone-0123456789'", "'../../../elsewhere/victim.faiss'",
+                 "not a file inside L4.mean.parts/"], unchanged=[elsewhere])
+
+
+@case
+def flipped_byte_then_resume(root, model):
+    ids = simple(root / "in" / "a.parquet", "a")
+    assert main(embed_argv(root, model)) == 0
+    m = json.loads((root / "out" / "manifest.json").read_text())
+    (entry,) = m["shards"]
+    part = root / "out" / entry["output"] / entry["files"][0]
+    data = bytearray(part.read_bytes())
+    data[len(data) // 3] ^= 0x01  # the run that committed it was the last: a resume reads its checksum
+    part.write_bytes(bytes(data))
+    return Case(embed_argv(root, model), 0, ["re-embedding shard a.parquet", "does not match its checksum"],
+                rows=ids)
+
+
 class _Evil:
     def __reduce__(self):  # a pickle that calls print when loaded without weights_only
         return (print, ("pwned",))
@@ -652,6 +682,19 @@ def model_safetensors_garbage(root, model):
     simple(root / "in" / "a.parquet", "a")
     return Case(embed_argv(root, str(d)), 2, ["model.safetensors is not a readable safetensors file"], rows=[],
                 out=root / "out")
+
+
+@case
+def model_weights_of_another_shape(root, model):
+    from safetensors.torch import load_file, save_file
+
+    d = _model_copy(root, model)
+    sd = load_file(d / "model.safetensors")  # a valid header, every tensor there, one of another model's shape
+    sd["layers.0.mlp.up_proj.weight"] = sd["layers.0.mlp.up_proj.weight"].T.contiguous()
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    simple(root / "in" / "a.parquet", "a")
+    return Case(embed_argv(root, str(d)), 2, ["model.safetensors: tensor layers.0.mlp.up_proj.weight has shape "
+                                              "[32, 64]", "expects [64, 32]"], rows=[], out=root / "out")
 
 
 @case

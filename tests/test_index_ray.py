@@ -71,14 +71,29 @@ def data():
     return clustered(12_000), clustered(100, seed=1)
 
 
-def reference(out, x, rec):
-    """The single-process build: the same trained quantiser, every vector added in one process."""
-    trained = faiss.read_index(str(ir.parts_dir(out, V) / ir.TRAINED))
-    labels = np.concatenate([np.arange(r.offset, r.offset + r.rows) for r in
-                             sorted(rec.shards.values(), key=lambda r: r.fingerprint["rel"])])
-    trained.add_with_ids(np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True)), labels)
+def reference(out, x, rec, v=V, labels=None):
+    """The single-process build, searched as the index's JSON says: the same trained quantiser, every
+    vector added in one process, then the ``rerank x k`` candidates re-ranked by their exact cosine
+    (written plainly). Returns ``search(q, k) -> (scores, labels)``."""
+    trained = faiss.read_index(str(ir.parts_dir(out, v) / ir.TRAINED))
+    if labels is None:
+        labels = np.concatenate([np.arange(r.offset, r.offset + r.rows) for r in
+                                 sorted(rec.shards.values(), key=lambda r: r.fingerprint["rel"])])
+    xn = np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True))
+    trained.add_with_ids(xn, labels)
     trained.nprobe = rec.options["nprobe"]
-    return trained
+    by_label = np.zeros((int(labels.max()) + 1, x.shape[1]), np.float32)
+    by_label[labels] = xn
+    rerank = json.loads((out / "indexes" / f"{v.name}.json").read_text())["rerank"]
+
+    def search(q, k):
+        qn = np.ascontiguousarray(q / np.linalg.norm(q, axis=1, keepdims=True))
+        _, cand = trained.search(qn, k * rerank)
+        exact_scores = np.einsum("qd,qkd->qk", qn, by_label[cand])
+        order = np.argsort(-exact_scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(exact_scores, order, 1), np.take_along_axis(cand, order, 1)
+
+    return search
 
 
 def exact(x, q, ids, k=10):
@@ -106,9 +121,8 @@ def test_distributed_equals_single_process_ids_exact_and_recall(tmp_path, cluste
     assert sorted(i for i in loaded.ids if i is not None) == sorted(ids)
     assert list(loaded.ids) == ids  # no holes on a first build, labels in manifest order
 
-    ref = reference(tmp_path, x, rec)
-    qn = np.ascontiguousarray(q / np.linalg.norm(q, axis=1, keepdims=True))
-    ref_scores, ref_labels = ref.search(qn, 10)
+    assert loaded.params["rerank"] > 1
+    ref_scores, ref_labels = reference(tmp_path, x, rec)(q, 10)
     scores, got = loaded.search(q, 10)
     assert got == [[ids[i] for i in row] for row in ref_labels]
     np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-6)
@@ -127,6 +141,60 @@ def test_distributed_equals_single_process_ids_exact_and_recall(tmp_path, cluste
     shutil.copytree(tmp_path / "indexes", tmp_path / "moved" / "indexes", ignore=shutil.ignore_patterns("*.parts"))
     shutil.rmtree(tmp_path / "indexes")
     assert load_index(tmp_path / "moved" / "indexes" / "L3.mean.faiss").search(q, 10)[1] == got
+
+
+def test_both_engines_build_the_same_index_and_answer_alike(tmp_path, cluster, data):
+    """One set of IVF-PQ rules, one seeded training sample, the same exact re-ranking: the local and the
+    Ray engine give the same top 10 on the same data and flags (scores to float rounding)."""
+    import shutil
+
+    from pipeline.index import build_indexes
+
+    x, q = data
+    make_output(tmp_path / "a", x)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    local = build_indexes(tmp_path / "a", kind="ivfpq", nlist=64, m=16)[V]
+    ray_built = ir.build_ivfpq_ray(tmp_path / "b", **OPTS)[V]
+    assert {k: local[k] for k in ("nlist", "m", "nbits", "nprobe", "rerank", "train_rows")} == \
+        {k: ray_built[k] for k in ("nlist", "m", "nbits", "nprobe", "rerank", "train_rows")}
+    for nprobe, rerank in ((None, None), (4, 1), (16, 8)):  # the defaults, then two settings given at search
+        sa, ga = load_index(tmp_path / "a" / "indexes" / "L3.mean.faiss", nprobe=nprobe, rerank=rerank).search(q, 10)
+        sb, gb = load_index(tmp_path / "b" / "indexes" / "L3.mean.faiss", nprobe=nprobe, rerank=rerank).search(q, 10)
+        assert ga == gb, (nprobe, rerank)
+        np.testing.assert_allclose(sa, sb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_target_recall_reaches_its_target(tmp_path, cluster, data, engine, capsys):
+    """`strata index --target-recall 0.95`: the recorded nprobe and rerank reach the target on vectors the
+    tuning never saw (other corpus vectors, exact neighbours by numpy), and search prints the measurement."""
+    from pipeline.cli import main
+
+    x, _ = data
+    ids = make_output(tmp_path, x)
+    assert main(["index", str(tmp_path), "--kind", "ivfpq", "--engine", engine, "--nlist", "64",
+                 "--target-recall", "0.95"]) == 0
+    printed = capsys.readouterr().out
+    params = json.loads((tmp_path / "indexes" / "L3.mean.json").read_text())
+    tuned = params["tuned"]
+    assert tuned["reached"] and tuned["recall"] >= 0.95 and (params["nprobe"], params["rerank"]) == (
+        tuned["nprobe"], tuned["rerank"]), tuned
+    assert f"recall@10 {tuned['recall']:.3f} measured at build" in printed
+    # checked where the tuning could not see: 300 other corpus vectors as queries, their own id left out
+    rng = np.random.default_rng(7)
+    pick = rng.choice(len(x), 300, replace=False)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    s = xn[pick] @ xn.T
+    s[np.arange(len(pick)), pick] = -np.inf
+    truth = [[ids[i] for i in row] for row in np.argsort(-s, axis=1)[:, :10]]
+    _, got = load_index(tmp_path / "indexes" / "L3.mean.faiss").search(x[pick], 11)
+    got = [[i for i in row if i != ids[p]][:10] for row, p in zip(got, pick)]
+    assert recall_at_k(got, truth, 10) >= 0.93
+    # a cheaper setting would have missed the target: one list fewer searched, or a shallower re-rank
+    if tuned["nprobe"] > 1:
+        _, fewer = load_index(tmp_path / "indexes" / "L3.mean.faiss", nprobe=tuned["nprobe"] // 2).search(x[pick], 11)
+        fewer = [[i for i in row if i != ids[p]][:10] for row, p in zip(fewer, pick)]
+        assert recall_at_k(fewer, truth, 10) < recall_at_k(got, truth, 10)
 
 
 class Killed(RuntimeError):
@@ -160,8 +228,7 @@ def test_resume_after_a_kill_reencodes_only_unrecorded_shards(tmp_path, cluster,
 
     loaded = load_index(tmp_path / "indexes" / "L3.mean.faiss")
     assert list(loaded.ids) == ids  # the killed build's label ranges were reused: no hole, nothing twice
-    ref_scores, ref_labels = reference(tmp_path, x, ir.read_build_record(tmp_path, V)).search(
-        np.ascontiguousarray(q / np.linalg.norm(q, axis=1, keepdims=True)), 10)
+    ref_scores, ref_labels = reference(tmp_path, x, ir.read_build_record(tmp_path, V))(q, 10)
     id_of = {lab: i for lab, i in enumerate(loaded.ids)}
     _, got = loaded.search(q, 10)
     assert got == [[id_of[i] for i in row] for row in ref_labels]
@@ -304,12 +371,7 @@ def test_a_node_removed_mid_build_loses_nothing(tmp_path, cluster, data):
         loaded = load_index(tmp_path / "indexes" / f"{v.name}.faiss")
         assert list(loaded.ids) == ids
         rec = ir.read_build_record(tmp_path, v)
-        trained = faiss.read_index(str(ir.parts_dir(tmp_path, v) / ir.TRAINED))
-        xs = x[:8_000]
-        trained.add_with_ids(np.ascontiguousarray(xs / np.linalg.norm(xs, axis=1, keepdims=True)),
-                             np.arange(len(xs)))
-        trained.nprobe = rec.options["nprobe"]
-        _, labels = trained.search(np.ascontiguousarray(q / np.linalg.norm(q, axis=1, keepdims=True)), 10)
+        _, labels = reference(tmp_path, x[:8_000], rec, v, labels=np.arange(8_000))(q, 10)
         assert loaded.search(q, 10)[1] == [[ids[i] for i in row] for row in labels]
 
 

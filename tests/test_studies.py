@@ -225,15 +225,28 @@ def test_index_recall(ray_local, faiss_one_thread, model_dir, tiny_data, tmp_pat
     out = tmp_path / "out"
     assert load_study("index_recall").main(["--model", model_dir, "--layers", "2", "--pooling", "mean",
                                              "--max-length", "48", "--data", str(tiny_data), "--parts", "2",
-                                             "--nprobe", "1,2", "--work", str(tmp_path / "work"),
-                                             "--out", str(out)]) == 0
+                                             "--nprobe", "1,2", "--rerank", "1,4", "--repeats", "1",
+                                             "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
     result = json.loads((out / "index_recall.json").read_text())
     assert (result["documents"], result["queries"], result["parts"], result["dim"]) == (130, 30, 2, 32)
-    assert [(r["index"], r["engine"], r["nprobe"]) for r in result["rows"]] == [
-        ("hnsw", "local", None), ("ivfpq", "local", 1), ("ivfpq", "local", 2), ("ivfpq", "ray (2 parts)", 1),
-        ("ivfpq", "ray (2 parts)", 2)]
-    assert all(0 <= r["recall"] <= 1 for r in result["rows"])
-    assert len(table_rows((out / "index_recall.md").read_text(), "| index |")) == 5
+    grid = [(n, r) for n in (1, 2) for r in (1, 4)]
+    assert [(r["index"], r["engine"], r["nprobe"], r["rerank"]) for r in result["rows"]] == [
+        ("flat", "local", None, None), ("hnsw", "local", None, None),
+        *[("ivfpq", "local", n, r) for n, r in grid], *[("ivfpq", "ray (2 parts)", n, r) for n, r in grid]]
+    assert all(0 <= r["recall"] <= 1 and r["ms_per_query"] > 0 for r in result["rows"])
+    # one set of rules, one training sample and seed, the same re-ranking: the engines answer alike
+    by = {(r["engine"], r["nprobe"], r["rerank"]): r["recall"] for r in result["rows"] if r["index"] == "ivfpq"}
+    assert all(by[("local", n, r)] == by[("ray (2 parts)", n, r)] for n, r in grid), by
+    assert len(table_rows((out / "index_recall.md").read_text(), "| index |")) == 10
+
+    syn = tmp_path / "syn"
+    assert load_study("index_recall").main(["--synthetic", "3000", "--dim", "16", "--queries", "40", "--no-ray",
+                                             "--nprobe", "1,4", "--rerank", "1,2", "--repeats", "1",
+                                             "--work", str(tmp_path / "work2"), "--out", str(syn)]) == 0
+    r = json.loads((syn / "index_recall.json").read_text())
+    assert (r["documents"], r["queries"], r["dim"], r["model"]) == (3000, 40, 16, "synthetic")
+    assert [(x["engine"], x["nprobe"], x["rerank"]) for x in r["rows"]][1:] == [("local", n, k) for n in (1, 4)
+                                                                               for k in (1, 2)]
 
 
 def test_checksums(tmp_path):

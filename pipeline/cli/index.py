@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from .options import add_ray_address, add_storage_options
 
 
@@ -23,6 +25,13 @@ def register(sub) -> None:
                         "or with --ray-address (default: %(default)s)")
     add_ray_address(p)
     p.add_argument("--nprobe", type=int, default=None, help="IVF kinds: lists searched by default (recorded)")
+    p.add_argument("--rerank", type=int, default=None,
+                   help="ivfpq: searches re-rank rerank x k IVF-PQ candidates by their exact cosine (recorded; "
+                        "both engines; default: the measured default, docs/indexes.md)")
+    p.add_argument("--target-recall", type=float, default=None, metavar="R",
+                   help="ivfpq: after the build, choose the cheapest nprobe and rerank whose recall@10 on a sample "
+                        "of the index's own vectors is at least R (e.g. 0.95), and record both and the measured "
+                        "recall in the index's JSON")
     p.add_argument("--nlist", type=int, default=None,
                    help="IVF kinds: inverted lists (default: 4*sqrt(rows), at most rows/39); --engine ray keeps the "
                         "first build's quantiser until an option changes")
@@ -32,20 +41,29 @@ def register(sub) -> None:
 
 def cmd_index(args) -> int:
     from ..derive import add_to_output
-    from ..index import build_indexes, index_path
+    from ..index import build_indexes, index_path, sidecars
 
     if args.mixes or args.transforms != "none":  # fitted on this output's rows, then indexed too
         add_to_output(args.output, args.mixes, args.transforms)
     variants = [v for v in (args.variants or "").split(",") if v] or None
     engine = _index_engine(args)
+    if args.target_recall is not None:
+        from ..storage import Output
+        from ..stores import is_local
+
+        if args.kind != "ivfpq" and engine != "ray":
+            raise ValueError(f"--target-recall tunes ivfpq indexes (got --kind {args.kind}): pass --kind ivfpq")
+        if not is_local(Output(args.output).fs):
+            raise ValueError("--target-recall measures the index where it is built: index a local copy")
+    rerank = {} if args.rerank is None else {"rerank": args.rerank}
     if engine == "ray":
         from ..index.ray import build_ivfpq_ray
 
         built = build_ivfpq_ray(args.output, variants, ray_address=args.ray_address, nprobe=args.nprobe,
-                                nlist=args.nlist)
+                                nlist=args.nlist, **rerank)
     else:
         built = build_indexes(args.output, variants, args.kind, rescore=args.rescore, nlist=args.nlist,
-                              nprobe=args.nprobe)
+                              nprobe=args.nprobe, **rerank)
     for v, params in built.items():
         quantized = f" {params['dtype']}" if params.get("rescore") is not None else ""
         if engine == "ray":
@@ -53,6 +71,11 @@ def cmd_index(args) -> int:
                          f"{len(params['reused'])} reused)")
         print(f"{v.name}: {params['kind']}{quantized} index of {params['rows']:,} x {params['dim']} -> "
               f"indexes/{index_path('', v).name}")
+        if args.target_recall is not None:
+            from ..index.tune import describe_tuned, tune_index
+
+            tune_index(index_path(args.output, v), args.target_recall)
+            print(f"  {describe_tuned(json.loads(sidecars(index_path(args.output, v))[1].read_text()))}")
     return 0
 
 

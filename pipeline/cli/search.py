@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from .options import add_storage_options
 
 
@@ -23,6 +25,7 @@ def register(sub) -> None:
 
 
 def cmd_search(args) -> int:
+    from ..index.tune import describe_tuned
     from ..search import search_output
     from ..storage import redact
 
@@ -30,4 +33,7 @@ def cmd_search(args) -> int:
                           id_column=args.id_column, nprobe=args.nprobe)
     print(f"{args.variant}: {len(set(table.column('query_id').to_pylist())):,} queries, {table.num_rows:,} results "
           f"-> {redact(args.out)}")
+    tuned = describe_tuned(json.loads(table.schema.metadata[b"strata.index"]))
+    if tuned:
+        print(f"  index: {tuned}")
     return 0

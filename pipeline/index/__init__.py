@@ -8,7 +8,8 @@ freshness; ``index.ray``: the distributed IVF-PQ (``strata index --engine ray``)
 | ``params`` | kind by size, IVF / IVF-PQ options and defaults, for both engines |
 | ``factory`` | the FAISS index of a kind and dtype (float, int8, binary) |
 | ``build`` | the local engine: ``build_index``, ``build_indexes``, ``memory_index`` |
-| ``loaded`` | ``load_index``, ``LoadedIndex.search``, ``recall_at_k`` |
+| ``loaded`` | ``load_index``, ``LoadedIndex.search`` (exact re-ranking for both engines), ``recall_at_k`` |
+| ``tune`` | ``--target-recall``: the cheapest nprobe x rerank reaching a recall on the index's own vectors |
 | ``fitted`` | the digest of the fitted pieces an index is built through (mix weights, transforms, int8 ranges) |
 | ``fresh`` | ``indexes/_built.json``: which indexes are up to date (files, kind, fitted digest) |
 | ``ray`` | the Ray engine (``record``, ``tasks``, ``driver``, ``merge``) |

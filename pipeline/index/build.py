@@ -46,7 +46,7 @@ def _training_sample(files, source, dim, chunk_rows, rows, n, seed, source_dim, 
 def build_index(embedding_files: Sequence[str | Path], column, out_path: str | Path, kind: str = "auto", *,
                 chunk_rows: int = 65536, hnsw_m: int = 32, ef_construction: int = 200, ef_search: int = 128,
                 nlist: int | None = None, m: int | None = None, nbits: int = 8, nprobe: int | None = None,
-                rerank: int = 4, train_rows: int | None = None, seed: int = 0, dtype: str = "float32",
+                rerank: int = DEFAULTS["rerank"], train_rows: int | None = None, seed: int = 0, dtype: str = "float32",
                 ranges=None, rescore: int = 0) -> dict:
     """Build one cosine index over ``column`` of the files; returns the parameters written to JSON.
 
@@ -96,7 +96,7 @@ def build_index(embedding_files: Sequence[str | Path], column, out_path: str | P
 
     index, extra = make_index(kind, dim, rows, dtype, ranges, sample, hnsw_m=hnsw_m, ef_construction=ef_construction,
                               ef_search=ef_search, nlist=nlist, m=m, nbits=nbits, nprobe=nprobe, rerank=rerank,
-                              train_rows=train_rows)
+                              train_rows=train_rows, seed=seed)
     params.update(extra)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +131,8 @@ def memory_index(ids: Sequence[str], stored: np.ndarray, dtype: str = "float32",
     kind = choose_kind(rows) if kind == "auto" else kind
     rng = np.random.default_rng(seed)
     index, extra = make_index(kind, dim, rows, dtype, ranges,
-                              lambda n: x[np.sort(rng.choice(rows, size=n, replace=False))], **{**DEFAULTS, **options})
+                              lambda n: x[np.sort(rng.choice(rows, size=n, replace=False))], **{**DEFAULTS, **options},
+                              seed=seed)
     add_vectors(index, dtype, ranges, x)
     params = {**base_params(kind, dtype, rows, dim, rescore), **extra}
     if params["kind"] == "ivf":  # rescoring reconstructs documents by id

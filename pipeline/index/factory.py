@@ -4,7 +4,9 @@ Every index searches by cosine similarity: vectors are L2-normalised and compare
 product, both when added and when queried, so scores are cosines whatever the index kind.
 ``ivfpq`` wraps the IVF-PQ in FAISS ``IndexRefineFlat``, which re-scores ``rerank`` x k
 candidates exactly and restores most of the recall PQ loses (at the cost of keeping the full
-vectors on disk next to the codes); the Ray engine builds the bare IVF-PQ (``ivfpq``).
+vectors on disk next to the codes); the Ray engine builds the same IVF-PQ (same options, same
+training sample and k-means seed) and re-ranks the same way from its memory-mapped vectors
+(``ray/merge.py``).
 
 Quantised outputs (``--dtype int8|binary``, ``pipeline/quantize.py``) keep their compression in
 the index:
@@ -55,7 +57,7 @@ def ivfpq(dim: int, opts: dict, seed: int | None = None) -> faiss.IndexIVFPQ:
 
 def make_index(kind: str, dim: int, rows: int, dtype: str, ranges, sample, *, hnsw_m: int, ef_construction: int,
                ef_search: int, nlist: int | None, m: int | None, nbits: int, nprobe: int | None, rerank: int,
-               train_rows: int | None) -> tuple[object, dict]:
+               train_rows: int | None, seed: int | None = None) -> tuple[object, dict]:
     """A new, trained, empty FAISS index of a kind (not ``auto``) and dtype, and the parameters to record.
 
     ``sample(n)`` returns n training rows (normalised floats, or a quantised column's stored values).
@@ -99,7 +101,7 @@ def make_index(kind: str, dim: int, rows: int, dtype: str, ranges, sample, *, hn
         index.hnsw.efConstruction, index.hnsw.efSearch = ef_construction, ef_search
         return index, params
     opts = ivfpq_options(rows, dim, nlist=nlist, m=m, nbits=nbits, nprobe=nprobe, train_rows=train_rows)
-    pq_index = ivfpq(dim, opts)
+    pq_index = ivfpq(dim, opts, seed)
     pq_index.nprobe = opts["nprobe"]
     index = faiss.IndexRefineFlat(pq_index)
     index.k_factor = float(rerank)

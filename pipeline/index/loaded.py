@@ -32,6 +32,8 @@ class LoadedIndex:
     index: faiss.Index
     ids: np.ndarray  # object array of str, position = FAISS row
     params: dict
+    # the Ray engine's IVF-PQ: its vectors by label (memory-mapped ``.f32``), for exact re-ranking
+    vectors: np.ndarray | None = None
 
     @property
     def dtype(self) -> str:
@@ -57,13 +59,16 @@ class LoadedIndex:
         mult = int((self.params.get("rescore") or 0) if rescore is None else rescore)
         if not quantize.is_quantized(self.dtype):
             mult = 0  # float vectors: the index's scores are the float cosines already
+        refine = self.vectors is not None  # the Ray engine's IVF-PQ: exact scores, as IndexRefineFlat gives
+        if refine:
+            mult = max(1, int(self.params.get("rerank") or 1))
         fetch = min(k * mult, self.index.ntotal) if mult > 1 else k
         if self.dtype == "binary":
             dist, labels = self.index.search(quantize.binarize(q), fetch)
             scores = 1.0 - 2.0 * dist.astype(np.float32) / self.index.d
         else:
             scores, labels = self.index.search(q, fetch)
-        if mult > 1:
+        if mult > 1 or refine:
             scores, labels = self._rescore(q, labels, k)
         scores = np.asarray(scores, dtype=np.float32)
         scores[labels < 0] = np.nan
@@ -72,6 +77,8 @@ class LoadedIndex:
 
     def _stored(self, keys: np.ndarray) -> np.ndarray:
         """Documents as float32 unit vectors (decoded int8, or sign vectors), reconstructed from the index."""
+        if self.vectors is not None:
+            return np.asarray(self.vectors[keys], dtype=np.float32)  # reads only those rows
         if self.dtype == "binary":
             if getattr(self, "_codes", None) is None:  # flat and HNSW keep the codes in one array
                 flat = self.index if isinstance(self.index, faiss.IndexBinaryFlat) else (
@@ -114,19 +121,34 @@ def load_index(path: str | Path, *, ef_search: int | None = None, nprobe: int | 
     present = int(sum(i is not None for i in ids)) if ondisk else len(ids)  # ondisk: indexed by label, holes null
     if present != index.ntotal:
         raise IndexBuildError(f"{ids_path}: {present} ids for {index.ntotal} vectors in {path}")
+    vectors = None
     if params["kind"] == "hnsw":
         index.hnsw.efSearch = ef_search or params["efSearch"]
     elif params["kind"] == "ivfpq":
         faiss.extract_index_ivf(index).nprobe = nprobe or params["nprobe"]
-        if params.get("rerank"):
-            index.k_factor = float(rerank or params["rerank"])
+        if params.get("vectors"):  # the Ray engine: the re-ranking rows, memory-mapped
+            vectors = _vectors(path.parent / params["vectors"], params.get("labels") or index.ntotal, index.d)
+        if rerank is not None:
+            params = {**params, "rerank": rerank}
+        if params.get("rerank") and vectors is None:
+            index.k_factor = float(params["rerank"])
     elif params["kind"] == "ivf":  # a quantised output's IVF (no PQ): reconstructing for rescoring needs the map
         ivf = index if binary else faiss.extract_index_ivf(index)
         ivf.nprobe = nprobe or params["nprobe"]
         ivf.make_direct_map()
     if rescore is not None:
         params = {**params, "rescore": rescore}
-    return LoadedIndex(index=index, ids=ids, params=params)
+    return LoadedIndex(index=index, ids=ids, params=params, vectors=vectors)
+
+
+def _vectors(path: Path, labels: int, dim: int) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (the Ray engine's index keeps its vectors there for re-ranking; "
+                                f"rebuild with `strata index --engine ray`)")
+    size = path.stat().st_size
+    if size != max(labels, 1) * dim * 4:
+        raise IndexBuildError(f"{path}: {size} bytes, expected {max(labels, 1)} x {dim} float32 rows")
+    return np.memmap(path, dtype=np.float32, mode="r", shape=(max(labels, 1), dim))
 
 
 def recall_at_k(approx_ids: Sequence[Sequence], exact_ids: Sequence[Sequence], k: int) -> float:

@@ -162,8 +162,13 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
         todo, keep, drop = plan(manifest, shards)
         check_same_input(manifest, input, output, replace_input, kept=len(keep))
         by_rel = {s.rel: s for s in shards}
-        for entry in list(keep):  # a committed part damaged since: re-embed that shard, saying so
-            bad = out.damaged_parts(entry)
+        # A committed part damaged since: re-embed that shard, saying so. Sizes for every part; the
+        # checksum (every byte read) for the parts the previous run committed, so a resume verifies
+        # what the interrupted run wrote at a cost in proportion to that run's output, not the whole
+        # output's (reads verify every part: Output.check_parts).
+        for entry in list(keep):
+            recent = any(entry["output"].endswith(f"-{r}") for r in earlier_runs if r)
+            bad = out.damaged_parts(entry, checksums=recent)
             if bad:
                 log.warning("re-embedding shard %s: committed part %s", entry["rel"], bad[0])
                 keep.remove(entry)
@@ -299,10 +304,11 @@ def _run_ray(request: Request, out: Output, manifest: dict, todo: list[Shard], s
     # A changed shard's rows whose text its previous parts already hold are copied, not embedded
     # (stages.read_and_tokenize): the previous parts are still committed until the shard commits anew.
     before_run = {e["rel"]: e for e in manifest.get("shards", [])}
-    # (Only from parts as the manifest recorded them: a damaged shard is embedded afresh.)
+    # (Only from parts whose every byte is as committed, checksum included: a damaged shard is
+    # embedded afresh.)
     previous = {i: [out.fs.unstrip_protocol(out.path(before_run[s.rel]["output"], f))
                     for f in before_run[s.rel]["files"]] for i, s in enumerate(todo)
-                if s.rel in before_run and not out.damaged_parts(before_run[s.rel])}
+                if s.rel in before_run and not out.damaged_parts(before_run[s.rel], checksums=True)}
     ds = ds.map_batches(read_and_tokenize, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
                         fn_kwargs=dict(fs=fs, request=request, text_column=text_column, id_column=id_column,
                                        salt=reuse_salt(manifest["signature"]), previous=previous))

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..errors import about
 from ..storage import redact, shard_key
 from ..stores import exists, filesystem, is_glob, is_local
 
@@ -69,6 +70,11 @@ def list_shards(url: str, output: str | None = None) -> tuple[Any, list[Shard]]:
     on a local disk, none into ``output``) or a glob. Listed afresh: an object store's filesystem is
     cached per process with its listings, which would hide new, changed (their ETag) or removed
     shards from a long-lived driver."""
+    with about(url):
+        return _list_shards(url, output)
+
+
+def _list_shards(url: str, output: str | None) -> tuple[Any, list[Shard]]:
     fs, root = filesystem(url)
     fs.invalidate_cache()
     if is_glob(fs, root):

@@ -3,10 +3,11 @@ parallel tasks, merged on disk, resumed from ``indexes/{variant}.build.json``.
 
 For outputs too big for one process (``auto`` picks it above ``RAY_MIN_ROWS`` rows or when
 ``--ray-address`` is given). ``record`` (the build record, pure types), ``tasks`` (worker code),
-``driver`` (``build_ivfpq_ray``), ``merge`` (the on-disk merge). No exact re-ranking
-(``IndexRefineFlat`` would need every float vector in memory): recall is the bare IVF-PQ's; raise
-``nprobe`` at search time to trade speed for recall. The output must be a directory every Ray node
-can read and write (a shared file system).
+``driver`` (``build_ivfpq_ray``), ``merge`` (the on-disk merge). The same IVF-PQ as the local
+engine's (``params.ivfpq_options``, the same seeded training sample and k-means seed) and the same
+exact re-ranking of ``rerank x k`` candidates, read from a memory-mapped file of the indexed vectors
+rather than held in memory. The output must be a directory every Ray node can read and write (a
+shared file system).
 """
 
 from .driver import ENGINES, RAY_MIN_ROWS, build_ivfpq_ray, choose_engine, output_rows, shards_of

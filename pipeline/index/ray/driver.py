@@ -41,7 +41,7 @@ from ...variants import Variant
 from ..fitted import source_digest
 from ..fresh import committed_files, record_built, wanted_variants
 from ..layout import IndexBuildError
-from ..params import MIN_POINTS_PER_CENTROID, ivfpq_options
+from ..params import DEFAULTS, MIN_POINTS_PER_CENTROID, ivfpq_options
 from ..reading import file_dim, file_rows, source_columns
 from .merge import merge
 from .record import (TRAINED, BuildKey, BuildRecord, Shard, parts_dir, read_build_record,
@@ -127,7 +127,8 @@ def _plan(out_dir: Path, manifest: dict, v: Variant, shards: Sequence[Shard], gi
 
 def build_ivfpq_ray(out_dir: str | Path, variants: Sequence[Variant | str] | None = None, *,
                     manifest: dict | None = None, nlist: int | None = None, m: int | None = None, nbits: int = 8,
-                    nprobe: int | None = None, train_rows: int | None = None, seed: int = 0,
+                    nprobe: int | None = None, rerank: int = DEFAULTS["rerank"], train_rows: int | None = None,
+                    seed: int = 0,
                     chunk_rows: int = 65536, ray_address: str | None = None, task_cpus: float = 1.0,
                     threads: int = 1, on_shard: Callable[[Variant, str, dict], None] | None = None,
                     on_built=None, probe=None) -> dict[Variant, dict]:
@@ -183,7 +184,7 @@ def build_ivfpq_ray(out_dir: str | Path, variants: Sequence[Variant | str] | Non
         trained = ray.put(np.frombuffer((p.parts / TRAINED).read_bytes(), dtype=np.uint8))
         for s in shards:
             got = p.record.reusable(s)
-            if got is not None and (p.parts / got.part).is_file():
+            if got is not None and all((p.parts / f).is_file() for f in (got.part, got.vectors_file)):
                 report[p.variant]["reused"].append(s.key)
                 continue
             offset = p.record.allocate(s)
@@ -220,7 +221,7 @@ def build_ivfpq_ray(out_dir: str | Path, variants: Sequence[Variant | str] | Non
     built = {}
     for p in plans:
         t0 = time.perf_counter()
-        params = merge(out_dir, p.variant, p.source, p.dim, p.rows, p.record, p.parts, shards)
+        params = merge(out_dir, p.variant, p.source, p.dim, p.rows, p.record, p.parts, shards, rerank)
         params.update(report[p.variant])
         built[p.variant] = params
         record_built(out_dir, p.variant, {"files": committed_files(manifest), "kind": "ivfpq", "built_kind": "ivfpq",

@@ -26,7 +26,9 @@ from typing import Iterable
 
 from ...storage import safe_name, write_json_atomic
 from ...variants import Variant
-from ..layout import INDEXES
+from ..layout import INDEXES, IndexBuildError
+
+VECTORS_SUFFIX = ".f32"  # a part's (and the merged index's) float vectors for exact re-ranking
 
 TRAINED = "trained.faiss"
 OPTION_NAMES = ("nlist", "m", "nbits", "nprobe", "train_rows", "seed")
@@ -96,6 +98,11 @@ class Part:
     @property
     def ids_file(self) -> str:
         return str(Path(self.part).with_suffix(".ids.parquet"))
+
+    @property
+    def vectors_file(self) -> str:
+        """The part's normalised vectors, float32 rows in label order (``tasks.encode_shard``)."""
+        return str(Path(self.part).with_suffix(VECTORS_SUFFIX))
 
 
 def _pick(cls, d: dict):
@@ -171,8 +178,23 @@ def build_record_path(out_dir: Path, v: Variant) -> Path:
 
 
 def read_build_record(out_dir: Path, v: Variant) -> BuildRecord | None:
+    """The variant's record, or None. A record is data (copied, restored, edited by hand): every part
+    file it names must be a plain file name inside ``{variant}.parts/``, since a build deletes the
+    parts of shards that went away; a record that steers elsewhere is refused, naming the entry."""
     p = build_record_path(out_dir, v)
-    return BuildRecord.from_json(json.loads(p.read_text())) if p.is_file() else None
+    if not p.is_file():
+        return None
+    try:
+        record = BuildRecord.from_json(json.loads(p.read_text()))
+    except (ValueError, TypeError, AttributeError) as e:
+        raise IndexBuildError(f"build record {p} cannot be read ({type(e).__name__}: {e}); delete it to "
+                              f"rebuild {v.name} from scratch") from None
+    for key, part in record.shards.items():
+        if part.part in ("", ".", "..") or Path(part.part).name != part.part or "\\" in part.part:
+            raise IndexBuildError(f"build record {p}: shard {key!r} names part file {part.part!r}, which is "
+                                  f"not a file inside {parts_dir(out_dir, v).name}/; refused (delete the record "
+                                  f"to rebuild {v.name} from scratch)")
+    return record
 
 
 def write_build_record(out_dir: Path, v: Variant, record: BuildRecord) -> None:

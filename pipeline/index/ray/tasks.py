@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from ..factory import ivfpq
 from ..layout import IndexBuildError
 from ..reading import read_vectors
+from .record import VECTORS_SUFFIX
 
 
 def _finite(rel: str, ids: Sequence[str], x: np.ndarray, what: str) -> None:
@@ -91,24 +92,27 @@ def train_ivfpq(out_dir: str, rels: Sequence[str], rows_per_file: Sequence[int],
 def encode_shard(out_dir: str, rel: str, source, dim: int, source_dim: int, trained: np.ndarray, offset: int,
                  part: str, chunk_rows: int = 65536, threads: int = 1, probe=None) -> dict:
     """Add one embedding part's vectors to a copy of the trained index (labels ``offset + row``) and
-    write it to ``part`` (+ ``.ids.parquet``), each aside then renamed. Runs as a Ray task."""
+    write it to ``part`` (+ ``.ids.parquet``, + ``.f32``: the same normalised vectors as float32 rows,
+    which the merge gathers for exact re-ranking), each aside then renamed. Runs as a Ray task."""
     _start(probe)
     if threads:
         faiss.omp_set_num_threads(threads)
     t0 = time.perf_counter()
     index = faiss.deserialize_index(np.asarray(trained))
     part_path = Path(part)
-    ids_path = part_path.with_suffix(".ids.parquet")
+    ids_path, vectors_path = part_path.with_suffix(".ids.parquet"), part_path.with_suffix(VECTORS_SUFFIX)
     tag = uuid.uuid4().hex[:8]
-    tmp_index, tmp_ids = (p.with_name(f"{p.name}.tmp-{tag}") for p in (part_path, ids_path))
+    tmp_index, tmp_ids, tmp_vectors = (p.with_name(f"{p.name}.tmp-{tag}") for p in (part_path, ids_path, vectors_path))
     n = 0
-    with pq.ParquetWriter(tmp_ids, pa.schema([("id", pa.string())])) as writer:
+    with pq.ParquetWriter(tmp_ids, pa.schema([("id", pa.string())])) as writer, open(tmp_vectors, "wb") as vec:
         for ids, x in read_vectors([Path(out_dir) / rel], source, dim, chunk_rows, source_dim):
             _finite(rel, ids, x, "")
             index.add_with_ids(x, np.arange(offset + n, offset + n + len(x), dtype=np.int64))
             writer.write_table(pa.table({"id": pa.array(ids, pa.string())}))
+            vec.write(np.ascontiguousarray(x, dtype=np.float32).tobytes())
             n += len(x)
     faiss.write_index(index, str(tmp_index))
     os.replace(tmp_ids, ids_path)
+    os.replace(tmp_vectors, vectors_path)
     os.replace(tmp_index, part_path)
     return {"rows": n, "seconds": round(time.perf_counter() - t0, 3), **_stop(probe, "encode", rel, n)}
