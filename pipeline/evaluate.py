@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import sys
 from pathlib import Path
 from typing import Mapping, Protocol, Sequence
 
@@ -121,15 +122,26 @@ def evaluate_sts(encoder: TextEncoder, data: StsData, derivations: Derivations |
 
 
 def quantized_run(query_emb, doc_emb, query_ids, doc_ids, quantized: quantize.Quantized | None,
-                  k_max: int = 100, kind: str = "flat", **options) -> dict[str, dict[str, float]]:
+                  k_max: int = 100, kind: str = "flat", target_recall: float | None = None,
+                  label: str = "", **options) -> dict[str, dict[str, float]]:
     """The run an index of ``quantized.dtype`` (None: float) and ``kind`` over the documents gives the
     float queries: query id -> {doc id: score} (``quantize.Quantized``; ``index.memory_index``, which
-    takes ``options`` such as ``nlist`` and ``nprobe``)."""
+    takes ``options`` such as ``nlist``, ``nprobe`` and ``rerank``). ``target_recall`` (float IVF-PQ):
+    nprobe and rerank tuned first on the documents' own vectors (``index.tune``), as ``strata index``
+    does, and said on stderr."""
     from .index import memory_index
 
     doc_emb = np.asarray(doc_emb, dtype=np.float32)
+    if target_recall is not None and (quantized is not None or kind != "ivfpq"):
+        raise SpecError(f"--target-recall tunes float IVF-PQ indexes: use it with --index ivfpq"
+                        f"{' and a float output' if quantized is not None else ''}")
     if quantized is None:
         index = memory_index([str(d) for d in doc_ids], doc_emb, "float32", kind=kind, **options)
+        if target_recall is not None:
+            from .index.tune import describe_tuned, tune_loaded
+
+            index.params["tuned"] = tune_loaded(index, target_recall)
+            print(f"{label}: index {describe_tuned(index.params)}", file=sys.stderr)
     else:
         ranges = quantized.ranges(doc_emb)
         index = memory_index([str(d) for d in doc_ids], quantize.quantize(quantized.dtype, doc_emb, ranges),
@@ -151,7 +163,7 @@ RAY_INDEX_PART_ROWS = 100_000  # documents per part of that output (one Ray enco
 def ray_index_run(root: str | Path, dataset: str, variant: Variant, query_emb, doc_emb, query_ids, doc_ids,
                   k_max: int = 100, *, part_rows: int | None = None, nlist: int | None = None,
                   nprobe: int | None = None, seed: int = 0, ray_address: str | None = None,
-                  **build_options) -> dict[str, dict[str, float]]:
+                  target_recall: float | None = None, label: str = "", **build_options) -> dict[str, dict[str, float]]:
     """The run of the distributed IVF-PQ (``index.ray.build_ivfpq_ray``) over the documents: they are
     written as a documents-only Strata output (``root/eval/index-ray/{dataset}/{variant}``: parts of at
     most ``part_rows`` (``RAY_INDEX_PART_ROWS``) rows, ids = document ids; the queries the cache also
@@ -196,7 +208,15 @@ def ray_index_run(root: str | Path, dataset: str, variant: Variant, query_emb, d
                              ray_address=ray_address, **build_options)[variant]
     log.info("%s %s: IVF-PQ on Ray, %d part(s), nlist %d, m %d, nprobe %d", dataset, variant.name,
              params["shards"], params["nlist"], params["m"], nprobe or params["nprobe"])
-    return _run(load_index(index_path(folder, variant), nprobe=nprobe), query_emb, query_ids, k_max)
+    if target_recall is not None:
+        from .index.tune import describe_tuned, tune_index
+
+        tune_index(index_path(folder, variant), target_recall)
+        nprobe = None  # the tuned settings, now the index's defaults
+    index = load_index(index_path(folder, variant), nprobe=nprobe)
+    if target_recall is not None:
+        print(f"{label}: index {describe_tuned(index.params)}", file=sys.stderr)
+    return _run(index, query_emb, query_ids, k_max)
 
 
 def evaluate_retrieval(encoder: TextEncoder, data: BeirData, derivations: Derivations | None = None, *,
@@ -253,10 +273,12 @@ def evaluate_retrieval(encoder: TextEncoder, data: BeirData, derivations: Deriva
             stored = v if not asymmetric else Variant(v.layer, v.pooling, d_t, v.mix, v.transform)
             scores = retrieval_scores_from_run(ray_index_run(encoder.dir, f"{data.name}-{data.split}", stored,
                                                              q[query_rows], d[doc_rows], data.query_ids,
-                                                             data.doc_ids, **index_options), data.qrels)
+                                                             data.doc_ids, label=f"{data.name} {name.name}",
+                                                             **index_options), data.qrels)
         else:
             scores = retrieval_scores_from_run(quantized_run(q[query_rows], d[doc_rows], data.query_ids, data.doc_ids,
-                                                             quantized, kind=index or "flat", **index_options),
+                                                             quantized, kind=index or "flat",
+                                                             label=f"{data.name} {name.name}", **index_options),
                                                data.qrels)
         out += _rows("retrieval", data.name, data.split, name, scores, record, quantized, index)
     if asymmetric and waiting and not out:

@@ -94,12 +94,12 @@ def synthetic(n: int, dim: int, queries: int, seed: int = 0) -> tuple[np.ndarray
 
 
 def vectors(args):
-    """(name, variant, doc ids, docs, queries, details) from the model on SciFact, or synthetic."""
+    """(variant, doc ids, docs, queries, (query ids, qrels) or None, details): the model on SciFact, or synthetic."""
     from pipeline.variants import Variant
 
     if args.synthetic:
         docs, queries = synthetic(args.synthetic, args.dim, args.queries)
-        return (Variant(1, "mean"), [f"v{i}" for i in range(len(docs))], docs, queries,
+        return (Variant(1, "mean"), [f"v{i}" for i in range(len(docs))], docs, queries, None,
                 {"model": "synthetic", "data": "Gaussian mixture, seed 0", "max_length": None, "embed_seconds": 0})
     from pipeline.encoder import Encoder
     from pipeline.request import resolve
@@ -113,7 +113,7 @@ def vectors(args):
     embed_s = time.perf_counter() - t0
     print(f"  embedded {len(x):,} texts ({res.stats.tokens:,} tokens) in {embed_s:.0f}s", flush=True)
     return (variant, list(data.doc_ids), x[:len(data.doc_ids)], x[len(data.doc_ids):],
-            {"model": request.model.name, "data": f"{data.name}/{data.split}",
+            (list(data.query_ids), data.qrels), {"model": request.model.name, "data": f"{data.name}/{data.split}",
              "max_length": request.settings.max_length, "embed_seconds": round(embed_s, 1)})
 
 
@@ -128,7 +128,16 @@ def measure(args) -> dict:
 
     faiss.omp_set_num_threads(args.threads)  # builds; every timed search runs on one thread
     work = Path(args.work)
-    variant, doc_ids, docs, queries, details = vectors(args)
+    from pipeline.metrics import retrieval_scores_from_run
+
+    variant, doc_ids, docs, queries, judged, details = vectors(args)
+
+    def ndcg(found) -> float | None:
+        """nDCG@10 (x100) of a top-10 run against SciFact's qrels (ranks as scores); None when synthetic."""
+        if judged is None:
+            return None
+        run = {str(q): {d: -r for r, d in enumerate(row) if d is not None} for q, row in zip(judged[0], found)}
+        return retrieval_scores_from_run(run, judged[1])["ndcg_at_10"]
     out = work / "output"
     shutil.rmtree(work, ignore_errors=True)
     write_output(out, variant, doc_ids, docs, args.parts)
@@ -153,11 +162,12 @@ def measure(args) -> dict:
         print(f"  {kind}: built in {time.perf_counter() - t0:.1f}s ({describe(built[kind])})", flush=True)
     exact, exact_ms = timed(work / "local" / "flat.faiss")
     rows.append({"index": "flat", "engine": "local", "parameters": "exact", "nprobe": None, "rerank": None,
-                 "recall": 1.0, "ms_per_query": exact_ms})
+                 "recall": 1.0, "ms_per_query": exact_ms, "ndcg_at_10": ndcg(exact)})
     if "hnsw" in built:
         found, ms = timed(work / "local" / "hnsw.faiss")
         rows.append({"index": "hnsw", "engine": "local", "parameters": describe(built["hnsw"]), "nprobe": None,
-                     "rerank": None, "recall": recall_at_k(found, exact, K), "ms_per_query": ms})
+                     "rerank": None, "recall": recall_at_k(found, exact, K), "ms_per_query": ms,
+                     "ndcg_at_10": ndcg(found)})
     engines = [("local", work / "local" / "ivfpq.faiss", built["ivfpq"])]
     if not args.no_ray:
         started = not __import__("ray").is_initialized()  # a caller's Ray (a test's) is used as it is
@@ -173,12 +183,17 @@ def measure(args) -> dict:
         engines.append((f"ray ({len(files)} parts)", index_path(out, variant), params))
     nlist = built["ivfpq"]["nlist"]
     nprobes = [n for n in args.nprobe if n <= nlist] or [nlist]
-    for engine, path, params in engines:
+    for engine, path, params in engines:  # first at the index's own defaults, then the grid
+        found, ms = timed(path)
+        rows.append({"index": "ivfpq", "engine": engine, "parameters": describe(params), "nprobe": params["nprobe"],
+                     "rerank": params["rerank"], "recall": recall_at_k(found, exact, K), "ms_per_query": ms,
+                     "ndcg_at_10": ndcg(found), "defaults": True})
         for nprobe in nprobes:
             for rerank in args.rerank:
                 found, ms = timed(path, nprobe=nprobe, rerank=rerank)
                 rows.append({"index": "ivfpq", "engine": engine, "parameters": describe(params), "nprobe": nprobe,
-                             "rerank": rerank, "recall": recall_at_k(found, exact, K), "ms_per_query": ms})
+                             "rerank": rerank, "recall": recall_at_k(found, exact, K), "ms_per_query": ms,
+                             "ndcg_at_10": ndcg(found)})
             print(f"  {engine} nprobe {nprobe}: " + ", ".join(f"r{r['rerank']} {r['recall']:.3f}" for r in rows[-len(args.rerank):]),
                   flush=True)
     return {**details, "variant": variant.name, "documents": len(doc_ids), "queries": len(queries),
@@ -190,11 +205,13 @@ def to_markdown(result: dict) -> str:
              f"`{result['variant']}` (dim {result['dim']}, max length {result['max_length']}); recall@{result['k']} "
              f"against the exact flat index; search time per query on one FAISS thread (median of "
              f"{result['repeats']}). Commit {result['commit']}.", "",
-             f"| index | engine | parameters | nprobe | rerank | recall@{result['k']} | ms/query |",
-             "|---|---|---|---:|---:|---:|---:|"]
+             f"| index | engine | parameters | nprobe | rerank | recall@{result['k']} | ms/query | nDCG@10 |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        lines.append(f"| {r['index']} | {r['engine']} | {r['parameters']} | {r['nprobe'] or '–'} | "
-                     f"{r['rerank'] or '–'} | {r['recall']:.3f} | {r['ms_per_query']:.3f} |")
+        ndcg = "–" if r.get("ndcg_at_10") is None else f"{r['ndcg_at_10']:.2f}"
+        lines.append(f"| {r['index']} | {r['engine']}{' (defaults)' if r.get('defaults') else ''} | {r['parameters']} | "
+                     f"{r['nprobe'] or '–'} | {r['rerank'] or '–'} | {r['recall']:.3f} | {r['ms_per_query']:.3f} | "
+                     f"{ndcg} |")
     return "\n".join(lines) + "\n"
 
 

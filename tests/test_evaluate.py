@@ -274,6 +274,22 @@ def test_eval_index_engine_ray_scores_through_the_merged_on_disk_ivfpq(ray_local
     assert loaded.index.ntotal == len(docs) and sorted(loaded.ids) == sorted(doc_ids)  # the queries are not indexed
 
 
+def test_eval_index_target_recall_tunes_then_scores_and_says_so(model_dir, tmp_path, capsys):
+    """`eval retrieval --index ivfpq --target-recall R` (local engine): nprobe and rerank tuned on the documents'
+    own vectors first; the measured recall is printed; a kind it cannot tune is one line."""
+    beir, _, _ = _tiny_beir(tmp_path / "beir", n_docs=400)
+    args = ["eval", "retrieval", str(beir), "--output", str(tmp_path / "out"), "--model", model_dir, "--layers", "2",
+            "--poolings", "mean", "--engine", "local", "--index", "ivfpq", "--nlist", "8", "-q"]
+    capsys.readouterr()
+    assert main([*args, "--target-recall", "0.95"]) == 0
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if "measured at build" in x)
+    recall = float(line.split("recall@10 ")[1].split()[0])
+    assert "L2.mean: index recall@10" in line and recall >= 0.95, line
+    assert main([*args[:-5], "--index", "hnsw", "--target-recall", "0.95", "-q"]) == 2
+    assert "--target-recall tunes float IVF-PQ indexes: use it with --index ivfpq" in capsys.readouterr().err
+
+
 def test_learned_mix_training_queries_must_not_be_evaluated():
     """BEIR labels: a judged query shared with the evaluated split (same text) is refused; another
     split, or a folder of the same name and split, with other queries is accepted."""

@@ -230,14 +230,20 @@ def test_index_recall(ray_local, faiss_one_thread, model_dir, tiny_data, tmp_pat
     result = json.loads((out / "index_recall.json").read_text())
     assert (result["documents"], result["queries"], result["parts"], result["dim"]) == (130, 30, 2, 32)
     grid = [(n, r) for n in (1, 2) for r in (1, 4)]
-    assert [(r["index"], r["engine"], r["nprobe"], r["rerank"]) for r in result["rows"]] == [
-        ("flat", "local", None, None), ("hnsw", "local", None, None),
-        *[("ivfpq", "local", n, r) for n, r in grid], *[("ivfpq", "ray (2 parts)", n, r) for n, r in grid]]
-    assert all(0 <= r["recall"] <= 1 and r["ms_per_query"] > 0 for r in result["rows"])
+    ivf = [r for r in result["rows"] if r["index"] == "ivfpq"]
+    assert [(r["index"], r["engine"]) for r in result["rows"][:2]] == [("flat", "local"), ("hnsw", "local")]
+    assert [(r["engine"], r.get("defaults", False)) for r in ivf] == [
+        ("local", True), *[("local", False)] * 4, ("ray (2 parts)", True), *[("ray (2 parts)", False)] * 4]
+    assert [(r["nprobe"], r["rerank"]) for r in ivf if not r.get("defaults")] == grid * 2
+    assert all(0 <= r["recall"] <= 1 and r["ms_per_query"] > 0 and 0 <= r["ndcg_at_10"] <= 100
+               for r in result["rows"])
+    assert result["rows"][0]["recall"] == 1.0
     # one set of rules, one training sample and seed, the same re-ranking: the engines answer alike
-    by = {(r["engine"], r["nprobe"], r["rerank"]): r["recall"] for r in result["rows"] if r["index"] == "ivfpq"}
-    assert all(by[("local", n, r)] == by[("ray (2 parts)", n, r)] for n, r in grid), by
-    assert len(table_rows((out / "index_recall.md").read_text(), "| index |")) == 10
+    by = {(r["engine"], r["nprobe"], r["rerank"], r.get("defaults", False)): (r["recall"], r["ndcg_at_10"])
+          for r in ivf}
+    assert all(by[("local", *key)] == by[("ray (2 parts)", *key)] for key in
+               [(n, r, False) for n, r in grid] + [(ivf[0]["nprobe"], ivf[0]["rerank"], True)]), by
+    assert len(table_rows((out / "index_recall.md").read_text(), "| index |")) == 12
 
     syn = tmp_path / "syn"
     assert load_study("index_recall").main(["--synthetic", "3000", "--dim", "16", "--queries", "40", "--no-ray",
@@ -245,8 +251,9 @@ def test_index_recall(ray_local, faiss_one_thread, model_dir, tiny_data, tmp_pat
                                              "--work", str(tmp_path / "work2"), "--out", str(syn)]) == 0
     r = json.loads((syn / "index_recall.json").read_text())
     assert (r["documents"], r["queries"], r["dim"], r["model"]) == (3000, 40, 16, "synthetic")
-    assert [(x["engine"], x["nprobe"], x["rerank"]) for x in r["rows"]][1:] == [("local", n, k) for n in (1, 4)
+    assert [(x["engine"], x["nprobe"], x["rerank"]) for x in r["rows"]][2:] == [("local", n, k) for n in (1, 4)
                                                                                for k in (1, 2)]
+    assert all(x["ndcg_at_10"] is None for x in r["rows"])  # no judgements: recall against exact only
 
 
 def test_checksums(tmp_path):

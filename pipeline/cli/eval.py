@@ -44,7 +44,12 @@ def register(sub) -> None:
     g.add_argument("--nlist", type=int, default=None,
                    help="retrieval IVF kinds: inverted lists (default: 4*sqrt(documents), at most documents/39)")
     g.add_argument("--nprobe", type=int, default=None,
-                   help="retrieval IVF kinds: lists searched (default: max(8, nlist/16), at most nlist)")
+                   help="retrieval IVF kinds: lists searched (default: docs/indexes.md, at most nlist)")
+    g.add_argument("--rerank", type=int, default=None,
+                   help="retrieval --index ivfpq: re-rank rerank x k candidates exactly (default: docs/indexes.md)")
+    g.add_argument("--target-recall", type=float, default=None, metavar="R",
+                   help="retrieval --index ivfpq: tune nprobe and rerank on the documents' own vectors to reach "
+                        "recall@10 >= R first, as `strata index --target-recall` does, and print the measured recall")
     g.add_argument("--rescore", type=int, default=0, metavar="M",
                    help="retrieval: re-score M x k candidates with the float query (default: off)")
     g.add_argument("--calibration-rows", type=int, default=1000,
@@ -161,7 +166,8 @@ def _ray_index_engine(args, engine: str | None) -> str | None:
 
 
 def _eval_index_options(args) -> dict:
-    opts = {k: getattr(args, k) for k in ("nlist", "nprobe") if getattr(args, k, None) is not None}
+    opts = {k: getattr(args, k) for k in ("nlist", "nprobe", "rerank", "target_recall")
+            if getattr(args, k, None) is not None}
     if args.index_engine == "ray" and args.ray_address:
         opts["ray_address"] = args.ray_address
     return opts

@@ -126,23 +126,33 @@ def choose(grid: list[dict], target: float) -> tuple[dict, bool]:
     return max(grid, key=lambda g: (g["recall"], -g["cost"])), False
 
 
-def tune_index(path: str | Path, target: float, *, queries: int = QUERIES, k: int = K, seed: int = 0) -> dict:
-    """Measure, choose and record (module doc); returns the ``tuned`` entry written to the JSON."""
+def tune_loaded(ix: LoadedIndex, target: float, *, queries: int = QUERIES, k: int = K, seed: int = 0,
+                name: str = "the index") -> dict:
+    """Measure and choose (module doc) for an index in hand, and set its search defaults to the choice;
+    returns the ``tuned`` entry (the ``nprobe`` and ``rerank`` chosen among it)."""
     if not 0 < target <= 1:
         raise IndexBuildError(f"--target-recall must be in (0, 1], got {target}")
-    path = Path(path)
-    ix = load_index(path)
     result = measure(ix, queries=queries, k=k, seed=seed)
     best, reached = choose(result["grid"], target)
     tuned = {"target_recall": target, "recall": round(best["recall"], 4), "reached": reached,
              "queries": result["queries"], "k": k, "nprobe": best["nprobe"], "rerank": best["rerank"]}
     if not reached:
-        log.warning("%s: recall@%d %.3f at best (nprobe %d = nlist, rerank %d) is below the target %.3f: recorded; "
-                    "a flat or hnsw index reaches it", path.name, k, best["recall"], best["nprobe"], best["rerank"],
-                    target)
+        log.warning("%s: recall@%d %.3f at best (nprobe %d, rerank %d) is below the target %.3f: recorded; "
+                    "a flat or hnsw index reaches it", name, k, best["recall"], best["nprobe"], best["rerank"], target)
+    faiss.extract_index_ivf(ix.index).nprobe = best["nprobe"]
+    ix.params.update(nprobe=best["nprobe"], rerank=best["rerank"])
+    if ix.vectors is None:
+        ix.index.k_factor = float(best["rerank"])
+    return tuned
+
+
+def tune_index(path: str | Path, target: float, *, queries: int = QUERIES, k: int = K, seed: int = 0) -> dict:
+    """Measure, choose and record (module doc); returns the ``tuned`` entry written to the JSON."""
+    path = Path(path)
+    tuned = tune_loaded(load_index(path), target, queries=queries, k=k, seed=seed, name=path.name)
     _, json_path = sidecars(path)
     params = json.loads(json_path.read_text())
-    params.update(nprobe=best["nprobe"], rerank=best["rerank"], tuned=tuned)
+    params.update(nprobe=tuned["nprobe"], rerank=tuned["rerank"], tuned=tuned)
     tmp = json_path.with_name(json_path.name + ".tmp")
     tmp.write_text(json.dumps(params, indent=2) + "\n")
     os.replace(tmp, json_path)
