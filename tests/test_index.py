@@ -85,7 +85,7 @@ def test_approximate_kinds_recall_against_flat(tmp_path, data, kind, threshold):
     assert recall_at_k(approx, exact, 10) >= threshold
     assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
     if kind == "ivfpq":
-        assert params["dim"] % params["m"] == 0 and params["rerank"] == 4
+        assert params["dim"] % params["m"] == 0 and params["rerank"] == 8
         assert isinstance(load_index(tmp_path / "ivfpq.faiss").index, faiss.IndexRefineFlat)
         _, unrefined = load_index(tmp_path / "ivfpq.faiss", rerank=1).search(q, 10)
         assert recall_at_k(unrefined, exact, 10) < recall_at_k(approx, exact, 10)  # exact re-ranking pays

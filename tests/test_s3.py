@@ -326,7 +326,7 @@ def test_nightly_job_on_s3_publishes_versions_and_a_crash_never_reaches_latest(r
     spec.write_text(job_spec(s3, model_dir, "[L4.mean]", "retention: {keep: 1}\n"))
     monkeypatch.setenv("STRATA_CACHE", str(tmp_path / "cache"))
     run = lambda: run_job(spec, progress=False, stream=io.StringIO())  # noqa: E731
-    first = run()
+    run()
     job = s3.url("jobs", "nightly")
     latest_a = read_latest(job)
     url_a = f"{job}/{latest_a['version']}/published/{latest_a['published']}"

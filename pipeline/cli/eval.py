@@ -44,9 +44,9 @@ def register(sub) -> None:
     g.add_argument("--nlist", type=int, default=None,
                    help="retrieval IVF kinds: inverted lists (default: 4*sqrt(documents), at most documents/39)")
     g.add_argument("--nprobe", type=int, default=None,
-                   help="retrieval IVF kinds: lists searched (default: docs/indexes.md, at most nlist)")
+                   help="retrieval IVF kinds: lists searched (default: max(64, nlist/16), at most nlist)")
     g.add_argument("--rerank", type=int, default=None,
-                   help="retrieval --index ivfpq: re-rank rerank x k candidates exactly (default: docs/indexes.md)")
+                   help="retrieval --index ivfpq: re-rank rerank x k candidates exactly (default: 8)")
     g.add_argument("--target-recall", type=float, default=None, metavar="R",
                    help="retrieval --index ivfpq: tune nprobe and rerank on the documents' own vectors to reach "
                         "recall@10 >= R first, as `strata index --target-recall` does, and print the measured recall")

@@ -24,10 +24,12 @@ def register(sub) -> None:
                         "tasks, lists merged on disk, resumable (docs/indexes.md); auto: ray above 1,000,000 rows "
                         "or with --ray-address (default: %(default)s)")
     add_ray_address(p)
-    p.add_argument("--nprobe", type=int, default=None, help="IVF kinds: lists searched by default (recorded)")
+    p.add_argument("--nprobe", type=int, default=None,
+                   help="IVF kinds: lists searched by default (recorded; default: max(64, nlist/16), at most nlist, "
+                        "measured: docs/indexes.md)")
     p.add_argument("--rerank", type=int, default=None,
                    help="ivfpq: searches re-rank rerank x k IVF-PQ candidates by their exact cosine (recorded; "
-                        "both engines; default: the measured default, docs/indexes.md)")
+                        "both engines; default: 8, measured: docs/indexes.md)")
     p.add_argument("--target-recall", type=float, default=None, metavar="R",
                    help="ivfpq: after the build, choose the cheapest nprobe and rerank whose recall@10 on a sample "
                         "of the index's own vectors is at least R (e.g. 0.95), and record both and the measured "
