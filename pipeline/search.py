@@ -76,7 +76,7 @@ def query_request(manifest: dict, variant: Variant):
 
 def _fetch_index(store, v, scratch: Path) -> Path | None:
     """An index on an object store copied to ``scratch`` (its three files, and a Ray-built index's
-    inverted lists): FAISS reads local files. None where it has none."""
+    inverted lists and re-ranking vectors): FAISS reads local files. None where it has none."""
     name = index_path("", v).name
     local = scratch / INDEXES / name
     files = [local, *sidecars(local)]
@@ -85,9 +85,10 @@ def _fetch_index(store, v, scratch: Path) -> Path | None:
     local.parent.mkdir(parents=True)
     for f in files:
         store.fs.get_file(store.path(INDEXES, f.name), str(f))
-    ondisk = json.loads(files[2].read_text()).get("ondisk")
-    if ondisk:
-        store.fs.get_file(store.path(INDEXES, ondisk), str(local.parent / ondisk))
+    params = json.loads(files[2].read_text())
+    for extra in (params.get("ondisk"), params.get("vectors")):
+        if extra:
+            store.fs.get_file(store.path(INDEXES, extra), str(local.parent / extra))
     return local
 
 
