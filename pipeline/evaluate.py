@@ -140,7 +140,7 @@ def quantized_run(query_emb, doc_emb, query_ids, doc_ids, quantized: quantize.Qu
         if target_recall is not None:
             from .index.tune import describe_tuned, tune_loaded
 
-            index.params["tuned"] = tune_loaded(index, target_recall)
+            tune_loaded(index, target_recall)
             print(f"{label}: index {describe_tuned(index.params)}", file=sys.stderr)
     else:
         ranges = quantized.ranges(doc_emb)

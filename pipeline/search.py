@@ -134,8 +134,6 @@ def search_output(output: str | Path, variant: str, queries: str | Path, k: int 
                       "doc_id": pa.array(rows["doc_id"], pa.string()), "score": pa.array(rows["score"], pa.float32())})
     # which settings answered (kept in the results file): kind, search knobs, a recall measured at build
     answered = {key: index.params.get(key) for key in ("kind", "engine", "nprobe", "rerank", "efSearch", "tuned")}
-    if nprobe is not None:
-        answered["nprobe"] = nprobe
     table = table.replace_schema_metadata({"strata.index": json.dumps(answered)})
     if out is not None:
         tmp = Path(f"{out}.tmp")

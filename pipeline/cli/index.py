@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from .options import add_ray_address, add_storage_options
 
 
@@ -43,7 +41,7 @@ def register(sub) -> None:
 
 def cmd_index(args) -> int:
     from ..derive import add_to_output
-    from ..index import build_indexes, index_path, sidecars
+    from ..index import build_indexes, index_path
 
     if args.mixes or args.transforms != "none":  # fitted on this output's rows, then indexed too
         add_to_output(args.output, args.mixes, args.transforms)
@@ -76,8 +74,7 @@ def cmd_index(args) -> int:
         if args.target_recall is not None:
             from ..index.tune import describe_tuned, tune_index
 
-            tune_index(index_path(args.output, v), args.target_recall)
-            print(f"  {describe_tuned(json.loads(sidecars(index_path(args.output, v))[1].read_text()))}")
+            print(f"  {describe_tuned(tune_index(index_path(args.output, v), args.target_recall))}")
     return 0
 
 

@@ -75,7 +75,21 @@ class LoadedIndex:
         ids = [[self.ids[i] if i >= 0 else None for i in row] for row in labels]
         return scores, ids
 
-    def _stored(self, keys: np.ndarray) -> np.ndarray:
+    def set_search(self, *, nprobe: int | None = None, rerank: int | None = None) -> None:
+        """The search settings in effect: the JSON's, or those given; kept in ``params`` (what answered)
+        and applied to the FAISS index (an IVF's nprobe; the local IVF-PQ's ``IndexRefineFlat`` depth;
+        the Ray IVF-PQ reads ``params["rerank"]`` in ``search``)."""
+        given = {key: v for key, v in (("nprobe", nprobe), ("rerank", rerank)) if v is not None}
+        if given:
+            self.params = {**self.params, **given}
+        kind = self.params["kind"]
+        if kind in ("ivfpq", "ivf"):
+            ivf = self.index if self.dtype == "binary" else faiss.extract_index_ivf(self.index)
+            ivf.nprobe = self.params["nprobe"]
+        if isinstance(self.index, faiss.IndexRefine) and self.params.get("rerank"):
+            self.index.k_factor = float(self.params["rerank"])
+
+    def stored(self, keys: np.ndarray) -> np.ndarray:
         """Documents as float32 unit vectors (decoded int8, or sign vectors), reconstructed from the index."""
         if self.vectors is not None:
             return np.asarray(self.vectors[keys], dtype=np.float32)  # reads only those rows
@@ -95,7 +109,7 @@ class LoadedIndex:
         return quantize.unit_rows(x)
 
     def _rescore(self, q: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        docs = self._stored(np.where(labels >= 0, labels, 0).ravel().astype(np.int64)).reshape(*labels.shape, -1)
+        docs = self.stored(np.where(labels >= 0, labels, 0).ravel().astype(np.int64)).reshape(*labels.shape, -1)
         scores = np.einsum("ij,ikj->ik", q, docs)
         scores[labels < 0] = -np.inf
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -124,21 +138,15 @@ def load_index(path: str | Path, *, ef_search: int | None = None, nprobe: int | 
     vectors = None
     if params["kind"] == "hnsw":
         index.hnsw.efSearch = ef_search or params["efSearch"]
-    elif params["kind"] == "ivfpq":
-        faiss.extract_index_ivf(index).nprobe = nprobe or params["nprobe"]
-        if params.get("vectors"):  # the Ray engine: the re-ranking rows, memory-mapped
-            vectors = _vectors(path.parent / params["vectors"], params.get("labels") or index.ntotal, index.d)
-        if rerank is not None:
-            params = {**params, "rerank": rerank}
-        if params.get("rerank") and vectors is None:
-            index.k_factor = float(params["rerank"])
+    elif params["kind"] == "ivfpq" and params.get("vectors"):  # the Ray engine: the re-ranking rows, memory-mapped
+        vectors = _vectors(path.parent / params["vectors"], params.get("labels") or index.ntotal, index.d)
     elif params["kind"] == "ivf":  # a quantised output's IVF (no PQ): reconstructing for rescoring needs the map
-        ivf = index if binary else faiss.extract_index_ivf(index)
-        ivf.nprobe = nprobe or params["nprobe"]
-        ivf.make_direct_map()
+        (index if binary else faiss.extract_index_ivf(index)).make_direct_map()
     if rescore is not None:
         params = {**params, "rescore": rescore}
-    return LoadedIndex(index=index, ids=ids, params=params, vectors=vectors)
+    loaded = LoadedIndex(index=index, ids=ids, params=params, vectors=vectors)
+    loaded.set_search(nprobe=nprobe, rerank=rerank)
+    return loaded
 
 
 def _vectors(path: Path, labels: int, dim: int) -> np.ndarray:
