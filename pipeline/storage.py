@@ -357,14 +357,21 @@ class Output:
             self.fs.rm(p, recursive=True)
 
     def retire(self, manifest: dict, rel: str) -> None:
-        """A replaced or dropped shard's committed folder: removed, or, where published versions may
-        still reference it (``manifest["retain_replaced"]``, set by jobs), listed in ``retired`` for
-        the job's garbage collection (``pipeline/jobs/versions.py``) and left in place."""
+        """A replaced or dropped shard's committed folder: listed in ``retired`` and left in place, so
+        the run can still copy its vectors (``runner/reuse.py``) and a crash leaks nothing. At the
+        run's end ``free_retired`` removes it, unless published versions may still reference it
+        (``manifest["retain_replaced"]``, set by jobs: the job's garbage collection removes it,
+        ``pipeline/jobs/versions.py``)."""
+        if rel not in manifest.setdefault(RETIRED, []):
+            manifest[RETIRED].append(rel)
+
+    def free_retired(self, manifest: dict) -> None:
+        """Remove the retired folders of an output that keeps none (not ``retain_replaced``)."""
         if manifest.get("retain_replaced"):
-            if rel not in manifest.setdefault(RETIRED, []):
-                manifest[RETIRED].append(rel)
-        else:
+            return
+        for rel in manifest.get(RETIRED, []):
             self.remove(rel)
+        manifest.pop(RETIRED, None)
 
     def sweep(self, manifest: dict | None) -> list[str]:
         """Remove what Strata's own earlier runs left behind, and nothing else: the staging

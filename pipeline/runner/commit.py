@@ -32,7 +32,10 @@ class EmbedSummary:
     shards_failed: dict[str, str] = field(default_factory=dict)
     rows: int = 0
     rows_rejected: int = 0
-    rows_reused: int = 0  # committed rows whose vectors were copied from the shard's previous parts
+    rows_reused: int = 0  # committed rows whose vectors were copied (reuse.py): stored, or this run's duplicates
+    rows_deduplicated: int = 0  # of those, copies of a text this run embedded once
+    rows_dropped: int = 0  # rows of the committed shards this run dropped (their vectors may have been copied)
+    plan_seconds: float = 0.0  # finding the rows to copy
     tokens: int = 0
     padded_tokens: int = 0
     truncated: int = 0
@@ -40,6 +43,11 @@ class EmbedSummary:
     seconds: float = 0.0
     startup_seconds: float = 0.0
     steady_seconds: float = 0.0
+
+    @property
+    def rows_embedded(self) -> int:
+        """Rows that went through the model."""
+        return self.rows - self.rows_rejected - self.rows_reused
 
     @property
     def tokens_per_second(self) -> float:
@@ -55,7 +63,7 @@ class EmbedSummary:
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        d.update(tokens_per_second=self.tokens_per_second, steady_tokens_per_second=self.steady_tokens_per_second,
+        d.update(rows_embedded=self.rows_embedded, tokens_per_second=self.tokens_per_second, steady_tokens_per_second=self.steady_tokens_per_second,
                  padding_efficiency=self.padding_efficiency,
                  rows_per_second=self.rows / self.seconds if self.seconds else 0.0)
         return d
@@ -122,6 +130,8 @@ class Committer:
         self.out, self.manifest, self.summary, self.run_id = out, manifest, summary, run_id
         self.pending = {i: _Pending(s, np.zeros(s.rows, dtype=bool)) for i, s in enumerate(todo)}
         self.rows_seen = 0
+        self.hold = False  # complete shards wait for ``release`` (their staged parts are being copied from)
+        self.written: dict[str, str] = {}  # URL -> CRC-32 of every part this run committed
 
     def feed(self, m: dict) -> None:
         p = self.pending.get(m["shard"])
@@ -134,19 +144,36 @@ class Committer:
         if p.error:
             self._fail(p, f"read failed: {p.error}")
             del self.pending[m["shard"]]
-        elif p.complete:
-            try:
-                _commit(self.out, self.manifest, p.shard, p, self.run_id)
-            except CommitError as e:
-                self._fail(p, str(e))
-                del self.pending[m["shard"]]
-                return
-            self.summary.shards_embedded += 1
-            self.summary.rows += p.shard.rows
-            self.summary.rows_rejected += sum(p.reasons.values())
-            self.summary.truncated += p.truncated
-            self.summary.rows_reused += p.reused
-            del self.pending[m["shard"]]
+        elif p.complete and not self.hold:
+            self._commit(m["shard"])
+
+    def release(self) -> None:
+        """Commit the complete shards ``hold`` kept back."""
+        self.hold = False
+        for i in [i for i, p in self.pending.items() if p.complete]:
+            self._commit(i)
+
+    def _commit(self, i: int) -> None:
+        p = self.pending.pop(i)
+        try:
+            _commit(self.out, self.manifest, p.shard, p, self.run_id)
+        except CommitError as e:
+            self._fail(p, str(e))
+            return
+        entry = self.manifest["shards"][-1]
+        for name in entry["files"]:
+            self.written[self.out.fs.unstrip_protocol(self.out.path(entry["output"], name))] = p.crc32.get(name, "")
+        self.summary.shards_embedded += 1
+        self.summary.rows += p.shard.rows
+        self.summary.rows_rejected += sum(p.reasons.values())
+        self.summary.truncated += p.truncated
+        self.summary.rows_reused += p.reused
+
+    def parts(self) -> dict[str, str]:
+        """URL -> CRC-32 of every part this run wrote: committed, and staged for shards not complete."""
+        staged = {self.out.fs.unstrip_protocol(self.out.path(STAGING, self.run_id, p.shard.key, name)): p.crc32.get(name, "")
+                  for p in self.pending.values() for name in p.parts}
+        return self.written | staged
 
     def _fail(self, p: _Pending, msg: str) -> None:
         self.summary.shards_failed[p.shard.rel] = msg
@@ -197,10 +224,8 @@ def _commit(out: Output, manifest: dict, shard: Shard, p: _Pending, run_id: str 
         "parts": info, "committed_at": utc_now(),
     }]
     manifest.get("failed", {}).pop(shard.rel, None)
-    out.write_manifest(manifest)
-    for e in old:  # the replaced output of a changed shard goes only after the new one is committed
+    for e in old:  # the replaced output of a changed shard: retired in the same manifest write
         out.retire(manifest, e["output"])
-    if old and manifest.get("retain_replaced"):
-        out.write_manifest(manifest)
+    out.write_manifest(manifest)
 
 

@@ -35,7 +35,8 @@ from ..storage import EMBEDDINGS, MANIFEST, RETIRED, STAGING, Output, overlap_me
 from ..stores import exists, storage_options
 from .commit import Committer, EmbedError, EmbedSummary, _commit, _Pending
 from .shards import UNIT_ROWS, Shard, first_texts, inspect_shards, list_shards, plan, work_units
-from .stages import EMBED_BATCH_ROWS, MAX_CALLS_PER_ACTOR, EmbedActor, read_and_tokenize, reuse_salt, write_parts
+from .reuse import make_plan, reuse_salt
+from .stages import DAMAGED_SOURCE, EMBED_BATCH_ROWS, MAX_CALLS_PER_ACTOR, EmbedActor, read_and_tokenize, write_parts
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,7 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
         # checksum (every byte read) for the parts the previous run committed, so a resume verifies
         # what the interrupted run wrote at a cost in proportion to that run's output, not the whole
         # output's (reads verify every part: Output.check_parts).
+        damaged = set()
         for entry in list(keep):
             recent = any(entry["output"].endswith(f"-{r}") for r in earlier_runs if r)
             bad = out.damaged_parts(entry, checksums=recent)
@@ -173,6 +175,10 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
                 log.warning("re-embedding shard %s: committed part %s", entry["rel"], bad[0])
                 keep.remove(entry)
                 todo.append(by_rel[entry["rel"]])
+                damaged.add(entry["rel"])
+        # Every committed shard's vectors may be copied by rows with the same text (reuse.py): kept,
+        # changed and dropped shards alike; each copied part is checked against its checksum as it is read.
+        stored = [e for e in manifest.get("shards", []) if e["rel"] not in damaged]
         failed = {s.rel: s.error for s in todo if s.error}
         todo = [s for s in todo if s.error is None]
         for e in drop:
@@ -183,7 +189,8 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
         manifest["failed"] = failed
         out.write_manifest(manifest)
         summary = EmbedSummary(output=redact(output), shards_total=len(shards), shards_skipped=len(keep),
-                               shards_dropped=len(drop), shards_failed=dict(failed))
+                               shards_dropped=len(drop), shards_failed=dict(failed),
+                               rows_dropped=sum(e.get("rows", 0) for e in drop))
         empty = [s for s in todo if s.rows == 0]
         todo = [s for s in todo if s.rows > 0]
         for s in empty:  # an empty shard is done at once: nothing to embed, nothing lost
@@ -195,7 +202,8 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
         if todo:
             _run_ray(request, out, manifest, todo, summary, fs=fs, text_column=text_column, id_column=id_column,
                      progress=progress, stall_timeout_s=stall_timeout_s, unit_rows=unit_rows, t_start=t_start,
-                     ranges=ranges, run_id=run_id)
+                     ranges=ranges, run_id=run_id, stored=stored)
+            _forget_damaged_sources(out, manifest, summary)
         if id_column:
             summary.duplicate_ids, examples = _duplicate_ids(out, manifest)
             manifest["duplicate_ids"] = {"count": summary.duplicate_ids, "examples": examples}
@@ -209,6 +217,7 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
             manifest.pop("derived")
         summary.seconds = time.perf_counter() - t_start
         manifest["last_run"] = summary.as_dict()
+        out.free_retired(manifest)  # replaced and dropped shards' folders, once nothing copies from them
         out.write_manifest(manifest)
         # again at the end: a failed run's tasks that were still writing (a driver that lives on, as
         # in-process callers do) may have staged more since the first sweep
@@ -219,6 +228,21 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
             raise EmbedError(f"{len(summary.shards_failed)} shard(s) failed, the others are committed "
                              f"(re-run to retry): {lines}")
         return summary
+
+
+def _forget_damaged_sources(out: Output, manifest: dict, summary: EmbedSummary) -> None:
+    """A shard failed because a part it copied from no longer matches its checksum: that part's shard
+    is taken out of the manifest (retired), so the next run embeds it again and nothing copies from it."""
+    messages = [m for m in summary.shards_failed.values() if DAMAGED_SOURCE in m]
+    if not messages:
+        return
+    bad = [e for e in manifest["shards"] if any(f"/{e['output']}/" in m for m in messages)]
+    for e in bad:
+        log.warning("committed part of shard %s does not match its checksum: it is embedded again on the next run",
+                    e["rel"])
+        out.retire(manifest, e["output"])
+    manifest["shards"] = [e for e in manifest["shards"] if e not in bad]
+    out.write_manifest(manifest)
 
 
 def _int8_ranges(request: Request, out: Output, manifest: dict, fs, shards: list[Shard], text_column: str,
@@ -279,11 +303,15 @@ def _duplicate_ids(out: Output, manifest: dict) -> tuple[int, list[str]]:
 
 def _run_ray(request: Request, out: Output, manifest: dict, todo: list[Shard], summary: EmbedSummary, *, fs,
              text_column: str, id_column: str | None, progress: bool, stall_timeout_s: float, unit_rows: int,
-             t_start: float, ranges: dict[str, np.ndarray] | None = None, run_id: str | None = None) -> None:
+             t_start: float, ranges: dict[str, np.ndarray] | None = None, run_id: str | None = None,
+             stored: list[dict] | None = None) -> None:
+    """Embed ``todo`` on Ray Data. ``stored``: the output's committed shards before this run, whose
+    parts' vectors rows with the same text copy (``reuse.py``); a second pass copies the run's
+    own duplicate texts from the parts the first wrote."""
     t0 = time.perf_counter()
     res = request.resources
     ray = connect(res.ray_address)
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.execution_no_progress_timeout_s = stall_timeout_s
@@ -298,32 +326,67 @@ def _run_ray(request: Request, out: Output, manifest: dict, todo: list[Shard], s
 
     run_id = run_id or uuid.uuid4().hex[:12]
     units = work_units(todo, unit_rows)
+    salt = reuse_salt(manifest["signature"])
+    sources = {out.fs.unstrip_protocol(out.path(e["output"], f)): (e.get("parts") or {}).get(f, {}).get("crc32", "")
+               for e in stored or [] for f in e["files"]}
+    plan_kw = dict(fs=fs, text_column=text_column, id_column=id_column, salt=salt, storage=storage_options(), ray=ray)
+    plan_root = out.fs.unstrip_protocol(out.path(STAGING, run_id, "plan"))
+    t_plan = time.perf_counter()
+    first = make_plan(units, list(sources), f"{plan_root}/1", dedup=True,
+                      stored_rows=sum(e.get("rows_written", 0) for e in stored or []), **plan_kw)
+    summary.plan_seconds = time.perf_counter() - t_plan
+    summary.rows_deduplicated = first.deferred
+    log.info("plan: %d row(s) copied from %d stored part(s), %d duplicate(s) of this run's texts deferred",
+             first.copied, len(first.sources), first.deferred)
+    for u in units:
+        u["planned"] = u["unit"] in first.units
+    committer = Committer(out, manifest, todo, summary, run_id)
+    args = dict(request=request, out=out, fs=fs, text_column=text_column, id_column=id_column, salt=salt,
+                committer=committer, n_actors=n_actors, cpus=cpus, gpus=gpus, threads=threads, ranges=ranges,
+                run_id=run_id, todo=todo, progress=progress, t_start=t_start, stall_timeout_s=stall_timeout_s)
+    _pass(ray, units, first.url, False, {s: sources[s] for s in first.sources}, **args)
+    if first.deferred:  # the run's own duplicates, copied from the parts the first pass wrote
+        written = committer.parts()
+        committer.hold = True  # staged parts stay where the plan found them until the pass ends
+        again = [dict(u) for u in units if u["unit"] in first.deferring]
+        second = make_plan(again, list(written), f"{plan_root}/2", dedup=False, only=first.url, **plan_kw)
+        for u in again:
+            u["planned"] = u["unit"] in second.units
+        _pass(ray, again, second.url, True, {s: written[s] for s in second.sources}, **args)
+        committer.release()
+    committer.finish()
+    out.remove(f"{STAGING}/{run_id}")
+    out.remove_if_empty(STAGING)
+
+
+def _pass(ray, units: list[dict], plan_url: str, only_planned: bool, sources: dict[str, str], *, request: Request,
+          out: Output, fs, text_column: str, id_column: str | None, salt: bytes, committer: Committer, n_actors: int,
+          cpus: float, gpus: float, threads: int, ranges, run_id: str, todo: list[Shard], progress: bool,
+          t_start: float, stall_timeout_s: float) -> None:
+    """One pass of the pipeline over ``units`` under a plan: read + tokenise -> embed -> write parts,
+    the metadata fed to the committer. ``sources``: the parts the plan copies from, with their CRC-32."""
+    from ray.data import ActorPoolStrategy
+
+    summary = committer.summary
+    t0 = time.perf_counter()
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     # Fractional CPUs: different resources keep Ray from fusing these tasks into the actor, so
     # reading and tokenising overlap the forward passes instead of running in series with them.
-    # A changed shard's rows whose text its previous parts already hold are copied, not embedded
-    # (stages.read_and_tokenize): the previous parts are still committed until the shard commits anew.
-    before_run = {e["rel"]: e for e in manifest.get("shards", [])}
-    # (Only from parts whose every byte is as committed, checksum included: a damaged shard is
-    # embedded afresh.)
-    previous = {i: [out.fs.unstrip_protocol(out.path(before_run[s.rel]["output"], f))
-                    for f in before_run[s.rel]["files"]] for i, s in enumerate(todo)
-                if s.rel in before_run and not out.damaged_parts(before_run[s.rel], checksums=True)}
     ds = ds.map_batches(read_and_tokenize, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
                         fn_kwargs=dict(fs=fs, request=request, text_column=text_column, id_column=id_column,
-                                       salt=reuse_salt(manifest["signature"]), previous=previous))
+                                       salt=salt, plan=plan_url, only_planned=only_planned))
     # Blocks of EMBED_BATCH_ROWS rows: each actor task is then one call, and its metadata streams
     # to the driver as it is made (a whole read unit in one task would reach it only at its end).
     ds = ds.repartition(target_num_rows_per_block=EMBED_BATCH_ROWS)
     write = dict(output_url=out.url, run_id=run_id, keys=[s.key for s in todo], storage=storage_options(),
                  columns=[v.column for v in request.variants], fmt=request.output_format)
     embed_args = dict(batch_size=EMBED_BATCH_ROWS, batch_format="pyarrow", num_cpus=cpus, num_gpus=gpus or None)
+    actor = dict(request=request, threads=threads, ranges=ranges, storage=storage_options(), sources=sources)
     if gpus:
         # A GPU makes vectors faster than one CPU thread writes them (a wide grid's block is ~90 MB):
         # write tasks spread the writing over the node's CPUs.
         ds = ds.map_batches(EmbedActor, compute=ActorPoolStrategy(size=n_actors), **embed_args,
-                            fn_constructor_kwargs=dict(request=request, threads=threads, ranges=ranges, write=None,
-                                                       storage=storage_options()))
+                            fn_constructor_kwargs=dict(actor, write=None))
         ds = ds.map_batches(write_parts, batch_size=None, batch_format="pyarrow", num_cpus=0.5, fn_kwargs=write)
     else:
         # On CPUs the model is the bottleneck and shares the cores with everything else: the actor
@@ -332,10 +395,7 @@ def _run_ray(request: Request, out: Output, manifest: dict, todo: list[Shard], s
         # with the next block's forward passes.
         pool = ActorPoolStrategy(size=n_actors, enable_true_multi_threading=True,
                                  max_concurrent_calls_per_actor=MAX_CALLS_PER_ACTOR)
-        ds = ds.map_batches(EmbedActor, compute=pool, **embed_args,
-                            fn_constructor_kwargs=dict(request=request, threads=threads, ranges=ranges, write=write,
-                                                       storage=storage_options()))
-    committer = Committer(out, manifest, todo, summary, run_id)
+        ds = ds.map_batches(EmbedActor, compute=pool, **embed_args, fn_constructor_kwargs=dict(actor, write=write))
     before = summary.shards_embedded  # empty shards committed already: not among ``todo``
     total_rows = sum(s.rows for s in todo)
     last_print, first_batch, first_tokens = 0.0, None, 0
@@ -363,14 +423,11 @@ def _run_ray(request: Request, out: Output, manifest: dict, todo: list[Shard], s
     finally:
         if progress and last_print:
             print(file=sys.stderr)
-    committer.finish()
     end = time.perf_counter()
     # Steady state: the rate after the first output. Only meaningful when outputs streamed
     # over most of the run; when they arrive in a burst at the end it is left at 0 (unknown).
     if first_batch is not None and summary.tokens > first_tokens and end - first_batch >= 0.5 * (end - t0):
         summary.steady_seconds = (end - first_batch) * summary.tokens / (summary.tokens - first_tokens)
-    out.remove(f"{STAGING}/{run_id}")
-    out.remove_if_empty(STAGING)
 
 
 def read_embeddings(output: str, columns: list[str] | None = None) -> pa.Table:

@@ -164,9 +164,55 @@ def work_units(shards: list[Shard], unit_rows: int = UNIT_ROWS) -> list[dict]:
             stop = min(s.rows, start + unit_rows)
             first = int(np.searchsorted(starts, start, side="right")) - 1
             last = int(np.searchsorted(starts, stop, side="left")) - 1
-            units.append({"shard": idx, "path": s.path, "rel": s.rel, "rgs": list(range(first, last + 1)),
-                          "skip": int(start - starts[first]), "row0": start, "rows": stop - start})
+            units.append({"unit": len(units), "shard": idx, "path": s.path, "rel": s.rel,
+                          "rgs": list(range(first, last + 1)), "skip": int(start - starts[first]), "row0": start,
+                          "rows": stop - start, "planned": False})
     return units
+
+
+@dataclass
+class UnitRows:
+    """One work unit's rows as read: row numbers, texts, ids, and each row's reject reason (None: good)."""
+
+    rows: np.ndarray
+    texts: list
+    ids: list
+    reasons: list
+
+
+def _reject_reason(text) -> str | None:
+    if text is None:
+        return "null text"
+    if not text.strip():
+        return "empty text"
+    return None
+
+
+def read_unit(unit: dict, fs, text_column: str, id_column: str | None) -> UnitRows:
+    """Read a work unit's texts (and ids) and judge each row: a null, empty or undecodable text, or a
+    null or undecodable id, is rejected with its reason. Raises if the file changed since it was listed."""
+    row0, n = int(unit["row0"]), int(unit["rows"])
+    rows = np.arange(row0, row0 + n, dtype=np.int64)
+    cols = [text_column] + ([id_column] if id_column and id_column != text_column else [])
+    with fs.open(unit["path"], "rb") as f:
+        t = pq.ParquetFile(f).read_row_groups(list(unit["rgs"]), columns=cols).slice(int(unit["skip"]), n)
+    if t.num_rows != n:  # the file was replaced since it was listed (a shorter one): this shard fails alone
+        raise ValueError(f"{t.num_rows} rows where {n} were listed from row {row0}: the file changed while "
+                         f"it was being read")
+    texts, bad_text = strings(t.column(text_column))
+    if id_column:
+        raw_ids, bad_id = strings(t.column(id_column))
+        ids = [None if v is None else str(v) for v in raw_ids]
+    else:
+        ids, bad_id = [f"{unit['rel']}#{r}" for r in rows], {}
+    reasons = [bad_text.get(i) or _reject_reason(x) for i, x in enumerate(texts)]
+    for i, why in bad_id.items():
+        reasons[i] = reasons[i] or f"id {why}"
+        ids[i] = None
+    for i, v in enumerate(ids):
+        if v is None and reasons[i] is None:
+            reasons[i] = "null id"
+    return UnitRows(rows, texts, ids, reasons)
 
 
 def plan(manifest: dict | None, shards: list[Shard]) -> tuple[list[Shard], list[dict], list[dict]]:

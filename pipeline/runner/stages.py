@@ -7,8 +7,6 @@ account for every row exactly once (``commit.Committer``).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import uuid
@@ -23,22 +21,14 @@ from .. import quantize
 from ..encoder import Encoder
 from ..request import Request
 from ..templates import Tokenized, tokenize
-from .shards import strings
-from ..storage import STAGING, Output, read_part, write_part
+from .shards import read_unit
+from ..storage import STAGING, Output, write_part
 from ..stores import use_storage_options
 
 log = logging.getLogger(__name__)
 
 EMBED_BATCH_ROWS = 256  # rows handed to an embed actor per call; sorted into token batches inside
 MAX_CALLS_PER_ACTOR = 2  # one call writing its parts while the next runs the model
-
-
-def _reject_reason(text) -> str | None:
-    if text is None:
-        return "null text"
-    if not text.strip():
-        return "empty text"
-    return None
 
 
 _TOKENIZERS: dict[str, Any] = {}
@@ -61,93 +51,59 @@ def _span_column(k: int) -> str:
     return f"_span{k}"
 
 
-def text_keys(texts: list, salt: bytes) -> list[bytes | None]:
-    """Each text's reuse key: blake2b-128 of its UTF-8 bytes, keyed by the output's signature digest
-    (``salt``), so equal keys mean equal vectors within an output (``reuse_salt``)."""
-    return [None if t is None else hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16,
-                                                    key=salt).digest() for t in texts]
-
-
-def reuse_salt(signature: dict) -> bytes:
-    """What a key is keyed on: the request's signature (model, weights, variants, templates, max
-    length, dtype, ...), which is fixed for an output."""
-    return hashlib.blake2b(json.dumps(signature, sort_keys=True, default=str).encode(), digest_size=32).digest()
-
-
-def _previous(urls: list[str]) -> dict[bytes, tuple[int, int]]:
-    """key -> (part index, row) over a shard's previous committed parts (those with a key column)."""
+def planned_rows(plan_url: str, unit: dict) -> dict[str, np.ndarray]:
+    """The plan rows of one work unit (``reuse.make_plan``): row, src, src_row, defer, by row."""
     from ..stores import filesystem
 
-    found: dict[bytes, tuple[int, int]] = {}
-    for i, url in enumerate(urls):
-        fs, path = filesystem(url)
+    from .reuse import PLAN_SCHEMA
+
+    fs, root = filesystem(plan_url)
+    folder = f"{root}/{int(unit['unit']):08d}"
+    files = sorted(fs.ls(folder, detail=False)) if unit.get("planned") else []
+    tables = []
+    for path in files:
         with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f) if not path.endswith(".arrow") else None
-            if pf is not None:
-                if "key" not in pf.schema_arrow.names:
-                    continue
-                keys = pf.read(columns=["key"]).column("key").to_pylist()
-            else:
-                t = pa.ipc.open_file(f).read_all()
-                if "key" not in t.column_names:
-                    continue
-                keys = t.column("key").to_pylist()
-        for r, k in enumerate(keys):
-            if k is not None:
-                found.setdefault(k, (i, r))
-    return found
+            tables.append(pq.read_table(f))
+    t = pa.concat_tables(tables) if tables else PLAN_SCHEMA.empty_table()
+    t = t.sort_by("row")
+    return {"row": t.column("row").to_numpy(), "src": np.array(t.column("src").to_pylist(), dtype=object),
+            "src_row": t.column("src_row").to_numpy(), "defer": t.column("defer").to_numpy(zero_copy_only=False)}
 
 
 def read_and_tokenize(batch: pa.Table, *, fs, request: Request, text_column: str, id_column: str | None,
-                      salt: bytes = b"", previous: dict | None = None) -> pa.Table:
+                      salt: bytes = b"", plan: str | None = None, only_planned: bool = False) -> pa.Table:
     """Read one work unit and tokenise it under each of the request's templates (columns ``_ids{k}``,
-    ``_span{k}`` for template k). Returns one row per input row, always.
+    ``_span{k}`` for template k). Returns one row per input row this pass handles.
 
-    Every row gets its reuse key (``_key``). A row whose key is in its shard's previous committed
-    parts (``previous``: shard index -> part URLs) is not tokenised: it carries ``_src`` (the part's
-    URL) and ``_src_row``, and the embed stage copies its stored vectors."""
+    Every row gets its key (``_key``, ``reuse.text_keys``). ``plan``: the pass's plan folder
+    (``reuse.make_plan``): a row it copies is not tokenised but carries ``_src`` (the part's URL)
+    and ``_src_row`` (the embed stage copies the stored vectors); a row it defers is left to the
+    second pass; with ``only_planned`` (the second pass) rows it does not list were handled before."""
+    from .reuse import text_keys
+
     unit = batch.to_pylist()[0]
-    shard, row0, n = int(unit["shard"]), int(unit["row0"]), int(unit["rows"])
-    rows = np.arange(row0, row0 + n, dtype=np.int64)
+    shard = int(unit["shard"])
     try:
-        cols = [text_column] + ([id_column] if id_column and id_column != text_column else [])
-        with fs.open(unit["path"], "rb") as f:
-            t = pq.ParquetFile(f).read_row_groups(list(unit["rgs"]), columns=cols).slice(int(unit["skip"]), n)
-        if t.num_rows != n:  # the file was replaced since it was listed (a shorter one): this shard fails alone
-            raise ValueError(f"{t.num_rows} rows where {n} were listed from row {row0}: the file changed while "
-                             f"it was being read")
-        texts, bad_text = strings(t.column(text_column))
-        if id_column:
-            raw_ids, bad_id = strings(t.column(id_column))
-            ids = [None if v is None else str(v) for v in raw_ids]
-        else:
-            ids, bad_id = [f"{unit['rel']}#{r}" for r in rows], {}
+        got = read_unit(unit, fs, text_column, id_column)
+        planned = planned_rows(plan, unit) if plan else None
     except Exception as e:  # noqa: BLE001 - reported as this shard's failure by the driver
         return _unit_error(shard, f"{type(e).__name__}: {e}", len(request.templates))
-    reasons = [bad_text.get(i) or _reject_reason(x) for i, x in enumerate(texts)]
-    for i, why in bad_id.items():
-        reasons[i] = reasons[i] or f"id {why}"
-        ids[i] = None
-    for i, v in enumerate(ids):
-        if v is None and reasons[i] is None:
-            reasons[i] = "null id"
-    good = [i for i, r in enumerate(reasons) if r is None]
+    rows, texts, ids, reasons = got.rows, got.texts, got.ids, got.reasons
+    n = len(rows)
     keys = text_keys([texts[i] if reasons[i] is None else None for i in range(n)], salt)
     src: list[str | None] = [None] * n
     src_row = np.full(n, -1, dtype=np.int64)
-    urls = (previous or {}).get(shard)
-    if urls and good:
-        try:
-            old = _previous(urls)
-        except Exception as e:  # noqa: BLE001 - the shard's old parts unreadable: embed every row
-            log.warning("shard %s: its previous parts cannot be read for reuse (%s); embedding every row",
-                        unit["rel"], type(e).__name__)
-            old = {}
-        for i in good:
-            hit = old.get(keys[i])
-            if hit is not None:
-                src[i], src_row[i] = urls[hit[0]], hit[1]
-        good = [i for i in good if src[i] is None]
+    here = np.ones(n, dtype=bool)  # rows this pass handles
+    if planned is not None:
+        at = planned["row"] - int(unit["row0"])
+        if only_planned:
+            here[:] = False
+            here[at] = True
+        here[at[planned["defer"]]] = False
+        for i, s, r in zip(at, planned["src"], planned["src_row"]):
+            if s is not None:
+                src[i], src_row[i] = s, r
+    good = [i for i in range(n) if reasons[i] is None and here[i] and src[i] is None]
     k_templates = len(request.templates)
     token_ids: list[list[list[int] | None]] = [[None] * n for _ in range(k_templates)]
     spans = np.zeros((k_templates, n, 2), dtype=np.int32)
@@ -178,7 +134,8 @@ def read_and_tokenize(batch: pa.Table, *, fs, request: Request, text_column: str
     # Longest first: the embed stage's row batches then hold similar lengths, so token
     # batches pad little (row order does not matter: every row carries its shard and row).
     lengths = np.array([sum(len(token_ids[k][i] or ()) for k in range(k_templates)) for i in range(n)])
-    return table.take(pa.array(np.argsort(-lengths, kind="stable")))
+    order = np.argsort(-lengths, kind="stable")
+    return table.take(pa.array(order[here[order]]))
 
 
 def _unit_error(shard: int, message: str, k_templates: int) -> pa.Table:
@@ -203,7 +160,7 @@ class EmbedActor:
     """
 
     def __init__(self, request: Request, threads: int | None, ranges: dict | None = None, *,
-                 write: dict | None = None, storage: dict | None = None):
+                 write: dict | None = None, storage: dict | None = None, sources: dict[str, str] | None = None):
         # Every torch call of the actor runs on this one thread. libgomp keeps an OpenMP thread
         # pool per thread that starts parallel work: a model loaded on Ray's main thread and run on
         # Ray Data's UDF thread made two pools, more pooled threads than CPUs, and libgomp then
@@ -217,7 +174,8 @@ class EmbedActor:
         self.dtype, self.ranges = request.settings.dtype, ranges or {}
         self.type = {v: quantize.arrow_type(self.dtype, self.dim) for v in request.variants}
         self.write = write  # write_parts' keyword arguments, or None: the caller writes
-        use_storage_options(storage or {})  # reused rows are read from the output's parts
+        use_storage_options(storage or {})  # copied rows are read from the output's parts
+        self.sources = sources or {}  # part URL -> the CRC-32 its writer recorded
         # Parts are written on a thread at the OS's idle priority, so it runs mostly in the moments
         # torch leaves a core free: a write that preempts one of torch's two threads stalls the
         # other at the next barrier, so at normal priority the writing cost the model more than
@@ -257,7 +215,7 @@ class EmbedActor:
         internal = [c for k in range(len(self.templates)) for c in (_ids_column(k), _span_column(k))]
         internal += ["_src", "_src_row"]
         reused = np.flatnonzero(pc.is_valid(batch.column("_src")).to_numpy(zero_copy_only=False))
-        stored = self._stored(batch, reused) if len(reused) else {}
+        stored, damaged = self._stored(batch, reused) if len(reused) else ({}, {})
         out = batch.drop_columns(internal).append_column("_tokens", pa.array(np.asarray(lengths, dtype=np.int64)))
         padded = np.zeros(n, dtype=np.int64)
         if res is not None and len(ok):
@@ -280,11 +238,19 @@ class EmbedActor:
                 arr = full
             values = pa.array(arr.reshape(-1), type=typ.value_type)  # no copy: Arrow takes numpy's buffer
             out = out.append_column(v.column, pa.FixedSizeListArray.from_arrays(values, typ.list_size, mask=mask))
+        if damaged:  # the rows' shard fails, naming the part (write_parts)
+            errors = out.column("_error").to_pylist()
+            for i, e in damaged.items():
+                errors[i] = e
+            out = out.set_column(out.schema.get_field_index("_error"), "_error", pa.array(errors, pa.string()))
         return out
 
 
-    def _stored(self, batch: pa.Table, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """The stored vectors of reused rows, per column, read from the parts they came from."""
+    def _stored(self, batch: pa.Table, rows: np.ndarray) -> tuple[dict[str, np.ndarray], dict[int, str]]:
+        """The stored vectors of copied rows, per column, read from the parts they came from; and
+        {row: error} for rows whose part no longer matches the checksum its writer recorded (each part
+        is read whole once, so checking it costs no extra read)."""
+        from ..storage import crc32_hex
         from ..stores import filesystem
 
         srcs = batch.column("_src").take(pa.array(rows)).to_pylist()
@@ -292,14 +258,27 @@ class EmbedActor:
         columns = [v.column for v in self.type]
         out = {c: np.zeros((len(rows), self.type[v].list_size), dtype=self.type[v].value_type.to_pandas_dtype())
                for v, c in zip(self.type, columns)}
+        errors = {}
         for url in dict.fromkeys(srcs):
             mine = np.flatnonzero(np.array([s == url for s in srcs]))
             fs, path = filesystem(url)
-            t = read_part(fs, path, columns).take(pa.array(src_rows[mine]))
+            with fs.open(path, "rb") as f:
+                data = f.read()
+            want = self.sources.get(url)
+            if want and crc32_hex(data) != want:
+                errors |= {int(rows[i]): f"{DAMAGED_SOURCE} {url} does not match its checksum (CRC-32 {want} at "
+                                         "commit); its shard is embedded again on the next run" for i in mine}
+                continue
+            buf = pa.BufferReader(data)
+            t = (pa.ipc.open_file(buf).read_all().select(columns) if path.endswith(".arrow")
+                 else pq.read_table(buf, columns=columns)).take(pa.array(src_rows[mine]))
             for v, c in zip(self.type, columns):
                 col = t.column(c).combine_chunks()
                 out[c][mine] = col.values.to_numpy(zero_copy_only=False).reshape(len(mine), -1)
-        return out
+        return out, errors
+
+
+DAMAGED_SOURCE = "copied part"
 
 
 def idle_priority() -> None:
