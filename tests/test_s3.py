@@ -367,3 +367,21 @@ def test_nightly_job_on_s3_publishes_versions_and_a_crash_never_reaches_latest(r
     assert manifest.get("retired") == []
     on_store = {p.split("/embeddings/")[1].split("/")[0] for p in fs.find(f"{series}/embeddings")}
     assert on_store == {s["output"].split("/")[-1] for s in manifest["shards"]}
+
+    # second["indexes"]: the crashed run published the version, so its index was built, not updated
+    # then upstream re-exports everything Spark-style: new file names, a _SUCCESS marker, the same rows
+    rows = pa.concat_tables([pq.read_table(fs.open(p, "rb")) for p in sorted(fs.find(f"{s3.name}/in"))])
+    fs.rm(f"{s3.name}/in", recursive=True)
+    for k, sl in enumerate((slice(0, 25), slice(25, None))):
+        with fs.open(f"{s3.name}/in/part-0000{k}-5d1e-c000.snappy.parquet", "wb") as f:
+            pq.write_table(rows.slice(sl.start, (sl.stop or rows.num_rows) - sl.start), f)
+    fs.pipe(f"{s3.name}/in/_SUCCESS", b"")
+    third = run()
+    assert third["embed"]["rows_embedded"] == 0 and third["embed"]["rows_reused"] == rows.num_rows
+    (index,) = third["indexes"]["built"]
+    assert index["update"] == {"deleted": rows.num_rows, "added": rows.num_rows,
+                               "changed_since_training": 2 * rows.num_rows} or "changed since" in index["rebuilt"]
+    latest_c = read_latest(job)
+    url_c = f"{job}/{latest_c['version']}/published/{latest_c['published']}"
+    before, after = (vectors(read_embeddings(u, ["id", "emb_4_mean"]), "emb_4_mean") for u in (url_b, url_c))
+    assert before.keys() == after.keys() and all(np.array_equal(before[i], after[i]) for i in before)

@@ -69,8 +69,11 @@ def cmd_index(args) -> int:
         if engine == "ray":
             quantized = (f" on-disk (engine ray: {len(params['encoded'])} shard(s) encoded, "
                          f"{len(params['reused'])} reused)")
+        up = params.get("update")
+        how = (f" (updated: {up['deleted']:,} deleted, {up['added']:,} added)" if up
+               else f" (built: {params['rebuilt']})" if params.get("rebuilt") else "")
         print(f"{v.name}: {params['kind']}{quantized} index of {params['rows']:,} x {params['dim']} -> "
-              f"indexes/{index_path('', v).name}")
+              f"indexes/{index_path('', v).name}{how}")
         if args.target_recall is not None:
             from ..index.tune import describe_tuned, tune_index
 

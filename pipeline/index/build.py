@@ -17,7 +17,6 @@ from typing import Sequence
 
 import faiss
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import quantize
@@ -29,7 +28,7 @@ from .fresh import committed_files, record_built, wanted_variants
 from .layout import INDEXES, IndexBuildError, index_path, sidecars
 from .loaded import LoadedIndex
 from .params import DEFAULTS, KINDS, base_params, choose_kind
-from .reading import part_ref, read_vectors, source_columns, survey
+from .reading import part_ref, read_vectors, row_keys, source_columns, survey
 
 
 def _training_sample(files, source, dim, chunk_rows, rows, n, seed, source_dim, raw=False) -> np.ndarray:
@@ -103,14 +102,15 @@ def build_index(embedding_files: Sequence[str | Path], column, out_path: str | P
     ids_path, json_path = sidecars(out_path)
     tmp_index, tmp_ids, tmp_json = (p.with_name(p.name + ".tmp") for p in (out_path, ids_path, json_path))
     added = 0
-    with pq.ParquetWriter(tmp_ids, pa.schema([("id", pa.string())])) as writer:
-        for ids, x in read_vectors(files, column, read_dim, chunk_rows, source_dim, raw):
-            add_vectors(index, dtype, ranges, x)
-            writer.write_table(pa.table({"id": pa.array(ids, pa.string())}))
-            added += len(ids)
-    if added != rows or index.ntotal != rows:
+    for ids, x in read_vectors(files, column, read_dim, chunk_rows, source_dim, raw):
+        add_vectors(index, dtype, ranges, x)
+        added += len(ids)
+    # each label's id and content key (update.py matches rows by them), in the order added
+    keys = row_keys(files).select(["id", "key"])
+    if added != rows or index.ntotal != rows or keys.num_rows != rows:
         raise IndexBuildError(f"read {added} rows but the files declare {rows}; were they modified during the build?")
     (faiss.write_index_binary if dtype == "binary" else faiss.write_index)(index, str(tmp_index))
+    pq.write_table(keys, tmp_ids)
     tmp_json.write_text(json.dumps(params, indent=2) + "\n")
     os.replace(tmp_index, out_path)
     os.replace(tmp_ids, ids_path)
@@ -141,13 +141,20 @@ def memory_index(ids: Sequence[str], stored: np.ndarray, dtype: str = "float32",
 
 
 def build_indexes(out_dir: str | Path, variants: Sequence[Variant | str] | None = None, kind: str = "auto", *,
-                  manifest: dict | None = None, on_built=None, **options) -> dict[Variant, dict]:
+                  manifest: dict | None = None, on_built=None, previous: str | None = None,
+                  **options) -> dict[Variant, dict]:
     """One index per variant of an embedding output: ``indexes/{variant}.faiss``.
 
     Streams the committed parts the manifest lists (never a directory listing) and records in
     ``indexes/_built.json`` what each index was built from, after the index itself (a crash
-    leaves the record stale, never wrong): the files, the kind and the digest of the fitted
-    pieces read through (``fitted.py``). ``on_built(variant, params, seconds)`` is called after each one.
+    leaves the record stale, never wrong): the files, the kind, the digest of the fitted pieces read
+    through (``fitted.py``) and the rows changed since training. ``on_built(variant, params,
+    seconds)`` is called after each one; ``params["update"]`` says how an updated index changed.
+
+    An index already there (or in ``previous``: an output whose indexes were built from an earlier
+    state of this one, e.g. the job's previous published version) is updated where it can be:
+    rows whose content key left deleted, new ones added (``update.py``), reading the vectors of the
+    new rows only; otherwise it is rebuilt, and ``params["rebuilt"]`` says why.
 
     An output on an object store (any fsspec URL) is read part by part in ranged reads, never
     downloaded whole; each index is written on local disk (FAISS writes files) and uploaded, its
@@ -158,6 +165,8 @@ def build_indexes(out_dir: str | Path, variants: Sequence[Variant | str] | None 
     from ..derive import reader
     from ..storage import Output, redact
     from ..stores import is_local
+    from .layout import BUILT_FILE
+    from .update import refusal, row_delta, update_index
 
     out = Output(str(out_dir))
     remote = not is_local(out.fs)
@@ -176,20 +185,65 @@ def build_indexes(out_dir: str | Path, variants: Sequence[Variant | str] | None 
     out.check_parts(manifest)  # a damaged part is named (DamagedOutput), never read
     dtype = manifest.get("signature", {}).get("dtype") or "float32"
     ranges = quantize.read_ranges(str(out_dir))[0] if dtype == "int8" else {}
-    parts = [out.fs.unstrip_protocol(out.path(f)) if remote else Path(out.path(f)) for f in files]
+
+    def ref(f: str):
+        return out.fs.unstrip_protocol(out.path(f)) if remote else Path(out.path(f))
+
+    parts = [ref(f) for f in files]
+    before = Output(str(previous)) if previous else out
+    records = before.read_json(f"{INDEXES}/{BUILT_FILE}") or {}
+    now = None  # the output's rows (id, key), read once for every variant that updates
     built = {}
     with tempfile.TemporaryDirectory(prefix="strata-index-") as scratch:
         for v in wanted:
             t0 = time.perf_counter()
             source = reader(out_dir, manifest, v)  # loaded once: what is built through is what is digested
+            fitted = source_digest(source, ranges.get(v.name))
             target = index_path(scratch if remote else out_dir, v)
-            params = build_index(parts, source, target, kind, dtype=dtype, ranges=ranges.get(v.name), **options)
+            rec = records.get(v.name)
+            why = refusal(rec, kind=kind, fitted=fitted, options=options)
+            old = _fetch_previous(before, v, Path(scratch) / "previous") if why is None else None
+            delta = None
+            if old is not None:
+                now = row_keys(parts) if now is None else now
+                delta = row_delta(rec, pq.read_table(sidecars(old)[0]), now)
+                why = delta if isinstance(delta, str) else None
+            elif why is None:
+                why = "no previous index to update"
+            if why is None:
+                params = update_index(old, delta, parts, source, target, dtype=dtype, ranges=ranges.get(v.name),
+                                      search={k: options.get(k) for k in ("nprobe", "rerank", "rescore")})
+                extra = {"trained_rows": rec.get("trained_rows") or delta.rows_before, "changed": delta.changed}
+                params["update"] = {"deleted": len(delta.removed), "added": delta.added.num_rows,
+                                    "changed_since_training": delta.changed}
+            else:
+                params = build_index(parts, source, target, kind, dtype=dtype, ranges=ranges.get(v.name), **options)
+                extra = {"trained_rows": params["rows"], "changed": 0}
+                params["rebuilt"] = why
             if remote:  # the three files, the JSON last: its presence means they belong together
                 for local in (target, *sidecars(target)):
                     out.fs.put_file(str(local), out.path(INDEXES, local.name))
             built[v] = params
             record_built(out, v, {"files": files, "kind": kind, "built_kind": params["kind"], "rows": params["rows"],
-                                  "fitted": source_digest(source, ranges.get(v.name))})
+                                  "fitted": fitted, **extra})
             if on_built:
                 on_built(v, params, time.perf_counter() - t0)
     return built
+
+
+def _fetch_previous(store, v: Variant, scratch: Path) -> Path | None:
+    """The previous index of ``v`` as a local path (fetched from an object store); None where its files
+    are not all there."""
+    from ..stores import exists, is_local
+
+    name = index_path("", v).name
+    files = [Path(name), *sidecars(Path(name))]
+    if is_local(store.fs):
+        local = Path(store.path(INDEXES, name))
+        return local if all((local.parent / f.name).is_file() for f in files) else None
+    if not all(exists(store.fs, store.path(INDEXES, f.name)) for f in files):
+        return None
+    scratch.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        store.fs.get_file(store.path(INDEXES, f.name), str(scratch / f.name))
+    return scratch / name

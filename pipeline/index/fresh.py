@@ -84,7 +84,7 @@ def staleness(out, manifest: dict, v: Variant, built: dict | None = None) -> str
     if rec is None:
         return "it has no build record, so what it covers is unknown"
     files = committed_files(manifest)
-    if rec.get("files") != files:
+    if sorted(rec.get("files") or []) != sorted(files):  # an updated index lists its files in label order
         had = set(rec.get("files") or [])
         return (f"it was built at {rec.get('built_at', '?')} from {len(had & set(files))} of the "
                 f"{len(files)} committed file(s) now in the manifest"

@@ -195,3 +195,27 @@ def survey(files: Sequence[Path], source, chunk_rows: int) -> tuple[int, int]:
     if rows == 0 or not dims:
         raise IndexBuildError(f"no rows to index in {len(files)} file(s)")
     return rows, dims.pop()
+
+
+def row_keys(files: Sequence[Path]) -> pa.Table:
+    """Each row's identity, in file then row order: ``id``, ``key`` (the part's content key; null in
+    parts written before keys were stored), ``file`` (its position in ``files``) and ``row``."""
+    tables = []
+    for i, path in enumerate(files):
+        path = part_ref(path)
+        names = _schema(path).names
+        cols = ["id"] + (["key"] if "key" in names else [])
+        if _is_parquet(path):
+            t = _parquet(path).read(columns=cols)
+        else:
+            reader = _ipc_reader(path)
+            t = reader.read_all().select(cols) if isinstance(reader, pa.ipc.RecordBatchFileReader) else \
+                pa.Table.from_batches(list(reader)).select(cols)
+        key = t.column("key").cast(pa.binary(16)) if "key" in cols else pa.nulls(t.num_rows, pa.binary(16))
+        tables.append(pa.table({"id": t.column("id").cast(pa.string()), "key": key,
+                                "file": pa.array(np.full(t.num_rows, i, dtype=np.int32)),
+                                "row": pa.array(np.arange(t.num_rows, dtype=np.int64))}))
+    return pa.concat_tables(tables) if tables else pa.table({"id": pa.array([], pa.string()),
+                                                             "key": pa.array([], pa.binary(16)),
+                                                             "file": pa.array([], pa.int32()),
+                                                             "row": pa.array([], pa.int64())})

@@ -26,19 +26,26 @@ from .workspace import Workspace, join, local_path
 JOB_FILE = "job.json"
 
 
-def build_indexes(job: Job, url: str, variants: list, manifest: dict, say) -> list[dict]:
+def build_indexes(job: Job, url: str, variants: list, manifest: dict, say, previous: str | None = None) -> list[dict]:
     """Build the job's stale indexes in ``url`` (its published version, or an existing output); on an
     object store the parts are read in ranged reads and each index is uploaded
-    (``pipeline.index.build_indexes``): no copy of the embeddings on local disk."""
+    (``pipeline.index.build_indexes``): no copy of the embeddings on local disk. ``previous``: the
+    version LATEST named, whose indexes are updated (rows of dropped files deleted, new ones added)
+    where the update keeps its promise, else rebuilt (``pipeline/index/update.py``)."""
     from ..index import build_indexes as build
 
     done = []
 
     def built(v, params, seconds):
-        done.append({"variant": v.name, "kind": params["kind"], "rows": params["rows"], "seconds": round(seconds, 3)})
-        say(f"  index {v.name}: {params['kind']}, {params['rows']:,} vectors")
+        up = params.get("update")
+        how = (f"updated from the previous version: {up['deleted']:,} deleted, {up['added']:,} added" if up
+               else f"built ({params.get('rebuilt')})")
+        done.append({"variant": v.name, "kind": params["kind"], "rows": params["rows"], "seconds": round(seconds, 3),
+                     "update": up, "rebuilt": None if up else params.get("rebuilt")})
+        say(f"  index {v.name}: {params['kind']}, {params['rows']:,} vectors, {how}")
 
-    build(url, variants, job.spec.indexes.kind, manifest=manifest, on_built=built, rescore=job.spec.indexes.rescore)
+    build(url, variants, job.spec.indexes.kind, manifest=manifest, on_built=built, rescore=job.spec.indexes.rescore,
+          previous=previous)
     return done
 
 
@@ -161,7 +168,10 @@ def run_job(spec_path: str | os.PathLike, dry_run: bool = False, *, progress: bo
     if spec.indexes is not None:
         manifest = Output(index_url).read_manifest() or {}
         stale, fresh = index_status(job, manifest, index_url)
-        summary["indexes"] = {"built": build_indexes(job, index_url, stale, manifest, say) if stale else [],
+        previous = None  # the version readers had: its indexes are updated, not rebuilt
+        if published and latest and latest.get("version") == job.version and latest.get("published") not in (None, published):
+            previous = versions.published_url(job.version_url, latest["published"])
+        summary["indexes"] = {"built": build_indexes(job, index_url, stale, manifest, say, previous) if stale else [],
                               "up_to_date": [v.name for v in fresh]}
         if fresh:
             say(f"  indexes up to date: {short_list([v.name for v in fresh])}")
