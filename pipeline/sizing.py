@@ -38,12 +38,13 @@ def index_bytes(kind: str, rows: int, dim: int, *, hnsw_m: int = 32, pq_m: int |
 def input_rows(url: str) -> int:
     """Rows of every Parquet shard at ``url`` (footers only)."""
     from .runner.shards import list_shards
+    from .stores import open_ranged
 
     fs, shards = list_shards(url)
     total = 0
     for s in shards:
         try:
-            with fs.open(s.path, "rb") as f:
+            with open_ranged(fs, s.path) as f:
                 total += pq.ParquetFile(f).metadata.num_rows
         except Exception:  # an unreadable shard: embed reports it (and its rows are not stored)
             continue

@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import redact_text as redact  # a URL or any text safe to log (the one redaction)
-from .stores import MissingBucket, check_bucket, exists, filesystem, is_glob, is_local
+from .stores import MissingBucket, check_bucket, exists, filesystem, is_glob, is_local, open_ranged
 
 MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings"
@@ -455,12 +455,15 @@ class Output:
                     bad.append(f"{entry['output']}/{n} has {got} rows, the manifest recorded {want['rows']}")
         return bad
 
-    def check_parts(self, manifest: dict | None = None) -> None:
+    def check_parts(self, manifest: dict | None = None, read: set[str] | None = None) -> None:
         """Raise ``DamagedOutput`` naming the first damaged committed part (before reading any): size,
-        rows and checksum, so a flipped byte is never served (the cost: BENCHMARKS.md)."""
+        rows and checksum, so a flipped byte is never served (the cost: BENCHMARKS.md). ``read``: the
+        files (relative to the root) whose vectors will be read; only their shards' parts are
+        checksummed (every byte read), the others checked for size and rows."""
         manifest = manifest or self.read_manifest() or {}
         for entry in sorted(manifest.get("shards", []), key=lambda s: s["path"]):
-            bad = self.damaged_parts(entry, rows=True, checksums=True)
+            sums = read is None or any(f"{entry['output']}/{f}" in read for f in entry["files"])
+            bad = self.damaged_parts(entry, rows=True, checksums=sums)
             if bad:
                 raise DamagedOutput(f"{redact(self.url)}: committed part {bad[0]}: the output is damaged; "
                                     f"re-run `strata embed` to re-embed shard {entry['rel']}")
@@ -577,7 +580,7 @@ def file_crc32(fs, path: str) -> str:
 
 def part_rows(fs, path: str) -> int:
     """Rows of a Parquet or Arrow IPC part, from its footer."""
-    with fs.open(path, "rb") as f:
+    with open_ranged(fs, path) as f:
         if path.endswith(".arrow"):
             r = pa.ipc.open_file(f)
             return sum(r.get_batch(i).num_rows for i in range(r.num_record_batches))
@@ -590,7 +593,7 @@ def read_part(fs, path: str, columns: list[str] | None = None) -> pa.Table:
             with fs.open(path, "rb") as f:
                 t = pa.ipc.open_file(f).read_all()
             return t.select(columns) if columns else t
-        with fs.open(path, "rb") as f:
+        with open_ranged(fs, path) as f:
             return pq.read_table(f, columns=columns)
     except (pa.ArrowInvalid, OSError) as e:
         if isinstance(e, FileNotFoundError):

@@ -70,6 +70,15 @@ def exists(fs, path: str) -> bool:
     return True
 
 
+def open_ranged(fs, path: str):
+    """Open a file for Parquet's footer and column reads: on an object store every read is one ranged
+    request for exactly its bytes. (fsspec's default read-ahead block is tens of MB, so reading a
+    footer or one column fetched whole files: checking an unchanged input re-read all of it.)"""
+    if is_local(fs):
+        return fs.open(path, "rb")
+    return fs.open(path, "rb", cache_type="none")
+
+
 def is_local(fs) -> bool:
     """A local disk (rename is atomic, folders exist), as against an object store (a PUT of one
     object is atomic; there are no folders and no rename, only copy and delete)."""

@@ -182,7 +182,14 @@ def build_indexes(out_dir: str | Path, variants: Sequence[Variant | str] | None 
     if missing:
         raise FileNotFoundError(f"{redact(out.url.rstrip('/') + '/' + missing[0]) if remote else Path(out_dir) / missing[0]}"
                                 ": listed in the manifest but missing")
-    out.check_parts(manifest)  # a damaged part is named (DamagedOutput), never read
+    out.check_parts(manifest, read=set())  # a damaged part is named (DamagedOutput), never read: sizes and rows
+    checked: set[str] = set()
+
+    def verify(read: list[str]) -> None:  # and the checksum of every part whose vectors are read
+        todo = set(read) - checked
+        if todo:
+            out.check_parts(manifest, read=todo)
+            checked.update(todo)
     dtype = manifest.get("signature", {}).get("dtype") or "float32"
     ranges = quantize.read_ranges(str(out_dir))[0] if dtype == "int8" else {}
 
@@ -211,12 +218,14 @@ def build_indexes(out_dir: str | Path, variants: Sequence[Variant | str] | None 
             elif why is None:
                 why = "no previous index to update"
             if why is None:
+                verify([files[i] for i in set(delta.added.column("file").to_pylist())])
                 params = update_index(old, delta, parts, source, target, dtype=dtype, ranges=ranges.get(v.name),
                                       search={k: options.get(k) for k in ("nprobe", "rerank", "rescore")})
                 extra = {"trained_rows": rec.get("trained_rows") or delta.rows_before, "changed": delta.changed}
                 params["update"] = {"deleted": len(delta.removed), "added": delta.added.num_rows,
                                     "changed_since_training": delta.changed}
             else:
+                verify(files)
                 params = build_index(parts, source, target, kind, dtype=dtype, ranges=ranges.get(v.name), **options)
                 extra = {"trained_rows": params["rows"], "changed": 0}
                 params["rebuilt"] = why

@@ -33,10 +33,10 @@ def _remote(path) -> bool:
 
 
 def _open(path):
-    from ..stores import filesystem
+    from ..stores import filesystem, open_ranged
 
     fs, p = filesystem(path)
-    return fs.open(p, "rb")
+    return open_ranged(fs, p)
 
 
 def _is_parquet(path) -> bool:

@@ -52,7 +52,7 @@ from .. import models
 from ..index import index_status as _index_status
 from ..request import EncodeSettings, ModelInfo, Request, Resources, device_type, resolve
 from ..storage import Output, overlap_message, redact
-from ..stores import check_bucket, filesystem
+from ..stores import check_bucket, filesystem, open_ranged
 from ..stores import exists
 from ..templates import SLOT, Template
 from ..variants import Variant
@@ -243,7 +243,7 @@ def index_status(job: Job, manifest: dict | None, url: str | None = None) -> tup
 def _text_bytes(fs, path: str, column: str) -> int:
     import pyarrow.parquet as pq
 
-    with fs.open(path, "rb") as f:
+    with open_ranged(fs, path) as f:
         meta = pq.ParquetFile(f).metadata
     names = [meta.schema.column(i).path for i in range(meta.num_columns)]
     if column not in names:

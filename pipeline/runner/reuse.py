@@ -58,11 +58,13 @@ def reuse_salt(signature: dict) -> bytes:
 
 
 def unit_keys(batch: pa.Table, *, fs, text_column: str, id_column: str | None, salt: bytes,
-              only: str | None = None) -> pa.Table:
+              only: str | None = None, storage: dict | None = None) -> pa.Table:
     """The keys of the work units' rows that would be embedded (rejected rows have none). ``only``:
-    a plan folder; just the rows it defers (the second pass)."""
+    a plan folder; just the rows it defers (the second pass). ``storage``: the driver's storage options."""
+    from ..stores import use_storage_options
     from .stages import planned_rows
 
+    use_storage_options(storage or {})
     out = []
     for unit in batch.to_pylist():
         try:
@@ -88,14 +90,14 @@ def unit_keys(batch: pa.Table, *, fs, text_column: str, id_column: str | None, s
 
 def part_keys(batch: pa.Table, *, storage: dict | None = None) -> pa.Table:
     """The key table of the parts named in ``batch`` (column ``url``): key, part URL, position."""
-    from ..stores import filesystem, use_storage_options
+    from ..stores import filesystem, open_ranged, use_storage_options
 
     use_storage_options(storage or {})
     out = []
     for url in batch.column("url").to_pylist():
         fs, path = filesystem(url)
         try:
-            with fs.open(path, "rb") as f:
+            with open_ranged(fs, path) as f:
                 if path.endswith(".arrow"):
                     t = pa.ipc.open_file(f).read_all()
                     keys = t.column("key") if "key" in t.column_names else None
@@ -212,7 +214,7 @@ def make_plan(units: list[dict], sources: list[str], plan_url: str, *, fs, text_
     plan = Plan(plan_url)
     every = only is not None
     total = sum(int(u["rows"]) for u in units) + stored_rows
-    kw = dict(fs=fs, text_column=text_column, id_column=id_column, salt=salt, only=only)
+    kw = dict(fs=fs, text_column=text_column, id_column=id_column, salt=salt, only=only, storage=storage)
     if ray is None or total <= driver_rows:
         table = pa.concat_tables([unit_keys(pa.Table.from_pylist(units), **kw),
                                   part_keys(pa.table({"url": pa.array(sources, pa.string())}), storage=storage)])

@@ -168,8 +168,10 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
         # what the interrupted run wrote at a cost in proportion to that run's output, not the whole
         # output's (reads verify every part: Output.check_parts).
         damaged = set()
+        # A run that ended (its summary recorded) verified what it wrote as it committed it.
+        ended = bool(manifest.get("last_run")) and manifest["last_run"].get("run_id") in earlier_runs
         for entry in list(keep):
-            recent = any(entry["output"].endswith(f"-{r}") for r in earlier_runs if r)
+            recent = not ended and any(entry["output"].endswith(f"-{r}") for r in earlier_runs if r)
             bad = out.damaged_parts(entry, checksums=recent)
             if bad:
                 log.warning("re-embedding shard %s: committed part %s", entry["rel"], bad[0])
@@ -216,7 +218,7 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
                         "refit them with --transforms/--mixes", redact(output), len(manifest["derived"]))
             manifest.pop("derived")
         summary.seconds = time.perf_counter() - t_start
-        manifest["last_run"] = summary.as_dict()
+        manifest["last_run"] = {**summary.as_dict(), "run_id": run_id}
         out.free_retired(manifest)  # replaced and dropped shards' folders, once nothing copies from them
         out.write_manifest(manifest)
         # again at the end: a failed run's tasks that were still writing (a driver that lives on, as
@@ -374,7 +376,8 @@ def _pass(ray, units: list[dict], plan_url: str, only_planned: bool, sources: di
     # reading and tokenising overlap the forward passes instead of running in series with them.
     ds = ds.map_batches(read_and_tokenize, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
                         fn_kwargs=dict(fs=fs, request=request, text_column=text_column, id_column=id_column,
-                                       salt=salt, plan=plan_url, only_planned=only_planned))
+                                       salt=salt, plan=plan_url, only_planned=only_planned,
+                                       storage=storage_options()))
     # Blocks of EMBED_BATCH_ROWS rows: each actor task is then one call, and its metadata streams
     # to the driver as it is made (a whole read unit in one task would reach it only at its end).
     ds = ds.repartition(target_num_rows_per_block=EMBED_BATCH_ROWS)

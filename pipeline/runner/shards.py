@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from ..errors import about
 from ..storage import redact, shard_key
-from ..stores import exists, filesystem, is_glob, is_local
+from ..stores import exists, filesystem, is_glob, is_local, open_ranged
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def inspect_shards(fs, shards: list[Shard], text_column: str, id_column: str | N
     """
     for s in shards:
         try:
-            with fs.open(s.path, "rb") as f:
+            with open_ranged(fs, s.path) as f:
                 meta = pq.ParquetFile(f).metadata
                 schema = meta.schema.to_arrow_schema()
                 s.fingerprint += f";footer={_footer_digest(f)}"
@@ -194,7 +194,7 @@ def read_unit(unit: dict, fs, text_column: str, id_column: str | None) -> UnitRo
     row0, n = int(unit["row0"]), int(unit["rows"])
     rows = np.arange(row0, row0 + n, dtype=np.int64)
     cols = [text_column] + ([id_column] if id_column and id_column != text_column else [])
-    with fs.open(unit["path"], "rb") as f:
+    with open_ranged(fs, unit["path"]) as f:
         t = pq.ParquetFile(f).read_row_groups(list(unit["rgs"]), columns=cols).slice(int(unit["skip"]), n)
     if t.num_rows != n:  # the file was replaced since it was listed (a shorter one): this shard fails alone
         raise ValueError(f"{t.num_rows} rows where {n} were listed from row {row0}: the file changed while "
@@ -262,7 +262,7 @@ def first_texts(fs, shards: list[Shard], text_column: str, n: int) -> list[str]:
     for s in shards:
         if s.error or not s.rows:
             continue
-        with fs.open(s.path, "rb") as f:
+        with open_ranged(fs, s.path) as f:
             pf = pq.ParquetFile(f)
             for rg in range(pf.num_row_groups):
                 for t in strings(pf.read_row_group(rg, columns=[text_column]).column(text_column))[0]:

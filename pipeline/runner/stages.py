@@ -71,16 +71,19 @@ def planned_rows(plan_url: str, unit: dict) -> dict[str, np.ndarray]:
 
 
 def read_and_tokenize(batch: pa.Table, *, fs, request: Request, text_column: str, id_column: str | None,
-                      salt: bytes = b"", plan: str | None = None, only_planned: bool = False) -> pa.Table:
+                      salt: bytes = b"", plan: str | None = None, only_planned: bool = False,
+                      storage: dict | None = None) -> pa.Table:
     """Read one work unit and tokenise it under each of the request's templates (columns ``_ids{k}``,
     ``_span{k}`` for template k). Returns one row per input row this pass handles.
 
     Every row gets its key (``_key``, ``reuse.text_keys``). ``plan``: the pass's plan folder
     (``reuse.make_plan``): a row it copies is not tokenised but carries ``_src`` (the part's URL)
     and ``_src_row`` (the embed stage copies the stored vectors); a row it defers is left to the
-    second pass; with ``only_planned`` (the second pass) rows it does not list were handled before."""
+    second pass; with ``only_planned`` (the second pass) rows it does not list were handled before.
+    ``storage``: the driver's registered storage options (the plan is on the output's store)."""
     from .reuse import text_keys
 
+    use_storage_options(storage or {})
     unit = batch.to_pylist()[0]
     shard = int(unit["shard"])
     try:
@@ -176,6 +179,7 @@ class EmbedActor:
         self.write = write  # write_parts' keyword arguments, or None: the caller writes
         use_storage_options(storage or {})  # copied rows are read from the output's parts
         self.sources = sources or {}  # part URL -> the CRC-32 its writer recorded
+        self._cache: dict[str, pa.Table] = {}  # parts copied from, least recently used first
         # Parts are written on a thread at the OS's idle priority, so it runs mostly in the moments
         # torch leaves a core free: a write that preempts one of torch's two threads stalls the
         # other at the next barrier, so at normal priority the writing cost the model more than
@@ -250,9 +254,6 @@ class EmbedActor:
         """The stored vectors of copied rows, per column, read from the parts they came from; and
         {row: error} for rows whose part no longer matches the checksum its writer recorded (each part
         is read whole once, so checking it costs no extra read)."""
-        from ..storage import crc32_hex
-        from ..stores import filesystem
-
         srcs = batch.column("_src").take(pa.array(rows)).to_pylist()
         src_rows = batch.column("_src_row").take(pa.array(rows)).to_numpy()
         columns = [v.column for v in self.type]
@@ -261,24 +262,43 @@ class EmbedActor:
         errors = {}
         for url in dict.fromkeys(srcs):
             mine = np.flatnonzero(np.array([s == url for s in srcs]))
-            fs, path = filesystem(url)
-            with fs.open(path, "rb") as f:
-                data = f.read()
-            want = self.sources.get(url)
-            if want and crc32_hex(data) != want:
-                errors |= {int(rows[i]): f"{DAMAGED_SOURCE} {url} does not match its checksum (CRC-32 {want} at "
-                                         "commit); its shard is embedded again on the next run" for i in mine}
+            table = self._source(url, columns)
+            if isinstance(table, str):
+                errors |= {int(rows[i]): table for i in mine}
                 continue
-            buf = pa.BufferReader(data)
-            t = (pa.ipc.open_file(buf).read_all().select(columns) if path.endswith(".arrow")
-                 else pq.read_table(buf, columns=columns)).take(pa.array(src_rows[mine]))
+            t = table.take(pa.array(src_rows[mine]))
             for v, c in zip(self.type, columns):
                 col = t.column(c).combine_chunks()
                 out[c][mine] = col.values.to_numpy(zero_copy_only=False).reshape(len(mine), -1)
         return out, errors
 
+    def _source(self, url: str, columns: list[str]) -> "pa.Table | str":
+        """A part's vector columns, read whole once (and checked against its CRC-32) and kept while the
+        cache has room: consecutive blocks copy from the same parts. A damaged part: the error."""
+        from ..storage import crc32_hex
+        from ..stores import filesystem
+
+        if url in self._cache:
+            self._cache[url] = self._cache.pop(url)  # most recently used last
+            return self._cache[url]
+        fs, path = filesystem(url)
+        with fs.open(path, "rb") as f:
+            data = f.read()
+        want = self.sources.get(url)
+        if want and crc32_hex(data) != want:
+            return (f"{DAMAGED_SOURCE} {url} does not match its checksum (CRC-32 {want} at commit); its shard is "
+                    "embedded again on the next run")
+        buf = pa.BufferReader(data)
+        table = (pa.ipc.open_file(buf).read_all().select(columns) if path.endswith(".arrow")
+                 else pq.read_table(buf, columns=columns))
+        self._cache[url] = table
+        while sum(t.nbytes for t in self._cache.values()) > SOURCE_CACHE_BYTES and len(self._cache) > 1:
+            self._cache.pop(next(iter(self._cache)))
+        return table
+
 
 DAMAGED_SOURCE = "copied part"
+SOURCE_CACHE_BYTES = 256 << 20  # parts an actor keeps after copying from them (a part's rows span several blocks)
 
 
 def idle_priority() -> None:
