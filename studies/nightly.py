@@ -242,6 +242,24 @@ class Reader:
         return "; ".join(f"{v[1]:,} rows{'' if v[2] else ' NOT WHOLE'} ({n} looks)" for v, n in views.items())
 
 
+def key_column_bytes(fs, job: str) -> float:
+    """Bytes a row's ``key`` takes in the committed parts (its column chunks' compressed size): the key
+    table's size per row."""
+    latest = json.loads(fs.cat(f"{job}/LATEST"))
+    m = json.loads(fs.cat(f"{job}/{latest['version']}/manifest.json"))
+    size = rows = 0
+    for s in m["shards"]:
+        for f in s["files"]:
+            with fs.open(f"{job}/{latest['version']}/{s['output']}/{f}", "rb") as fh:
+                meta = pq.ParquetFile(fh).metadata
+            for g in range(meta.num_row_groups):
+                rg = meta.row_group(g)
+                col = next(rg.column(c) for c in range(rg.num_columns) if rg.column(c).path_in_schema == "key")
+                size += col.total_compressed_size
+                rows += rg.num_rows
+    return round(size / max(rows, 1), 2)
+
+
 def run_job(spec: Path, env: dict, kill_after: tuple[str, float] | None = None) -> tuple[dict | None, float, str]:
     """``strata run SPEC --json`` in a child process; with ``kill_after`` (a line prefix, seconds) SIGKILL
     it that long after that line appears. Returns (summary, seconds, the killed stage or '')."""
@@ -254,9 +272,11 @@ def run_job(spec: Path, env: dict, kill_after: tuple[str, float] | None = None) 
         lines.append(line)
         if kill_after and line.startswith(kill_after[0]):
             time.sleep(kill_after[1])
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-            return None, time.perf_counter() - t0, line.strip()
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+                return None, time.perf_counter() - t0, line.strip()
+            kill_after = None  # it ended before the kill: read the rest
         if line.startswith("{"):
             summary = json.loads(line)
     rc = p.wait()
@@ -265,8 +285,8 @@ def run_job(spec: Path, env: dict, kill_after: tuple[str, float] | None = None) 
     return summary, time.perf_counter() - t0, ""
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python studies/nightly.py", description=__doc__.split("\n")[0])
     ap.add_argument("--shards", type=int, default=5)
     ap.add_argument("--rows", type=int, default=10_000, help="rows per shard")
     ap.add_argument("--model", default="smollm2-135m")
@@ -274,7 +294,7 @@ def main() -> None:
     ap.add_argument("--kind", default="ivfpq", help="the job's index kind")
     ap.add_argument("--kills", action="store_true", help="kill the 1%%-edit case at each stage first")
     ap.add_argument("--out", default="studies/out")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     import s3fs
 
@@ -347,8 +367,9 @@ storage: {{"s3://{bucket}": {json.dumps(options)}}}
               f"{row['rows_dropped']:,}; read {row['mb_read']} MB, wrote {row['mb_written']} MB, "
               f"{row['objects_copied']} copies ({row['mb_read_by_area']}); {row['seconds']} s; index {row['index']}; reader: "
               f"{row['reader_during']}", flush=True)
+    key_bytes = key_column_bytes(reader_fs, f"{bucket}/jobs/nightly")
     server.shutdown()
-    record = {"git_commit": git_commit(), "shards": args.shards, "rows_per_shard": args.rows, "model": args.model,
+    record = {"git_commit": git_commit(), "key_bytes_per_row": key_bytes, "shards": args.shards, "rows_per_shard": args.rows, "model": args.model,
               "layers": args.layers, "kind": args.kind, "cpus": os.cpu_count(), "cases": results}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -367,9 +388,11 @@ storage: {{"s3://{bucket}": {json.dumps(options)}}}
             lines.append(f"\n- killed while {k['stage']} ({k['killed_at']!r}): LATEST unchanged "
                          f"{k['latest_unchanged']}, a reader then saw {k['reader_after']['rows']:,} rows "
                          f"(whole: {k['reader_after']['whole']})")
+    lines.append(f"\nThe key column takes {key_bytes} bytes a row in the committed parts.")
     (out / "nightly.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -236,12 +236,12 @@ def test_resume_after_a_kill_reencodes_only_unrecorded_shards(tmp_path, cluster,
 
 def test_a_changed_shard_invalidates_only_its_own_lists(tmp_path, cluster, data):
     x, q = data
-    ids = make_output(tmp_path, x)
+    ids = make_output(tmp_path, x, parts=10)  # a changed shard: 1,200 rows removed, 1,200 added (20%)
     first = ir.build_ivfpq_ray(tmp_path, **OPTS)[V]
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     shards = ir.shards_of(tmp_path, manifest)
     changed = shards[1]
-    rows = np.array_split(np.arange(len(x)), 4)[1]
+    rows = np.array_split(np.arange(len(x)), 10)[1]
     x2 = x.copy()
     x2[rows] = x[rows[::-1]]  # the same shard, rows reordered under new ids
     new_ids = [f"new-{i}" for i in range(len(rows))]
@@ -259,6 +259,13 @@ def test_a_changed_shard_invalidates_only_its_own_lists(tmp_path, cluster, data)
     _, got = load_index(tmp_path / "indexes" / "L3.mean.faiss", nprobe=64).search(x2[rows[:20]], 10)
     assert sum(new_ids[i] in g for i, g in enumerate(got)) >= 19
     assert first["nlist"] == again["nlist"]
+    # another shard changed: 4,800 rows added or removed since training, past 20% of 12,000: trained again
+    other = shards[2]
+    rows2 = np.array_split(np.arange(len(x)), 10)[2]
+    _write_part(tmp_path / other.rel, [f"again-{i}" for i in range(len(rows2))], x[rows2][::-1])
+    third = ir.build_ivfpq_ray(tmp_path, **OPTS)[V]
+    assert sorted(third["encoded"]) == sorted(s.key for s in shards) and third["reused"] == []
+    assert len(load_index(tmp_path / "indexes" / "L3.mean.faiss").ids) == len(x)  # no holes after training
 
 
 def test_bad_input_is_named(tmp_path, cluster, data):

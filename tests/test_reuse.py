@@ -71,10 +71,11 @@ def test_resolve_equals_a_plain_reference(dedup):
     table = pa.table({"key": pa.array([k for k, _ in new] + [k for k, _, _ in stored], pa.binary(16)),
                       "gid": pa.array([g for _, g in new] + [-1] * len(stored), pa.int64()),
                       "unit": pa.array([g >> reuse.SHARD_BITS for _, g in new] + [-1] * len(stored), pa.int32()),
-                      "src": pa.array([None] * len(new) + [s for _, s, _ in stored], pa.string()),
+                      "src_part": pa.array([-1] * len(new) + [int(s[-1]) for _, s, _ in stored], pa.int32()),
                       "src_row": pa.array([-1] * len(new) + [r for _, _, r in stored], pa.int64())})
+    sources = [f"file:///p{i}" for i in range(4)]
     table = table.take(pa.array(rng.permutation(table.num_rows)))  # input order does not matter
-    got = reuse.resolve(table, dedup=dedup, every=True).to_pylist()
+    got = reuse.resolve(table, sources, dedup=dedup, every=True).to_pylist()
     want = reference_plan(new, stored, dedup)
     assert len(got) == len(new)
     for r in got:
@@ -83,7 +84,7 @@ def test_resolve_equals_a_plain_reference(dedup):
         assert want[gid][0] == kind
         if kind == "copy":
             assert (r["src"], r["src_row"]) in want[gid][1]
-    listed = reuse.resolve(table, dedup=dedup, every=False).to_pylist()
+    listed = reuse.resolve(table, sources, dedup=dedup, every=False).to_pylist()
     assert len(listed) == sum(v[0] != "embed" for v in want.values())
 
 

@@ -21,8 +21,8 @@ from pipeline.demo import DEMO_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = ROOT / "studies"
-NAMES = ["activations", "checksums", "families", "float16", "index_memory", "index_recall", "probe_curve",
-         "quantize", "scale_check"]
+NAMES = ["activations", "checksums", "families", "float16", "index_memory", "index_recall", "index_update",
+         "nightly", "probe_curve", "quantize", "scale_check"]
 
 
 def load_study(name: str):
@@ -263,3 +263,33 @@ def test_checksums(tmp_path):
     r = json.loads((out / "results.json").read_text())
     assert set(r["seconds"]) == {"write_with_crc", "write_without_crc", "read", "crc"} and r["parts"] == 2
     assert len(table_rows((out / "checksums.md").read_text(), "| parts x rows x dim |")) == 1
+
+
+def test_index_update(ray_local, faiss_one_thread, model_dir, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    assert load_study("index_update").main(["--model", model_dir, "--data", str(tiny_data / "scifact"),
+                                             "--shards", "2", "--share", "0.1", "--out", str(out)]) == 0
+    r = json.loads((out / "index_update.json").read_text())
+    assert (r["docs"], r["deleted_then_added"]) == (130, 13)
+    assert [s["rows_embedded"] for s in r["steps"]] == [130, 0, 0]  # deleting and adding back copy every vector
+    flat = r["kinds"]["flat"]
+    assert flat["updates"] == [{"deleted": 13, "added": 0, "changed_since_training": 13},
+                               {"deleted": 0, "added": 13, "changed_since_training": 26}]
+    assert flat["fresh build"]["identical_top10"] == 1.0  # exact: the update is the fresh build
+    assert set(r["kinds"]) == {"flat", "ivfpq"} and len(table_rows((out / "index_update.md").read_text(), "| kind |")) == 2
+
+
+@pytest.mark.alone
+def test_nightly(model_dir, tmp_path):
+    out = tmp_path / "out"
+    assert load_study("nightly").main(["--shards", "2", "--rows", "40", "--model", model_dir, "--layers", "1,4",
+                                       "--kind", "flat", "--kills", "--out", str(out)]) == 0
+    r = json.loads((out / "nightly.json").read_text())
+    cases = {c["case"]: c for c in r["cases"]}
+    assert list(cases) == ["initial", "unchanged", "new shard", "1% edited", "1% edited, killed", "re-export",
+                           "5% deleted"]
+    assert cases["initial"]["rows_embedded"] == 80 and cases["unchanged"]["rows_embedded"] == 0
+    assert cases["re-export"]["rows_embedded"] == 0 and cases["re-export"]["rows_reused"] == 120
+    assert all(c["reader_after"]["whole"] and c["mb_read"] >= 0 for c in r["cases"])
+    assert [k["latest_unchanged"] for k in cases["1% edited, killed"]["kills"]] == [True] * 3
+    assert len(table_rows((out / "nightly.md").read_text(), "| case |")) == 7

@@ -42,7 +42,7 @@ SHUFFLE_ROWS = 4_000_000  # keys per hash partition of the shuffle
 SHARD_BITS = 40  # a row's order key: shard << 40 | row (a shard of up to 10^12 rows)
 
 KEYS_SCHEMA = pa.schema([("key", pa.binary(16)), ("gid", pa.int64()), ("unit", pa.int32()),
-                         ("src", pa.string()), ("src_row", pa.int64())])
+                         ("src_part", pa.int32()), ("src_row", pa.int64())])  # ~40 bytes a row in the shuffle
 PLAN_SCHEMA = pa.schema([("row", pa.int64()), ("src", pa.string()), ("src_row", pa.int64()), ("defer", pa.bool_())])
 
 
@@ -83,18 +83,19 @@ def unit_keys(batch: pa.Table, *, fs, text_column: str, id_column: str | None, s
         out.append(pa.table({"key": pa.array(keys, pa.binary(16)),
                              "gid": pa.array((int(unit["shard"]) << SHARD_BITS) + got.rows[idx]),
                              "unit": pa.array(np.full(len(idx), int(unit["unit"]), dtype=np.int32)),
-                             "src": pa.nulls(len(idx), pa.string()),
+                             "src_part": pa.array(np.full(len(idx), -1, dtype=np.int32)),
                              "src_row": pa.array(np.full(len(idx), -1, dtype=np.int64))}, schema=KEYS_SCHEMA))
     return pa.concat_tables(out) if out else KEYS_SCHEMA.empty_table()
 
 
 def part_keys(batch: pa.Table, *, storage: dict | None = None) -> pa.Table:
-    """The key table of the parts named in ``batch`` (column ``url``): key, part URL, position."""
+    """The key table of the parts named in ``batch`` (columns ``url`` and ``part``, its number): key,
+    part number, position."""
     from ..stores import filesystem, open_ranged, use_storage_options
 
     use_storage_options(storage or {})
     out = []
-    for url in batch.column("url").to_pylist():
+    for url, number in zip(batch.column("url").to_pylist(), batch.column("part").to_pylist()):
         fs, path = filesystem(url)
         try:
             with open_ranged(fs, path) as f:
@@ -112,25 +113,26 @@ def part_keys(batch: pa.Table, *, storage: dict | None = None) -> pa.Table:
         valid = np.flatnonzero(pc.is_valid(keys).to_numpy(zero_copy_only=False))
         out.append(pa.table({"key": keys.take(pa.array(valid)), "gid": pa.array(np.full(len(valid), -1, np.int64)),
                              "unit": pa.array(np.full(len(valid), -1, dtype=np.int32)),
-                             "src": pa.array([url] * len(valid), pa.string()), "src_row": pa.array(valid)},
+                             "src_part": pa.array(np.full(len(valid), number, dtype=np.int32)),
+                             "src_row": pa.array(valid)},
                             schema=KEYS_SCHEMA))
     return pa.concat_tables(out) if out else KEYS_SCHEMA.empty_table()
 
 
 def key_table(urls: list[str], storage: dict | None = None):
-    """An output's key table as a Ray Data dataset (key, src, src_row), read from its parts."""
+    """The key table of the parts ``urls`` as a Ray Data dataset: key, part (its number in ``urls``), row."""
     import ray
 
-    return ray.data.from_items([{"url": u} for u in urls]).map_batches(
+    return ray.data.from_items([{"url": u, "part": i} for i, u in enumerate(urls)]).map_batches(
         part_keys, batch_size=8, batch_format="pyarrow", num_cpus=0.5, fn_kwargs=dict(storage=storage)
-    ).select_columns(["key", "src", "src_row"])
+    ).select_columns(["key", "src_part", "src_row"]).rename_columns({"src_part": "part", "src_row": "row"})
 
 
-def resolve(table: pa.Table, *, dedup: bool, every: bool) -> pa.Table:
+def resolve(table: pa.Table, sources: list[str], *, dedup: bool, every: bool) -> pa.Table:
     """Decide each new row (``gid`` >= 0) of a table holding every row of its keys (new and stored):
-    copy (``src``, ``src_row`` of the key's first stored row), defer (a later duplicate of a new text,
-    with ``dedup``), or embed. Returns plan rows (``unit`` and PLAN_SCHEMA) for copies and deferrals,
-    and with ``every`` for the embedded rows too."""
+    copy (``src``: the URL in ``sources`` of the key's first stored row's part, ``src_row``), defer (a
+    later duplicate of a new text, with ``dedup``), or embed. Returns plan rows (``unit`` and
+    PLAN_SCHEMA) for copies and deferrals, and with ``every`` for the embedded rows too."""
     if table.num_rows == 0:
         return pa.table({"unit": pa.array([], pa.int32()), **{f.name: pa.array([], f.type) for f in PLAN_SCHEMA}})
     table = table.combine_chunks()
@@ -148,8 +150,8 @@ def resolve(table: pa.Table, *, dedup: bool, every: bool) -> pa.Table:
     listed = new & (copied | deferred | every)
     idx = np.flatnonzero(listed)
     src_of = first[idx]
-    src = t.column("src").take(pa.array(src_of))
-    src = pc.if_else(pa.array(copied[idx]), src, pa.nulls(len(idx), pa.string()))
+    part = t.column("src_part").to_numpy()[src_of]
+    src = pa.array([sources[p] if c else None for p, c in zip(part, copied[idx])], pa.string())
     return pa.table({"unit": t.column("unit").take(pa.array(idx)),
                      "row": pa.array(gid[idx] & ((1 << SHARD_BITS) - 1)),
                      "src": src, "src_row": pa.array(np.where(copied[idx], t.column("src_row").to_numpy()[src_of], -1)),
@@ -181,8 +183,9 @@ SUMMARY_SCHEMA = pa.schema([("unit", pa.int64()), ("copied", pa.int64()), ("defe
                             ("sources", pa.list_(pa.string()))])
 
 
-def _resolve_and_write(block: pa.Table, *, plan_url: str, dedup: bool, every: bool, storage: dict | None) -> pa.Table:
-    return write_plan(resolve(block, dedup=dedup, every=every), plan_url, storage)
+def _resolve_and_write(block: pa.Table, *, sources: list[str], plan_url: str, dedup: bool, every: bool,
+                       storage: dict | None) -> pa.Table:
+    return write_plan(resolve(block, sources, dedup=dedup, every=every), plan_url, storage)
 
 
 @dataclass
@@ -217,18 +220,20 @@ def make_plan(units: list[dict], sources: list[str], plan_url: str, *, fs, text_
     kw = dict(fs=fs, text_column=text_column, id_column=id_column, salt=salt, only=only, storage=storage)
     if ray is None or total <= driver_rows:
         table = pa.concat_tables([unit_keys(pa.Table.from_pylist(units), **kw),
-                                  part_keys(pa.table({"url": pa.array(sources, pa.string())}), storage=storage)])
-        for s in write_plan(resolve(table, dedup=dedup, every=every), plan_url, storage).to_pylist():
+                                  part_keys(pa.table({"url": pa.array(sources, pa.string()),
+                                                      "part": pa.array(range(len(sources)), pa.int32())}),
+                                            storage=storage)])
+        for s in write_plan(resolve(table, sources, dedup=dedup, every=every), plan_url, storage).to_pylist():
             plan.add(s)
         return plan
     new = ray.data.from_items(units).map_batches(unit_keys, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
                                                  fn_kwargs=kw)
-    ds = new.union(ray.data.from_items([{"url": u} for u in sources]).map_batches(
+    ds = new.union(ray.data.from_items([{"url": u, "part": i} for i, u in enumerate(sources)]).map_batches(
         part_keys, batch_size=8, batch_format="pyarrow", num_cpus=0.5, fn_kwargs=dict(storage=storage))) \
         if sources else new
     ds = ds.repartition(max(1, -(-total // SHUFFLE_ROWS)), keys=["key"])
     ds = ds.map_batches(_resolve_and_write, batch_size=None, batch_format="pyarrow", num_cpus=0.5,
-                        fn_kwargs=dict(plan_url=plan_url, dedup=dedup, every=every, storage=storage))
+                        fn_kwargs=dict(sources=sources, plan_url=plan_url, dedup=dedup, every=every, storage=storage))
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
         for s in batch.to_pylist():
             plan.add(s)

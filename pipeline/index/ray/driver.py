@@ -17,7 +17,9 @@ indexed by label (null where a range was given up because its shard changed or w
 **Resumable** (``record.py``). Re-running skips recorded shards whose fingerprint still matches,
 reuses the trained quantiser while the key is unchanged (options, columns, dim, and the digest of
 the fitted pieces: a refitted transform or new mix weights retrain and re-encode everything),
-re-encodes only new or changed shards and forgets removed ones.
+re-encodes only new or changed shards and forgets removed ones, until more than ``update.DRIFT`` of
+the rows were added or removed since the quantiser was trained (``BuildRecord.drift``): then it trains
+again and encodes every shard.
 
 **Bad input.** NaN or Inf vectors in a shard are refused, naming the shard and the first id; a dim
 that differs between shards names both; quantised (int8/binary) outputs are refused (this engine
@@ -26,6 +28,7 @@ builds float IVF-PQ only; ``--engine local`` indexes them).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -43,10 +46,13 @@ from ..fresh import committed_files, record_built, wanted_variants
 from ..layout import IndexBuildError
 from ..params import DEFAULTS, MIN_POINTS_PER_CENTROID, ivfpq_options
 from ..reading import file_dim, file_rows, source_columns
+from ..update import DRIFT
 from .merge import merge
 from .record import (TRAINED, BuildKey, BuildRecord, Shard, parts_dir, read_build_record,
                      write_build_record)
 from .tasks import encode_shard, sample_positions, sample_shard, train_sample
+
+log = logging.getLogger(__name__)
 
 RAY_MIN_ROWS = 1_000_000  # --engine auto: Ray above this many rows (the size above which `auto` picks ivfpq)
 ENGINES = ("auto", "local", "ray")
@@ -118,6 +124,11 @@ def _plan(out_dir: Path, manifest: dict, v: Variant, shards: Sequence[Shard], gi
     key = BuildKey(**given, columns=tuple(source_columns(source)), dim=dim, fitted=source_digest(source))
     rec = read_build_record(out_dir, v)
     parts = parts_dir(out_dir, v)
+    drift = rec.drift(shards) if rec is not None else None
+    if drift is not None and drift[0] > DRIFT * max(drift[1], 1):
+        log.info("%s: %d rows changed since the quantiser was trained on %d (more than %.0f%%): training again",
+                 v.name, drift[0], drift[1], 100 * DRIFT)
+        rec = None
     if rec is None or rec.key != key or not (parts / TRAINED).is_file():
         options = ivfpq_options(rows, dim, per_list=MIN_POINTS_PER_CENTROID,
                                 **{k: given[k] for k in ("nlist", "m", "nbits", "nprobe", "train_rows")})
@@ -175,7 +186,7 @@ def build_ivfpq_ray(out_dir: str | Path, variants: Sequence[Variant | str] | Non
         tmp = p.parts / f"{TRAINED}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.write_bytes(np.asarray(blob).tobytes())
         os.replace(tmp, p.parts / TRAINED)
-        p.record.trained(utc_now())  # a new quantiser: no list valid
+        p.record.trained(utc_now(), shards)  # a new quantiser: no list valid
         write_build_record(out_dir, p.variant, p.record)
 
     # 2. encode the shards not recorded with their current fingerprint

@@ -8,7 +8,8 @@ and write them. The record holds:
   are made with (``index/fitted.py``: transform matrices, mix weights, by content; a refit into the
   same transform path changes it). Any difference starts a new record: retrain, re-encode every part.
 - ``options``: the concrete IVF-PQ parameters (``params.ivfpq_options``);
-- ``trained_at``: set once ``parts/trained.faiss`` is in place;
+- ``trained_at``: set once ``parts/trained.faiss`` is in place; ``trained_on``: the parts (key ->
+  fingerprint) the output held then, against which ``drift`` counts rows added and removed since;
 - ``shards``: per committed part (``Shard.key``) its ``Part``: fingerprint (path relative to the
   output, size, rows), label offset, rows and part index file; a part counts as done only once
   recorded here;
@@ -117,10 +118,22 @@ class BuildRecord:
     allocated: dict[str, Allocation] = field(default_factory=dict)
     next_offset: int = 0
     trained_at: str | None = None
+    trained_on: dict[str, dict] = field(default_factory=dict)
 
-    def trained(self, at: str) -> None:
-        """A new quantiser is in place: no list encoded before is valid, no range is kept."""
+    def trained(self, at: str, shards: Iterable[Shard] = ()) -> None:
+        """A new quantiser is in place, trained on ``shards``: no list encoded before is valid, no range is kept."""
         self.trained_at, self.shards, self.allocated, self.next_offset = at, {}, {}, 0
+        self.trained_on = {s.key: s.fingerprint for s in shards}
+
+    def drift(self, shards: Iterable[Shard]) -> tuple[int, int] | None:
+        """(rows added or removed since the quantiser was trained, rows it was trained on), counted by
+        part against ``trained_on``; None for a record from before it was kept."""
+        if not self.trained_on:
+            return None
+        now = {s.key: s.fingerprint for s in shards}
+        added = sum(fp["rows"] for k, fp in now.items() if self.trained_on.get(k) != fp)
+        removed = sum(fp["rows"] for k, fp in self.trained_on.items() if now.get(k) != fp)
+        return added + removed, sum(fp["rows"] for fp in self.trained_on.values())
 
     def reusable(self, shard: Shard) -> Part | None:
         """The recorded part of this shard, if recorded with its current fingerprint."""
@@ -158,6 +171,7 @@ class BuildRecord:
 
     def to_json(self) -> dict:
         return {"user": self.key.to_json(), "options": self.options, "trained_at": self.trained_at,
+                "trained_on": self.trained_on,
                 "next_offset": self.next_offset, "shards": {k: asdict(p) for k, p in self.shards.items()},
                 "allocated": {k: asdict(a) for k, a in self.allocated.items()}}
 
@@ -166,7 +180,7 @@ class BuildRecord:
         return cls(BuildKey.from_json(d.get("user") or {}), dict(d.get("options") or {}),
                    {k: _pick(Part, p) for k, p in (d.get("shards") or {}).items()},
                    {k: _pick(Allocation, a) for k, a in (d.get("allocated") or {}).items()},
-                   int(d.get("next_offset") or 0), d.get("trained_at"))
+                   int(d.get("next_offset") or 0), d.get("trained_at"), dict(d.get("trained_on") or {}))
 
 
 def parts_dir(out_dir: Path, v: Variant) -> Path:
