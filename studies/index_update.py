@@ -6,8 +6,8 @@ kind ``--kind``). Then, as a scheduled job would see it:
 
 1. ``--share`` of the documents (seeded) deleted upstream: embed again (the changed shards' other rows
    are copied), index again: the index is *updated* (their labels deleted);
-2. the same documents added back in a new shard under new ids: embed again (all copied: their texts
-   are known), index again: updated (added at the end).
+2. the same documents added back in a new shard under new ids: embed again (embedded anew: their
+   texts left the output with the replaced shards), index again: updated (added at the end).
 
 The updated index is then compared, on SciFact's 300 test queries (top 10), with two references
 built from the output as it now is: a fresh build (``build_indexes`` in a copy with no index: for
@@ -92,8 +92,21 @@ def main(argv: list[str] | None = None) -> int:
     results = {"git_commit": None, "model": args.model, "variant": variant.name, "docs": len(data.doc_ids),
                "deleted_then_added": len(gone), "shards": args.shards, "kinds": {}}
     indexes = {}
+
+    def index(kind: str) -> dict:
+        """The output as it now is, beside the kind's own indexes (one folder per kind: a variant has one index)."""
+        mine = work / f"out-{kind}"
+        kept = mine / "indexes"
+        if kept.exists():
+            shutil.move(kept, work / "indexes-aside")
+        shutil.rmtree(mine, ignore_errors=True)
+        shutil.copytree(out, mine)
+        if (work / "indexes-aside").exists():
+            shutil.move(work / "indexes-aside", kept)
+        return next(iter(build_indexes(mine, [variant], kind).values()))
+
     for kind in kinds:
-        build_indexes(out, [variant], kind)
+        index(kind)
     # 1. delete: every shard rewritten without the chosen documents
     for f in sorted(src.glob("shard-*.parquet")):
         t = pq.read_table(f)
@@ -101,26 +114,26 @@ def main(argv: list[str] | None = None) -> int:
         pq.write_table(t.filter(pa.array(keep)), f)
     steps.append({"step": f"delete {len(gone):,}", **run_embed()})
     for kind in kinds:
-        indexes.setdefault(kind, []).append(next(iter(build_indexes(out, [variant], kind).values())))
+        indexes.setdefault(kind, []).append(index(kind))
     # 2. add back under new ids, in a new shard
     back = [(i, t) for i, t in zip(data.doc_ids, data.doc_texts) if i in gone]
     pq.write_table(pa.table({"id": [f"re-{i}" for i, _ in back], "text": [t for _, t in back]}),
                    src / "shard-back.parquet")
     steps.append({"step": f"add back {len(back):,} under new ids", **run_embed()})
     for kind in kinds:
-        indexes[kind].append(next(iter(build_indexes(out, [variant], kind).values())))
+        indexes[kind].append(index(kind))
 
     def ndcg(ids: list[list[str]], scores) -> float:
         run = {q: {d: float(s) for d, s in zip(row, srow) if d} for q, row, srow in zip(data.query_ids, ids, scores)}
-        return retrieval_scores_from_run(run, data.qrels)["ndcg_at_10"] * 100
+        return retrieval_scores_from_run(run, data.qrels)["ndcg_at_10"]
 
     for kind in kinds:
-        updated = load_index(out / "indexes" / f"{variant.name}.faiss")
+        updated = load_index(work / f"out-{kind}" / "indexes" / f"{variant.name}.faiss")
         fresh_dir = work / f"fresh-{kind}"
         shutil.copytree(out, fresh_dir, ignore=shutil.ignore_patterns("indexes"))
         build_indexes(fresh_dir, [variant], kind)
         fresh = load_index(fresh_dir / "indexes" / f"{variant.name}.faiss")
-        refill = load_index(out / "indexes" / f"{variant.name}.faiss")
+        refill = load_index(work / f"out-{kind}" / "indexes" / f"{variant.name}.faiss")
         stored = read_embeddings(str(out), ["id", variant.column])
         vec = dict(zip(stored.column("id").to_pylist(), stored.column(variant.column).to_numpy(zero_copy_only=False)))
         x = np.stack([vec[i] for i in refill.ids]).astype(np.float32)
@@ -129,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         refill.index.add(x)
         row = {"updates": [p.get("update") or {"rebuilt": p.get("rebuilt")} for p in indexes[kind]]}
         got = {}
-        for name, index in (("updated", updated), ("fresh build", fresh), ("same quantiser, refilled", refill)):
-            scores, ids = index.search(queries, K)
+        for name, loaded in (("updated", updated), ("fresh build", fresh), ("same quantiser, refilled", refill)):
+            scores, ids = loaded.search(queries, K)
             ids = [[i[3:] if i and i.startswith("re-") else i for i in r] for r in ids]  # new ids -> the document
             got[name] = ids
             row[name] = {"ndcg_at_10": round(ndcg(ids, scores), 2)}

@@ -380,7 +380,9 @@ def test_nightly_job_on_s3_publishes_versions_and_a_crash_never_reaches_latest(r
     # nothing through the model, every vector copied; the index updated from the version LATEST named: unchanged
     assert third["embed"]["rows_embedded"] == 0 and third["embed"]["rows_reused"] == rows.num_rows
     (index,) = third["indexes"]["built"]
-    assert index["update"] == {"deleted": 0, "added": 0, "changed_since_training": 0}
+    # the second run updated version a's index (shard 1's 20 edited texts and shard 2's 20 rows out, 40 in)
+    assert second["indexes"]["built"][0]["update"] == {"deleted": 40, "added": 40, "changed_since_training": 80}
+    assert index["update"] == {"deleted": 0, "added": 0, "changed_since_training": 80}
     latest_c = read_latest(job)
     url_c = f"{job}/{latest_c['version']}/published/{latest_c['published']}"
     after = vectors(read_embeddings(url_c, ["id", "emb_4_mean"]), "emb_4_mean")

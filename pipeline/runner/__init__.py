@@ -1,5 +1,5 @@
 """``embed`` on Ray Data, one idea a module: ``shards`` (input listing and the incremental plan),
-``stages`` (what runs on workers), ``commit`` (exactly-once bookkeeping and the commit point),
+``reuse`` (content-addressed reuse: which rows are copied, not embedded), ``stages`` (what runs on workers), ``commit`` (exactly-once bookkeeping and the commit point),
 ``run`` (the driver that wires them together)."""
 
 from ..storage import read_part
