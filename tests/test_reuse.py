@@ -86,6 +86,15 @@ def test_resolve_equals_a_plain_reference(dedup):
             assert (r["src"], r["src_row"]) in want[gid][1]
     listed = reuse.resolve(table, sources, dedup=dedup, every=False).to_pylist()
     assert len(listed) == sum(v[0] != "embed" for v in want.values())
+    # rows dropped: per key, stored rows in leaving parts beyond the new rows with that key
+    leaving = {1, 3}
+    going, coming = {}, {}
+    for key, src, _ in stored:
+        if int(src[-1]) in leaving:
+            going[key] = going.get(key, 0) + 1
+    for key, _ in new:
+        coming[key] = coming.get(key, 0) + 1
+    assert reuse.dropped_rows(table, leaving) == sum(max(0, n - coming.get(k, 0)) for k, n in going.items()) > 0
 
 
 def test_the_plan_is_the_same_on_the_driver_and_on_ray(ray_local, corpus, tmp_path):
@@ -134,7 +143,7 @@ def test_a_re_export_under_new_names_and_ids_embeds_nothing(ray_local, model_dir
     summary = embed(str(tmp_path / "in"), str(tmp_path / "out"), model=model_dir, **OPTS)
     assert (summary.shards_embedded, summary.shards_dropped, summary.rows) == (4, 3, len(texts))
     assert summary.rows_reused == len(texts) and summary.rows_embedded == 0 and summary.tokens == 0
-    assert summary.rows_dropped == len(texts)
+    assert summary.rows_dropped == 0  # every text the old shards held is held again
     after = vectors(tmp_path / "out")
     for col, old in before.items():
         for i, n in zip(ids, new_ids):
@@ -143,6 +152,12 @@ def test_a_re_export_under_new_names_and_ids_embeds_nothing(ray_local, model_dir
     assert "retired" not in m and m["last_run"]["rows_embedded"] == 0
     assert sorted(p.name for p in (tmp_path / "out" / "embeddings").iterdir()) == sorted(
         Path(e["output"]).name for e in m["shards"])  # the old shards' folders are gone, nothing else
+    # 7 rows deleted from one file, which is rewritten: they are the rows dropped; nothing embedded
+    name = "part-00000-9f1.snappy.parquet"
+    t = pq.read_table(tmp_path / "in" / name)
+    pq.write_table(t.slice(7), tmp_path / "in" / name)
+    summary = embed(str(tmp_path / "in"), str(tmp_path / "out"), model=model_dir, **OPTS)
+    assert (summary.rows_dropped, summary.rows_embedded, summary.rows_reused) == (7, 0, t.num_rows - 7)
 
 
 def test_a_runs_duplicate_texts_are_embedded_once(ray_local, model_dir, corpus, tmp_path):

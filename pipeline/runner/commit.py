@@ -34,7 +34,7 @@ class EmbedSummary:
     rows_rejected: int = 0
     rows_reused: int = 0  # committed rows whose vectors were copied (reuse.py): stored, or this run's duplicates
     rows_deduplicated: int = 0  # of those, copies of a text this run embedded once
-    rows_dropped: int = 0  # rows of the committed shards this run dropped (their vectors may have been copied)
+    rows_dropped: int = 0  # rows the output stops holding: in replaced or removed shards, their text not taken up
     plan_seconds: float = 0.0  # finding the rows to copy
     tokens: int = 0
     padded_tokens: int = 0

@@ -175,17 +175,36 @@ def write_plan(rows: pa.Table, plan_url: str, storage: dict | None = None) -> pa
         copied = pc.is_valid(mine.column("src"))
         summary.append({"unit": int(u), "copied": int(pc.sum(pc.cast(copied, pa.int64())).as_py() or 0),
                         "deferred": int(pc.sum(pc.cast(mine.column("defer"), pa.int64())).as_py() or 0),
-                        "sources": sorted(set(pc.drop_null(mine.column("src")).to_pylist()))})
+                        "sources": sorted(set(pc.drop_null(mine.column("src")).to_pylist())), "dropped": 0})
     return pa.Table.from_pylist(summary, schema=SUMMARY_SCHEMA)
 
 
 SUMMARY_SCHEMA = pa.schema([("unit", pa.int64()), ("copied", pa.int64()), ("deferred", pa.int64()),
-                            ("sources", pa.list_(pa.string()))])
+                            ("sources", pa.list_(pa.string())), ("dropped", pa.int64())])
 
 
-def _resolve_and_write(block: pa.Table, *, sources: list[str], plan_url: str, dedup: bool, every: bool,
-                       storage: dict | None) -> pa.Table:
-    return write_plan(resolve(block, sources, dedup=dedup, every=every), plan_url, storage)
+def dropped_rows(table: pa.Table, leaving: set[int]) -> int:
+    """Rows the output stops holding: per key, the stored rows in ``leaving`` parts (of shards the run
+    replaces or removes) beyond the new rows with that key (repeated texts counted one for one)."""
+    if table.num_rows == 0 or not leaving:
+        return 0
+    keys = table.column("key").to_numpy(zero_copy_only=False)
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    group = np.cumsum(np.r_[True, keys[1:] != keys[:-1]]) - 1
+    gid = table.column("gid").to_numpy()[order]
+    part = table.column("src_part").to_numpy()[order]
+    going = np.isin(part, np.fromiter(leaving, dtype=np.int64)) & (gid < 0)
+    n = group[-1] + 1
+    return int(np.maximum(np.bincount(group, going, n) - np.bincount(group, gid >= 0, n), 0).sum())
+
+
+def _resolve_and_write(block: pa.Table, *, sources: list[str], leaving: set[int], plan_url: str, dedup: bool,
+                       every: bool, storage: dict | None) -> pa.Table:
+    summary = write_plan(resolve(block, sources, dedup=dedup, every=every), plan_url, storage)
+    dropped = dropped_rows(block, leaving)
+    return pa.concat_tables([summary, pa.Table.from_pylist(
+        [{"unit": -1, "copied": 0, "deferred": 0, "sources": [], "dropped": dropped}], schema=SUMMARY_SCHEMA)])
 
 
 @dataclass
@@ -198,8 +217,12 @@ class Plan:
     units: set[int] = field(default_factory=set)  # units with plan rows
     deferring: set[int] = field(default_factory=set)  # units with deferred rows
     sources: set[str] = field(default_factory=set)  # parts copied from
+    dropped: int = 0  # rows the output stops holding (``dropped_rows``)
 
     def add(self, s: dict) -> None:
+        self.dropped += s.get("dropped") or 0
+        if s["unit"] < 0:  # a block's count of dropped rows
+            return
         self.copied += s["copied"]
         self.deferred += s["deferred"]
         self.units.add(s["unit"])
@@ -210,10 +233,12 @@ class Plan:
 
 def make_plan(units: list[dict], sources: list[str], plan_url: str, *, fs, text_column: str, id_column: str | None,
               salt: bytes, dedup: bool, only: str | None = None, storage: dict | None = None,
-              ray=None, driver_rows: int = DRIVER_ROWS, stored_rows: int = 0) -> Plan:
+              ray=None, driver_rows: int = DRIVER_ROWS, stored_rows: int = 0, leaving: set[int] | None = None) -> Plan:
     """The plan of a pass over ``units`` against the parts ``sources`` (see module doc). ``only``: the
     first pass's plan (the second pass plans its deferred rows, listing each). ``stored_rows``: how
-    many rows ``sources`` hold (from the manifest), which with the units' rows picks driver or Ray."""
+    many rows ``sources`` hold (from the manifest), which with the units' rows picks driver or Ray.
+    ``leaving``: the numbers of the ``sources`` whose shards the run replaces or removes (``Plan.dropped``)."""
+    leaving = leaving or set()
     plan = Plan(plan_url)
     every = only is not None
     total = sum(int(u["rows"]) for u in units) + stored_rows
@@ -225,6 +250,7 @@ def make_plan(units: list[dict], sources: list[str], plan_url: str, *, fs, text_
                                             storage=storage)])
         for s in write_plan(resolve(table, sources, dedup=dedup, every=every), plan_url, storage).to_pylist():
             plan.add(s)
+        plan.dropped = dropped_rows(table, leaving)
         return plan
     new = ray.data.from_items(units).map_batches(unit_keys, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
                                                  fn_kwargs=kw)
@@ -233,7 +259,8 @@ def make_plan(units: list[dict], sources: list[str], plan_url: str, *, fs, text_
         if sources else new
     ds = ds.repartition(max(1, -(-total // SHUFFLE_ROWS)), keys=["key"])
     ds = ds.map_batches(_resolve_and_write, batch_size=None, batch_format="pyarrow", num_cpus=0.5,
-                        fn_kwargs=dict(sources=sources, plan_url=plan_url, dedup=dedup, every=every, storage=storage))
+                        fn_kwargs=dict(sources=sources, leaving=leaving, plan_url=plan_url, dedup=dedup, every=every,
+                                       storage=storage))
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
         for s in batch.to_pylist():
             plan.add(s)

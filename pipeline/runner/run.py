@@ -204,7 +204,8 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
         if todo:
             _run_ray(request, out, manifest, todo, summary, fs=fs, text_column=text_column, id_column=id_column,
                      progress=progress, stall_timeout_s=stall_timeout_s, unit_rows=unit_rows, t_start=t_start,
-                     ranges=ranges, run_id=run_id, stored=stored)
+                     ranges=ranges, run_id=run_id, stored=stored,
+                     leaving={e["rel"] for e in drop} | {s.rel for s in todo})
             _forget_damaged_sources(out, manifest, summary)
         if id_column:
             summary.duplicate_ids, examples = _duplicate_ids(out, manifest)
@@ -306,10 +307,11 @@ def _duplicate_ids(out: Output, manifest: dict) -> tuple[int, list[str]]:
 def _run_ray(request: Request, out: Output, manifest: dict, todo: list[Shard], summary: EmbedSummary, *, fs,
              text_column: str, id_column: str | None, progress: bool, stall_timeout_s: float, unit_rows: int,
              t_start: float, ranges: dict[str, np.ndarray] | None = None, run_id: str | None = None,
-             stored: list[dict] | None = None) -> None:
+             stored: list[dict] | None = None, leaving: set[str] | None = None) -> None:
     """Embed ``todo`` on Ray Data. ``stored``: the output's committed shards before this run, whose
     parts' vectors rows with the same text copy (``reuse.py``); a second pass copies the run's
-    own duplicate texts from the parts the first wrote."""
+    own duplicate texts from the parts the first wrote. ``leaving``: the shards (``rel``) of ``stored``
+    this run replaces or removes, whose rows no new row takes up are counted as dropped."""
     t0 = time.perf_counter()
     res = request.resources
     ray = connect(res.ray_address)
@@ -331,13 +333,17 @@ def _run_ray(request: Request, out: Output, manifest: dict, todo: list[Shard], s
     salt = reuse_salt(manifest["signature"])
     sources = {out.fs.unstrip_protocol(out.path(e["output"], f)): (e.get("parts") or {}).get(f, {}).get("crc32", "")
                for e in stored or [] for f in e["files"]}
+    going = {out.fs.unstrip_protocol(out.path(e["output"], f)) for e in stored or [] if e["rel"] in (leaving or ())
+             for f in e["files"]}
     plan_kw = dict(fs=fs, text_column=text_column, id_column=id_column, salt=salt, storage=storage_options(), ray=ray)
     plan_root = out.fs.unstrip_protocol(out.path(STAGING, run_id, "plan"))
     t_plan = time.perf_counter()
     first = make_plan(units, list(sources), f"{plan_root}/1", dedup=True,
-                      stored_rows=sum(e.get("rows_written", 0) for e in stored or []), **plan_kw)
+                      stored_rows=sum(e.get("rows_written", 0) for e in stored or []),
+                      leaving={i for i, url in enumerate(sources) if url in going}, **plan_kw)
     summary.plan_seconds = time.perf_counter() - t_plan
     summary.rows_deduplicated = first.deferred
+    summary.rows_dropped = first.dropped
     log.info("plan: %d row(s) copied from %d stored part(s), %d duplicate(s) of this run's texts deferred",
              first.copied, len(first.sources), first.deferred)
     for u in units:
