@@ -168,10 +168,8 @@ def embed(request: Request, input: str, output: str, *, text_column: str = "text
         # what the interrupted run wrote at a cost in proportion to that run's output, not the whole
         # output's (reads verify every part: Output.check_parts).
         damaged = set()
-        # A run that ended (its summary recorded) verified what it wrote as it committed it.
-        ended = bool(manifest.get("last_run")) and manifest["last_run"].get("run_id") in earlier_runs
         for entry in list(keep):
-            recent = not ended and any(entry["output"].endswith(f"-{r}") for r in earlier_runs if r)
+            recent = any(entry["output"].endswith(f"-{r}") for r in earlier_runs if r)
             bad = out.damaged_parts(entry, checksums=recent)
             if bad:
                 log.warning("re-embedding shard %s: committed part %s", entry["rel"], bad[0])
