@@ -121,6 +121,26 @@ def evaluate_sts(encoder: TextEncoder, data: StsData, derivations: Derivations |
     return _note(out, left_out)
 
 
+def evaluate_prepared(task: str, encoder: TextEncoder, prepared, derivations: Derivations | None = None, *,
+                      save_dir: str | Path | None = None, quantized: quantize.Quantized | None = None) -> list[dict]:
+    """Every variant (and derived one) scored by a registered task type's ``Prepared`` data
+    (``pipeline.tasks``): its texts embedded once, its scores per variant. Rows carry the task's
+    ``protocol`` where it has one (clustering: original or fast; classification: its sampling)."""
+    data = prepared.data
+    out = []
+    for variant, m, record in _scored(encoder, encoder.encode(prepared.texts), derivations, data.name, save_dir,
+                                      fit_rows=prepared.fit_rows, fit_label=prepared.fit_label):
+        if quantized is not None:
+            ranges = quantized.ranges(m)
+            m = quantize.decode(quantized.dtype, quantize.quantize(quantized.dtype, m, ranges), ranges)
+        out += _rows(task, data.name, data.split, variant, prepared.score(m), record, quantized)
+    protocol = getattr(prepared, "protocol", None)
+    for r in out:
+        if protocol:
+            r["protocol"] = protocol
+    return _note(out, data.left_out)
+
+
 def quantized_run(query_emb, doc_emb, query_ids, doc_ids, quantized: quantize.Quantized | None,
                   k_max: int = 100, kind: str = "flat", target_recall: float | None = None,
                   label: str = "", **options) -> dict[str, dict[str, float]]:

@@ -30,7 +30,6 @@ from .norms import l2_normalize
 
 STS_METRICS = ("cosine_spearman", "cosine_pearson")
 RETRIEVAL_METRICS = ("ndcg_at_10", "recall_at_100", "mrr_at_10")
-MAIN_METRIC = {"sts": "cosine_spearman", "retrieval": "ndcg_at_10"}
 # Bounds the (queries x docs) similarity block held at once during exact search.
 _SIM_BLOCK_ELEMENTS = 1 << 24
 

@@ -336,6 +336,17 @@ def default_max_length(where) -> tuple[int, str]:
     return value, source
 
 
+def pipeline_normalizes(where) -> bool:
+    """Whether the model's own sentence-transformers pipeline (``modules.json``) ends in ``Normalize``:
+    its published scores (MTEB's) were computed on unit vectors."""
+    d = _local_dir(where)
+    try:
+        modules = json.loads((d / "modules.json").read_text()) if d is not None else []
+    except (OSError, ValueError):
+        return False
+    return any(isinstance(m, dict) and str(m.get("type", "")).endswith(".Normalize") for m in modules)
+
+
 def depth(spec: str | None, *, trust_remote_code: bool = False, load: bool = True) -> int | None:
     """Number of blocks of a model: from the alias table or a directory's config.json when that
     is enough; otherwise (``load``) from the materialised model's config (a GGUF file is

@@ -20,7 +20,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from .metrics import MAIN_METRIC
 from .storage import write_json_atomic
 from .variants import POOLINGS, Variant
 
@@ -37,7 +36,7 @@ def _pooling_rank(name: str) -> tuple[int, str]:
 
 
 def _row_key(r: dict) -> tuple:
-    return (r["task"], r["dataset"], r["split"], r.get("quantization") or "", r["metric"], r["template"] != "plain",
+    return (r["task"], r["dataset"], r["split"], r.get("quantization") or "", r.get("protocol") or "", r["metric"], r["template"] != "plain",
             r["template"],
             r["mix"] is not None, r["mix"] or "", r["transform"] != "none", r["transform"], r["layer"],
             _pooling_rank(r["pooling"]))
@@ -72,6 +71,8 @@ def validate_rows(rows: Iterable[dict]) -> list[dict]:
             r["left_out"] = str(row["left_out"])
         if row.get("quantization"):  # scored as a quantised (int8/binary) output: its own group
             r["quantization"] = str(row["quantization"])
+        if row.get("protocol"):  # how a task type scored (clustering: original or fast): its own group
+            r["protocol"] = str(row["protocol"])
         key = _row_key(r)
         if key in seen:
             raise ResultsError(f"results row {i} repeats {r['dataset']}/{r['split']} {r['metric']} "
@@ -111,23 +112,29 @@ def load_results(path: str | Path) -> list[dict]:
 
 def main_metric(task: str, metrics: Iterable[str] = ()) -> str | None:
     """The task's headline metric (MTEB's main score); for an unknown task, a known one present."""
+    from .tasks import MAIN_METRIC
+
     if task.lower() in MAIN_METRIC:
         return MAIN_METRIC[task.lower()]
     return next((m for m in MAIN_METRIC.values() if m in set(metrics)), None)
 
 
 def _groups(rows: list[dict]) -> dict[str, list[dict]]:
-    """Rows per (task, dataset, split, quantisation), labelled by dataset alone unless it has several
-    splits; quantised scores (``quantization``: int8, binary, ...) are a group of their own, ``dataset [int8]``."""
+    """Rows per (task, dataset, split, quantisation, protocol), labelled by dataset alone unless it has
+    several splits (``dataset/split``) or is scored by several task types (``dataset (clustering)``);
+    quantised scores (``quantization``: int8, binary, ...) and a task's protocols (clustering: original,
+    fast) are groups of their own, ``dataset [int8]``, ``dataset [fast]``."""
     def key(r):
-        return r["task"], r["dataset"], r["split"], r.get("quantization") or ""
+        return r["task"], r["dataset"], r["split"], r.get("quantization") or "", r.get("protocol") or ""
 
     keys = sorted({key(r) for r in rows})
     splits: dict[str, set] = {}
-    for _, dataset, split, _ in keys:
+    tasks: dict[str, set] = {}
+    for task, dataset, split, _, _ in keys:
         splits.setdefault(dataset, set()).add(split)
-    label = {k: (k[1] if len(splits[k[1]]) == 1 else f"{k[1]}/{k[2]}") + (f" [{k[3]}]" if k[3] else "")
-             for k in keys}
+        tasks.setdefault(dataset, set()).add(task)
+    label = {k: (k[1] if len(splits[k[1]]) == 1 else f"{k[1]}/{k[2]}") + (f" ({k[0]})" if len(tasks[k[1]]) > 1 else "")
+             + "".join(f" [{x}]" for x in k[3:] if x) for k in keys}
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(label[key(r)], []).append(r)

@@ -1,5 +1,6 @@
-"""``strata eval``: every variant scored on STS (Spearman) or BEIR retrieval (nDCG@10), or exactly the
-variant(s) of a probe recipe (``--recipe``)."""
+"""``strata eval TASK DATA``: every variant scored on a registered task type (``pipeline.tasks``: STS,
+retrieval, classification, clustering, pairs, reranking), or exactly the variant(s) of a probe recipe
+(``--recipe``)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,28 @@ from .options import add_mix_label_options, add_model_options, add_ray_options, 
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate every variant on STS (Spearman) or BEIR retrieval (nDCG@10)")
-    p.add_argument("task", choices=["sts", "retrieval"])
-    p.add_argument("data", help="STS: sts-*.csv or a pairs file (jsonl/tsv/parquet); retrieval: a BEIR directory")
+    from ..tasks import REGISTRY
+
+    p = sub.add_parser("eval", help="evaluate every variant on a task: STS, retrieval, classification, clustering, "
+                                    "pairs, reranking")
+    p.add_argument("task", choices=list(REGISTRY), help="; ".join(f"{t.name}: {t.metric}" for t in REGISTRY.values()))
+    p.add_argument("data", help="; ".join(f"{t.name}: {t.data_help}" for t in REGISTRY.values()))
     p.add_argument("--output", required=True, help="receives eval/results.json (and, with the ray engine, the "
                                                    "embeddings it made)")
-    p.add_argument("--split", default="test", help="retrieval qrels split (default: %(default)s)")
+    p.add_argument("--split", default="test", help="retrieval: the qrels split; classification: the evaluated file "
+                                                   "beside train (default: %(default)s)")
     p.add_argument("--max-queries", type=int, default=None, help="retrieval subset (scores not comparable)")
     p.add_argument("--max-docs", type=int, default=None, help="retrieval subset (scores not comparable)")
     p.add_argument("--engine", choices=["auto", "local", "ray"], default="auto",
                    help="local: in-process, no cache; ray: the Ray pipeline, embeddings cached in --output; "
                         "auto: local up to 10,000 unique texts (default: %(default)s)")
+    g = p.add_argument_group("task protocols (MTEB's defaults)")
+    g.add_argument("--samples-per-label", type=int, default=None, metavar="N",
+                   help="classification: training texts per label in each experiment (default: 8)")
+    g.add_argument("--experiments", type=int, default=None, metavar="N",
+                   help="classification: seeded experiments averaged (default: 10)")
+    g.add_argument("--protocol", choices=["original", "fast"], default=None,
+                   help="clustering: k-means per set (original, the default) or over 10 bootstrapped subsets (fast)")
     g = p.add_argument_group("derived variants (scored beside the raw grid)")
     g.add_argument("--transforms", default="none",
                    help="post-processing fitted on unlabelled texts: none, center, abtt{k}, whiten{k}, comma-separated "
@@ -71,7 +83,13 @@ def cmd_eval(args) -> int:
     from ..evaluate import (choose_engine, eval_retrieval, eval_sts, load_retrieval, make_encoder, retrieval_texts,
                             sts_texts)
     from ..report import best_variants
+    from ..tasks import check, get
 
+    task = get(args.task)
+    check(args.task, args.data)
+    check_task_options(args)
+    if not task.own_evaluator:
+        return eval_task(args, task)
     if args.index_engine == "ray":
         _ray_index_engine(args, None)  # the argument checks, before any data is read
     if args.task == "sts":
@@ -124,7 +142,80 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def derivations_from_args(args, data, n_layers: int, raw_variants, dim: int):
+# options that belong to some task types only (their defaults mean "not given")
+TASK_OPTIONS = {
+    "max_queries": ("retrieval",), "max_docs": ("retrieval",), "query_template": ("retrieval",),
+    "doc_template": ("retrieval",), "index": ("retrieval",), "nlist": ("retrieval",), "nprobe": ("retrieval",),
+    "rerank": ("retrieval",), "target_recall": ("retrieval",), "samples_per_label": ("classification",),
+    "experiments": ("classification",), "protocol": ("clustering",),
+}
+
+
+def check_task_options(args) -> None:
+    """A task option given to another task type: one line naming the option and its task."""
+    for name, tasks in TASK_OPTIONS.items():
+        if getattr(args, name, None) not in (None, False) and args.task not in tasks:
+            raise ValueError(f"--{name.replace('_', '-')} applies to {' and '.join(tasks)}, not {args.task}")
+    if args.index_engine != "local" and args.task != "retrieval":
+        raise ValueError(f"--index-engine applies to retrieval, not {args.task}")
+    if args.rescore and args.task != "retrieval":
+        raise ValueError(f"--rescore applies to retrieval, not {args.task}")
+    if args.split != "test" and args.task not in ("retrieval", "classification"):
+        raise ValueError(f"--split applies to retrieval and classification; {args.task} reads the split from the "
+                         "file name")
+
+
+def eval_task(args, task) -> int:
+    """``strata eval`` for a task type scored by its ``Prepared`` data (classification, clustering, pairs,
+    reranking): the data loaded and checked, the engine chosen, every variant scored, the rows merged."""
+    import time
+
+    from ..evaluate import choose_engine, evaluate_prepared, make_encoder
+    from ..report import best_variants, merge_results
+
+    impl = task.impl
+    data = impl.load(args.data, split=args.split) if task.name == "classification" else impl.load(args.data)
+    options = {k: v for k, v in (("samples_per_label", args.samples_per_label), ("experiments", args.experiments),
+                                 ("protocol", args.protocol)) if v is not None}
+    prepared = impl.Prepared(data, **options)
+    engine = choose_engine(args.engine, len(prepared.texts))
+    if args.recipe:
+        return eval_recipe(args, data, engine, task=task, prepared=prepared)
+    request = request_from_args(args, digest=engine == "ray")
+    _note_normalize(request, task)
+    fit_rows = prepared.fit_rows
+    derivations = derivations_from_args(args, data, request.model.n_layers, request.variants, request.model.dim,
+                                        task=task, n_fit=len(prepared.texts) if fit_rows is None else len(fit_rows))
+    encoder = make_encoder(request, engine, args.output, force=args.force, progress=not args.quiet)
+    t0 = time.perf_counter()
+    rows = evaluate_prepared(task.name, encoder, prepared, derivations, save_dir=args.output,
+                             quantized=_quantized(args))
+    merge_results(args.output, rows)
+    n_scored = len({(r["layer"], r["pooling"], r["template"], r["mix"], r["transform"]) for r in rows})
+    print(f"{data.name}/{data.split}: {prepared.describe()}; {len(prepared.texts):,} unique texts, "
+          f"{len(request.variants)} embedded variants, {n_scored} scored, engine {engine}, "
+          f"{time.perf_counter() - t0:.1f}s; {request.max_length_line()}")
+    if data.left_out:
+        print(f"{data.name}: {data.left_out}")
+    for label, best in best_variants(rows, request.model.n_layers).items():
+        fitted = f" ({best['fitted_on']})" if best.get("fitted_on") else ""
+        print(f"{label}: best {best['variant']} {best['metric']} = {best['score']:.2f}{fitted}")
+    print(f"results: {redact_text(str(args.output))}/eval/results.json")
+    return 0
+
+
+def _note_normalize(request, task) -> None:
+    """Scores that are not cosines (a classifier, k-means, distances) change with the vectors' norms: say
+    so when the model's own pipeline normalises and the request does not."""
+    from ..models import pipeline_normalizes
+
+    if not request.settings.normalize and pipeline_normalizes(request.model.path):
+        print(f"strata eval: note: {request.model.name}'s sentence-transformers pipeline normalises its vectors "
+              f"(modules.json), and published {task.name} scores use them so; add --normalize to compare",
+              file=sys.stderr)
+
+
+def derivations_from_args(args, data, n_layers: int, raw_variants, dim: int, *, task=None, n_fit: int | None = None):
     """Mixes and transforms of ``strata eval``, checked before any forward pass."""
     from ..derive import Derivations, check_fit, check_held_out
     from ..evaldata import read_texts
@@ -132,6 +223,9 @@ def derivations_from_args(args, data, n_layers: int, raw_variants, dim: int):
     from ..variants import mix_variants, parse_mixes
 
     mixes = parse_mixes(args.mixes, n_layers)
+    if task is not None and not task.learned_mix and any(kind == "learned" for kind, _, _ in mixes):
+        raise ValueError(f"a learned mix is fitted on STS or retrieval training labels; {task.name} has no learned "
+                         "mix: use a uniform mix ('a:b')")
     mix_variants(raw_variants, mixes)  # a mix over layers that were not embedded: refused here
     labels = mix_labels(args)
     fit_texts = tuple(read_texts(args.fit_on)) if args.fit_on else None
@@ -140,6 +234,8 @@ def derivations_from_args(args, data, n_layers: int, raw_variants, dim: int):
     check_held_out(d, data)
     if fit_texts is not None:
         n_fit = len(set(fit_texts))
+    elif n_fit is not None:
+        pass
     elif hasattr(data, "doc_texts"):
         n_fit = len(set(data.doc_texts))
     else:
@@ -184,7 +280,7 @@ def _quantized(args):
     return Quantized(args.dtype, rescore=args.rescore, calibration_rows=args.calibration_rows)
 
 
-def eval_recipe(args, data, engine: str) -> int:
+def eval_recipe(args, data, engine: str, *, task=None, prepared=None) -> int:
     """``strata eval ... --recipe probe.json [--top K]``: exactly the probe's variant(s), pieces included."""
     from ..evaldata import StsData
     from ..evaluate import evaluate_retrieval, evaluate_sts, make_encoder
@@ -199,8 +295,14 @@ def eval_recipe(args, data, engine: str) -> int:
     encoder = RecipeEncoder(recipe, make_encoder(request, engine, args.output, force=args.force,
                                                  progress=not args.quiet))
     quantized = _quantized(args)
-    rows = evaluate_sts(encoder, data, quantized=quantized) if isinstance(data, StsData) else \
-        evaluate_retrieval(encoder, data, quantized=quantized)
+    if prepared is not None:
+        from ..evaluate import evaluate_prepared
+
+        rows = evaluate_prepared(task.name, encoder, prepared, quantized=quantized)
+    elif isinstance(data, StsData):
+        rows = evaluate_sts(encoder, data, quantized=quantized)
+    else:
+        rows = evaluate_retrieval(encoder, data, quantized=quantized)
     fitted = {e["variant"]: recipe.fitted_on(e) for e in recipe.entries}
     for r in rows:
         note = fitted.get(Variant.from_row(r).name)
@@ -209,7 +311,9 @@ def eval_recipe(args, data, engine: str) -> int:
         if chosen_here:
             r["selected_on"] = chosen_here
     merge_results(args.output, rows)
-    metric = "cosine_spearman" if isinstance(data, StsData) else "ndcg_at_10"
+    from ..tasks import MAIN_METRIC
+
+    metric = MAIN_METRIC[task.name if task is not None else "sts" if isinstance(data, StsData) else "retrieval"]
     for r in rows:
         if r["metric"] == metric:
             print(f"{data.name}/{data.split}: {Variant.from_row(r).name} {metric} = {r['score']:.2f}"
