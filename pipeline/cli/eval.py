@@ -160,6 +160,11 @@ def check_task_options(args) -> None:
         raise ValueError(f"--index-engine applies to retrieval, not {args.task}")
     if args.rescore and args.task != "retrieval":
         raise ValueError(f"--rescore applies to retrieval, not {args.task}")
+    from ..tasks import get
+
+    if args.mixes and "learned" in args.mixes and not get(args.task).learned_mix:
+        raise ValueError(f"a learned mix is fitted on STS or retrieval training labels; {args.task} has no learned "
+                         "mix: use a uniform mix ('a:b')")
     if args.split != "test" and args.task not in ("retrieval", "classification"):
         raise ValueError(f"--split applies to retrieval and classification; {args.task} reads the split from the "
                          "file name")
@@ -223,9 +228,6 @@ def derivations_from_args(args, data, n_layers: int, raw_variants, dim: int, *, 
     from ..variants import mix_variants, parse_mixes
 
     mixes = parse_mixes(args.mixes, n_layers)
-    if task is not None and not task.learned_mix and any(kind == "learned" for kind, _, _ in mixes):
-        raise ValueError(f"a learned mix is fitted on STS or retrieval training labels; {task.name} has no learned "
-                         "mix: use a uniform mix ('a:b')")
     mix_variants(raw_variants, mixes)  # a mix over layers that were not embedded: refused here
     labels = mix_labels(args)
     fit_texts = tuple(read_texts(args.fit_on)) if args.fit_on else None

@@ -150,6 +150,7 @@ class Prepared:
         self.fit_rows = np.unique(train_rows)
         self.fit_label = f"{data.name}/train texts sampled for the classifier ({len(self.fit_rows)}, no labels)"
         self.settings = {"samples_per_label": samples_per_label, "experiments": experiments}
+        self.protocol = f"logreg, {samples_per_label} per label x {experiments}"  # in the rows: scores differ by it
 
     def score(self, m: np.ndarray) -> dict[str, float]:
         y = self.data.train_labels

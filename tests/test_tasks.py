@@ -1,0 +1,269 @@
+"""Task types (pipeline/tasks/): MTEB's protocols against its published all-MiniLM-L6-v2 scores and against
+plainly written references; both engines; every bad input a one-line error naming the file and line."""
+
+import json
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import data_file
+
+from pipeline import Encoder, resolve
+from pipeline.cli import main
+from pipeline.evaluate import RayEncoder, evaluate_prepared
+from pipeline.tasks import REGISTRY, check, infer
+from pipeline.tasks import classification, clustering, pairs, reranking
+
+MINILM = ["--model", "all-minilm-l6-v2", "--normalize", "-q"]
+
+
+def _rows(out):
+    return json.loads((out / "eval" / "results.json").read_text())
+
+
+def _score(rows, metric):
+    (row,) = [r for r in rows if r["metric"] == metric]
+    return row["score"]
+
+
+# --------------------------------------------------------------------------- the published anchors
+
+
+def test_banking77_anchor_through_the_cli(tmp_path):
+    """MTEB's Banking77Classification, all-MiniLM-L6-v2: 80.04 accuracy (mteb 1.12.75)."""
+    out = tmp_path / "out"
+    assert main(["eval", "classification", str(data_file("banking77")), "--output", str(out), *MINILM]) == 0
+    rows = _rows(out)
+    assert _score(rows, "accuracy") == pytest.approx(80.04, abs=0.5)
+    assert {r["metric"] for r in rows} == {"accuracy", "f1", "f1_weighted"}
+    assert {r["protocol"] for r in rows} == {"logreg, 8 per label x 10"}
+
+
+def test_masakhanews_anchor_through_the_cli(tmp_path):
+    """MTEB's MasakhaNEWSClusteringS2S (eng), all-MiniLM-L6-v2: 41.09 V-measure over 5 sets (mteb 1.12.75)."""
+    out = tmp_path / "out"
+    assert main(["eval", "clustering", str(data_file("masakhanews-clustering")), "--output", str(out), *MINILM]) == 0
+    rows = _rows(out)
+    assert _score(rows, "v_measure") == pytest.approx(41.09, abs=1.0)
+    assert {r["protocol"] for r in rows} == {"original"}
+    # the fast protocol is its own group of rows, beside the original one
+    assert main(["eval", "clustering", str(data_file("masakhanews-clustering")), "--output", str(out),
+                 "--protocol", "fast", *MINILM]) == 0
+    assert {r["protocol"] for r in _rows(out)} == {"original", "fast"}
+
+
+# --------------------------------------------------------------------------- plainly written references
+
+
+def test_classification_samples_are_mtebs_undersampling():
+    """MTEB 1.12's loop: the global generator reseeded with 42 by each evaluator, one index array shuffled
+    again each experiment, the first 8 rows of each label kept."""
+    labels = np.random.default_rng(1).integers(0, 7, size=300)
+    np.random.seed(42)
+    idxs, want = None, []
+    for _ in range(10):
+        if idxs is None:
+            idxs = np.arange(len(labels))
+        np.random.shuffle(idxs)
+        count, take = defaultdict(int), []
+        for i in idxs:
+            if count[labels[i]] < 8:
+                take.append(i)
+                count[labels[i]] += 1
+        want.append(take)
+        np.random.seed(42)  # the evaluator's constructor
+    got = classification.experiment_samples(labels, 8, 10, 42)
+    assert [g.tolist() for g in got] == want
+
+
+def test_pair_scores_equal_sentence_transformers_evaluator():
+    from sentence_transformers.sentence_transformer.evaluation import BinaryClassificationEvaluator as B
+    from sklearn.metrics import average_precision_score
+    from sklearn.metrics.pairwise import paired_cosine_distances, paired_manhattan_distances
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(120, 8)), rng.normal(size=(120, 8))
+    b[:60] += a[:60]  # the first half similar
+    b[10] = a[10]  # ties of similarity too
+    b[11] = a[11]
+    labels = (np.arange(120) < 60).astype(int)
+    labels[::7] = 1 - labels[::7]
+    got = pairs.scores(a, b, labels)
+    cos = 1 - paired_cosine_distances(a, b)
+    man = paired_manhattan_distances(a, b)
+    for fn, sims, high in (("cosine", cos, True), ("manhattan", man, False)):
+        acc, _ = B.find_best_acc_and_threshold(sims, labels, high)
+        f1, precision, recall, _ = B.find_best_f1_and_threshold(sims, labels, high)
+        ap = average_precision_score(labels, sims * (1 if high else -1))
+        for name, value in (("accuracy", acc), ("f1", f1), ("precision", precision), ("recall", recall), ("ap", ap)):
+            assert got[f"{fn}_{name}"] == pytest.approx(100 * value, abs=1e-9), (fn, name)
+    assert got["max_ap"] == max(got[f"{fn}_ap"] for fn in pairs.FUNCTIONS)
+
+
+def test_clustering_fast_subsets_are_mtebs():
+    """``random.Random(42)``: ``sample`` down to 16,384 documents, then ten ``choices`` of 2,048."""
+    rng = random.Random(42)
+    n = 20_000
+    kept = rng.sample(range(n), k=16_384)
+    subsets = [rng.choices(range(16_384), k=2_048) for _ in range(10)]
+    rows, got = clustering.fast_rows(n)
+    assert rows.tolist() == sorted(kept)
+    assert [g.tolist() for g in got] == subsets
+    rows, got = clustering.fast_rows(500)  # fewer documents than a subset: subsets of all of them
+    assert rows.tolist() == list(range(500)) and {len(g) for g in got} == {500}
+
+
+def test_reranking_equals_trec_eval_map(tmp_path):
+    """A reranking set made from SciFact's qrels; MAP equals trec_eval's over each query's candidates."""
+    import pytrec_eval
+
+    root = data_file("scifact")
+    docs = {}
+    for line in (root / "corpus.jsonl").open():
+        d = json.loads(line)
+        docs[d["_id"]] = f"{d['title']} {d['text']}".strip()
+    queries = {json.loads(x)["_id"]: json.loads(x)["text"] for x in (root / "queries.jsonl").open()}
+    qrels = defaultdict(dict)
+    for line in list((root / "qrels" / "test.tsv").open())[1:40]:
+        q, d, _ = line.split("\t")
+        qrels[q][d] = 1
+    ids = sorted(docs)
+    path = tmp_path / "scifact-rerank.jsonl"
+    with path.open("w") as f:
+        for k, (q, rel) in enumerate(sorted(qrels.items())):
+            negatives = [ids[(k * 37 + j * 101) % len(ids)] for j in range(6)]
+            f.write(json.dumps({"query": queries[q], "positive": [docs[d] for d in rel],
+                                "negative": [docs[d] for d in negatives if d not in rel]}) + "\n")
+    data = reranking.load(path)
+    prepared = reranking.Prepared(data)
+    m = np.random.default_rng(0).normal(size=(len(prepared.texts), 16))
+    got = prepared.score(m)
+    run, judged = {}, {}
+    for i, (qr, cand, pos) in enumerate(zip(prepared.query_rows, prepared.cand_rows, data.positives)):
+        x = m[cand] / np.linalg.norm(m[cand], axis=1, keepdims=True)
+        sims = x @ (m[qr] / np.linalg.norm(m[qr]))
+        run[f"q{i}"] = {f"c{j}": float(s) for j, s in enumerate(sims)}
+        judged[f"q{i}"] = {f"c{j}": int(j < len(pos)) for j in range(len(cand))}
+    trec = pytrec_eval.RelevanceEvaluator(judged, {"map"}).evaluate(run)
+    assert got["map"] == pytest.approx(100 * np.mean([v["map"] for v in trec.values()]), abs=1e-6)
+
+
+# --------------------------------------------------------------------------- both engines
+
+
+def _write(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+WORDS = {"animal": "cat dog bird fish horse".split(), "place": "river stone cloud tree house".split()}
+
+
+def _texts(seed, n):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        label = list(WORDS)[i % 2]
+        out.append({"text": " ".join(rng.choice(WORDS[label], 4)) + f" {i}", "label": label})
+    return out
+
+
+def test_every_task_type_scores_the_same_on_both_engines(ray_local, model_dir, tmp_path):
+    request = resolve(model_dir, layers="1,-1", poolings="mean,last")
+    local, ray_enc = Encoder.from_request(request), RayEncoder(request, tmp_path / "cache", progress=False)
+    _write(tmp_path / "cls" / "train.jsonl", _texts(0, 60))
+    _write(tmp_path / "cls" / "test.jsonl", _texts(1, 30))
+    clusters = [{**r, "set": i // 20} for i, r in enumerate(_texts(2, 40))]
+    first, second = _texts(3, 40), _texts(4, 41)
+    pair_rows = [{"sentence1": a["text"], "sentence2": b["text"], "label": int(a["label"] == b["label"])}
+                 for a, b in zip(first, (second[i + (i % 3 == 0)] for i in range(40)))]
+    rerank = [{"query": f"about {w}", "positive": [f"{w} {w} one", f"{w} two"], "negative": ["river stone", "cat"]}
+              for w in ("dog", "tree", "fish")]
+    cases = [
+        ("classification", classification.Prepared(classification.load(tmp_path / "cls"), samples_per_label=4,
+                                                   experiments=3)),
+        ("clustering", clustering.Prepared(clustering.load(_write(tmp_path / "clu.jsonl", clusters)))),
+        ("pairs", pairs.Prepared(pairs.load(_write(tmp_path / "pairs.jsonl", pair_rows)))),
+        ("reranking", reranking.Prepared(reranking.load(_write(tmp_path / "rr.jsonl", rerank)))),
+    ]
+    for task, prepared in cases:
+        a, b = evaluate_prepared(task, local, prepared), evaluate_prepared(task, ray_enc, prepared)
+        key = lambda r: (r["metric"], r["layer"], r["pooling"])  # noqa: E731
+        assert len(a) == len(b) > 0 and {r["metric"] for r in a} >= {REGISTRY[task].metric}
+        for ra, rb in zip(sorted(a, key=key), sorted(b, key=key)):
+            assert key(ra) == key(rb) and ra["score"] == pytest.approx(rb["score"], abs=1e-3), (task, key(ra))
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _fails(capsys, argv, *needles):
+    code = main(["eval", *argv, "--output", str(argv[-1]) + ".out", "-q"])
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("strata eval:")]
+    assert code != 0 and len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert not (Path(str(argv[-1]) + ".out") / "eval").exists()  # nothing written
+    return lines[0]
+
+
+def test_bad_task_data_is_one_line_naming_file_and_line(tmp_path, capsys):
+    one = tmp_path / "one"
+    _write(one / "train.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "x"}])
+    _write(one / "test.jsonl", [{"text": "c", "label": "x"}])
+    _fails(capsys, ["classification", str(one)], "train.jsonl", "one class")
+
+    absent = tmp_path / "absent"
+    _write(absent / "train.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}])
+    _write(absent / "test.jsonl", [{"text": "c", "label": "x"}, {"text": "d", "label": "z"}])
+    _fails(capsys, ["classification", str(absent)], "test.jsonl", "'z'", "absent from train.jsonl")
+
+    few = _write(tmp_path / "few.jsonl", [{"text": t, "label": t} for t in "abc"])
+    _fails(capsys, ["clustering", str(few)], "few.jsonl", "3 text(s) for 3 labels")
+
+    mixed = _write(tmp_path / "mixed.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": "two"}])
+    _fails(capsys, ["clustering", str(mixed)], "mixed.jsonl:2", "one kind of label")
+
+    bad_pair = _write(tmp_path / "bad_pair.jsonl", [{"sentence1": "a", "sentence2": "b", "label": 1},
+                                                    {"sentence1": "a", "sentence2": "c", "label": 2}])
+    _fails(capsys, ["pairs", str(bad_pair)], "bad_pair.jsonl:2", "must be 0 or 1")
+
+    pairs_file = _write(tmp_path / "p.jsonl", [{"sentence1": "a", "sentence2": "b", "label": 1}])
+    _fails(capsys, ["sts", str(pairs_file)], "p.jsonl", "holds pairs data", "not sts")
+
+    odd = _write(tmp_path / "odd.jsonl", [{"title": "a", "body": "b"}])
+    with pytest.raises(ValueError, match=r"odd.jsonl: cannot tell the task from its fields \(body, title\)"):
+        infer(odd)
+    check("clustering", one)  # a labelled folder can be clustered by its labels: no refusal
+
+
+def test_empty_texts_are_left_out_and_counted(tmp_path):
+    data = clustering.load(_write(tmp_path / "c.jsonl", [{"text": "a b", "label": 1}, {"text": " ", "label": 1},
+                                                         {"text": None, "label": 2}, {"text": "c", "label": 2},
+                                                         {"text": "d", "label": 1}]))
+    assert len(data) == 3 and data.left_out == "2 record(s) with an empty text left out"
+    p = pairs.load(_csv(tmp_path / "p.csv"))
+    assert len(p) == 2 and p.left_out == "1 pair(s) with an empty sentence left out"
+
+
+def _csv(path):
+    path.write_text('sentence1,sentence2,label\n"a, quoted",b,1\n"",c,0\nd,e,0\n')
+    return path
+
+
+def test_csv_fields_keep_their_quoted_commas(tmp_path):
+    p = pairs.load(_csv(tmp_path / "p.csv"))
+    assert p.sentence1 == ["a, quoted", "d"] and p.labels.tolist() == [1, 0]
+
+
+def test_task_options_belong_to_their_task(tmp_path, capsys):
+    f = _write(tmp_path / "p.jsonl", [{"sentence1": "a", "sentence2": "b", "label": 1}])
+    assert main(["eval", "pairs", str(f), "--output", str(tmp_path / "o"), "--protocol", "fast"]) != 0
+    assert "--protocol applies to clustering, not pairs" in capsys.readouterr().err
+    assert main(["eval", "pairs", str(f), "--output", str(tmp_path / "o"), "--mixes", "learned:0:1",
+                 "--mix-labels", str(f)]) != 0
+    assert "pairs has no learned mix" in capsys.readouterr().err
