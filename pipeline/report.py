@@ -336,9 +336,12 @@ def write_report(rows: Iterable[dict], out_dir: str | Path, n_layers: int | None
     results_path = write_results(out_dir / RESULTS, rows)
 
     bests = best_variants(rows, n_layers)
+    from .tasks import REGISTRY
+
+    present = [t for t in REGISTRY.values() if any(r["task"] == t.name for r in rows)] or list(REGISTRY.values())[:2]
+    mains = ", ".join(f"{t.name} = {t.metric_help} (`{t.metric}`)" for t in present)
     md = ["# Strata evaluation report", "",
-          "Scores x100. Main metrics: STS = Spearman of cosine similarity (`cosine_spearman`), retrieval = "
-          "nDCG@10 (`ndcg_at_10`, trec_eval). Best cells are in bold; the default is the last layer's last token. "
+          f"Scores x100. Main metrics: {mains}. Best cells are in bold; the default is the last layer's last token. "
           "\"Best\" is picked on these same scores, so it is the top of many on this data (optimistic); "
           "`strata probe` chooses on a labelled sample, with intervals, for scoring elsewhere.",
           ""]

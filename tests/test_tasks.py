@@ -2,6 +2,7 @@
 plainly written references; both engines; every bad input a one-line error naming the file and line."""
 
 import json
+import os
 import random
 from collections import defaultdict
 from pathlib import Path
@@ -264,6 +265,32 @@ def test_task_options_belong_to_their_task(tmp_path, capsys):
     f = _write(tmp_path / "p.jsonl", [{"sentence1": "a", "sentence2": "b", "label": 1}])
     assert main(["eval", "pairs", str(f), "--output", str(tmp_path / "o"), "--protocol", "fast"]) != 0
     assert "--protocol applies to clustering, not pairs" in capsys.readouterr().err
-    assert main(["eval", "pairs", str(f), "--output", str(tmp_path / "o"), "--mixes", "learned:0:1",
-                 "--mix-labels", str(f)]) != 0
-    assert "pairs has no learned mix" in capsys.readouterr().err
+    assert main(["eval", "pairs", str(f), "--output", str(tmp_path / "o"), "--split", "dev"]) != 0
+    assert "--split applies to retrieval and classification" in capsys.readouterr().err
+
+
+def test_a_job_evaluates_every_task_type(ray_local, model_dir, tmp_path, monkeypatch):
+    """``evaluations`` in a job spec: each task type with its protocol options; the dry run counts its texts;
+    a bad file fails before any embedding, naming the evaluation."""
+    from pipeline.jobs import JobSpecError, run_job
+
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path / "cls" / "train.jsonl", _texts(0, 40))
+    _write(tmp_path / "cls" / "test.jsonl", _texts(1, 20))
+    _write(tmp_path / "clu.jsonl", _texts(2, 30))
+    _write(tmp_path / "pairs.jsonl", [{"sentence1": a["text"], "sentence2": b["text"], "label": i % 2}
+                                      for i, (a, b) in enumerate(zip(_texts(3, 20), _texts(4, 20)))])
+    spec = (f"name: tasks\ninput: null\noutput: out\nmodel: {model_dir}\nvariants: {{layers: '1,-1', poolings: [mean]}}\n"
+            "evaluations:\n  - {task: classification, data: cls, samples_per_label: 3, experiments: 2}\n"
+            "  - {task: clustering, data: clu.jsonl, protocol: fast}\n  - {task: pairs, data: pairs.jsonl}\n")
+    Path("job.yaml").write_text(spec)
+    plan = run_job("job.yaml", dry_run=True, stream=open(os.devnull, "w"))
+    assert [e["task"] for e in plan["evaluations"]] == ["classification", "clustering", "pairs"]
+    run_job("job.yaml", progress=False, stream=open(os.devnull, "w"))
+    rows = json.loads(next(Path("out/tasks").glob("*/eval/results.json")).read_text())
+    assert {(r["task"], r.get("protocol")) for r in rows} == {
+        ("classification", "logreg, 3 per label x 2"), ("clustering", "fast"), ("pairs", None)}
+    assert {(r["layer"], r["pooling"]) for r in rows} == {(1, "mean"), (4, "mean")}
+    Path("pairs.jsonl").write_text('{"sentence1": "a", "sentence2": "b", "label": 3}\n')
+    with pytest.raises(JobSpecError, match=r"evaluations\[2\]\.data.*pairs.jsonl:1: label 3 must be 0 or 1"):
+        run_job("job.yaml", stream=open(os.devnull, "w"))

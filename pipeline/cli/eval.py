@@ -160,11 +160,6 @@ def check_task_options(args) -> None:
         raise ValueError(f"--index-engine applies to retrieval, not {args.task}")
     if args.rescore and args.task != "retrieval":
         raise ValueError(f"--rescore applies to retrieval, not {args.task}")
-    from ..tasks import get
-
-    if args.mixes and "learned" in args.mixes and not get(args.task).learned_mix:
-        raise ValueError(f"a learned mix is fitted on STS or retrieval training labels; {args.task} has no learned "
-                         "mix: use a uniform mix ('a:b')")
     if args.split != "test" and args.task not in ("retrieval", "classification"):
         raise ValueError(f"--split applies to retrieval and classification; {args.task} reads the split from the "
                          "file name")

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .spec import SECTIONS, TASKS, JobSpec, RetrievalEval, StsEval
+from .spec import SECTIONS, TASKS, JobSpec
 
 
 class JobSpecError(ValueError):
@@ -58,7 +58,7 @@ def _section_fields(loc: tuple, data: Any) -> list[str]:
         node = node[part]
         section = "evaluations" if part == "evaluations" else SECTIONS.get(part)
     if section == "evaluation":
-        return sorted(set(StsEval.model_fields) | set(RetrievalEval.model_fields))
+        return sorted({f for model in TASKS.values() for f in model.model_fields})
     return list(section.model_fields) if isinstance(section, type) else []
 
 
@@ -66,8 +66,9 @@ _MISSING_HINTS = {
     ("input",): ": input.location (a Parquet corpus to embed), input.embeddings (an existing output to index or "
                 "evaluate), or `input: null` for an evaluation-only job",
     ("name",): ": a name for the job; it names the folder {output}/{name}",
-    ("data",): ": the evaluation data (an STS pairs file, or a BEIR folder for retrieval)",
-    ("task",): ": 'sts' or 'retrieval'",
+    ("data",): ": the evaluation data (an STS pairs file, a BEIR folder for retrieval, a labelled folder or file "
+               "for classification, clustering, pairs or reranking)",
+    ("task",): ": " + ", ".join(repr(t) for t in TASKS),
 }
 
 
@@ -88,7 +89,7 @@ def _describe(err: dict, data: Any) -> str:
     if kind == "union_tag_invalid":
         return f"unknown task {ctx.get('tag')!r} (choose from {ctx.get('expected_tags')})"
     if kind == "union_tag_not_found":
-        return "missing 'task' (choose from 'sts', 'retrieval')"
+        return f"missing 'task' (choose from {', '.join(repr(t) for t in TASKS)})"
     expected = {"int_type": "an integer", "int_parsing": "an integer", "float_type": "a number",
                 "bool_type": "true or false", "string_type": "a string", "list_type": "a list",
                 "dict_type": "a mapping", "model_type": "a mapping", "greater_than": f"a number > {ctx.get('gt')}",

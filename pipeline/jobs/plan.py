@@ -221,6 +221,23 @@ def preflight(job: Job) -> None:
             raise JobSpecError(one_line(job.spec.source, f"evaluations[{i}].data",
                                         f"{ev.data}: not a BEIR folder with qrels/{ev.split}.tsv "
                                         f"(relative paths resolve against {os.getcwd()})"))
+        if ev.task not in ("sts", "retrieval"):  # read now: a bad file fails before any embedding
+            try:
+                task_data(ev)
+            except ValueError as e:
+                raise JobSpecError(one_line(job.spec.source, f"evaluations[{i}].data", str(e))) from None
+
+
+def task_data(ev):
+    """An evaluation of a task type scored through ``pipeline.tasks`` (classification, clustering, pairs,
+    reranking): its ``Prepared`` data, with the spec's protocol options."""
+    from ..tasks import get
+
+    impl = get(ev.task).impl
+    fields = ev.model_dump(exclude={"task", "data"}, exclude_none=True)
+    split = fields.pop("split", None)
+    data = impl.load(local_path(ev.data), **({"split": split} if split else {}))
+    return impl.Prepared(data, **fields)
 
 
 def index_targets(job: Job) -> list[Variant]:
@@ -325,6 +342,8 @@ def _eval_plan(job: Job) -> list[dict]:
         if ev.task == "sts":
             d = load_sts(local_path(ev.data))
             texts = d.sentence1 + d.sentence2
+        elif ev.task != "retrieval":
+            texts = task_data(ev).texts
         else:
             d = load_retrieval(local_path(ev.data), split=ev.split, max_queries=ev.max_queries, max_docs=ev.max_docs)
             texts = d.doc_texts + d.query_texts

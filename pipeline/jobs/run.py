@@ -18,7 +18,7 @@ from ..errors import hide_secrets, redact_text
 from ..storage import Output, redact, utc_now
 from .load import load_spec
 from .messages import short_list
-from .plan import (EVAL_CACHE, LATEST, VERSION_FILE, Job, index_status, plan_job, preflight, print_plan,
+from .plan import (EVAL_CACHE, LATEST, VERSION_FILE, Job, index_status, plan_job, preflight, print_plan, task_data,
                    resolve_job)
 from . import versions
 from .workspace import Workspace, join, local_path
@@ -51,7 +51,7 @@ def build_indexes(job: Job, url: str, variants: list, manifest: dict, say, previ
 
 def run_evaluations(job: Job, ws: Workspace, progress: bool, say) -> list[dict]:
     from ..evaldata import load_sts
-    from ..evaluate import RayEncoder, evaluate_retrieval, evaluate_sts, load_retrieval
+    from ..evaluate import RayEncoder, evaluate_prepared, evaluate_retrieval, evaluate_sts, load_retrieval
     from ..quantize import Quantized, is_quantized
     from ..report import merge_results
 
@@ -68,6 +68,8 @@ def run_evaluations(job: Job, ws: Workspace, progress: bool, say) -> list[dict]:
         if ev.task == "sts":
             got = evaluate_sts(encoder, load_sts(local_path(ev.data)), derivations, save_dir=ws.dir,
                                quantized=quantized)
+        elif ev.task != "retrieval":
+            got = evaluate_prepared(ev.task, encoder, task_data(ev), derivations, save_dir=ws.dir, quantized=quantized)
         else:
             names = {t.text: t.name for t in job.request.templates} | {t.name: t.name for t in job.request.templates}
             got = evaluate_retrieval(encoder, load_retrieval(local_path(ev.data), split=ev.split,

@@ -214,7 +214,32 @@ class RetrievalEval(_Section):
     doc_template: str | None = None
 
 
-Evaluation = Annotated[StsEval | RetrievalEval, Field(discriminator="task")]
+class ClassificationEval(_Section):
+    task: Literal["classification"]
+    data: LocalPath  # a folder with train and test files
+    split: str = "test"
+    samples_per_label: PositiveInt | None = None  # MTEB's default: 8
+    experiments: PositiveInt | None = None  # MTEB's default: 10
+
+
+class ClusteringEval(_Section):
+    task: Literal["clustering"]
+    data: LocalPath
+    protocol: Literal["original", "fast"] | None = None  # MTEB's default: original
+
+
+class PairsEval(_Section):
+    task: Literal["pairs"]
+    data: LocalPath
+
+
+class RerankingEval(_Section):
+    task: Literal["reranking"]
+    data: LocalPath
+
+
+Evaluation = Annotated[StsEval | RetrievalEval | ClassificationEval | ClusteringEval | PairsEval | RerankingEval,
+                       Field(discriminator="task")]
 
 
 class JobSpec(_Section):
@@ -256,4 +281,5 @@ class JobSpec(_Section):
 SECTIONS: dict[str, type[BaseModel]] = {"input": InputSpec, "model": ModelSpec, "variants": VariantsSpec,
                                          "embedding": EmbeddingSpec, "resources": ResourcesSpec, "indexes": IndexSpec,
                                          "retention": RetentionSpec}
-TASKS: dict[str, type[BaseModel]] = {"sts": StsEval, "retrieval": RetrievalEval}
+TASKS: dict[str, type[BaseModel]] = {"sts": StsEval, "retrieval": RetrievalEval, "classification": ClassificationEval,
+                                      "clustering": ClusteringEval, "pairs": PairsEval, "reranking": RerankingEval}

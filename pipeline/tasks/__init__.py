@@ -28,8 +28,9 @@ class TaskType:
     unit: str  # what one item is, for messages
     module: str  # pipeline.tasks.{module}: load, Prepared
     data_help: str
+    metric_help: str  # the main score in words, for reports
     own_evaluator: bool = False  # sts, retrieval: evaluate.evaluate_sts / evaluate_retrieval
-    learned_mix: bool = False  # a learned mix can be fitted for it (--mix-labels)
+    learned_mix: bool = False  # its labels can fit a learned mix (--mix-labels); any task scores such a mix
 
     @property
     def impl(self):
@@ -38,16 +39,20 @@ class TaskType:
 
 REGISTRY: dict[str, TaskType] = {t.name: t for t in (
     TaskType("sts", "cosine_spearman", "pairs", "sts", "sts-*.csv or a pairs file (jsonl/tsv/parquet)",
-             own_evaluator=True, learned_mix=True),
+             "Spearman of cosine similarity", own_evaluator=True, learned_mix=True),
     TaskType("retrieval", "ndcg_at_10", "queries", "retrieval", "a BEIR folder (corpus.jsonl, queries.jsonl, qrels/)",
-             own_evaluator=True, learned_mix=True),
+             "nDCG@10, trec_eval", own_evaluator=True, learned_mix=True),
     TaskType("classification", "accuracy", "texts", "classification",
-             "a folder with train and test files of {text, label} (jsonl/csv/parquet)"),
+             "a folder with train and test files of {text, label} (jsonl/csv/parquet)",
+             "test accuracy of a logistic regression on a few training texts per label"),
     TaskType("clustering", "v_measure", "texts", "clustering",
-             "a file (or a folder's test file) of {text, label[, set]} (jsonl/csv/parquet)"),
-    TaskType("pairs", "max_ap", "pairs", "pairs", "a file of {sentence1, sentence2, label 0/1} (jsonl/csv/parquet)"),
+             "a file (or a folder's test file) of {text, label[, set]} (jsonl/csv/parquet)",
+             "V-measure of k-means against the labels"),
+    TaskType("pairs", "max_ap", "pairs", "pairs", "a file of {sentence1, sentence2, label 0/1} (jsonl/csv/parquet)",
+             "average precision, the best of four similarities"),
     TaskType("reranking", "map", "queries", "reranking",
-             "a file of {query, positive: [...], negative: [...]} (jsonl/parquet)"),
+             "a file of {query, positive: [...], negative: [...]} (jsonl/parquet)",
+             "mean average precision of each query's candidates"),
 )}
 
 MAIN_METRIC = {t.name: t.metric for t in REGISTRY.values()}
