@@ -27,6 +27,15 @@ def resample_counts(n: int, resamples: int = RESAMPLES, seed: int = 0) -> np.nda
     return rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
 
 
+def group_counts(groups: np.ndarray, resamples: int = RESAMPLES, seed: int = 0) -> np.ndarray:
+    """(resamples, n) multiplicities of a cluster bootstrap: the groups (items sharing a text: STS pairs with
+    a sentence in common, queries with one text) are resampled, and each item takes its group's count, so
+    dependent items move together and the intervals are not too narrow. One item per group is the plain
+    bootstrap of ``resample_counts``."""
+    _, which = np.unique(np.asarray(groups), return_inverse=True)
+    return resample_counts(int(which.max()) + 1, resamples, seed)[:, which]
+
+
 def weighted_ranks(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Per resample (row of ``counts``), each item's average rank (1-based) in the resampled multiset."""
     values = np.asarray(values, dtype=np.float64)

@@ -294,3 +294,111 @@ def test_a_job_evaluates_every_task_type(ray_local, model_dir, tmp_path, monkeyp
     Path("pairs.jsonl").write_text('{"sentence1": "a", "sentence2": "b", "label": 3}\n')
     with pytest.raises(JobSpecError, match=r"evaluations\[2\]\.data.*pairs.jsonl:1: label 3 must be 0 or 1"):
         run_job("job.yaml", stream=open(os.devnull, "w"))
+
+
+# --------------------------------------------------------------------------- the probe on every task type
+
+
+def test_group_resampling_moves_dependent_items_together():
+    from pipeline import stats
+
+    groups = np.array([5, 5, 1, 9, 9, 9, 2])
+    counts = stats.group_counts(groups, 200, seed=0)
+    assert counts.shape == (200, 7)
+    assert (counts[:, 0] == counts[:, 1]).all() and (counts[:, 3] == counts[:, 4]).all() == (counts[:, 4] == counts[:, 5]).all()
+    # one item per group: the plain bootstrap
+    np.testing.assert_array_equal(stats.group_counts(np.arange(7), 50, seed=3), stats.resample_counts(7, 50, seed=3))
+
+
+def test_classification_items_are_scored_by_classifiers_that_never_saw_their_fold():
+    """Item i's output equals a plainly written logistic regression fitted on every item outside i's fold."""
+    from sklearn.linear_model import LogisticRegression
+
+    from pipeline.probe import fold_ids
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 20)
+    data = classification.LabelledTexts("t", [f"text {i}" for i in range(60)], y, [0, 1, 2])
+    items = classification.Items(data)
+    m = rng.normal(size=(60, 5)) + y[:, None]  # rows in text order (texts are unique)
+    fold = fold_ids(items.groups, 5)
+    items.use_folds(fold)
+    got = items.per_item(m, np.arange(60))
+    for k in range(5):
+        test, train = fold == k, fold != k
+        clf = LogisticRegression(random_state=42, max_iter=100).fit(m[train], y[train])
+        np.testing.assert_array_equal(got[test], 100.0 * (clf.predict(m[test]) == y[test]))
+
+
+def test_clustering_and_pair_bootstraps_equal_the_explicit_resample():
+    """The probe's resampled V-measure and AP equal scikit-learn's on the resampled multiset."""
+    from sklearn.metrics import average_precision_score, v_measure_score
+
+    from pipeline import stats
+
+    rng = np.random.default_rng(1)
+    n = 40
+    data = clustering.ClusteringData("c", [f"t{i}" for i in range(n)], rng.integers(0, 3, n), np.zeros(n, int))
+    items = clustering.Items(data)
+    assign = rng.integers(0, 3, n).astype(float)
+    counts = stats.resample_counts(n, 20, seed=2)
+    for row, got in zip(counts, items.bootstrap(counts)(assign)):
+        rep = np.repeat(np.arange(n), row.astype(int))
+        assert got == pytest.approx(100 * v_measure_score(data.labels[rep], assign[rep]), abs=1e-9)
+    p = pairs.PairsData("p", [f"a{i}" for i in range(n)], [f"b{i}" for i in range(n)], rng.integers(0, 2, n))
+    sims = np.round(rng.normal(size=n), 1)
+    for row, got in zip(counts, pairs.Items(p).bootstrap(counts)(sims)):
+        rep = np.repeat(np.arange(n), row.astype(int))
+        assert got == pytest.approx(100 * average_precision_score(p.labels[rep], sims[rep]), abs=1e-9)
+
+
+def test_retrieval_transforms_never_see_the_scored_folds_judged_documents():
+    from pipeline.evaldata import BeirData
+    from pipeline.tasks import retrieval
+
+    data = BeirData("b", [f"d{i}" for i in range(8)], [f"doc {i}" for i in range(8)], ["q0", "q1", "q2"],
+                    ["query 0", "query 1", "query 2"], {"q0": {"d0": 1}, "q1": {"d1": 1, "d2": 1}, "q2": {"d3": 1}})
+    items = retrieval.Items(data)
+    train = np.array([0, 2])  # q1 is scored: d1 and d2 are hidden from the fit
+    fitted = {items.texts[r] for r in items.fit_rows(train)}
+    assert fitted == {f"doc {i}" for i in (0, 3, 4, 5, 6, 7)}
+    assert {items.texts[r] for r in items.fit_rows(np.arange(3))} == {f"doc {i}" for i in range(8)}
+
+
+@pytest.mark.parametrize("task", ["classification", "clustering", "pairs"])
+def test_the_probe_runs_on_every_task_type_and_records_it(model_dir, tmp_path, task):
+    if task == "classification":
+        labels = tmp_path / "cls"
+        _write(labels / "train.jsonl", _texts(0, 80))
+        _write(labels / "test.jsonl", _texts(1, 20))
+    elif task == "clustering":
+        labels = _write(tmp_path / "clu.jsonl", [{**r, "set": i // 40} for i, r in enumerate(_texts(2, 80))])
+    else:
+        first, second = _texts(3, 80), _texts(4, 81)
+        labels = _write(tmp_path / "pairs.jsonl", [
+            {"sentence1": a["text"], "sentence2": b["text"], "label": int(a["label"] == b["label"])}
+            for a, b in zip(first, (second[i + (i % 3 == 0)] for i in range(80)))])
+    out = tmp_path / "probe"
+    assert main(["probe", "--model", model_dir, "--labels", str(labels), "--output", str(out), "--templates",
+                 "plain", "--poolings", "mean,last", "--resamples", "100", "-q"]) == 0
+    result = json.loads((out / "probe.json").read_text())
+    assert result["labels"]["task"] == task and result["labels"]["metric"] == {
+        "classification": "accuracy", "clustering": "v_measure", "pairs": "cosine_ap"}[task]
+    assert f"probed on the {task} task" in (out / "job.yaml").read_text()
+    ranked = result["ranked"]
+    assert not any(r["mix"] and r["mix"].startswith("learned") for r in ranked)  # no labels to fit a mix on
+    fitted = [r for r in ranked if r["transform"] != "none"]
+    assert fitted and all("selected_on" in r for r in fitted)
+    if task == "clustering":  # nothing sees a label: fitted on every text, not cross-fitted
+        assert all(r["fitted_on"].startswith("transform fitted on") for r in fitted)
+    else:
+        assert all("cross-fitted" in r["fitted_on"] for r in fitted)
+
+
+def test_the_probe_refuses_a_task_its_data_does_not_hold(tmp_path, capsys):
+    f = _write(tmp_path / "c.jsonl", _texts(0, 20))
+    assert main(["probe", "--labels", str(f), "--task", "sts", "--output", str(tmp_path / "o")]) != 0
+    assert "holds clustering data" in capsys.readouterr().err
+    rr = _write(tmp_path / "rr.jsonl", [{"query": "q", "positive": ["a"], "negative": ["b"]}])
+    assert main(["probe", "--labels", str(rr), "--output", str(tmp_path / "o")]) != 0
+    assert "the probe chooses for sts, retrieval, classification, clustering, pairs" in capsys.readouterr().err

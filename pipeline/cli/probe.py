@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..errors import redact_text
 from .options import say
 
@@ -15,8 +13,12 @@ def register(sub) -> None:
                                      "and a corpus job for it",
                        description=pr.__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="alias, HF directory or .gguf file (default: the bundled model)")
-    p.add_argument("--labels", required=True, help="STS pairs (csv/tsv/jsonl/parquet) or a BEIR folder")
-    p.add_argument("--split", default="test", help="BEIR qrels split to probe on (default: %(default)s)")
+    p.add_argument("--labels", required=True, help="STS pairs (csv/tsv/jsonl/parquet), a BEIR folder, a classification "
+                                                   "folder, a clustering or pairs file")
+    p.add_argument("--task", default=None, choices=["sts", "retrieval", "classification", "clustering", "pairs"],
+                   help="the task of --labels (default: told from its fields where that is unambiguous)")
+    p.add_argument("--split", default=None, help="retrieval: the qrels split (default: test); classification: the "
+                                                 "file of the folder probed on (default: train)")
     p.add_argument("--corpus", default=None, help="unlabelled sample of your corpus (Parquet with a 'text' column, "
                                                   "or one text per line): transforms are fitted and label-free "
                                                   "signals computed on it")
@@ -40,12 +42,36 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_probe)
 
 
-def cmd_probe(args) -> int:
+PROBE_TASKS = ("sts", "retrieval", "classification", "clustering", "pairs")
+
+
+def load_labels(path: str, task: str | None, split: str | None):
+    """The probe's labels: the task named, or told from the data (``tasks.infer``), checked against it."""
     from ..evaldata import load_beir, load_sts
+    from ..tasks import check, infer
+    from ..tasks import classification, clustering, pairs
+
+    if task is None:
+        task = infer(path)
+    else:
+        check(task, path)
+    if task not in PROBE_TASKS:
+        raise ValueError(f"{path}: {task} data; the probe chooses for {', '.join(PROBE_TASKS)} (evaluate {task} "
+                         f"with `strata eval {task}`)")
+    if split is not None and task not in ("retrieval", "classification"):
+        raise ValueError(f"--split applies to retrieval and classification, not {task}")
+    if task == "retrieval":
+        return load_beir(path, split=split or "test")
+    if task == "classification":
+        return classification.load_split(path, split or "train")
+    return {"sts": load_sts, "clustering": clustering.load, "pairs": pairs.load}[task](path)
+
+
+def cmd_probe(args) -> int:
     from ..probe import Budget, run_probe, summary_lines
     from ..transforms import parse_transforms
 
-    labels = load_beir(args.labels, split=args.split) if Path(args.labels).is_dir() else load_sts(args.labels)
+    labels = load_labels(args.labels, args.task, args.split)
     result = run_probe(args.model, labels, args.output, budget=Budget.parse(args.budget), corpus=args.corpus,
                        text_column=args.text_column,
                        templates=[t.strip() for t in args.templates.split(",")] if "{text}" not in args.templates

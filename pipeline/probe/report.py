@@ -11,10 +11,12 @@ from .scoring import Scored
 
 
 def summary_lines(result: dict) -> list[str]:
+    from ..tasks import REGISTRY
+
     c = result["chosen"]
     lab = result["labels"]
     lines = [f"probe of {result['model']['name']} on {lab['data']}/{lab['split']} ({lab['items']:,} labelled "
-             f"{'pairs' if lab['task'] == 'sts' else 'queries'}; {lab['metric']} x100, 95% bootstrap intervals)",
+             f"{REGISTRY[lab['task']].unit}; {lab['metric']} x100, 95% bootstrap intervals)",
              f"  chosen:  {c['variant']}  {c['score']:.2f} [{c['low']:.2f}, {c['high']:.2f}]  ({c['fitted_on']})"]
     if c["top"]["variant"] != c["variant"]:
         d = c["top_vs_chosen"]

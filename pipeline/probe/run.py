@@ -13,7 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import stats
-from ..evaldata import StsData
+from ..evaldata import BeirData
 from ..recipe import CONTRACT, Recipe, write_probe_json
 from ..standard import serving
 from ..storage import safe_name
@@ -71,7 +71,9 @@ def run_probe(model: str, labels, output: str | Path, *, budget: Budget | None =
     data = sample_labels(labels, items, max_docs, seed)
     check_labels(data, folds)
     task = make_task(data)
-    unit = "pairs" if task.kind == "sts" else "queries"
+    from ..tasks import get
+
+    unit = get(task.kind).unit
     say(f"probe {request.model.name} on {data.name}/{data.split}: {task.n:,} labelled {unit}, {len(task.texts):,} "
         f"texts, {len(request.templates)} template(s) x {n_layers + 1} layers x {len(poolings.split(','))} poolings")
     vectors = encode_with_progress(encoder, task.texts, "embedding the sample", progress=progress)
@@ -110,7 +112,7 @@ def run_probe(model: str, labels, output: str | Path, *, budget: Budget | None =
                      "transforms": list(transforms), "mixes": mixes, "folds": folds, "resamples": resamples,
                      "seed": seed, "level": stats.LEVEL},
         "labels": {"task": task.kind, "metric": task.metric, "data": data.name, "split": data.split,
-                   "items": task.n, "of": len(labels) if isinstance(labels, StsData) else len(labels.qrels),
+                   "items": task.n, "of": len(labels.qrels) if isinstance(labels, BeirData) else len(labels),
                    "texts": len(task.texts), "subset": getattr(data, "subset_note", None)},
         "corpus": corpus_note,
         "chosen": choice_dict(choice),
@@ -137,6 +139,8 @@ def job_yaml(result: dict, probe_path: Path, text_column: str) -> str:
     lines = [
         f"# Written by strata probe: the chosen variant {result['chosen']['variant']} of {result['model']['name']}",
         f"# (score {result['chosen']['score']:.2f} on the probe sample). Set input.location to the corpus, then",
+        f"# probed on the {result['labels']['task']} task: {result['labels']['data']}/{result['labels']['split']} "
+        f"({result['labels']['metric']}, {result['labels']['items']} labelled items)",
         "#   strata run job.yaml --dry-run && strata run job.yaml",
         f"name: {safe_name(Path(result['model']['name']).name).lower()}-probe-winner",
         "input:",

@@ -35,9 +35,14 @@ class Budget:
         raise ProbeError(f"budget {text!r}: give a number of labelled items (500) or a time (5m, 90s)")
 
 
-def check_labels(data: StsData | BeirData, folds: int) -> None:
+def check_labels(data, folds: int) -> None:
     """Refuse labels the probe cannot use, naming the problem and the minimum."""
-    if isinstance(data, StsData):
+    if not isinstance(data, (StsData, BeirData)):  # classification, clustering, pairs: loaded strictly already
+        n, unit = len(data), "pairs" if hasattr(data, "sentence1") else "texts"
+        labels = np.asarray(data.labels)
+        if len(np.unique(labels)) < 2:
+            raise ProbeError(f"{data.name}: every label is the same; the probe needs at least 2")
+    elif isinstance(data, StsData):
         empty = [i for i, (a, b) in enumerate(zip(data.sentence1, data.sentence2)) if not a.strip() or not b.strip()]
         if empty:
             raise ProbeError(f"{data.name}: {len(empty)} labelled pair(s) have an empty sentence (first: pair "
@@ -68,9 +73,14 @@ def check_labels(data: StsData | BeirData, folds: int) -> None:
                          f"bootstrap: at least {need} are needed ({MIN_PER_FOLD} per fold)")
 
 
-def sample_labels(data: StsData | BeirData, items: int, max_docs: int | None, seed: int = 0):
+def sample_labels(data, items: int, max_docs: int | None, seed: int = 0):
     """A seeded sample of ``items`` labelled items (all when fewer); retrieval keeps every judged
     document of the sampled queries, then distractors up to ``max_docs``."""
+    if not isinstance(data, (StsData, BeirData)):
+        if items >= len(data):
+            return data
+        keep = np.sort(np.random.default_rng(seed).choice(len(data), size=items, replace=False))
+        return _subset(data, keep)
     if isinstance(data, StsData):
         if items >= len(data):
             return data
@@ -87,9 +97,24 @@ def sample_labels(data: StsData | BeirData, items: int, max_docs: int | None, se
     return judged.subset(min(items, len(judged.query_ids)), max_docs, seed=seed, name=data.name)
 
 
+def _subset(data, keep: np.ndarray):
+    """Items ``keep`` of classification, clustering or pairs data (the same type, fields sliced)."""
+    import dataclasses
+
+    fields = {}
+    for f in dataclasses.fields(data):
+        value = getattr(data, f.name)
+        if isinstance(value, np.ndarray):
+            value = value[keep]
+        elif isinstance(value, list) and len(value) == len(data) and f.name != "classes":
+            value = [value[i] for i in keep]
+        fields[f.name] = value
+    return type(data)(**fields)
+
+
 def sample_size(budget: Budget, data, encoder, say, max_docs: int | None = DEFAULT_DOCS) -> int:
     """Items that fit the budget: measured tokens/s on a warm-up, exact token counts per item."""
-    n_all = len(data) if isinstance(data, StsData) else len(data.qrels)
+    n_all = len(data.qrels) if isinstance(data, BeirData) else len(data)
     if budget.seconds is None:
         return min(budget.items, n_all)
     task = make_task(data)

@@ -33,6 +33,7 @@ class Scored:
     high: float
     samples: np.ndarray
     fitted_on: str = ""
+    selected_on: str = ""  # a choice made before scoring that saw every item, the scored ones included
 
     @property
     def depth(self) -> int:
@@ -44,7 +45,8 @@ class Scored:
 
         return {"variant": self.variant.name, **self.variant.row_fields, "score": num(self.score),
                 "low": num(self.low), "high": num(self.high), "depth": self.depth,
-                "fitted_on": self.fitted_on or "nothing fitted"}
+                "fitted_on": self.fitted_on or "nothing fitted",
+                **({"selected_on": self.selected_on} if self.selected_on else {})}
 
 
 def ranked(scored: list[Scored]) -> list[Scored]:
@@ -61,9 +63,11 @@ def score_variants(task, vectors: dict[Variant, np.ndarray], *, n_layers: int, m
     ``vectors``: raw vectors of ``task.texts``. ``fit_vectors``: raw vectors of unlabelled texts
     to fit transforms on instead of the training folds' texts (``--corpus``).
     """
-    counts = stats.resample_counts(task.n, resamples, seed)
+    counts = stats.group_counts(task.groups, resamples, seed)  # dependent items resampled together
     boot = task.bootstrap(counts)
     fold = fold_ids(task.groups, folds, seed)
+    if hasattr(task, "use_folds"):  # a classifier per fold, fitted on the other folds (classification)
+        task.use_folds(fold)
     sizes = np.bincount(fold, minlength=folds)
     if (task.n - sizes.max()) < MIN_PER_FOLD or (sizes == 0).any():
         largest = int(np.bincount(np.unique(task.groups, return_inverse=True)[1]).max())
@@ -73,10 +77,10 @@ def score_variants(task, vectors: dict[Variant, np.ndarray], *, n_layers: int, m
     all_items = np.arange(task.n)
     out: list[Scored] = []
 
-    def add(v: Variant, per_item: np.ndarray, fitted_on: str = "") -> Scored:
+    def add(v: Variant, per_item: np.ndarray, fitted_on: str = "", selected_on: str = "") -> Scored:
         samples = boot(per_item)
         lo, hi = stats.interval(samples)
-        s = Scored(v, task.score(per_item), lo, hi, samples, fitted_on)
+        s = Scored(v, task.score(per_item), lo, hi, samples, fitted_on, selected_on)
         out.append(s)
         return s
 
@@ -88,6 +92,8 @@ def score_variants(task, vectors: dict[Variant, np.ndarray], *, n_layers: int, m
     for v in raw:
         by_template.setdefault(v.template, []).append(v)
     mix_specs = parse_mixes(mixes, n_layers) if mixes else ()
+    if not task.learned_mix:  # no labels a mix could be fitted on (classification, clustering, pairs)
+        mix_specs = tuple(m for m in mix_specs if m[0] != "learned")
     top_raw = ranked(out)[0].variant
     enc = SampleVectors(task.texts, vectors)
     learned_weights: dict[tuple[Variant, int], np.ndarray] = {}
@@ -111,7 +117,9 @@ def score_variants(task, vectors: dict[Variant, np.ndarray], *, n_layers: int, m
             add(b, task.per_item(base_matrix(b, None), all_items))
         else:
             add(b, crossfit(task.n, fold, lambda tr, te: task.per_item(base_matrix(b, tr), te), log),
-                f"mix weights cross-fitted: {folds} folds, each fitted on the other folds' labels")
+                f"mix weights cross-fitted: {folds} folds, each fitted on the other folds' labels",
+                f"template and pooling those of the best raw cell ({top_raw.name}) on every item, the scored "
+                "fold included")
     if mixed:
         say(f"  scored {len(mixed)} layer mixes")
     todo = [t for t in transforms if t != "none"]
@@ -128,9 +136,21 @@ def score_variants(task, vectors: dict[Variant, np.ndarray], *, n_layers: int, m
             fittable.append(name)
         except SpecError as e:
             say(f"  skipped {name}: {e}")
+    shortlisted = (f"its base among the {shortlist} best raw cells and mixes on every item, the scored fold "
+                   "included")
     for b in bases:
         for name in fittable:
             v = Variant(b.layer, b.pooling, b.template, b.mix, name)
+            if task.unsupervised:  # nothing sees a label: fitted on every text (or --corpus), scored on every item
+                x = base_matrix(b, None)
+                src = x[task.fit_rows(all_items)] if fit_vectors is None else \
+                    apply_mix([fit_vectors[s] for s in b.sources], np.full(len(b.sources), 1.0 / len(b.sources))) \
+                    if b.mix is not None else fit_vectors[b]
+                t = fit_transform(name, [src])
+                add(v, task.per_item(t.apply(x), all_items),
+                    f"transform fitted on {task.fit_label if fit_vectors is None else fit_source + ' (no labels)'}",
+                    shortlisted)
+                continue
             if fit_vectors is not None:
                 sample = fit_vectors[b] if b.mix is None else None
                 if sample is None:  # a mix of the corpus sample's layers, with this fold's weights
@@ -154,6 +174,6 @@ def score_variants(task, vectors: dict[Variant, np.ndarray], *, n_layers: int, m
                 where = f"transform cross-fitted on {task.fit_label}"
             if b.mix and b.mix.startswith("learned"):
                 where += "; mix weights cross-fitted on the other folds' labels"
-            add(v, crossfit(task.n, fold, score_fold, log), where)
+            add(v, crossfit(task.n, fold, score_fold, log), where, shortlisted)
     say(f"  scored transforms {', '.join(fittable)} of the {len(bases)} best bases")
     return out

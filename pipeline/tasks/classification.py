@@ -161,3 +161,101 @@ class Prepared:
         d = self.data
         return (f"{len(d.test_texts):,} {d.split} texts, {len(d.classes)} labels, classifier on "
                 f"{self.settings['samples_per_label']} per label x {self.settings['experiments']} experiments")
+
+
+# --------------------------------------------------------------------------- the probe's labelled items
+
+
+@dataclass
+class LabelledTexts:
+    """One split's ``{"text", "label"}`` records: the probe's labelled sample."""
+
+    name: str
+    texts: list[str]
+    labels: np.ndarray  # int codes into ``classes``
+    classes: list = field(default_factory=list)
+    split: str = "train"
+    left_out: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, keep: np.ndarray) -> "LabelledTexts":
+        return LabelledTexts(self.name, [self.texts[i] for i in keep], self.labels[keep], self.classes, self.split,
+                             self.left_out)
+
+
+def load_split(path: str | Path, split: str = "train", *, name: str | None = None) -> LabelledTexts:
+    """The ``split`` file of a classification folder, for the probe (which cross-fits on it)."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise EvalDataError(f"{directory}: classification reads a folder with train and test files, not a file")
+    file = find_file(directory, split)
+    texts, labels, lost = _split(file)
+    classes = sorted(set(labels))
+    if len(classes) < 2:
+        raise EvalDataError(f"{file}: one class ({classes[0] if classes else 'none'}): classification needs at "
+                            "least 2 labels")
+    code = {c: i for i, c in enumerate(classes)}
+    return LabelledTexts(name or directory.name, texts, np.array([code[v] for v in labels]), classes, split,
+                         f"{lost} record(s) with an empty text left out" if lost else None)
+
+
+class Items:
+    """Labelled texts as the probe's items: each item's output is whether a logistic regression (MTEB's
+    settings) fitted on the OTHER folds' vectors and labels predicts its label. ``folds`` must be set
+    (``use_folds``) before ``per_item``: the classifier of fold k sees every item outside fold k, and
+    nothing of fold k, so every score is held out (the probe's cross-fitting)."""
+
+    kind, metric = "classification", "accuracy"
+    learned_mix, unsupervised = False, False
+
+    def __init__(self, data: LabelledTexts):
+        from ..evaluate import unique_texts
+
+        self.data = data
+        self.texts, (self.rows,) = unique_texts(data.texts)
+        self.y = np.asarray(data.labels)
+        self.n = len(data)
+        self.groups = self.rows  # one text, one group
+        self.fold: np.ndarray | None = None
+
+    def use_folds(self, fold: np.ndarray) -> None:
+        self.fold = np.asarray(fold)
+
+    def per_item(self, m: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.linear_model import LogisticRegression
+
+        if self.fold is None:
+            raise RuntimeError("classification items need their folds (use_folds) before scoring")
+        idx = np.asarray(idx)
+        out = np.empty(len(idx))
+        for k in np.unique(self.fold[idx]):
+            here = self.fold[idx] == k
+            train = np.flatnonzero(self.fold != k)
+            if len(np.unique(self.y[train])) < 2:
+                out[here] = (self.y[idx[here]] == self.y[train][0]).astype(float)
+                continue
+            clf = LogisticRegression(random_state=SEED, max_iter=MAX_ITER)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                clf.fit(m[self.rows[train]], self.y[train])
+            out[here] = (clf.predict(m[self.rows[idx[here]]]) == self.y[idx[here]]).astype(float)
+        return 100.0 * out
+
+    def score(self, per_item: np.ndarray, idx: np.ndarray | None = None) -> float:
+        return float(np.mean(per_item if idx is None else per_item[idx]))
+
+    def bootstrap(self, counts: np.ndarray):
+        from .. import stats
+
+        return lambda per_item: stats.mean_bootstrap(per_item, counts)
+
+    def fit_rows(self, idx: np.ndarray) -> np.ndarray:
+        """A transform of fold k sees the other folds' texts (no labels), as the classifier does."""
+        return np.unique(self.rows[idx])
+
+    @property
+    def fit_label(self) -> str:
+        return f"{self.data.name}/{self.data.split} texts of the training folds (no labels)"

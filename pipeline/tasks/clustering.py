@@ -150,3 +150,82 @@ class Prepared:
         return (f"{len(d):,} texts, {len(np.unique(d.labels))} labels"
                 + (f" in {n_sets} sets" if n_sets > 1 and self.protocol == "original" else "")
                 + f", protocol {self.protocol}")
+
+
+# --------------------------------------------------------------------------- the probe's labelled items
+
+
+def weighted_v_measure(labels: np.ndarray, clusters: np.ndarray, weights: np.ndarray) -> float:
+    """V-measure (x100) of ``clusters`` against ``labels`` with item multiplicities ``weights``: scikit-learn's
+    ``v_measure_score`` of the multiset (entropies of the weighted contingency table)."""
+    _, c = np.unique(labels, return_inverse=True)
+    _, k = np.unique(clusters, return_inverse=True)
+    n_c, n_k = c.max() + 1, k.max() + 1
+    table = np.bincount(c * n_k + k, weights=weights, minlength=n_c * n_k).reshape(n_c, n_k)
+    n = table.sum()
+    if n <= 0:
+        return float("nan")
+
+    def entropy(x):
+        p = x[x > 0] / x.sum()
+        return float(-(p * np.log(p)).sum())
+
+    h_c, h_k = entropy(table.sum(1)), entropy(table.sum(0))
+    nz = table > 0
+    joint = table[nz] / n
+    h_c_given_k = float(-(joint * np.log(table[nz] / np.broadcast_to(table.sum(0), table.shape)[nz])).sum())
+    h_k_given_c = float(-(joint * np.log(table[nz] / np.broadcast_to(table.sum(1)[:, None], table.shape)[nz])).sum())
+    homogeneity = 1.0 if h_c == 0 else 1.0 - h_c_given_k / h_c
+    completeness = 1.0 if h_k == 0 else 1.0 - h_k_given_c / h_k
+    if homogeneity + completeness == 0:
+        return 0.0
+    return 100.0 * 2 * homogeneity * completeness / (homogeneity + completeness)
+
+
+class Items:
+    """Labelled texts as the probe's clustering items: an item's output is its k-means cluster (the
+    original protocol, per set, on the items scored), the score the mean V-measure over sets. Nothing is
+    fitted on labels, so nothing is cross-fitted: transforms are fitted on every text (no labels) and scored
+    on every item, and no learned mix is offered."""
+
+    kind, metric = "clustering", "v_measure"
+    learned_mix, unsupervised = False, True
+
+    def __init__(self, data: ClusteringData):
+        from ..evaluate import unique_texts
+
+        self.data = data
+        self.texts, (self.rows,) = unique_texts(data.texts)
+        self.y, self.sets = np.asarray(data.labels), np.asarray(data.sets)
+        self.n = len(data)
+        self.groups = self.rows
+
+    def per_item(self, m: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx)
+        out = np.zeros(len(idx))
+        for s in np.unique(self.sets[idx]):
+            here = self.sets[idx] == s
+            k = len(np.unique(self.y[idx[here]]))
+            if 2 <= k < here.sum():
+                out[here] = kmeans_labels(m[self.rows[idx[here]]], k, BATCH_SIZE, np.random.RandomState(SEED))
+        return out
+
+    def _mean_over_sets(self, per_item: np.ndarray, idx: np.ndarray, weights: np.ndarray) -> float:
+        v = [weighted_v_measure(self.y[idx][here], per_item[idx][here], weights[here])
+             for s in np.unique(self.sets[idx]) for here in [self.sets[idx] == s] if weights[here].sum() > 0]
+        return float(np.mean(v)) if v else float("nan")
+
+    def score(self, per_item: np.ndarray, idx: np.ndarray | None = None) -> float:
+        idx = np.arange(self.n) if idx is None else np.asarray(idx)
+        return self._mean_over_sets(per_item, idx, np.ones(len(idx)))
+
+    def bootstrap(self, counts: np.ndarray):
+        every = np.arange(self.n)
+        return lambda per_item: np.array([self._mean_over_sets(per_item, every, w) for w in counts])
+
+    def fit_rows(self, idx: np.ndarray) -> np.ndarray:
+        return np.arange(len(self.texts))  # every text: nothing fitted sees a label
+
+    @property
+    def fit_label(self) -> str:
+        return f"{self.data.name}/{self.data.split} texts (no labels)"

@@ -145,3 +145,64 @@ class Prepared:
 
     def describe(self) -> str:
         return f"{len(self.data):,} pairs ({int(self.data.labels.sum()):,} positive)"
+
+
+# --------------------------------------------------------------------------- the probe's labelled items
+
+
+def weighted_ap(scores: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Average precision (x100) of ``scores`` against 0/1 ``labels`` per row of item multiplicities
+    ``counts`` (a bootstrap's resamples): scikit-learn's step-wise AP, ties as one threshold."""
+    order = np.argsort(-scores, kind="stable")
+    s, y, w = scores[order], labels[order].astype(np.float64), counts[:, order]
+    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]  # the end of each run of tied scores
+    tp = np.cumsum(w * y, axis=1)[:, last]
+    seen = np.cumsum(w, axis=1)[:, last]
+    positives = tp[:, -1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(seen > 0, tp / seen, 0.0)
+        recall = tp / positives
+    gain = np.diff(np.c_[np.zeros(len(w)), recall], axis=1)
+    return 100.0 * (gain * precision).sum(axis=1)
+
+
+class Items:
+    """Labelled pairs as the probe's items, like STS: an item's output is its cosine, the score is
+    ``cosine_ap`` (the average precision of the labels against it; ``strata eval pairs`` also reports the
+    other similarities and their best, ``max_ap``). Pairs sharing a sentence are one group."""
+
+    kind, metric = "pairs", "cosine_ap"
+    learned_mix, unsupervised = False, False
+
+    def __init__(self, data: PairsData):
+        from ..evaluate import unique_texts
+        from .sts import _components
+
+        self.data = data
+        self.texts, (self.rows1, self.rows2) = unique_texts(data.sentence1, data.sentence2)
+        self.y = np.asarray(data.labels)
+        self.n = len(data)
+        self.groups = _components(self.rows1, self.rows2, len(self.texts))
+
+    def per_item(self, m: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        from ..norms import l2_normalize
+
+        a, b = l2_normalize(m[self.rows1[idx]]), l2_normalize(m[self.rows2[idx]])
+        return np.einsum("ij,ij->i", a.astype(np.float64), b.astype(np.float64))
+
+    def score(self, per_item: np.ndarray, idx: np.ndarray | None = None) -> float:
+        idx = np.arange(self.n) if idx is None else idx
+        y = self.y[idx]
+        if len(np.unique(y)) < 2:
+            return float("nan")
+        return float(weighted_ap(per_item[idx], y, np.ones((1, len(idx))))[0])
+
+    def bootstrap(self, counts: np.ndarray):
+        return lambda per_item: weighted_ap(per_item, self.y, counts)
+
+    def fit_rows(self, idx: np.ndarray) -> np.ndarray:
+        return np.unique(np.r_[self.rows1[idx], self.rows2[idx]])
+
+    @property
+    def fit_label(self) -> str:
+        return f"{self.data.name}/{self.data.split} sentences of the training folds (no labels)"
