@@ -163,7 +163,7 @@ def run_model(model: str, cases: list[dict], out: Path, max_length: int, say) ->
         say(f"  {c['label']}: default {default} {scored[default]:.2f}, best {best} {scored[best]:.2f}; chosen on "
             f"{c['select_on']}: {chosen}, on {c['score_on']} {held[chosen]:.2f} (default {held[default]:.2f}); "
             f"scoring {score_s:.1f}s vs embedding ~{per_text * len(c['scored'].texts):.1f}s")
-    folder = out / "tasks" / model
+    folder = out / "tasks" / Path(model).name
     write_report(all_rows, folder, n_layers=n)
     return {"model": model, "n_layers": n, "max_length": max_length, "texts": len(texts),
             "embed_s": round(embed_s, 1), "results": results}

@@ -22,7 +22,7 @@ from pipeline.demo import DEMO_DATA
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = ROOT / "studies"
 NAMES = ["activations", "checksums", "families", "float16", "index_memory", "index_recall", "index_update",
-         "nightly", "probe_curve", "quantize", "scale_check"]
+         "nightly", "probe_curve", "quantize", "scale_check", "tasks_grid"]
 
 
 def load_study(name: str):
@@ -294,3 +294,38 @@ def test_nightly(model_dir, tmp_path):
     assert all(c["reader_after"]["whole"] and c["mb_read"] >= 0 for c in r["cases"])
     assert [k["latest_unchanged"] for k in cases["1% edited, killed"]["kills"]] == [True] * 3
     assert len(table_rows((out / "nightly.md").read_text(), "| case |")) == 7
+
+
+def test_tasks_grid(model_dir, tmp_path):
+    """Tiny stand-ins for Banking77, MasakhaNEWS and MRPC in their layouts; every task's row and timing."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    words = {"a": "cat dog bird fish".split(), "b": "river stone cloud tree".split(), "c": "red blue green gold".split()}
+
+    def texts(n, seed):
+        r = np.random.default_rng(seed)
+        return [{"text": " ".join(r.choice(words[k], 4)) + f" {i}", "label": k} for i, k in
+                zip(range(n), [list(words)[i % 3] for i in range(n)])]
+
+    def write(path, records):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    data = tmp_path / "data"
+    write(data / "banking77" / "train.jsonl", texts(90, 1))
+    write(data / "banking77" / "test.jsonl", texts(30, 2))
+    write(data / "masakhanews-clustering" / "test.jsonl", [{**r, "set": i // 20} for i, r in enumerate(texts(100, 3))])
+    write(data / "mrpc" / "train.jsonl", [{"sentence1": a["text"], "sentence2": b["text"], "label": int(rng.random() < .6)}
+                                          for a, b in zip(texts(60, 4), texts(60, 5))])
+    out = tmp_path / "out"
+    assert load_study("tasks_grid").main(["--model", model_dir, "--data", str(data), "--out", str(out)]) == 0
+    report = json.loads((out / "tasks_grid.json").read_text())
+    (m,) = report["models"]
+    assert [(r["task"], r["data"]) for r in m["results"]] == [
+        ("classification", "Banking77"), ("clustering", "MasakhaNEWS"), ("clustering", "Banking77 by intent"),
+        ("pairs", "MRPC")]
+    for r in m["results"]:
+        assert r["default"] == "L4.last" and r["score_s"] >= 0 and r["embed_s"] >= 0
+    assert (out / "tasks" / Path(model_dir).name / "report.md").is_file()
+    assert "| classification | Banking77 | accuracy |" in (out / "tasks_grid.md").read_text()
