@@ -471,3 +471,58 @@ def test_encoding_with_progress_gives_the_whole_pass_and_no_bar_off_a_terminal(c
     want = np.array([[i, len(t)] for i, t in enumerate(texts)], dtype=np.float32)
     np.testing.assert_array_equal(got[Variant(1, "mean")], want)
     assert capsys.readouterr().err == ""
+
+
+def test_retrieval_crossfitting_hides_each_scored_fold_from_its_pieces(monkeypatch):
+    """Retrieval: a learned mix of fold k sees only the other folds' queries and qrels, and a transform of
+    fold k never sees a document judged for fold k's queries."""
+    n_q, n_d = 60, 150
+    qrels = {f"q{i}": {f"d{i}": 1, f"d{(i * 7) % n_d}": 1} for i in range(n_q)}
+    data = BeirData("syn-beir", [f"d{i}" for i in range(n_d)], [f"document {i}" for i in range(n_d)],
+                    [f"q{i}" for i in range(n_q)], [f"query {i}" for i in range(n_q)], qrels, split="train")
+    task = probe.make_task(data)
+    vectors = _vectors(task)
+    seen_queries, fitted_rows = [], []
+    real_learn, real_fit_rows = scoring.learn_mix, task.fit_rows
+
+    def spy_learn(encoder, variant, labels):
+        seen_queries.append(set(labels.query_ids))
+        return real_learn(encoder, variant, labels)
+
+    def spy_fit_rows(items):
+        rows = real_fit_rows(items)
+        fitted_rows.append((np.asarray(items), rows))
+        return rows
+
+    monkeypatch.setattr(scoring, "learn_mix", spy_learn)
+    task.fit_rows = spy_fit_rows
+    log: list[probe.Fit] = []
+    probe.score_variants(task, vectors, n_layers=3, mixes="all,learned:all", transforms=("center",), folds=5,
+                         resamples=50, log=log, say=lambda *a, **k: None)
+    folds = {frozenset(f.scored) for f in log}
+    for queries in seen_queries:  # the queries a mix was fitted on: every query outside one scored fold
+        held = frozenset(i for i, q in enumerate(task.query_ids) if q not in queries)
+        assert held in folds
+    assert fitted_rows
+    doc_row = dict(zip(data.doc_ids, task.doc_rows))
+    for train, rows in fitted_rows:
+        scored = np.setdiff1d(np.arange(task.n), train)
+        judged = {doc_row[d] for i in scored for d in qrels[task.query_ids[i]]}
+        assert not set(rows.tolist()) & judged
+
+
+def test_a_corpus_sample_transforms_learned_mixes_with_each_folds_weights():
+    """``--corpus`` with a learned mix among the bases: the transform is fitted on the corpus sample mixed by
+    the weights of the fold being scored, never on the labelled texts."""
+    data = _sts()
+    task = probe.make_task(data)
+    vectors = _vectors(task)
+    rng = np.random.default_rng(9)
+    corpus = {v: rng.normal(size=(30, 8)) for v in vectors}
+    scored = probe.score_variants(task, vectors, n_layers=3, mixes="learned:all", transforms=("center",), folds=5,
+                                  resamples=50, shortlist=100, fit_vectors=corpus, fit_source="30 corpus texts",
+                                  say=lambda *a, **k: None)
+    both = [s for s in scored if s.variant.transform == "center" and (s.variant.mix or "").startswith("learned")]
+    assert both and all(np.isfinite(s.score) for s in both)
+    assert all("transform fitted on 30 corpus texts" in s.fitted_on and "mix weights cross-fitted" in s.fitted_on
+               for s in both)

@@ -16,6 +16,7 @@ from pipeline.cli import main
 from pipeline.evaluate import RayEncoder, evaluate_prepared
 from pipeline.tasks import REGISTRY, check, infer
 from pipeline.tasks import classification, clustering, pairs, reranking
+from pipeline.variants import Variant
 
 MINILM = ["--model", "all-minilm-l6-v2", "--normalize", "-q"]
 
@@ -393,6 +394,13 @@ def test_the_probe_runs_on_every_task_type_and_records_it(model_dir, tmp_path, t
         assert all(r["fitted_on"].startswith("transform fitted on") for r in fitted)
     else:
         assert all("cross-fitted" in r["fitted_on"] for r in fitted)
+    # the recipe scored elsewhere (classification: the test file, the probe having seen train)
+    check_out = tmp_path / "check"
+    assert main(["eval", task, str(labels), "--recipe", str(out / "probe.json"), "--output", str(check_out),
+                 "-q"]) == 0
+    rows = _rows(check_out)
+    assert {Variant.from_row(r).name for r in rows} == {result["chosen"]["variant"]}
+    assert ("selected_on" in rows[0]) == (task != "classification")  # the probe chose on this very data
 
 
 def test_the_probe_refuses_a_task_its_data_does_not_hold(tmp_path, capsys):
@@ -402,3 +410,21 @@ def test_the_probe_refuses_a_task_its_data_does_not_hold(tmp_path, capsys):
     rr = _write(tmp_path / "rr.jsonl", [{"query": "q", "positive": ["a"], "negative": ["b"]}])
     assert main(["probe", "--labels", str(rr), "--output", str(tmp_path / "o")]) != 0
     assert "the probe chooses for sts, retrieval, classification, clustering, pairs" in capsys.readouterr().err
+
+
+def test_templates_mixes_transforms_and_int8_apply_to_every_task_type(model_dir, tmp_path):
+    """The derived variants and quantised scoring of STS, on classification: one row group each, what the
+    transform saw recorded; the int8 scores in a group of their own."""
+    _write(tmp_path / "cls" / "train.jsonl", _texts(0, 60))
+    _write(tmp_path / "cls" / "test.jsonl", _texts(1, 30))
+    out = tmp_path / "out"
+    common = ["eval", "classification", str(tmp_path / "cls"), "--output", str(out), "--model", model_dir,
+              "--layers", "2:4", "--poolings", "mean", "--samples-per-label", "5", "--experiments", "2", "-q"]
+    assert main([*common, "--templates", "plain,prompteol", "--mixes", "2:4", "--transforms", "center"]) == 0
+    rows = [r for r in _rows(out) if r["metric"] == "accuracy"]
+    names = {Variant.from_row(r).name for r in rows}
+    assert {"L2.mean", "prompteol/L4.mean", "M2-4.mean", "L4.mean|center", "prompteol/M2-4.mean|center"} <= names
+    assert all("sampled for the classifier" in r["fitted_on"] for r in rows if r["transform"] == "center")
+    assert main([*common, "--dtype", "int8"]) == 0
+    int8 = [r for r in _rows(out) if r.get("quantization") == "int8" and r["metric"] == "accuracy"]
+    assert {Variant.from_row(r).name for r in int8} == {"L2.mean", "L3.mean", "L4.mean"}

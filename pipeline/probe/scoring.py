@@ -63,8 +63,6 @@ def score_variants(task, vectors: dict[Variant, np.ndarray], *, n_layers: int, m
     ``vectors``: raw vectors of ``task.texts``. ``fit_vectors``: raw vectors of unlabelled texts
     to fit transforms on instead of the training folds' texts (``--corpus``).
     """
-    counts = stats.group_counts(task.groups, resamples, seed)  # dependent items resampled together
-    boot = task.bootstrap(counts)
     fold = fold_ids(task.groups, folds, seed)
     if hasattr(task, "use_folds"):  # a classifier per fold, fitted on the other folds (classification)
         task.use_folds(fold)
@@ -74,6 +72,8 @@ def score_variants(task, vectors: dict[Variant, np.ndarray], *, n_layers: int, m
         raise ProbeError(f"{folds} folds of {task.n} labelled items leave a fold empty or too little to fit on "
                          f"(fold sizes {sizes.tolist()}); items sharing a text stay together and the largest such "
                          f"group has {largest}: use fewer folds or labels whose pairs share fewer sentences")
+    counts = stats.group_counts(task.groups, resamples, seed)  # dependent items resampled together
+    boot = task.bootstrap(counts)
     all_items = np.arange(task.n)
     out: list[Scored] = []
 
