@@ -157,13 +157,14 @@ def test_probe_curve(model_dir, tiny_data, tmp_path):
     out = tmp_path / "out"
     assert load_study("probe_curve").main(["--model", model_dir, "--labels", str(tiny_data / "probe-sts.csv"),
                                             "--templates", "plain", "--max-length", "32", "--draws", "3",
-                                            "--out", str(out)]) == 0
+                                            "--held-out-min", "50", "--out", str(out)]) == 0
     (curve,) = out.glob("curve-*.json")
     result = json.loads(curve.read_text())
     assert result["items"] == 150 and result["variants"] == 5 * 5 + 2 * 5  # 5 layers x 5 poolings, 2 uniform mixes
-    assert [(r["items"], r["draws"]) for r in result["curve"]] == [(100, 3), (150, 1)]
+    # every size that leaves 100 items out, each scored on what it left out
+    assert [(r["items"], r["held_out"], r["draws"]) for r in result["curve"]] == [(100, 50, 3)]
     assert all(0 <= r["same_winner"] <= 1 and r["regret_median"] >= 0 for r in result["curve"])
-    assert len(table_rows(curve.with_suffix(".md").read_text(), "| items |")) == 2
+    assert len(table_rows(curve.with_suffix(".md").read_text(), "| items |")) == 1
 
 
 def test_float16(model_dir, tiny_data, tmp_path):
