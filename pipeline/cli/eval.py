@@ -160,7 +160,9 @@ def check_task_options(args) -> None:
         raise ValueError(f"--index-engine applies to retrieval, not {args.task}")
     if args.rescore and args.task != "retrieval":
         raise ValueError(f"--rescore applies to retrieval, not {args.task}")
-    if args.split != "test" and args.task not in ("retrieval", "classification"):
+    from ..tasks import get
+
+    if args.split != "test" and not get(args.task).split_option:
         raise ValueError(f"--split applies to retrieval and classification; {args.task} reads the split from the "
                          "file name")
 

@@ -15,7 +15,9 @@ def register(sub) -> None:
     p.add_argument("--model", default=None, help="alias, HF directory or .gguf file (default: the bundled model)")
     p.add_argument("--labels", required=True, help="STS pairs (csv/tsv/jsonl/parquet), a BEIR folder, a classification "
                                                    "folder, a clustering or pairs file")
-    p.add_argument("--task", default=None, choices=["sts", "retrieval", "classification", "clustering", "pairs"],
+    from ..tasks import REGISTRY
+
+    p.add_argument("--task", default=None, choices=list(REGISTRY),
                    help="the task of --labels (default: told from its fields where that is unambiguous)")
     p.add_argument("--split", default=None, help="retrieval: the qrels split (default: test); classification: the "
                                                  "file of the folder probed on (default: train)")
@@ -42,29 +44,20 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_probe)
 
 
-PROBE_TASKS = ("sts", "retrieval", "classification", "clustering", "pairs")
-
-
 def load_labels(path: str, task: str | None, split: str | None):
     """The probe's labels: the task named, or told from the data (``tasks.infer``), checked against it."""
-    from ..evaldata import load_beir, load_sts
-    from ..tasks import check, infer
-    from ..tasks import classification, clustering, pairs
+    from ..tasks import check, get, infer, probe_tasks
 
     if task is None:
         task = infer(path)
     else:
         check(task, path)
-    if task not in PROBE_TASKS:
-        raise ValueError(f"{path}: {task} data; the probe chooses for {', '.join(PROBE_TASKS)} (evaluate {task} "
+    if task not in probe_tasks():
+        raise ValueError(f"{path}: {task} data; the probe chooses for {', '.join(probe_tasks())} (evaluate {task} "
                          f"with `strata eval {task}`)")
-    if split is not None and task not in ("retrieval", "classification"):
+    if split is not None and not get(task).split_option:
         raise ValueError(f"--split applies to retrieval and classification, not {task}")
-    if task == "retrieval":
-        return load_beir(path, split=split or "test")
-    if task == "classification":
-        return classification.load_split(path, split or "train")
-    return {"sts": load_sts, "clustering": clustering.load, "pairs": pairs.load}[task](path)
+    return get(task).impl.load_labels(path, split)
 
 
 def cmd_probe(args) -> int:

@@ -9,18 +9,13 @@ texts a transform may be fitted on when other items are scored (``fit_rows``). `
 
 from __future__ import annotations
 
-from ..evaldata import BeirData, StsData
-
 
 def task_name(data) -> str:
-    """The task type of loaded labels."""
-    from ..tasks.classification import LabelledTexts
-    from ..tasks.clustering import ClusteringData
-    from ..tasks.pairs import PairsData
+    """The task type of loaded labels (the registered module whose ``PROBE_DATA`` they are)."""
+    from ..tasks import REGISTRY, probe_tasks
 
-    for kind, name in ((StsData, "sts"), (BeirData, "retrieval"), (LabelledTexts, "classification"),
-                       (ClusteringData, "clustering"), (PairsData, "pairs")):
-        if isinstance(data, kind):
+    for name in probe_tasks():
+        if isinstance(data, REGISTRY[name].impl.PROBE_DATA):
             return name
     raise TypeError(f"no probe items for {type(data).__name__}")
 

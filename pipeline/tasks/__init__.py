@@ -31,6 +31,7 @@ class TaskType:
     metric_help: str  # the main score in words, for reports
     own_evaluator: bool = False  # sts, retrieval: evaluate.evaluate_sts / evaluate_retrieval
     learned_mix: bool = False  # its labels can fit a learned mix (--mix-labels); any task scores such a mix
+    split_option: bool = False  # --split chooses a file or qrels split of its data (retrieval, classification)
 
     @property
     def impl(self):
@@ -41,10 +42,10 @@ REGISTRY: dict[str, TaskType] = {t.name: t for t in (
     TaskType("sts", "cosine_spearman", "pairs", "sts", "sts-*.csv or a pairs file (jsonl/tsv/parquet)",
              "Spearman of cosine similarity", own_evaluator=True, learned_mix=True),
     TaskType("retrieval", "ndcg_at_10", "queries", "retrieval", "a BEIR folder (corpus.jsonl, queries.jsonl, qrels/)",
-             "nDCG@10, trec_eval", own_evaluator=True, learned_mix=True),
+             "nDCG@10, trec_eval", own_evaluator=True, learned_mix=True, split_option=True),
     TaskType("classification", "accuracy", "texts", "classification",
              "a folder with train and test files of {text, label} (jsonl/csv/parquet)",
-             "test accuracy of a logistic regression on a few training texts per label"),
+             "test accuracy of a logistic regression on a few training texts per label", split_option=True),
     TaskType("clustering", "v_measure", "texts", "clustering",
              "a file (or a folder's test file) of {text, label[, set]} (jsonl/csv/parquet)",
              "V-measure of k-means against the labels"),
@@ -56,6 +57,11 @@ REGISTRY: dict[str, TaskType] = {t.name: t for t in (
 )}
 
 MAIN_METRIC = {t.name: t.metric for t in REGISTRY.values()}
+
+
+def probe_tasks() -> list[str]:
+    """The task types ``strata probe`` chooses for: those whose module has ``Items`` and ``load_labels``."""
+    return [t.name for t in REGISTRY.values() if hasattr(t.impl, "load_labels")]
 
 
 def get(name: str) -> TaskType:

@@ -185,11 +185,12 @@ class LabelledTexts:
                              self.left_out)
 
 
-def load_split(path: str | Path, split: str = "train", *, name: str | None = None) -> LabelledTexts:
+def load_split(path: str | Path, split: str | None = "train", *, name: str | None = None) -> LabelledTexts:
     """The ``split`` file of a classification folder, for the probe (which cross-fits on it)."""
     directory = Path(path)
     if not directory.is_dir():
         raise EvalDataError(f"{directory}: classification reads a folder with train and test files, not a file")
+    split = split or "train"
     file = find_file(directory, split)
     texts, labels, lost = _split(file)
     classes = sorted(set(labels))
@@ -199,6 +200,10 @@ def load_split(path: str | Path, split: str = "train", *, name: str | None = Non
     code = {c: i for i, c in enumerate(classes)}
     return LabelledTexts(name or directory.name, texts, np.array([code[v] for v in labels]), classes, split,
                          f"{lost} record(s) with an empty text left out" if lost else None)
+
+
+PROBE_DATA = LabelledTexts
+load_labels = load_split
 
 
 class Items:

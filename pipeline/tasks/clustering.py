@@ -182,6 +182,13 @@ def weighted_v_measure(labels: np.ndarray, clusters: np.ndarray, weights: np.nda
     return 100.0 * 2 * homogeneity * completeness / (homogeneity + completeness)
 
 
+PROBE_DATA = ClusteringData
+
+
+def load_labels(path, split=None) -> ClusteringData:
+    return load(path)
+
+
 class Items:
     """Labelled texts as the probe's clustering items: an item's output is its k-means cluster (the
     original protocol, per set, on the items scored), the score the mean V-measure over sets. Nothing is

@@ -166,6 +166,13 @@ def weighted_ap(scores: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> n
     return 100.0 * (gain * precision).sum(axis=1)
 
 
+PROBE_DATA = PairsData
+
+
+def load_labels(path, split=None) -> PairsData:
+    return load(path)
+
+
 class Items:
     """Labelled pairs as the probe's items, like STS: an item's output is its cosine, the score is
     ``cosine_ap`` (the average precision of the labels against it; ``strata eval pairs`` also reports the

@@ -13,7 +13,14 @@ from ..evaluate import load_retrieval as load
 from ..evaluate import unique_texts
 from ..metrics import per_query_scores, search_run
 
-__all__ = ["Items", "load"]
+__all__ = ["Items", "PROBE_DATA", "load", "load_labels"]
+PROBE_DATA = BeirData
+
+
+def load_labels(path, split=None) -> BeirData:
+    from ..evaldata import load_beir
+
+    return load_beir(path, split=split or "test")
 
 
 class Items:

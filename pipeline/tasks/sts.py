@@ -14,7 +14,12 @@ from ..evaluate import unique_texts
 from ..metrics import spearman
 from ..norms import l2_normalize
 
-__all__ = ["Items", "load"]
+__all__ = ["Items", "PROBE_DATA", "load", "load_labels"]
+PROBE_DATA = StsData
+
+
+def load_labels(path, split=None) -> StsData:
+    return load(path)
 
 
 def _components(rows1: np.ndarray, rows2: np.ndarray, n_texts: int) -> np.ndarray:
