@@ -48,6 +48,7 @@ from pipeline.probe import encode_with_progress, fold_ids  # noqa: E402
 from pipeline.report import write_report  # noqa: E402
 from pipeline.request import resolve  # noqa: E402
 from pipeline.tasks import MAIN_METRIC, classification, clustering, pairs  # noqa: E402
+from pipeline.tasks.records import subset  # noqa: E402
 from pipeline.variants import Variant  # noqa: E402
 
 POOLINGS = "last,mean,wmean,mean_nosink,wmean_nosink"
@@ -73,21 +74,6 @@ def _scores(task: str, enc, prepared) -> tuple[dict[str, float], list[dict], flo
     return main, rows, time.perf_counter() - t0
 
 
-def _subset(data, keep, name):
-    import dataclasses
-
-    out = {}
-    for f in dataclasses.fields(data):
-        value = getattr(data, f.name)
-        if isinstance(value, np.ndarray):
-            value = value[keep]
-        elif isinstance(value, list) and len(value) == len(data):
-            value = [value[i] for i in keep]
-        out[f.name] = value
-    out["name"] = name
-    return type(data)(**out)
-
-
 def build_cases(data_dir: Path, limit: int | None, seed: int = 0) -> list[dict]:
     """Every (task, scored data, selection data) of the study, loaded and cut."""
     rng = np.random.default_rng(seed)
@@ -102,7 +88,7 @@ def build_cases(data_dir: Path, limit: int | None, seed: int = 0) -> list[dict]:
         [t for t, d in zip(bank.train_texts, dev) if d], bank.train_labels[dev], bank.classes, split="dev")
     news = clustering.load(data_dir / "masakhanews-clustering")
     if limit:
-        news = _subset(news, np.arange(min(len(news), limit * 2)), news.name)
+        news = subset(news, np.arange(min(len(news), limit * 2)), news.name)
     intents_test = clustering.ClusteringData("banking77-intents", bank.test_texts, bank.test_labels,
                                              np.zeros(len(bank.test_texts), dtype=np.int64))
     pick = np.sort(rng.choice(len(bank.train_texts), size=min(len(bank.test_texts), len(bank.train_texts)),
@@ -111,7 +97,7 @@ def build_cases(data_dir: Path, limit: int | None, seed: int = 0) -> list[dict]:
                                               bank.train_labels[pick], np.zeros(len(pick), dtype=np.int64), "train")
     mrpc = pairs.load(data_dir / "mrpc" / "train.jsonl")
     if limit:
-        mrpc = _subset(mrpc, np.arange(limit), mrpc.name)
+        mrpc = subset(mrpc, np.arange(limit), mrpc.name)
     items = pairs.Items(mrpc)
     half = fold_ids(items.groups, 2, seed)  # pairs sharing a sentence: one group
     even, odd = np.isin(news.sets, [0, 2, 4]), np.isin(news.sets, [1, 3])
@@ -120,15 +106,15 @@ def build_cases(data_dir: Path, limit: int | None, seed: int = 0) -> list[dict]:
          "select": classification.Prepared(bank_dev), "select_on": "a 20% dev split of train",
          "score_on": "test (classifier samples from all of train)"},
         {"task": "clustering", "label": "MasakhaNEWS", "scored": clustering.Prepared(news),
-         "select": clustering.Prepared(_subset(news, np.flatnonzero(even), news.name)),
-         "held": clustering.Prepared(_subset(news, np.flatnonzero(odd), news.name)),
+         "select": clustering.Prepared(subset(news, np.flatnonzero(even), news.name)),
+         "held": clustering.Prepared(subset(news, np.flatnonzero(odd), news.name)),
          "select_on": "sets 0, 2, 4", "score_on": "sets 1, 3"},
         {"task": "clustering", "label": "Banking77 by intent", "scored": clustering.Prepared(intents_test),
          "select": clustering.Prepared(intents_train), "select_on": f"{len(pick):,} train texts",
          "score_on": "test"},
         {"task": "pairs", "label": "MRPC", "scored": pairs.Prepared(mrpc),
-         "select": pairs.Prepared(_subset(mrpc, np.flatnonzero(half == 0), "mrpc-a")),
-         "held": pairs.Prepared(_subset(mrpc, np.flatnonzero(half == 1), "mrpc-b")),
+         "select": pairs.Prepared(subset(mrpc, np.flatnonzero(half == 0), "mrpc-a")),
+         "held": pairs.Prepared(subset(mrpc, np.flatnonzero(half == 1), "mrpc-b")),
          "select_on": "half A of the pairs (whole groups)", "score_on": "half B"},
     ]
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..evaldata import BeirData, StsData
+from ..tasks.records import subset
 from .defaults import DEFAULT_DOCS, DEFAULT_ITEMS, FOLDS, MIN_PER_FOLD, ProbeError
 from .tasks import make_task
 
@@ -80,7 +81,7 @@ def sample_labels(data, items: int, max_docs: int | None, seed: int = 0):
         if items >= len(data):
             return data
         keep = np.sort(np.random.default_rng(seed).choice(len(data), size=items, replace=False))
-        return _subset(data, keep)
+        return subset(data, keep)
     if isinstance(data, StsData):
         if items >= len(data):
             return data
@@ -95,21 +96,6 @@ def sample_labels(data, items: int, max_docs: int | None, seed: int = 0):
     if items >= len(judged.query_ids) and (max_docs is None or max_docs >= len(data.doc_ids)):
         return judged
     return judged.subset(min(items, len(judged.query_ids)), max_docs, seed=seed, name=data.name)
-
-
-def _subset(data, keep: np.ndarray):
-    """Items ``keep`` of classification, clustering or pairs data (the same type, fields sliced)."""
-    import dataclasses
-
-    fields = {}
-    for f in dataclasses.fields(data):
-        value = getattr(data, f.name)
-        if isinstance(value, np.ndarray):
-            value = value[keep]
-        elif isinstance(value, list) and len(value) == len(data) and f.name != "classes":
-            value = [value[i] for i in keep]
-        fields[f.name] = value
-    return type(data)(**fields)
 
 
 def sample_size(budget: Budget, data, encoder, say, max_docs: int | None = DEFAULT_DOCS) -> int:

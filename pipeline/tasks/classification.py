@@ -111,20 +111,25 @@ def experiment_samples(labels: np.ndarray, samples_per_label: int = SAMPLES_PER_
     return out
 
 
+def fit_classifier(x: np.ndarray, y: np.ndarray):
+    """MTEB's logistic regression, fitted on ``x`` and ``y``."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(random_state=SEED, max_iter=MAX_ITER)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # MTEB's 100 iterations often stop short
+        return clf.fit(x, y)
+
+
 def scores(train_x: list[np.ndarray], train_y: list[np.ndarray], test_x: np.ndarray,
            test_y: np.ndarray) -> dict[str, float]:
     """Mean accuracy and macro F1 (x100) of one logistic regression per experiment."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, f1_score
 
     acc, f1, f1w = [], [], []
     for x, y in zip(train_x, train_y):
-        clf = LogisticRegression(random_state=SEED, max_iter=MAX_ITER)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)  # MTEB's 100 iterations often stop short
-            clf.fit(x, y)
-        pred = clf.predict(test_x)
+        pred = fit_classifier(x, y).predict(test_x)
         acc.append(accuracy_score(test_y, pred))
         f1.append(f1_score(test_y, pred, average="macro"))
         f1w.append(f1_score(test_y, pred, average="weighted"))
@@ -180,10 +185,6 @@ class LabelledTexts:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, keep: np.ndarray) -> "LabelledTexts":
-        return LabelledTexts(self.name, [self.texts[i] for i in keep], self.labels[keep], self.classes, self.split,
-                             self.left_out)
-
 
 def load_split(path: str | Path, split: str | None = "train", *, name: str | None = None) -> LabelledTexts:
     """The ``split`` file of a classification folder, for the probe (which cross-fits on it)."""
@@ -229,9 +230,6 @@ class Items:
         self.fold = np.asarray(fold)
 
     def per_item(self, m: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        from sklearn.exceptions import ConvergenceWarning
-        from sklearn.linear_model import LogisticRegression
-
         if self.fold is None:
             raise RuntimeError("classification items need their folds (use_folds) before scoring")
         idx = np.asarray(idx)
@@ -242,10 +240,7 @@ class Items:
             if len(np.unique(self.y[train])) < 2:
                 out[here] = (self.y[idx[here]] == self.y[train][0]).astype(float)
                 continue
-            clf = LogisticRegression(random_state=SEED, max_iter=MAX_ITER)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                clf.fit(m[self.rows[train]], self.y[train])
+            clf = fit_classifier(m[self.rows[train]], self.y[train])
             out[here] = (clf.predict(m[self.rows[idx[here]]]) == self.y[idx[here]]).astype(float)
         return 100.0 * out
 

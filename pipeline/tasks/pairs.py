@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..evaldata import EvalDataError
+from . import sts
 from .records import data_name, read_records, require, text_of
 
 FUNCTIONS = ("cosine", "dot", "euclidean", "manhattan")
@@ -173,43 +174,25 @@ def load_labels(path, split=None) -> PairsData:
     return load(path)
 
 
-class Items:
-    """Labelled pairs as the probe's items, like STS: an item's output is its cosine, the score is
-    ``cosine_ap`` (the average precision of the labels against it; ``strata eval pairs`` also reports the
-    other similarities and their best, ``max_ap``). Pairs sharing a sentence are one group."""
+class Items(sts.Items):
+    """Labelled pairs as the probe's items, as STS pairs are (their cosine per item, pairs sharing a
+    sentence one group, transforms on the training folds' sentences), with labels 0/1 as gold and
+    ``cosine_ap`` as the score (the average precision of the labels against the cosine; ``strata eval
+    pairs`` also reports the other similarities and their best, ``max_ap``). No learned mix."""
 
     kind, metric = "pairs", "cosine_ap"
     learned_mix, unsupervised = False, False
 
-    def __init__(self, data: PairsData):
-        from ..evaluate import unique_texts
-        from .sts import _components
-
-        self.data = data
-        self.texts, (self.rows1, self.rows2) = unique_texts(data.sentence1, data.sentence2)
-        self.y = np.asarray(data.labels)
-        self.n = len(data)
-        self.groups = _components(self.rows1, self.rows2, len(self.texts))
-
-    def per_item(self, m: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        from ..norms import l2_normalize
-
-        a, b = l2_normalize(m[self.rows1[idx]]), l2_normalize(m[self.rows2[idx]])
-        return np.einsum("ij,ij->i", a.astype(np.float64), b.astype(np.float64))
+    @staticmethod
+    def targets(data: PairsData) -> np.ndarray:
+        return data.labels
 
     def score(self, per_item: np.ndarray, idx: np.ndarray | None = None) -> float:
         idx = np.arange(self.n) if idx is None else idx
-        y = self.y[idx]
+        y = self.gold[idx]
         if len(np.unique(y)) < 2:
             return float("nan")
         return float(weighted_ap(per_item[idx], y, np.ones((1, len(idx))))[0])
 
     def bootstrap(self, counts: np.ndarray):
-        return lambda per_item: weighted_ap(per_item, self.y, counts)
-
-    def fit_rows(self, idx: np.ndarray) -> np.ndarray:
-        return np.unique(np.r_[self.rows1[idx], self.rows2[idx]])
-
-    @property
-    def fit_label(self) -> str:
-        return f"{self.data.name}/{self.data.split} sentences of the training folds (no labels)"
+        return lambda per_item: weighted_ap(per_item, self.gold, counts)

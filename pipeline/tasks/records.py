@@ -111,6 +111,26 @@ def labels_of(records: list[Record], field: str = "label") -> list:
     return out
 
 
+def subset(data, keep, name: str | None = None):
+    """Items ``keep`` of classification, clustering or pairs data: the same type, its per-item fields
+    (arrays, and lists as long as the data) sliced, ``classes`` kept whole."""
+    import dataclasses
+
+    import numpy as np
+
+    fields = {}
+    for f in dataclasses.fields(data):
+        value = getattr(data, f.name)
+        if isinstance(value, np.ndarray):
+            value = value[keep]
+        elif isinstance(value, list) and len(value) == len(data) and f.name != "classes":
+            value = [value[i] for i in keep]
+        fields[f.name] = value
+    if name is not None:
+        fields["name"] = name
+    return type(data)(**fields)
+
+
 def data_name(path: Path) -> str:
     """A data file's dataset name: its stem, or its folder's name when the stem is a split's
     (``banking77/test.jsonl`` -> ``banking77``)."""

@@ -52,9 +52,14 @@ class Items:
     def __init__(self, data: StsData):
         self.data = data
         self.texts, (self.rows1, self.rows2) = unique_texts(data.sentence1, data.sentence2)
-        self.gold = np.asarray(data.scores, dtype=np.float64)
+        self.gold = np.asarray(self.targets(data), dtype=np.float64)
         self.n = len(data)
         self.groups = _components(self.rows1, self.rows2, len(self.texts))
+
+    @staticmethod
+    def targets(data) -> np.ndarray:
+        """Each pair's gold value (STS: its similarity score)."""
+        return data.scores
 
     def per_item(self, m: np.ndarray, idx: np.ndarray) -> np.ndarray:
         """Cosine of each pair in ``idx``."""
