@@ -160,11 +160,10 @@ def check_task_options(args) -> None:
         raise ValueError(f"--index-engine applies to retrieval, not {args.task}")
     if args.rescore and args.task != "retrieval":
         raise ValueError(f"--rescore applies to retrieval, not {args.task}")
-    from ..tasks import get
+    if args.split != "test":
+        from ..tasks import refuse_split
 
-    if args.split != "test" and not get(args.task).split_option:
-        raise ValueError(f"--split applies to retrieval and classification; {args.task} reads the split from the "
-                         "file name")
+        refuse_split(args.task)
 
 
 def eval_task(args, task) -> int:
@@ -176,7 +175,7 @@ def eval_task(args, task) -> int:
     from ..report import best_variants, merge_results
 
     impl = task.impl
-    data = impl.load(args.data, split=args.split) if task.name == "classification" else impl.load(args.data)
+    data = impl.load(args.data, **({"split": args.split} if task.split_option else {}))
     options = {k: v for k, v in (("samples_per_label", args.samples_per_label), ("experiments", args.experiments),
                                  ("protocol", args.protocol)) if v is not None}
     prepared = impl.Prepared(data, **options)
@@ -187,7 +186,7 @@ def eval_task(args, task) -> int:
     _note_normalize(request, task)
     fit_rows = prepared.fit_rows
     derivations = derivations_from_args(args, data, request.model.n_layers, request.variants, request.model.dim,
-                                        task=task, n_fit=len(prepared.texts) if fit_rows is None else len(fit_rows))
+                                        n_fit=len(prepared.texts) if fit_rows is None else len(fit_rows))
     encoder = make_encoder(request, engine, args.output, force=args.force, progress=not args.quiet)
     t0 = time.perf_counter()
     rows = evaluate_prepared(task.name, encoder, prepared, derivations, save_dir=args.output,
@@ -217,7 +216,7 @@ def _note_normalize(request, task) -> None:
               file=sys.stderr)
 
 
-def derivations_from_args(args, data, n_layers: int, raw_variants, dim: int, *, task=None, n_fit: int | None = None):
+def derivations_from_args(args, data, n_layers: int, raw_variants, dim: int, *, n_fit: int | None = None):
     """Mixes and transforms of ``strata eval``, checked before any forward pass."""
     from ..derive import Derivations, check_fit, check_held_out
     from ..evaldata import read_texts

@@ -46,7 +46,7 @@ def register(sub) -> None:
 
 def load_labels(path: str, task: str | None, split: str | None):
     """The probe's labels: the task named, or told from the data (``tasks.infer``), checked against it."""
-    from ..tasks import check, get, infer, probe_tasks
+    from ..tasks import check, get, infer, probe_tasks, refuse_split
 
     if task is None:
         task = infer(path)
@@ -55,8 +55,8 @@ def load_labels(path: str, task: str | None, split: str | None):
     if task not in probe_tasks():
         raise ValueError(f"{path}: {task} data; the probe chooses for {', '.join(probe_tasks())} (evaluate {task} "
                          f"with `strata eval {task}`)")
-    if split is not None and not get(task).split_option:
-        raise ValueError(f"--split applies to retrieval and classification, not {task}")
+    if split is not None:
+        refuse_split(task)
     return get(task).impl.load_labels(path, split)
 
 

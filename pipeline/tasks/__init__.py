@@ -64,6 +64,13 @@ def probe_tasks() -> list[str]:
     return [t.name for t in REGISTRY.values() if hasattr(t.impl, "load_labels")]
 
 
+def refuse_split(name: str) -> None:
+    """``--split`` given to a task type whose data names its own split: one line naming those that take it."""
+    takes = [t.name for t in REGISTRY.values() if t.split_option]
+    if not get(name).split_option:
+        raise ValueError(f"--split applies to {' and '.join(takes)}, not {name}: its split is read from the file name")
+
+
 def get(name: str) -> TaskType:
     from ..evaldata import EvalDataError
 
