@@ -174,11 +174,12 @@ def eval_task(args, task) -> int:
     from ..evaluate import choose_engine, evaluate_prepared, make_encoder
     from ..report import best_variants, merge_results
 
-    impl = task.impl
-    data = impl.load(args.data, **({"split": args.split} if task.split_option else {}))
+    from ..tasks import prepare
+
     options = {k: v for k, v in (("samples_per_label", args.samples_per_label), ("experiments", args.experiments),
                                  ("protocol", args.protocol)) if v is not None}
-    prepared = impl.Prepared(data, **options)
+    prepared = prepare(task.name, args.data, args.split, **options)
+    data = prepared.data
     engine = choose_engine(args.engine, len(prepared.texts))
     if args.recipe:
         return eval_recipe(args, data, engine, task=task, prepared=prepared)

@@ -231,13 +231,9 @@ def preflight(job: Job) -> None:
 def task_data(ev):
     """An evaluation of a task type scored through ``pipeline.tasks`` (classification, clustering, pairs,
     reranking): its ``Prepared`` data, with the spec's protocol options."""
-    from ..tasks import get
+    from ..tasks import prepare
 
-    impl = get(ev.task).impl
-    fields = ev.model_dump(exclude={"task", "data"}, exclude_none=True)
-    split = fields.pop("split", None)
-    data = impl.load(local_path(ev.data), **({"split": split} if split else {}))
-    return impl.Prepared(data, **fields)
+    return prepare(ev.task, local_path(ev.data), **ev.model_dump(exclude={"task", "data"}, exclude_none=True))
 
 
 def index_targets(job: Job) -> list[Variant]:

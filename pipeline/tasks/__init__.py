@@ -64,6 +64,14 @@ def probe_tasks() -> list[str]:
     return [t.name for t in REGISTRY.values() if hasattr(t.impl, "load_labels")]
 
 
+def prepare(name: str, path: str | Path, split: str | None = None, **options):
+    """A task type's data loaded from ``path`` (its ``split`` file where it takes one) and made ready to score
+    (``Prepared``, with its protocol options): what ``strata eval`` and a job's evaluations both score."""
+    impl = get(name).impl
+    data = impl.load(path, **({"split": split} if split and get(name).split_option else {}))
+    return impl.Prepared(data, **options)
+
+
 def refuse_split(name: str) -> None:
     """``--split`` given to a task type whose data names its own split: one line naming those that take it."""
     takes = [t.name for t in REGISTRY.values() if t.split_option]
