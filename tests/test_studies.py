@@ -21,7 +21,7 @@ from pipeline.demo import DEMO_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = ROOT / "studies"
-NAMES = ["activations", "checksums", "families", "float16", "index_memory", "index_recall", "index_update",
+NAMES = ["activations", "checksums", "classification_cost", "families", "float16", "index_memory", "index_recall", "index_update",
          "nightly", "probe_curve", "quantize", "scale_check", "tasks_grid"]
 
 
@@ -330,3 +330,22 @@ def test_tasks_grid(model_dir, tmp_path):
         assert r["default"] == "L4.last" and r["score_s"] >= 0 and r["embed_s"] >= 0
     assert (out / "tasks" / Path(model_dir).name / "report.md").is_file()
     assert "| classification | Banking77 | accuracy |" in (out / "tasks_grid.md").read_text()
+
+
+def test_classification_cost(model_dir, tmp_path):
+    """A tiny classification folder: every variant's seconds split into optimiser, loss and the rest."""
+    words = "cat dog bird fish river stone cloud tree".split()
+    data = tmp_path / "bank"
+    data.mkdir()
+    for split, n in (("train", 40), ("test", 12)):
+        (data / f"{split}.jsonl").write_text("".join(
+            json.dumps({"text": f"{split} {words[i % 8]} {words[(3 * i) % 8]} {i}", "label": i % 4}) + "\n" for i in range(n)))
+    out = tmp_path / "out"
+    assert load_study("classification_cost").main(["--model", model_dir, "--layers", "1,4", "--poolings", "mean",
+                                                   "--data", str(data), "--out", str(out)]) == 0
+    report = json.loads((out / "classification_cost.json").read_text())
+    assert sorted(report["variants"]) == ["L1.mean", "L4.mean"] and 32 + 12 <= report["texts"] <= 40 + 12
+    for r in report["variants"].values():
+        assert min(r["lbfgs"], r["loss"], r["rest"]) >= 0
+        assert r["lbfgs"] + r["loss"] + r["rest"] == pytest.approx(r["seconds"])
+    assert len(table_rows((out / "classification_cost.md").read_text(), "| variant |")) == 2
