@@ -7,6 +7,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+# Under pytest-xdist each worker gets its share of the cores for torch, FAISS and BLAS, in this process,
+# its subprocesses and (through the runner's thread cap) its Ray actors: two workers each running
+# 2-thread torch on 2 cores take twice as long as with one thread each (their OpenMP threads spin
+# against each other). Set before torch is imported; a value the caller set is kept.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    _share = str(max(1, len(os.sched_getaffinity(0)) // _workers))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, _share)
+
 from pipeline.raystart import patient_health_checks  # noqa: E402
 
 # Every Ray the tests start (the shared one, multi-node ``Cluster``s, CLI subprocesses) keeps a

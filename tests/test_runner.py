@@ -442,3 +442,25 @@ def test_a_shard_replaced_while_being_read_fails_alone(model_dir, tmp_path):
     assert block.num_rows == 1 and block.column("_shard").to_pylist() == [3]
     (error,) = block.column("_error").to_pylist()
     assert "4 rows where 10 were listed from row 0: the file changed while it was being read" in error
+
+
+def test_actor_threads_follow_the_cpus_and_a_thread_cap_in_the_environment(monkeypatch):
+    """One CPU actor on a 2-CPU node runs torch on 2 threads; OMP_NUM_THREADS=1 in the driver's environment
+    caps it (Ray replaces that variable in its workers, so the driver carries it over)."""
+    from types import SimpleNamespace
+
+    from pipeline.runner.run import _resources
+
+    def fake(cpus):
+        return SimpleNamespace(cluster_resources=lambda: {"CPU": float(cpus)},
+                               nodes=lambda: [{"Alive": True, "Resources": {"CPU": float(cpus)}}])
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert _resources(fake(2), None, None) == (1, 1.0, 0.0, 2)
+    assert _resources(fake(8), None, None) == (1, 4.0, 0.0, 8)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert _resources(fake(2), None, None) == (1, 1.0, 0.0, 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert _resources(fake(8), None, None) == (1, 4.0, 0.0, 3)
+    monkeypatch.setenv("OMP_NUM_THREADS", "auto")  # not a count: no cap
+    assert _resources(fake(2), None, None)[3] == 2

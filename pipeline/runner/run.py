@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 
 
 def _resources(ray, actors: int | None, gpus_per_actor: float | None) -> tuple[int, float, float, int]:
-    """(actors, cpus per actor, gpus per actor, torch threads): never take every CPU."""
+    """(actors, cpus per actor, gpus per actor, torch threads): never take every CPU. A thread cap set
+    in the driver's environment (``OMP_NUM_THREADS``, which Ray would otherwise replace in its workers)
+    holds in the actors too: two busy processes of two threads each on two cores run at half speed."""
     res = ray.cluster_resources()
     cpus, gpus = res.get("CPU", 1.0), res.get("GPU", 0.0)
     if gpus >= 1 and gpus_per_actor != 0:
@@ -54,6 +56,9 @@ def _resources(ray, actors: int | None, gpus_per_actor: float | None) -> tuple[i
     cpu_each = max(1.0, min(4.0, per_node - 1)) if per_node > 1 else 0.5
     n = actors or max(1, int((cpus - 1) // cpu_each)) if cpus > 1 else 1
     threads = max(1, int(per_node) // max(1, min(n, int(per_node // cpu_each) or 1)))
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    if cap.isdigit() and int(cap) > 0:
+        threads = min(threads, int(cap))
     return n, cpu_each, 0.0, threads
 
 
