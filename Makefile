@@ -20,12 +20,14 @@ demo: setup
 	$(VENV)/bin/strata demo
 
 # Test files spread over up to 4 worker processes (pytest-xdist; a file's tests stay together, so
-# its module fixtures are made once); each worker shares one local Ray among its files. Then the
+# its module fixtures are made once), in collection order, so tests/test_anchors.py (the longest
+# file) starts first instead of last; each worker shares one local Ray among its files, and gets its
+# share of the cores for torch (tests/conftest.py). Then the
 # tests marked `alone` (CLI runs with a Ray of their own, killed or raced on purpose), one at a time:
 # on a 2-core machine beside two busy workers their timing is the machine's, not the code's.
 WORKERS ?= $(shell python3 -c "import os; print(min(4, len(os.sched_getaffinity(0))))")
 test: setup
-	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile -m "not alone" --durations=15
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile --no-loadscope-reorder -m "not alone" --durations=15
 	$(PY) -m pytest -q -m alone --durations=5
 
 bench: setup
