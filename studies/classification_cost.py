@@ -92,16 +92,12 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--layers", default="1,15,30")
     ap.add_argument("--poolings", default="last,mean")
-    ap.add_argument("--data", type=Path, default=None, help="a classification folder (default: ../shared/data/banking77)")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="a classification folder (default: ../shared/data/banking77; smoke runs: a tiny one)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
     ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--limit", type=int, default=None, help="smoke runs: cut the data")
     args = ap.parse_args(argv)
     data = classification.load(args.data or default_data_dir() / "banking77")
-    if args.limit:
-        data = classification.ClassificationData(data.name, data.train_texts[:args.limit * 4],
-                                                 data.train_labels[:args.limit * 4], data.test_texts[:args.limit],
-                                                 data.test_labels[:args.limit], data.classes)
     prepared = classification.Prepared(data)
     encoder = Encoder.from_request(resolve(args.model, layers=args.layers, poolings=args.poolings,
                                            max_length=args.max_length))
