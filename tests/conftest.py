@@ -19,14 +19,6 @@ if _workers > 1:
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(_var, _share)
 
-# Ray starts its workers at nice 15, below its own daemons. Beside another test worker that runs
-# models in its own process at nice 0, an actor then gets almost no CPU on 2 cores: one xdist
-# worker's Ray work waits for the other's in-process work instead of sharing the cores. At nice 0
-# they share them (`pytest -n 2` on the STS-B anchor beside the standard-export tests: the anchor
-# 102 s -> 53 s, the pair 132 s -> 114 s, commit 03e76df plus this line). Tests only: the CLI keeps
-# Ray's default, which favours the daemons and the user's other work.
-os.environ.setdefault("RAY_worker_niceness", "0")
-
 from pipeline.raystart import patient_health_checks  # noqa: E402
 
 # Every Ray the tests start (the shared one, multi-node ``Cluster``s, CLI subprocesses) keeps a
