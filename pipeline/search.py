@@ -19,9 +19,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .index import INDEXES, IndexBuildError, index_path, load_index, sidecars, wanted_variants
+from .index import IndexBuildError, load_index, wanted_variants
+from .index.layout import local_index
 from .index.fresh import staleness
-from .stores import exists
 from .variants import Variant
 
 log = logging.getLogger(__name__)
@@ -74,24 +74,6 @@ def query_request(manifest: dict, variant: Variant):
     return dataclasses.replace(request, variants=tuple(dict.fromkeys(sources)))
 
 
-def _fetch_index(store, v, scratch: Path) -> Path | None:
-    """An index on an object store copied to ``scratch`` (its three files, and a Ray-built index's
-    inverted lists and re-ranking vectors): FAISS reads local files. None where it has none."""
-    name = index_path("", v).name
-    local = scratch / INDEXES / name
-    files = [local, *sidecars(local)]
-    if not all(exists(store.fs, store.path(INDEXES, f.name)) for f in files):
-        return None
-    local.parent.mkdir(parents=True)
-    for f in files:
-        store.fs.get_file(store.path(INDEXES, f.name), str(f))
-    params = json.loads(files[2].read_text())
-    for extra in (params.get("ondisk"), params.get("vectors")):
-        if extra:
-            store.fs.get_file(store.path(INDEXES, extra), str(local.parent / extra))
-    return local
-
-
 def search_output(output: str | Path, variant: str, queries: str | Path, k: int = 10, out: str | Path | None = None,
                   *, text_column: str = "text", id_column: str | None = None, nprobe: int | None = None,
                   encoder=None) -> pa.Table:
@@ -111,8 +93,8 @@ def search_output(output: str | Path, variant: str, queries: str | Path, k: int 
     if k < 1:
         raise ValueError(f"--k must be positive, got {k}")
     with tempfile.TemporaryDirectory(prefix="strata-search-") as scratch:
-        path = _fetch_index(store, v, Path(scratch)) if remote else index_path(output, v)
-        if path is None or not path.is_file():
+        path = local_index(store, v, Path(scratch))
+        if path is None:
             raise IndexBuildError(f"{v.name} has no index in {output}: run `strata index {output} --variants {v.name}`")
         index = load_index(path, nprobe=nprobe)
     why = staleness(store, manifest, v)

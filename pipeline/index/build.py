@@ -25,7 +25,7 @@ from ..variants import Variant
 from .factory import add_vectors, make_index
 from .fitted import source_digest
 from .fresh import committed_files, record_built, wanted_variants
-from .layout import INDEXES, IndexBuildError, index_path, sidecars
+from .layout import INDEXES, IndexBuildError, index_path, local_index, sidecars
 from .loaded import LoadedIndex
 from .params import DEFAULTS, KINDS, base_params, choose_kind
 from .reading import part_ref, read_vectors, row_keys, source_columns, survey
@@ -209,7 +209,7 @@ def build_indexes(out_dir: str | Path, variants: Sequence[Variant | str] | None 
             target = index_path(scratch if remote else out_dir, v)
             rec = records.get(v.name)
             why = refusal(rec, kind=kind, fitted=fitted, options=options)
-            old = _fetch_previous(before, v, Path(scratch) / "previous") if why is None else None
+            old = local_index(before, v, Path(scratch) / "previous") if why is None else None
             delta = None
             if old is not None:
                 now = row_keys(parts) if now is None else now
@@ -238,21 +238,3 @@ def build_indexes(out_dir: str | Path, variants: Sequence[Variant | str] | None 
             if on_built:
                 on_built(v, params, time.perf_counter() - t0)
     return built
-
-
-def _fetch_previous(store, v: Variant, scratch: Path) -> Path | None:
-    """The previous index of ``v`` as a local path (fetched from an object store); None where its files
-    are not all there."""
-    from ..stores import exists, is_local
-
-    name = index_path("", v).name
-    files = [Path(name), *sidecars(Path(name))]
-    if is_local(store.fs):
-        local = Path(store.path(INDEXES, name))
-        return local if all((local.parent / f.name).is_file() for f in files) else None
-    if not all(exists(store.fs, store.path(INDEXES, f.name)) for f in files):
-        return None
-    scratch.mkdir(parents=True, exist_ok=True)
-    for f in files:
-        store.fs.get_file(store.path(INDEXES, f.name), str(scratch / f.name))
-    return scratch / name
