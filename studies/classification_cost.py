@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import pstats
 import sys
 import time
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from anywhere: this checkout's pipeline, not another installed one
     sys.path.insert(0, str(ROOT))
 
-from pipeline.bench.measure import git_commit  # noqa: E402
+from pipeline.bench.measure import git_commit, write_study  # noqa: E402
 from pipeline.encoder import Encoder  # noqa: E402
 from pipeline.evaldata import default_data_dir  # noqa: E402
 from pipeline.probe import encode_with_progress  # noqa: E402
@@ -113,11 +112,7 @@ def main(argv=None) -> int:
     median = {k: float(np.median([r[k] for r in variants.values()])) for k in ("seconds", "lbfgs", "loss", "rest")}
     report = {"model": args.model, "data": data.name, "texts": len(prepared.texts), "layers": args.layers,
               "embed_s": embed_s, "variants": variants, "median": median, "git_commit": git_commit()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "classification_cost.json").write_text(json.dumps(report, indent=1) + "\n")
-    md = markdown(report)
-    (args.out / "classification_cost.md").write_text(md)
-    print(md)
+    write_study(args.out, "classification_cost", report, markdown(report))
     return 0
 
 

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from anywhere: this checkout's pipeline, not another installed one
     sys.path.insert(0, str(ROOT))
 
-from pipeline.bench.measure import git_commit  # noqa: E402
+from pipeline.bench.measure import git_commit, write_study  # noqa: E402
 from pipeline.derive import Derivations  # noqa: E402
 from pipeline.encoder import Encoder  # noqa: E402
 from pipeline.evaldata import BeirData, StsData, default_data_dir, load_beir, load_sts  # noqa: E402
@@ -281,11 +281,8 @@ def main(argv=None) -> int:
                                         args.mix_share)
         result["scifact"]["seconds"] = round(time.perf_counter() - t1, 1)
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "families.json").write_text(json.dumps(result, indent=1))
-    md = to_markdown(result)
-    (out / "families.md").write_text(md)
-    print(md)
-    print(f"{result['seconds']:.0f}s; commit {result['commit']}; written: {out / 'families.md'}")
+    written = write_study(out, "families", result, to_markdown(result))
+    print(f"{result['seconds']:.0f}s; commit {result['commit']}; written: {written}")
     return 0
 
 

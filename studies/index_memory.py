@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from anywhere: this checkout's pipeline, not another installed one
     sys.path.insert(0, str(ROOT))
 
-from pipeline.bench.measure import git_commit  # noqa: E402
+from pipeline.bench.measure import git_commit, write_study  # noqa: E402
 
 COL = "emb_3_mean"
 
@@ -232,11 +232,7 @@ def main(argv=None) -> int:
     meta = {"repeats": args.repeats, "options": opts, "dim": args.dim, "commit": commit,
             "date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
             "machine": f"{os.cpu_count()} CPUs visible, {args.cpus} given to Ray, {platform.machine()}"}
-    md = markdown(results, meta)
-    print(md)
-    (out / "index_memory.md").write_text(md)
-    (out / "index_memory.json").write_text(
-        json.dumps({"meta": meta, "rows": results, "runs": results_all}, indent=1) + "\n")
+    write_study(out, "index_memory", {"meta": meta, "rows": results, "runs": results_all}, markdown(results, meta))
     return 0
 
 

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from anywhere: this checkout's pipeline, not another installed one
     sys.path.insert(0, str(ROOT))
 
-from pipeline.bench.measure import git_commit  # noqa: E402
+from pipeline.bench.measure import git_commit, write_study  # noqa: E402
 from pipeline.evaldata import default_data_dir, load_beir  # noqa: E402
 
 K = 10
@@ -242,13 +242,8 @@ def main(argv=None) -> int:
     result = {**measure(args), "commit": git_commit(__file__) or "-", "repeats": args.repeats,
               "argv": sys.argv[1:] if argv is None else list(argv)}
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "index_recall.json").write_text(json.dumps(result, indent=1) + "\n")
-    md = to_markdown(result)
-    (out / "index_recall.md").write_text(md)
-    print(md)
-    print(f"{result['seconds']:.0f}s; written: {out / 'index_recall.md'}")
+    written = write_study(args.out, "index_recall", result, to_markdown(result))
+    print(f"{result['seconds']:.0f}s; written: {written}")
     return 0
 
 

@@ -22,7 +22,6 @@ Prints the table and writes ``{out}/index_update.json|md``.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -37,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from anywhere: this checkout's pipeline, not another installed one
     sys.path.insert(0, str(ROOT))
 
-from pipeline.bench.measure import git_commit  # noqa: E402
+from pipeline.bench.measure import git_commit, write_study  # noqa: E402
 from pipeline.evaldata import default_data_dir, load_beir  # noqa: E402
 
 K = 10
@@ -167,11 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{s['identical_top10']:.1%}, {s['recall_at_10_of_updated']:.4f} |")
     lines += ["", "Embedding steps: " + "; ".join(f"{s['step']}: {s['rows_embedded']:,} embedded, "
                                                   f"{s['rows_reused']:,} copied, {s['seconds']} s" for s in steps)]
-    dest = Path(args.out)
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "index_update.json").write_text(json.dumps(results, indent=1) + "\n")
-    (dest / "index_update.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_study(args.out, "index_update", results, "\n".join(lines))
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

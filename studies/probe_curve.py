@@ -23,7 +23,6 @@ Writes ``{out}/curve-{data}-{split}.json|md`` and prints the table (docs/probe.m
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ if str(ROOT) not in sys.path:  # run from anywhere: this checkout's pipeline, no
     sys.path.insert(0, str(ROOT))
 
 from pipeline import stats  # noqa: E402
+from pipeline.bench.measure import write_study  # noqa: E402
 from pipeline.encoder import Encoder  # noqa: E402
 from pipeline.evaldata import load_beir, load_sts  # noqa: E402
 from pipeline.mixes import apply_mix  # noqa: E402
@@ -108,8 +108,6 @@ def main(argv=None) -> int:
               "full_winner": choice.top.variant.name, "full_tied": len(choice.tied), "curve": rows,
               "resamples": stats.RESAMPLES, "seconds": round(time.perf_counter() - t0, 1)}
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"curve-{data.name}-{data.split}.json").write_text(json.dumps(result, indent=1))
     lines = [f"{data.name}/{data.split}: {task.n} labelled items, {len(per_item)} variants; full-set winner "
              f"{result['full_winner']} ({result['full_tied']} tied with it)", "",
              "| items | held out | draws | same winner as the held-out's | Kendall tau vs held-out (median, p10) | "
@@ -119,9 +117,7 @@ def main(argv=None) -> int:
         lines.append(f"| {r['items']} | {r['held_out']} | {r['draws']} | {r['same_winner']:.2f} | "
                      f"{r['kendall_tau_median']:.3f}, {r['kendall_tau_p10']:.3f} | {r['regret_median']:.2f}, "
                      f"{r['regret_p90']:.2f} |")
-    md = "\n".join(lines) + "\n"
-    (out / f"curve-{data.name}-{data.split}.md").write_text(md)
-    print(md)
+    write_study(out, f"curve-{data.name}-{data.split}", result, "\n".join(lines))
     return 0
 
 

@@ -22,7 +22,6 @@ quotes the table).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import sys
@@ -37,6 +36,7 @@ if str(ROOT) not in sys.path:  # run from anywhere: this checkout's pipeline, no
     sys.path.insert(0, str(ROOT))
 
 from pipeline import quantize as qz  # noqa: E402
+from pipeline.bench.measure import write_study  # noqa: E402
 from pipeline.evaldata import default_data_dir, load_beir  # noqa: E402
 from pipeline.metrics import retrieval_scores_from_run  # noqa: E402
 
@@ -189,10 +189,7 @@ def main(argv=None) -> int:
         for r in rows:
             print(f"  {r['dtype']:>20}: nDCG@10 {r['ndcg_at_10']:.2f}, recall@10 {r['recall_at_10_vs_float32']:.3f}, "
                   f"build {r['build_ms']:.1f} ms, search {r['search_ms']:.1f} ms", flush=True)
-    (out / "quantize.json").write_text(json.dumps(result, indent=1) + "\n")
-    md = to_markdown(result)
-    (out / "quantize.md").write_text(md + "\n")
-    print(md)
+    write_study(out, "quantize", result, to_markdown(result))
     return 0
 
 

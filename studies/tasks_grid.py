@@ -29,7 +29,6 @@ Writes ``{out}/tasks_grid.json`` (every score, the choices, timings, commit) and
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from anywhere: this checkout's pipeline, not another installed one
     sys.path.insert(0, str(ROOT))
 
-from pipeline.bench.measure import git_commit  # noqa: E402
+from pipeline.bench.measure import git_commit, write_study  # noqa: E402
 from pipeline.encoder import Encoder  # noqa: E402
 from pipeline.evaldata import default_data_dir  # noqa: E402
 from pipeline.evaluate import evaluate_prepared  # noqa: E402
@@ -189,11 +188,7 @@ def main(argv=None) -> int:
     cases = build_cases(args.data or default_data_dir(), args.limit)
     report = {"models": [run_model(m, cases, args.out, args.max_length, print) for m in (args.model or MODELS)]}
     report["git_commit"] = git_commit()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "tasks_grid.json").write_text(json.dumps(report, indent=1) + "\n")
-    md = markdown(report)
-    (args.out / "tasks_grid.md").write_text(md)
-    print(md)
+    write_study(args.out, "tasks_grid", report, markdown(report))
     return 0
 
 

@@ -8,6 +8,7 @@ the modes' embeddings, derived rates and ratios, machine description).
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import resource
@@ -181,6 +182,18 @@ def git_commit(script: str | Path | None = None) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return (head + ("+dirty" if dirty else "")) or None
+
+
+def write_study(out: str | Path, name: str, result: dict, md: str) -> Path:
+    """A study's figures: ``{name}.json`` (every number) and ``{name}.md`` (the table the docs quote)
+    in the folder ``out``, made if missing; the Markdown is printed too. Returns the Markdown's path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    md = md if md.endswith("\n") else md + "\n"
+    (out / f"{name}.md").write_text(md)
+    print(md, end="")
+    return out / f"{name}.md"
 
 
 # ---------------------------------------------------------------------------- comparing modes
