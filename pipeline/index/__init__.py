@@ -3,7 +3,7 @@ freshness; ``index.ray``: the distributed IVF-PQ (``strata index --engine ray``)
 
 | module | idea |
 | --- | --- |
-| ``layout`` | where an index's files live (``indexes/{variant}.faiss`` + ``.ids.parquet`` + ``.json``), the error |
+| ``layout`` | where an index's files live (``indexes/{variant}.faiss`` + ``.ids.parquet`` + ``.json``), a local copy of one on an object store (``local_index``), the error |
 | ``reading`` | the committed vectors streamed in chunks and validated; ``read_vectors`` is the public reader |
 | ``params`` | kind by size, IVF / IVF-PQ options and defaults, for both engines |
 | ``factory`` | the FAISS index of a kind and dtype (float, int8, binary) |

@@ -1,4 +1,4 @@
-"""Where an output's index files live, and the package's error.
+"""Where an output's index files live, how to get one as a local path, and the package's error.
 
 An index ``indexes/{variant}.faiss`` comes with ``{variant}.ids.parquet`` (the string ids in index
 order: FAISS only knows row numbers) and ``{variant}.json`` (how it was built and the search
