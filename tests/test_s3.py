@@ -82,6 +82,35 @@ def test_lock_refusal_names_the_url_and_break_lock_takes_it(ray_local, model_dir
     assert summary.rows == 10 and not s3.fs.exists(f"{s3.name}/out/{LOCK}")
 
 
+def test_an_index_on_the_store_is_copied_whole_and_a_local_one_used_in_place(s3, tmp_path):
+    """``local_index``: a local output's index is used where it is; a store's is copied into the scratch
+    folder with the extra files its JSON names (a Ray-built index's lists and vectors); with one of
+    its three files missing there is no index, on either."""
+    from pipeline.index.layout import index_path, local_index, sidecars
+    from pipeline.variants import Variant
+
+    set_storage_options(s3.url(), s3.options)
+    v = Variant(3, "mean")
+    here = index_path(tmp_path / "out", v)
+    ids, meta = sidecars(here)
+    files = {here.name: b"faiss bytes", ids.name: b"ids bytes", "L3.mean.lists": b"inverted lists",
+             "L3.mean.vectors": b"re-ranking vectors",
+             meta.name: json.dumps({"ondisk": "L3.mean.lists", "vectors": "L3.mean.vectors"}).encode()}
+    here.parent.mkdir(parents=True)
+    for name, data in files.items():
+        (here.parent / name).write_bytes(data)
+        s3.fs.pipe(f"{s3.name}/out/indexes/{name}", data)
+    assert local_index(Output(str(tmp_path / "out")), v, tmp_path / "a") == here
+    assert not (tmp_path / "a").exists()  # nothing copied
+    got = local_index(Output(s3.url("out")), v, tmp_path / "b")
+    assert got == tmp_path / "b" / here.name
+    assert {p.name: p.read_bytes() for p in got.parent.iterdir()} == files
+    ids.unlink()
+    s3.fs.rm(f"{s3.name}/out/indexes/{ids.name}")
+    assert local_index(Output(str(tmp_path / "out")), v, tmp_path / "c") is None
+    assert local_index(Output(s3.url("out")), v, tmp_path / "d") is None
+
+
 def test_an_empty_lock_is_named_and_stale_after_the_timeout(s3, monkeypatch):
     set_storage_options(s3.url(), s3.options)
     s3.fs.pipe(f"{s3.name}/out/{LOCK}", b"")
