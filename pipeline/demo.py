@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from .evaldata import load_sts
-from .evaluate import RayEncoder, eval_retrieval, eval_sts
+from .evaluate import RayEncoder, eval_retrieval, eval_sts, load_retrieval, texts_of
 from .report import best_variants, write_report
 from .request import resolve
 from .variants import Variant
@@ -34,9 +34,10 @@ def run_demo(output: str | Path, *, quick: bool, data: Path, model: str = DEMO_M
     request = resolve(model, **DEMO_OPTIONS)
     n_layers = request.model.n_layers
     encoder = RayEncoder(request, output)  # the local Ray pipeline, embeddings cached in the output
+    scifact = load_retrieval(data / "scifact", **(dict(max_queries=20, max_docs=200) if quick else SCIFACT_SUBSET))
+    encoder.prefetch(texts_of(pairs) + texts_of(scifact))  # both sets in one run: the model is loaded once
     sts = eval_sts(pairs, output, encoder)
-    subset = dict(max_queries=20, max_docs=200) if quick else SCIFACT_SUBSET
-    ret = eval_retrieval(data / "scifact", output, encoder, **subset)
+    ret = eval_retrieval(scifact, output, encoder)
     written = write_report(sts + ret, output, n_layers=n_layers)
     print(f"\nStrata demo finished in {time.perf_counter() - t0:.0f}s")
     default_name = Variant(n_layers, "last").name

@@ -7,7 +7,9 @@ Two implement it:
 - ``RayEncoder`` (below): the Ray pipeline over a cache directory. Texts become Parquet shards
   under ``DIR/inputs/`` (ids are text digests), are embedded by ``embed`` into ``DIR``, and
   are read back by id. Only texts the cache lacks are staged, so evaluating again re-embeds
-  nothing and a new dataset embeds only its new texts.
+  nothing and a new dataset embeds only its new texts. Each embedding run starts its actors and
+  loads the model: ``prefetch(texts)`` embeds several evaluations' texts (``texts_of`` each
+  one's data) in one run, as a job and the demo do.
 
 ``evaluate_sts`` / ``evaluate_retrieval`` take either, and a ``quantize.Quantized`` to score an
 int8 or binary output as its index would (rows then carry ``quantization``; the encoders always
@@ -357,7 +359,7 @@ def _note(rows: list[dict], left_out: str | None) -> list[dict]:
     return rows
 
 
-def without_empty_beir(data: BeirData) -> tuple[BeirData, str | None]:
+def without_empty_beir(data: BeirData, *, warn: bool = True) -> tuple[BeirData, str | None]:
     """Documents and queries whose text is empty are not embedded (a model has no meaningful
     vector for nothing): empty documents are left out of the searched corpus, so a relevant
     empty document counts as a miss; an empty query retrieves nothing and scores 0. The rows
@@ -375,13 +377,14 @@ def without_empty_beir(data: BeirData) -> tuple[BeirData, str | None]:
         + ([f"{n_queries} empty quer(y/ies) not searched (scored 0)"] if n_queries else []) \
         + ([f"{absent} relevant document id(s) in the qrels are not in the corpus (count as misses)"] if absent else [])
     note = "; ".join(parts)
-    log.warning("%s: %s", data.name, note)
+    if warn:
+        log.warning("%s: %s", data.name, note)
     return dataclasses.replace(data, doc_ids=[data.doc_ids[i] for i in docs], doc_texts=[data.doc_texts[i] for i in docs],
                                query_ids=[data.query_ids[i] for i in queries],
                                query_texts=[data.query_texts[i] for i in queries]), note
 
 
-def without_empty_sts(data: StsData) -> tuple[StsData, str | None]:
+def without_empty_sts(data: StsData, *, warn: bool = True) -> tuple[StsData, str | None]:
     """Pairs with an empty sentence have no similarity to score: they are skipped, and the
     rows say how many (``left_out``)."""
     keep = [i for i, (a, b) in enumerate(zip(data.sentence1, data.sentence2)) if a.strip() and b.strip()]
@@ -393,7 +396,8 @@ def without_empty_sts(data: StsData) -> tuple[StsData, str | None]:
         raise SpecError(f"{data.name}: the pairs with two non-empty sentences all have the same score: a rank "
                         "correlation with constant gold scores is undefined")
     note = f"{len(data.sentence1) - len(keep)} pair(s) with an empty sentence skipped"
-    log.warning("%s: %s", data.name, note)
+    if warn:
+        log.warning("%s: %s", data.name, note)
     return dataclasses.replace(data, sentence1=[data.sentence1[i] for i in keep],
                                sentence2=[data.sentence2[i] for i in keep], scores=data.scores[keep]), note
 
@@ -430,13 +434,22 @@ class RayEncoder:
                 write_part(fsspec.filesystem("file"), str(path), pa.table({"id": order, "text": [missing[i] for i in order]}))
         return ids, len(missing)
 
-    def encode(self, texts: Sequence[str]) -> dict[Variant, np.ndarray]:
-        from .runner import embed
+    def prefetch(self, texts: Sequence[str]) -> int:
+        """Embed every text of ``texts`` the cache lacks in one run of the pipeline, one model load,
+        so that the ``encode`` calls of the evaluations that follow (``texts_of`` each one's data) read
+        their vectors back and embed nothing; returns how many were embedded. With ``force`` it does
+        nothing: each ``encode`` embeds again anyway."""
+        if self.force:
+            return 0
+        _, missing = self.stage(texts)
+        if missing:
+            self._embed()
+        return missing
 
+    def encode(self, texts: Sequence[str]) -> dict[Variant, np.ndarray]:
         ids, missing = self.stage(texts)
-        if missing or self.force:  # commits whatever is staged (incremental: the rest is skipped)
-            embed(self.request, str(self.dir / "inputs"), str(self.dir), id_column="id", force=self.force,
-                  progress=self.progress)
+        if missing or self.force:
+            self._embed()
         table = Output(str(self.dir)).read_table(["id", *(v.column for v in self.variants)])
         row = {i: k for k, i in enumerate(table.column("id").to_pylist())}
         missing = [i for i in ids if i not in row]
@@ -449,6 +462,27 @@ class RayEncoder:
             mat = arr.values.to_numpy(zero_copy_only=False).reshape(-1, arr.type.list_size)
             out[v] = mat[take].astype(np.float32)
         return out
+
+    def _embed(self) -> None:
+        """Commit whatever is staged (incremental: what is committed already is skipped)."""
+        from .runner import embed
+
+        embed(self.request, str(self.dir / "inputs"), str(self.dir), id_column="id", force=self.force,
+              progress=self.progress)
+
+
+def texts_of(data) -> list[str]:
+    """The texts an evaluation of ``data`` embeds, once each: STS pairs' sentences and a BEIR set's
+    documents and queries as their evaluators keep them (data left with nothing to score is refused
+    here, before any embedding), or a task's ``Prepared`` texts (``pipeline.tasks``). What
+    ``RayEncoder.prefetch`` takes to embed several evaluations' texts in one run."""
+    if isinstance(data, StsData):
+        data = without_empty_sts(data, warn=False)[0]
+        return unique_texts(data.sentence1, data.sentence2)[0]
+    if isinstance(data, BeirData):
+        data = without_empty_beir(data, warn=False)[0]
+        return unique_texts(data.doc_texts, data.query_texts)[0]
+    return list(data.texts)
 
 
 def choose_engine(engine: str, n_texts: int) -> str:
@@ -467,14 +501,6 @@ def make_encoder(request: Request, engine: str, out_dir: str | Path, *, force: b
 
         return Encoder.from_request(quantize.float_request(request))
     return RayEncoder(request, out_dir, force=force, progress=progress)
-
-
-def sts_texts(data: StsData) -> int:
-    return len(set(data.sentence1) | set(data.sentence2))
-
-
-def retrieval_texts(data: BeirData) -> int:
-    return len(set(data.doc_texts) | set(data.query_texts))
 
 
 def eval_sts(data: StsData | str | Path, out_dir: str | Path, encoder: TextEncoder,

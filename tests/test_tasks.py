@@ -258,6 +258,18 @@ def test_a_job_evaluates_every_task_type(ray_local, model_dir, tmp_path, monkeyp
     rows = json.loads(next(Path("out/tasks").glob("*/eval/results.json")).read_text())
     assert {(r["task"], r.get("protocol")) for r in rows} == {
         ("classification", "logreg, 3 per label x 2"), ("clustering", "fast"), ("pairs", None)}
+    # the three evaluations' texts were embedded in one run of the pipeline (one model load): the cache
+    # holds one shard, with exactly the texts the evaluations score
+    from pipeline.evaluate import text_id
+    from pipeline.runner import read_embeddings
+    from pipeline.tasks import prepare
+
+    cache = next(Path("out/tasks").glob("*/eval-cache"))
+    assert len(json.loads((cache / "manifest.json").read_text())["shards"]) == 1
+    scored = [*prepare("classification", "cls", samples_per_label=3, experiments=2).texts,
+              *prepare("clustering", "clu.jsonl", protocol="fast").texts, *prepare("pairs", "pairs.jsonl").texts]
+    cached = read_embeddings(str(cache), ["id"]).column("id").to_pylist()
+    assert sorted(cached) == sorted({text_id(t) for t in scored})
     assert {(r["layer"], r["pooling"]) for r in rows} == {(1, "mean"), (4, "mean")}
     Path("pairs.jsonl").write_text('{"sentence1": "a", "sentence2": "b", "label": 3}\n')
     with pytest.raises(JobSpecError, match=r"evaluations\[2\]\.data.*pairs.jsonl:1: label 3 must be 0 or 1"):

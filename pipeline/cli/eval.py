@@ -80,8 +80,7 @@ def cmd_eval(args) -> int:
     import time
 
     from ..evaldata import load_sts
-    from ..evaluate import (choose_engine, eval_retrieval, eval_sts, load_retrieval, make_encoder, retrieval_texts,
-                            sts_texts)
+    from ..evaluate import choose_engine, eval_retrieval, eval_sts, load_retrieval, make_encoder, texts_of
     from ..report import best_variants
     from ..tasks import check, get
 
@@ -94,10 +93,9 @@ def cmd_eval(args) -> int:
         _ray_index_engine(args, None)  # the argument checks, before any data is read
     if args.task == "sts":
         data = load_sts(args.data)
-        n_texts = sts_texts(data)
     else:
         data = load_retrieval(args.data, split=args.split, max_queries=args.max_queries, max_docs=args.max_docs)
-        n_texts = retrieval_texts(data)
+    n_texts = len(texts_of(data))
     engine = choose_engine(args.engine, n_texts)
     if args.index and (args.task != "retrieval" or args.recipe):
         raise ValueError("--index scores retrieval through an index: use it with `eval retrieval`, without --recipe")

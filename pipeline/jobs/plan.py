@@ -223,14 +223,23 @@ def preflight(job: Job) -> None:
                                         f"(relative paths resolve against {os.getcwd()})"))
         if ev.task not in ("sts", "retrieval"):  # read now: a bad file fails before any embedding
             try:
-                task_data(ev)
+                eval_data(ev)
             except ValueError as e:
                 raise JobSpecError(one_line(job.spec.source, f"evaluations[{i}].data", str(e))) from None
 
 
-def task_data(ev):
-    """An evaluation of a task type scored through ``pipeline.tasks`` (classification, clustering, pairs,
-    reranking): its ``Prepared`` data, with the spec's protocol options."""
+def eval_data(ev):
+    """An evaluation's data as its evaluator scores it: STS pairs, a BEIR set (the spec's split and
+    subset), or a task type's ``Prepared`` data (``pipeline.tasks``: classification, clustering, pairs,
+    reranking) with the spec's protocol options."""
+    if ev.task == "sts":
+        from ..evaldata import load_sts
+
+        return load_sts(local_path(ev.data))
+    if ev.task == "retrieval":
+        from ..evaluate import load_retrieval
+
+        return load_retrieval(local_path(ev.data), split=ev.split, max_queries=ev.max_queries, max_docs=ev.max_docs)
     from ..tasks import prepare
 
     return prepare(ev.task, local_path(ev.data), **ev.model_dump(exclude={"task", "data"}, exclude_none=True))
@@ -325,8 +334,7 @@ def plan_job(job: Job) -> dict:
 
 def _eval_plan(job: Job) -> list[dict]:
     """Per evaluation: its texts, how many the evaluation cache lacks, and their estimated tokens."""
-    from ..evaldata import load_sts
-    from ..evaluate import load_retrieval, text_id
+    from ..evaluate import text_id, texts_of
 
     ws = Workspace(job.version_url, job.spec.name, job.version or "")
     cache = Output(str(ws.dir / EVAL_CACHE))
@@ -335,15 +343,7 @@ def _eval_plan(job: Job) -> list[dict]:
         cached = set(cache.read_table(["id"]).column("id").to_pylist())
     out = []
     for ev in job.spec.evaluations:
-        if ev.task == "sts":
-            d = load_sts(local_path(ev.data))
-            texts = d.sentence1 + d.sentence2
-        elif ev.task != "retrieval":
-            texts = task_data(ev).texts
-        else:
-            d = load_retrieval(local_path(ev.data), split=ev.split, max_queries=ev.max_queries, max_docs=ev.max_docs)
-            texts = d.doc_texts + d.query_texts
-        unique = {text_id(t): t for t in texts}
+        unique = {text_id(t): t for t in texts_of(eval_data(ev))}
         missing = [t for i, t in unique.items() if i not in cached]
         out.append({**ev.model_dump(), "texts": len(unique), "to_embed": len(missing),
                     "estimated_tokens": sum(len(t.encode()) for t in missing) // CHARS_PER_TOKEN_ESTIMATE})

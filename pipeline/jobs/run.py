@@ -18,7 +18,7 @@ from ..errors import hide_secrets, redact_text
 from ..storage import Output, redact, utc_now
 from .load import load_spec
 from .messages import short_list
-from .plan import (EVAL_CACHE, LATEST, VERSION_FILE, Job, index_status, plan_job, preflight, print_plan, task_data,
+from .plan import (EVAL_CACHE, LATEST, VERSION_FILE, Job, eval_data, index_status, plan_job, preflight, print_plan,
                    resolve_job)
 from . import versions
 from .workspace import Workspace, join, local_path
@@ -50,8 +50,7 @@ def build_indexes(job: Job, url: str, variants: list, manifest: dict, say, previ
 
 
 def run_evaluations(job: Job, ws: Workspace, progress: bool, say) -> list[dict]:
-    from ..evaldata import load_sts
-    from ..evaluate import RayEncoder, evaluate_prepared, evaluate_retrieval, evaluate_sts, load_retrieval
+    from ..evaluate import RayEncoder, evaluate_prepared, evaluate_retrieval, evaluate_sts, texts_of
     from ..quantize import Quantized, is_quantized
     from ..report import merge_results
 
@@ -62,19 +61,19 @@ def run_evaluations(job: Job, ws: Workspace, progress: bool, say) -> list[dict]:
     # a quantised job is scored as its indexes answer: documents quantised, its rescore multiplier
     quantized = Quantized(dtype, rescore=job.spec.indexes.rescore if job.spec.indexes else 0,
                           calibration_rows=job.spec.embedding.calibration_rows) if is_quantized(dtype) else None
+    loaded = [eval_data(ev) for ev in job.spec.evaluations]
+    # every evaluation's texts in one run of the pipeline: the model is loaded once, not once per evaluation
+    encoder.prefetch([t for data in loaded for t in texts_of(data)])
     rows: list[dict] = []
-    for ev in job.spec.evaluations:
+    for ev, data in zip(job.spec.evaluations, loaded):
         t0 = time.perf_counter()
         if ev.task == "sts":
-            got = evaluate_sts(encoder, load_sts(local_path(ev.data)), derivations, save_dir=ws.dir,
-                               quantized=quantized)
+            got = evaluate_sts(encoder, data, derivations, save_dir=ws.dir, quantized=quantized)
         elif ev.task != "retrieval":
-            got = evaluate_prepared(ev.task, encoder, task_data(ev), derivations, save_dir=ws.dir, quantized=quantized)
+            got = evaluate_prepared(ev.task, encoder, data, derivations, save_dir=ws.dir, quantized=quantized)
         else:
             names = {t.text: t.name for t in job.request.templates} | {t.name: t.name for t in job.request.templates}
-            got = evaluate_retrieval(encoder, load_retrieval(local_path(ev.data), split=ev.split,
-                                                             max_queries=ev.max_queries, max_docs=ev.max_docs),
-                                     derivations, query_template=names.get(ev.query_template),
+            got = evaluate_retrieval(encoder, data, derivations, query_template=names.get(ev.query_template),
                                      doc_template=names.get(ev.doc_template), save_dir=ws.dir, quantized=quantized)
         rows += got
         say(f"  eval {ev.task} {ev.data}: {len(got)} rows in {time.perf_counter() - t0:.1f}s")
