@@ -198,7 +198,8 @@ def fit_output(out_dir, manifest: dict, mixes, transforms: Sequence[str],
     need nothing fitted, only their definition). Local outputs only."""
     from pathlib import Path
 
-    from .storage import Output, read_part, safe_name
+    from .parts import read_part
+    from .storage import Output, safe_name
     from .transforms import Moments, check_fit_size, from_moments
 
     out = Output(str(out_dir))

@@ -38,7 +38,8 @@ from .evaldata import BeirData, StsData, load_beir, load_sts
 from .metrics import retrieval_scores, retrieval_scores_from_run, sts_scores
 from .report import merge_results
 from .request import Request, signature_difference
-from .storage import Output, write_json_atomic, write_part
+from .parts import write_part
+from .storage import Output, write_json_atomic
 from .variants import SpecError, Variant
 
 log = logging.getLogger(__name__)

@@ -228,7 +228,7 @@ def ranges_table(ranges: Mapping[str, np.ndarray], columns: Mapping[str, str], c
 
 def write_ranges(out, ranges: Mapping[str, np.ndarray], columns: Mapping[str, str], calibration: dict) -> str:
     """Write an output's int8 ranges (``RANGES_FILE``, atomically); returns its path relative to the root."""
-    from .storage import write_part
+    from .parts import write_part
 
     out.fs.makedirs(out.path(RANGES_FILE.rsplit("/", 1)[0]), exist_ok=True)
     write_part(out.fs, out.path(RANGES_FILE), ranges_table(ranges, columns, calibration))

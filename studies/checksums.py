@@ -4,7 +4,7 @@ every byte of every part before an output is read whole (``strata index``, evalu
 
     python studies/checksums.py [--parts 8 --rows 5000 --dim 576 --repeats 5] [--out bench-checksums]
 
-Writes parts as the embed stage does (``storage.write_part``: id, key and one float32 vector
+Writes parts as the embed stage does (``parts.write_part``: id, key and one float32 vector
 column), then times, interleaved and repeated (medians):
 
 - writing: ``write_part`` (serialise, CRC-32 the buffer, write) against the same write with no CRC;
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     import pyarrow.parquet as pq
 
     from pipeline.bench.measure import git_commit, machine_info, median
-    from pipeline.storage import file_crc32, parquet_options, read_part, write_part
+    from pipeline.parts import file_crc32, parquet_options, read_part, write_part
 
     p = argparse.ArgumentParser(prog="python studies/checksums.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", type=int, default=8)

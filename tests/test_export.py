@@ -16,7 +16,8 @@ from pipeline.encoder import Encoder  # noqa: E402
 from pipeline.export import ExportError, export  # noqa: E402
 from pipeline.recipe import CONTRACT, Recipe, RecipeEncoder  # noqa: E402
 from pipeline.request import resolve  # noqa: E402
-from pipeline.storage import Output, read_part  # noqa: E402
+from pipeline.parts import read_part  # noqa: E402
+from pipeline.storage import Output  # noqa: E402
 from pipeline.transforms import fit as fit_transform  # noqa: E402
 from pipeline.variants import Variant  # noqa: E402
 

@@ -16,7 +16,8 @@ import pytest
 from pipeline import quantize
 from pipeline.index import build_indexes, load_index
 from pipeline.index.update import DRIFT, remove_labels
-from pipeline.storage import Output, write_part
+from pipeline.parts import write_part
+from pipeline.storage import Output
 
 DIM = 32
 V = "L1.mean"

@@ -85,12 +85,12 @@ def test_embed_refuses_a_locked_output_before_any_work(tmp_path, capsys, model_d
 
 @pytest.mark.parametrize("value_type", [pa.float32(), pa.float16(), pa.int8(), pa.uint8()])
 def test_parts_are_written_for_vectors_and_read_back_exactly(tmp_path, value_type):
-    """Vector columns: no dictionary, no statistics, zstd; float32 byte-stream-split (pipeline.storage.parquet_options)."""
+    """Vector columns: no dictionary, no statistics, zstd; float32 byte-stream-split (pipeline.parts.parquet_options)."""
     import fsspec
     import numpy as np
     import pyarrow.parquet as pq
 
-    from pipeline.storage import write_part
+    from pipeline.parts import write_part
 
     rng = np.random.default_rng(0)
     x = (rng.standard_normal(64 * 16) * 50).astype(value_type.to_pandas_dtype())

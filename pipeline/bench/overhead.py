@@ -28,7 +28,7 @@ machine whose speed drifts over minutes (shared, noisy) moves both sides of the 
 summary is the median of these bracketed ratios.
 
 Also: one batch of real 155-variant embeddings written as Parquet with pyarrow's defaults (how
-parts were written before issue #18) and with ``storage.parquet_options``: MB/s and size.
+parts were written before issue #18) and with ``parts.parquet_options``: MB/s and size.
 With ``--batch-tokens B1,B2,..``: the encoder on the short texts at those budgets x row caps
 256 and 1024, with the share of the matmul peak (the batch-shape choice).
 
@@ -131,7 +131,7 @@ def write_formats(model: str, texts: list[str]) -> dict:
     """One batch of real 155-variant vectors written with pyarrow's defaults and with ``parquet_options``."""
     from ..encoder import Encoder
     from ..request import resolve
-    from ..storage import parquet_options
+    from ..parts import parquet_options
 
     enc = Encoder.from_request(resolve(model, layers="all", poolings=WIDE_POOLINGS, max_length=128, digest=False))
     res = enc.encode(texts[:256])

@@ -2,7 +2,7 @@
 ``reuse`` (content-addressed reuse: which rows are copied, not embedded), ``stages`` (what runs on workers), ``commit`` (exactly-once bookkeeping and the commit point),
 ``run`` (the driver that wires them together)."""
 
-from ..storage import read_part
+from ..parts import read_part
 from .commit import Committer, EmbedError, EmbedSummary
 from .run import _resources, embed, read_embeddings
 from .shards import UNIT_ROWS, Shard, inspect_shards, list_shards, plan, work_units

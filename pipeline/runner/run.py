@@ -31,7 +31,8 @@ import pyarrow as pa
 from .. import quantize
 from ..raystart import connect
 from ..request import Request, signature_difference
-from ..storage import EMBEDDINGS, MANIFEST, RETIRED, STAGING, Output, overlap_message, read_part, redact
+from ..parts import read_part
+from ..storage import EMBEDDINGS, MANIFEST, RETIRED, STAGING, Output, overlap_message, redact
 from ..stores import exists, storage_options
 from .commit import Committer, EmbedError, EmbedSummary, _commit, _Pending
 from .shards import UNIT_ROWS, Shard, first_texts, inspect_shards, list_shards, plan, work_units

@@ -22,7 +22,8 @@ from ..encoder import Encoder
 from ..request import Request
 from ..templates import Tokenized, tokenize
 from .shards import read_unit
-from ..storage import STAGING, Output, write_part
+from ..parts import write_part
+from ..storage import STAGING, Output
 from ..stores import use_storage_options
 
 log = logging.getLogger(__name__)
@@ -275,7 +276,7 @@ class EmbedActor:
     def _source(self, url: str, columns: list[str]) -> "pa.Table | str":
         """A part's vector columns, read whole once (and checked against its CRC-32) and kept while the
         cache has room: consecutive blocks copy from the same parts. A damaged part: the error."""
-        from ..storage import crc32_hex
+        from ..parts import crc32_hex
         from ..stores import filesystem
 
         if url in self._cache:
