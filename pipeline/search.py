@@ -19,8 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .index import IndexBuildError, load_index, wanted_variants
-from .index.layout import local_index
+from .index import IndexBuildError, load_index, local_index, wanted_variants
 from .index.fresh import staleness
 from .variants import Variant
 

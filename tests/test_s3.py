@@ -86,7 +86,7 @@ def test_an_index_on_the_store_is_copied_whole_and_a_local_one_used_in_place(s3,
     """``local_index``: a local output's index is used where it is; a store's is copied into the scratch
     folder with the extra files its JSON names (a Ray-built index's lists and vectors); with one of
     its three files missing there is no index, on either."""
-    from pipeline.index.layout import index_path, local_index, sidecars
+    from pipeline.index import index_path, local_index, sidecars
     from pipeline.variants import Variant
 
     set_storage_options(s3.url(), s3.options)

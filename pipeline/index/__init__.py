@@ -19,12 +19,12 @@ from .build import build_index, build_indexes, memory_index
 from .factory import sq_trained
 from .fitted import output_digest, pieces_digest, source_digest
 from .fresh import committed_files, index_status, record_built, wanted_variants
-from .layout import BUILT_FILE, INDEXES, IndexBuildError, index_path, sidecars
+from .layout import BUILT_FILE, INDEXES, IndexBuildError, index_path, local_index, sidecars
 from .loaded import LoadedIndex, load_index, recall_at_k
 from .params import FLAT_MAX_ROWS, HNSW_MAX_ROWS, KINDS, choose_kind, ivfpq_options
 from .reading import read_vectors
 
 __all__ = ["BUILT_FILE", "FLAT_MAX_ROWS", "HNSW_MAX_ROWS", "INDEXES", "KINDS", "IndexBuildError", "LoadedIndex",
            "build_index", "build_indexes", "choose_kind", "committed_files", "index_path", "index_status",
-           "ivfpq_options", "load_index", "memory_index", "output_digest", "pieces_digest", "read_vectors",
+           "ivfpq_options", "load_index", "local_index", "memory_index", "output_digest", "pieces_digest", "read_vectors",
            "recall_at_k", "record_built", "sidecars", "source_digest", "sq_trained", "wanted_variants"]
